@@ -1,0 +1,76 @@
+"""Benchmark output as DESIGN.md 'Benchmark output' fixes it, shared by every `tidal bench NAME`.
+
+One JSON object `{"bench", "machine", "config", "results", "summary"}` to `--json OUT`, and a table of
+the results on stdout. `--quick` selects the size that finishes in under a minute on 2 cores.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["bench_parser", "machine", "emit"]
+
+
+def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"tidal bench {name}", description=description)
+    parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the JSON report here")
+    parser.add_argument("--quick", action="store_true", help="the small size (under a minute on 2 cores)")
+    return parser
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """What the figures were measured on; torch's version only if it is already imported."""
+    torch = sys.modules.get("torch")
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": getattr(torch, "__version__", None),
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def emit(name: str, config: dict, results: list[dict], summary: dict, json_out: str | None) -> dict:
+    """Print the results table and summary; write the JSON report when asked. Returns the report."""
+    report = {"bench": name, "machine": machine(), "config": config, "results": results, "summary": summary}
+    console = Console()
+    if results:
+        table = Table(title=f"tidal bench {name}")
+        columns = list(dict.fromkeys(k for row in results for k in row))
+        for col in columns:
+            table.add_column(col, justify="right")
+        for row in results:
+            table.add_row(*(_fmt(row.get(col, "")) for col in columns))
+        console.print(table)
+    summary_table = Table(title="summary")
+    summary_table.add_column("figure")
+    summary_table.add_column("value", justify="right")
+    for key, value in summary.items():
+        summary_table.add_row(key, _fmt(value))
+    console.print(summary_table)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    return report

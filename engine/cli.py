@@ -1,0 +1,50 @@
+"""The `tidal` console command: a table of subcommands, each a module with `main(argv) -> int`.
+
+Subcommand modules are imported only when chosen, so `tidal engine` never pulls in torch and
+`tidal --help` starts at once.
+"""
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("engine.run", "run engine, trainer and a CPU reference server end to end (the main job)"),
+    "engine": ("engine.daemon", "the rollout engine daemon"),
+    "trainer": ("trainer.daemon", "the off-policy trainer daemon (torchrun-able)"),
+    "serve": ("engine.reference.server", "the CPU reference inference server speaking SGLang's HTTP API"),
+    "envs": ("envs.cli", "list, check and try environments"),
+    "bench": ("bench.cli", "reproducible throughput benchmarks (JSON + table)"),
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="tidal", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=sorted(COMMANDS), help="subcommand")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        print("\nsubcommands:")
+        for name, (module, helptext) in COMMANDS.items():
+            mark = "" if _available(module) else "  (not built yet)"
+            print(f"  {name:<8} {helptext}{mark}")
+        return 0
+    args = parser.parse_args(argv[:1])
+    module, _ = COMMANDS[args.command]
+    if not _available(module):
+        print(f"tidal {args.command}: not built yet; available now:", file=sys.stderr)
+        for name, (mod, helptext) in COMMANDS.items():
+            if _available(mod):
+                print(f"  tidal {name:<8} {helptext}", file=sys.stderr)
+        return 0 if args.command == "run" else 2
+    return int(importlib.import_module(module).main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Engine <-> trainer messages (DESIGN.md, 'Engine <-> trainer messages').
+
+Every message is a msgspec Struct in one tagged union, encoded as msgpack. Per-token arrays travel as
+raw little-endian bytes (`protocol.arrays`) and decode as zero-copy views into the received frame.
+Decoding is strict: anything that is not a well-formed message of the current schema version raises
+`ProtocolError` naming the problem, and nothing else escapes `decode`.
+
+Schema evolution (STYLE.md): new fields get defaults and go last; changing a field's meaning or type
+bumps `SCHEMA_VERSION`, which every message carries and every reader checks.
+
+>>> import numpy as np
+>>> t = Trajectory.build(id="e0-1", group_id="g0", env_id="games:GuessTheNumber-v0", task_seed=3,
+...     tokens=[1, 2, 3, 4], loss_mask=[0, 0, 1, 1], behav_logp=[0, 0, -0.5, -0.25],
+...     versions=[-1, -1, 7, 7], turns=[Turn(2, 4, 1.0)], reward=1.0, terminated=True)
+>>> u = decode(encode(t))
+>>> u.token_ids().tolist(), u.min_version, u.max_version
+([1, 2, 3, 4], 7, 7)
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+
+from protocol.arrays import LOGP_DTYPE, MASK_DTYPE, TOKEN_DTYPE, VERSION_DTYPE, to_bytes, view
+from protocol.errors import ProtocolError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Turn",
+    "Trajectory",
+    "DiskWeights",
+    "DistributedWeights",
+    "WeightsPublished",
+    "TrainerStatus",
+    "Pause",
+    "Resume",
+    "Drain",
+    "Shutdown",
+    "Message",
+    "Control",
+    "encode",
+    "encode_into",
+    "decode",
+    "decode_trajectory",
+]
+
+SCHEMA_VERSION = 1
+"""Bumped on any change that is not an append of a defaulted field."""
+
+NO_VERSION = -1
+"""Policy version of tokens no policy produced: the prompt and environment observations."""
+
+
+def _check_schema(name: str, got: int) -> None:
+    if got != SCHEMA_VERSION:
+        raise ValueError(f"{name}: schema_version {got} is not supported (expected {SCHEMA_VERSION})")
+
+
+class Turn(msgspec.Struct, array_like=True, frozen=True):
+    """One agent turn: the generated span [start, end) of the token sequence and its reward.
+
+    The reward belongs to the turn's last generated token (end - 1), never to an observation token.
+    """
+
+    start: int
+    end: int
+    reward: float = 0.0
+
+
+class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
+    """One finished episode as a single token sequence (DESIGN.md invariants 1 and 2).
+
+    Arrays (all of length n = number of tokens):
+      tokens      uint32  the exact ids: prompt, then per turn model tokens and observation tokens
+      loss_mask   uint8   1 on model-generated tokens, 0 on prompt and observation tokens
+      behav_logp  float32 behaviour log-probability mu of each generated token (0 where mask is 0)
+      versions    int32   policy version that generated each token (-1 where mask is 0)
+    """
+
+    id: str
+    group_id: str
+    env_id: str
+    task_seed: int
+    tokens: memoryview
+    loss_mask: memoryview
+    behav_logp: memoryview
+    versions: memoryview
+    turns: list[Turn]
+    reward: float
+    terminated: bool = False
+    truncated: bool = False
+    finish_reason: str = "stop"
+    min_version: int = NO_VERSION
+    max_version: int = NO_VERSION
+    timing: dict[str, float] = {}
+    counters: dict[str, int] = {}
+    info: dict[str, str | int | float | bool] = {}
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_schema("trajectory", self.schema_version)
+        nbytes = len(self.tokens)
+        if nbytes % TOKEN_DTYPE.itemsize:
+            raise ValueError(f"trajectory {self.id}: tokens is {nbytes} bytes, not a multiple of 4")
+        n = nbytes // TOKEN_DTYPE.itemsize
+        for field, dtype in (("loss_mask", MASK_DTYPE), ("behav_logp", LOGP_DTYPE), ("versions", VERSION_DTYPE)):
+            got = len(getattr(self, field))
+            if got != n * dtype.itemsize:
+                raise ValueError(
+                    f"trajectory {self.id}: {field} is {got} bytes, expected {n * dtype.itemsize} for {n} tokens"
+                )
+        mask = view(self.loss_mask, MASK_DTYPE)
+        if n and mask.max(initial=0) > 1:
+            raise ValueError(f"trajectory {self.id}: loss_mask holds values other than 0 and 1")
+        logp = view(self.behav_logp, LOGP_DTYPE)
+        if n and not (np.isfinite(logp).all() and logp.max(initial=0.0) <= 1e-3):
+            raise ValueError(f"trajectory {self.id}: behav_logp must be finite log-probabilities <= 0")
+        prev_end = 0
+        for i, turn in enumerate(self.turns):
+            if not (prev_end <= turn.start <= turn.end <= n):
+                raise ValueError(
+                    f"trajectory {self.id}: turn {i} span [{turn.start}, {turn.end}) is out of order or "
+                    f"outside the {n} tokens"
+                )
+            prev_end = turn.end
+        if self.min_version > self.max_version:
+            raise ValueError(
+                f"trajectory {self.id}: min_version {self.min_version} > max_version {self.max_version}"
+            )
+
+    @classmethod
+    def build(cls, *, tokens, loss_mask, behav_logp, versions, **fields) -> Trajectory:
+        """Make a trajectory from sequences or arrays; min/max version are derived from `versions`."""
+        v = np.asarray(versions, dtype=VERSION_DTYPE)
+        m = np.asarray(loss_mask, dtype=MASK_DTYPE)
+        gen = v[m.astype(bool)]
+        fields.setdefault("min_version", int(gen.min()) if gen.size else NO_VERSION)
+        fields.setdefault("max_version", int(gen.max()) if gen.size else NO_VERSION)
+        return cls(
+            tokens=to_bytes(tokens, TOKEN_DTYPE),
+            loss_mask=m.tobytes(),
+            behav_logp=to_bytes(behav_logp, LOGP_DTYPE),
+            versions=v.tobytes(),
+            **fields,
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens) // TOKEN_DTYPE.itemsize
+
+    def token_ids(self) -> np.ndarray:
+        return view(self.tokens, TOKEN_DTYPE)
+
+    def mask(self) -> np.ndarray:
+        return view(self.loss_mask, MASK_DTYPE)
+
+    def behav_logps(self) -> np.ndarray:
+        return view(self.behav_logp, LOGP_DTYPE)
+
+    def token_versions(self) -> np.ndarray:
+        return view(self.versions, VERSION_DTYPE)
+
+    def staleness(self, trained_version: int) -> int:
+        """DESIGN.md invariant 3: the version being trained minus that of the oldest generated token."""
+        return trained_version - self.min_version if self.min_version >= 0 else 0
+
+
+class DiskWeights(msgspec.Struct, tag="disk", frozen=True):
+    """Weights written as safetensors under `path` (a directory loadable by from_pretrained)."""
+
+    path: str
+
+
+class DistributedWeights(msgspec.Struct, tag="distributed", frozen=True):
+    """Weights broadcast over a torch.distributed group, as SGLang's update_weights_from_distributed.
+
+    `names`, `dtypes` and `shapes` list the tensors in broadcast order (rank 0 is the trainer).
+    """
+
+    master_address: str
+    master_port: int
+    group_name: str
+    world_size: int
+    backend: str
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+
+
+class WeightsPublished(msgspec.Struct, tag="weights", kw_only=True, frozen=True):
+    """The trainer has weights for `version` ready to fetch by `source`."""
+
+    version: int
+    source: DiskWeights | DistributedWeights
+    checksum: str = ""
+    nbytes: int = 0
+    published_at: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_schema("weights", self.schema_version)
+        if self.version < 0:
+            raise ValueError(f"weights: version {self.version} is negative")
+
+
+class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
+    """What engines need for staleness control (DESIGN.md invariant 3): admission allows at most
+    (version + 1 + max_staleness) * batch_size started trajectories."""
+
+    version: int
+    consumed: int
+    batch_size: int = 1
+    max_staleness: int = 0
+    health: str = "ok"
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_schema("status", self.schema_version)
+        if self.version < 0 or self.consumed < 0 or self.batch_size < 1 or self.max_staleness < 0:
+            raise ValueError(
+                f"status: version {self.version}, consumed {self.consumed}, batch_size {self.batch_size} "
+                f"and max_staleness {self.max_staleness} must be >= 0 (batch_size >= 1)"
+            )
+
+
+class Pause(msgspec.Struct, tag="pause", frozen=True):
+    """Stop admitting new rollouts; in-flight ones continue."""
+
+
+class Resume(msgspec.Struct, tag="resume", frozen=True):
+    """Admit rollouts again."""
+
+
+class Drain(msgspec.Struct, tag="drain", frozen=True):
+    """Stop admitting, finish or spool in-flight work within `deadline_s`, flush, then idle."""
+
+    deadline_s: float = 30.0
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
+    """Drain, then exit."""
+
+    deadline_s: float = 30.0
+
+
+Control = Pause | Resume | Drain | Shutdown
+Message = Trajectory | WeightsPublished | TrainerStatus | Pause | Resume | Drain | Shutdown
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+_trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
+
+
+def encode(msg: Message) -> bytes:
+    """msgpack bytes of one message (reuses one encoder)."""
+    return _encoder.encode(msg)
+
+
+def encode_into(msg: Message, buf: bytearray, offset: int = 0) -> None:
+    """Encode into a reusable buffer, avoiding an allocation per message on hot paths."""
+    _encoder.encode_into(msg, buf, offset)
+
+
+def decode(frame) -> Message:
+    """Decode one frame (bytes, memoryview or zmq buffer). Raises ProtocolError on anything malformed.
+
+    Array fields are views into `frame`: keep the frame alive as long as the arrays are used.
+    """
+    try:
+        return _decoder.decode(frame)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"bad message frame ({len(frame)} bytes): {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"bad message frame: {exc}") from None
+
+
+def decode_trajectory(frame) -> Trajectory:
+    """Decode a frame that must hold a Trajectory."""
+    try:
+        return _trajectory_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad trajectory frame ({len(frame)} bytes): {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(f"bad trajectory frame: {exc}") from None
