@@ -1,0 +1,73 @@
+"""The registry: ids, defaults, prefix adapters, entry-point plugins, helpful errors."""
+
+import importlib.metadata
+from types import SimpleNamespace
+
+import pytest
+
+import envs
+from envs import registry
+from envs.core import Env
+
+
+class Const(Env):
+    def __init__(self, value: str = "a", size: int = 1):
+        self.value, self.size = value, size
+
+    def reset(self, seed=None):
+        return self.value * self.size, {}
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    registry._load_suites()
+    monkeypatch.setattr(registry, "_specs", dict(registry._specs))
+    monkeypatch.setattr(registry, "_prefixes", dict(registry._prefixes))
+
+
+def test_register_make_with_defaults_and_overrides(clean_registry):
+    envs.register("testsuite:Const-v0", entry_point=f"{__name__}:Const", value="x", size=2)
+    env = envs.make("testsuite:Const-v0", size=3)
+    assert env.reset(0)[0] == "xxx"
+    assert env.id == "testsuite:Const-v0" and env.spec.suite == "testsuite"
+    assert "testsuite:Const-v0" in envs.list() and envs.list("testsuite") == ["testsuite:Const-v0"]
+
+
+@pytest.mark.parametrize("bad", ["Const-v0", "Suite:Const-v0", "s:Const", "s:Const-vx"])
+def test_bad_ids_are_refused(clean_registry, bad):
+    with pytest.raises(ValueError, match="suite:Name-vN"):
+        envs.register(bad, entry_point=f"{__name__}:Const")
+
+
+def test_duplicate_and_unknown_ids(clean_registry):
+    envs.register("testsuite:Const-v0", entry_point=Const)
+    with pytest.raises(ValueError, match="already registered"):
+        envs.register("testsuite:Const-v0", entry_point=Const)
+    with pytest.raises(envs.EnvNotFound, match="did you mean testsuite:Const-v0"):
+        envs.make("testsuite:Const-v1")
+    envs.register("testsuite:Missing-v0", entry_point="no_such_module_xyz:Env")
+    with pytest.raises(envs.EnvNotFound, match="no_such_module_xyz"):
+        envs.make("testsuite:Missing-v0")
+
+
+def test_prefix_adapter_routes_any_rest(clean_registry):
+    envs.register_prefix("pfx", lambda rest, **kw: Const(value=rest, **kw), ids=lambda: ["A", "B"])
+    env = envs.make("pfx:hello", size=2)
+    assert env.reset()[0] == "hellohello" and env.id == "pfx:hello"
+    assert envs.list("pfx") == ["pfx:A", "pfx:B"]
+
+
+def test_entry_point_plugins_register_suites(clean_registry, monkeypatch):
+    calls = []
+
+    def plugin():
+        calls.append(1)
+        envs.register("plugin:Const-v0", entry_point=Const)
+
+    ep = SimpleNamespace(name="plugin", load=lambda: plugin)
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: [ep] if group == registry.ENTRY_POINT_GROUP else []
+    )
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert "plugin:Const-v0" in envs.list() and calls == [1]
+    assert envs.make("plugin:Const-v0").reset()[0] == "a"
