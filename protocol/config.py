@@ -48,6 +48,8 @@ def _apply_override(data: dict, item: str) -> None:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. trainer.lr=1e-6")
     node = data
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: {key!r} has an empty part; expected e.g. trainer.lr")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -57,10 +59,12 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 _PATH = re.compile(r"`\$((?:\.[^`\[]+|\[\d+\])*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)` - at `\$((?:\.[^`\[]+|\[\d+\])*)`")
 
 
 def _dotted(msg: str) -> str:
-    """msgspec's "at `$.trainer.lr`" as "at trainer.lr"."""
+    """msgspec's "at `$.trainer.lr`" as "at trainer.lr"; an unknown field as "unknown key trainer.lrr"."""
+    msg = _UNKNOWN.sub(lambda m: f"unknown key {(m.group(2) + '.' + m.group(1)).lstrip('.')}", msg)
     return _PATH.sub(lambda m: m.group(1).lstrip(".") or "<top level>", msg)
 
 
@@ -72,6 +76,8 @@ def load_config(cls: "type[T]", path: "str | Path | None" = None, overrides: lis
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     for item in overrides:
@@ -83,11 +89,20 @@ def load_config(cls: "type[T]", path: "str | Path | None" = None, overrides: lis
         raise ConfigError(f"invalid configuration{where}: {_dotted(str(exc))}") from None
 
 
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: a key whose value is None is left out (it reads back as its default None)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
 def to_toml(cfg: msgspec.Struct) -> str:
     """The resolved configuration as TOML, which `load_config` reads back to an equal value."""
     import tomli_w
 
-    return tomli_w.dumps(msgspec.to_builtins(cfg))
+    return tomli_w.dumps(_drop_none(msgspec.to_builtins(cfg)))
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool = False) -> None:

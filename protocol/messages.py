@@ -19,6 +19,8 @@ bumps `SCHEMA_VERSION`, which every message carries and every reader checks.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import numpy as np
 
@@ -27,6 +29,7 @@ from protocol.errors import ProtocolError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "NO_VERSION",
     "Turn",
     "Trajectory",
     "DiskWeights",
@@ -39,10 +42,12 @@ __all__ = [
     "Shutdown",
     "Message",
     "Control",
+    "StatusMessage",
     "encode",
     "encode_into",
     "decode",
     "decode_trajectory",
+    "decode_status",
 ]
 
 SCHEMA_VERSION = 1
@@ -100,6 +105,12 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
 
     def __post_init__(self) -> None:
         _check_schema("trajectory", self.schema_version)
+        # msgspec's decoded memoryviews report the whole frame as their shape (nbytes is right):
+        # re-cast each to a plain byte view so len() and slicing mean what they say.
+        self.tokens = memoryview(self.tokens).cast("B")
+        self.loss_mask = memoryview(self.loss_mask).cast("B")
+        self.behav_logp = memoryview(self.behav_logp).cast("B")
+        self.versions = memoryview(self.versions).cast("B")
         nbytes = len(self.tokens)
         if nbytes % TOKEN_DTYPE.itemsize:
             raise ValueError(f"trajectory {self.id}: tokens is {nbytes} bytes, not a multiple of 4")
@@ -123,10 +134,19 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
                     f"trajectory {self.id}: turn {i} span [{turn.start}, {turn.end}) is out of order or "
                     f"outside the {n} tokens"
                 )
+            if not math.isfinite(turn.reward):
+                raise ValueError(f"trajectory {self.id}: turn {i} reward {turn.reward} is not finite")
             prev_end = turn.end
-        if self.min_version > self.max_version:
+        if not math.isfinite(self.reward):
+            raise ValueError(f"trajectory {self.id}: reward {self.reward} is not finite")
+        gen = view(self.versions, VERSION_DTYPE)[mask.view(bool)] if n else view(self.versions, VERSION_DTYPE)
+        lo, hi = (int(gen.min()), int(gen.max())) if gen.size else (NO_VERSION, NO_VERSION)
+        if lo < 0 and gen.size:
+            raise ValueError(f"trajectory {self.id}: a generated token has policy version {lo} (expected >= 0)")
+        if (self.min_version, self.max_version) != (lo, hi):
             raise ValueError(
-                f"trajectory {self.id}: min_version {self.min_version} > max_version {self.max_version}"
+                f"trajectory {self.id}: min_version/max_version are {self.min_version}/{self.max_version}, "
+                f"but the generated tokens' versions span {lo}/{hi}"
             )
 
     @classmethod
@@ -226,29 +246,56 @@ class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
 class Pause(msgspec.Struct, tag="pause", frozen=True):
     """Stop admitting new rollouts; in-flight ones continue."""
 
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_schema("pause", self.schema_version)
+
 
 class Resume(msgspec.Struct, tag="resume", frozen=True):
     """Admit rollouts again."""
+
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_schema("resume", self.schema_version)
 
 
 class Drain(msgspec.Struct, tag="drain", frozen=True):
     """Stop admitting, finish or spool in-flight work within `deadline_s`, flush, then idle."""
 
     deadline_s: float = 30.0
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_deadline("drain", self.deadline_s, self.schema_version)
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", frozen=True):
     """Drain, then exit."""
 
     deadline_s: float = 30.0
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_deadline("shutdown", self.deadline_s, self.schema_version)
+
+
+def _check_deadline(name: str, deadline_s: float, schema_version: int) -> None:
+    _check_schema(name, schema_version)
+    if not (math.isfinite(deadline_s) and deadline_s >= 0):
+        raise ValueError(f"{name}: deadline_s {deadline_s} must be a finite number of seconds >= 0")
 
 
 Control = Pause | Resume | Drain | Shutdown
 Message = Trajectory | WeightsPublished | TrainerStatus | Pause | Resume | Drain | Shutdown
+StatusMessage = TrainerStatus | WeightsPublished | Pause | Resume | Drain | Shutdown
+"""What rides the status channel, trainer -> engines."""
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 _trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
+_status_decoder = msgspec.msgpack.Decoder(StatusMessage)
 
 
 def encode(msg: Message) -> bytes:
@@ -261,24 +308,28 @@ def encode_into(msg: Message, buf: bytearray, offset: int = 0) -> None:
     _encoder.encode_into(msg, buf, offset)
 
 
+def _decode(decoder: msgspec.msgpack.Decoder, what: str, frame):
+    try:
+        return decoder.decode(frame)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"bad {what} frame ({len(frame)} bytes): {exc}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise ProtocolError(f"bad {what} frame: {type(exc).__name__}: {exc}") from None
+
+
 def decode(frame) -> Message:
     """Decode one frame (bytes, memoryview or zmq buffer). Raises ProtocolError on anything malformed.
 
     Array fields are views into `frame`: keep the frame alive as long as the arrays are used.
     """
-    try:
-        return _decoder.decode(frame)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise ProtocolError(f"bad message frame ({len(frame)} bytes): {exc}") from None
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"bad message frame: {exc}") from None
+    return _decode(_decoder, "message", frame)
 
 
 def decode_trajectory(frame) -> Trajectory:
-    """Decode a frame that must hold a Trajectory."""
-    try:
-        return _trajectory_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
-        raise ProtocolError(f"bad trajectory frame ({len(frame)} bytes): {exc}") from None
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"bad trajectory frame: {exc}") from None
+    """Decode a frame that must hold a Trajectory (the payload of the trajectory channel)."""
+    return _decode(_trajectory_decoder, "trajectory", frame)
+
+
+def decode_status(frame) -> StatusMessage:
+    """Decode a frame of the status channel: TrainerStatus, WeightsPublished or a control message."""
+    return _decode(_status_decoder, "status", frame)
