@@ -1,0 +1,186 @@
+"""Run agent-written Python in a sandboxed child process, and the tool that offers it to the agent.
+
+Every run gets a fresh temporary working directory that is removed afterwards, whatever happened.
+What is enforced (see sandbox_boot.py for the child's half):
+- wall-clock timeout: the whole process group is killed at `timeout_s` (CPU rlimit as a backstop);
+- memory: RLIMIT_AS of `memory_mb`, so allocation beyond it raises MemoryError in the child;
+- output: stdout and stderr go to files capped by RLIMIT_FSIZE; the result keeps the first
+  `max_output_bytes` of each and says how much was cut;
+- network: the child runs in an empty network namespace (`unshare -rn`) when the kernel allows it,
+  and always under an audit hook that refuses sockets and new processes;
+- filesystem: writes, deletes and renames outside the working directory are refused by the hook;
+- environment: `python -I` (no user site, no PYTHON* variables), a minimal `env`, stdin closed.
+The audit hook is a Python-level guard: code that reaches native calls (ctypes) can step around it,
+which is why the network namespace is used wherever it exists. Running a step blocks for up to
+`timeout_s`, so the tool declares itself blocking and the env that uses it is offloaded.
+"""
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
+
+_BOOT = Path(__file__).with_name("sandbox_boot.py")
+_PYTHON_TAG = re.compile(r"<python>(.*?)</python>", re.DOTALL)
+_PYTHON_FENCE = re.compile(r"```[ \t]*python[ \t]*\n(.*?)```", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one sandboxed run."""
+
+    timeout_s: float = 5.0
+    """Wall-clock seconds before the process group is killed."""
+    memory_mb: int = 512
+    """Address-space limit of the child (RLIMIT_AS), in MiB."""
+    max_output_bytes: int = 8192
+    """Bytes of stdout (and, separately, of stderr) kept in the result."""
+    max_file_bytes: int = 16 << 20
+    """Largest file the child may write (RLIMIT_FSIZE), captured output included."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What one sandboxed run produced."""
+
+    stdout: str
+    stderr: str
+    exit_code: int
+    """The child's exit status; negative is the signal that ended it."""
+    timed_out: bool
+    truncated: bool
+    """True if stdout or stderr was longer than `max_output_bytes`."""
+    network_isolated: bool
+    """True if the child ran in its own, empty network namespace."""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def summary(self) -> str:
+        """The text an agent sees: output, then errors, then why the run ended early if it did."""
+        parts = [self.stdout]
+        if self.stderr:
+            parts.append(self.stderr)
+        if self.timed_out:
+            parts.append("[timed out: the program was killed]")
+        elif self.exit_code == -signal.SIGXFSZ:
+            parts.append("[killed: output or file size limit exceeded]")
+        elif self.exit_code < 0:
+            parts.append(f"[killed by signal {signal.Signals(-self.exit_code).name}]")
+        return "".join(p if p.endswith("\n") or not p else p + "\n" for p in parts)
+
+
+@functools.cache
+def network_isolation() -> bool:
+    """Whether `unshare -rn` can give a child an empty network namespace on this machine."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    try:
+        done = subprocess.run([unshare, "-rn", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _read_capped(path: Path, limit: int) -> tuple[str, bool]:
+    with path.open("rb") as f:
+        head = f.read(limit)
+        rest = f.seek(0, os.SEEK_END) - len(head)
+    text = head.decode("utf-8", errors="replace")
+    if rest > 0:
+        return text + f"\n[... {rest} more bytes truncated]\n", True
+    return text, False
+
+
+def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[str, str] | None = None) -> ExecResult:
+    """Run `code` as `main.py` in a fresh temporary directory under `limits`; blocks until it ends.
+
+    `files` are written next to it first (e.g. a test file the code must satisfy).
+    """
+    isolated = network_isolation()
+    with tempfile.TemporaryDirectory(prefix="tidal-py-") as tmp:
+        work = Path(tmp)
+        for name, text in (files or {}).items():
+            (work / name).write_text(text, encoding="utf-8")
+        (work / "main.py").write_text(code, encoding="utf-8")
+        boot_limits = {
+            "memory_bytes": limits.memory_mb << 20,
+            "cpu_seconds": int(limits.timeout_s) + 1,
+            "file_bytes": limits.max_file_bytes,
+        }
+        argv = [sys.executable, "-I", str(_BOOT), json.dumps(boot_limits), "main.py"]
+        if isolated:
+            argv = ["unshare", "-rn", "--", *argv]
+        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+        out_path, err_path = work / ".stdout", work / ".stderr"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
+            timed_out = False
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                _kill_group(proc)
+        stdout, cut_out = _read_capped(out_path, limits.max_output_bytes)
+        stderr, cut_err = _read_capped(err_path, limits.max_output_bytes)
+    return ExecResult(stdout, stderr, proc.returncode, timed_out, cut_out or cut_err, isolated)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill whatever the run left behind (its whole session) and reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def extract_code(action: str) -> tuple[str, str] | None:
+    """The first Python block in `action` and the action cut just after it, or None.
+
+    Accepts `<python>...</python>` and a ```python fenced block, whichever ends first (as GEM's
+    PythonCodeTool does), so anything the model wrote after its call is not part of the turn.
+    """
+    found = [m for m in (_PYTHON_TAG.search(action), _PYTHON_FENCE.search(action)) if m is not None]
+    if not found:
+        return None
+    first = min(found, key=lambda m: m.end())
+    return first.group(1).strip("\n"), action[: first.end()]
+
+
+class PythonTool:
+    """Offers `run_python` to the agent: `<python>code</python>` in, the program's output out."""
+
+    name = "python"
+    blocking = True
+
+    def __init__(self, limits: SandboxLimits = SandboxLimits()):
+        self.limits = limits
+
+    def instruction(self) -> str:
+        return (
+            "python: run Python code in a sandbox and see what it prints. Write the code between "
+            "<python> and </python>; only printed output is returned, there is no network, and "
+            f"each run is limited to {self.limits.timeout_s:g} s and {self.limits.memory_mb} MiB."
+        )
+
+    def parse(self, action: str) -> tuple[str, str] | None:
+        return extract_code(action)
+
+    def run(self, code: str) -> str:
+        if not code.strip():
+            return "Code execution result: [no code given]\n"
+        return "Code execution result: " + run_python(code, self.limits).summary()

@@ -1,0 +1,105 @@
+"""First code to run inside the Python sandbox child: apply limits, then run the agent's file.
+
+Run as `python -I sandbox_boot.py LIMITS_JSON CODE_PATH` by `envs.tools.python.run_python`; stdlib
+only, because `-I` hides site-packages that the child has no business importing anyway.
+
+What it enforces on itself before the agent's code runs (the parent adds the wall-clock kill and,
+where the kernel allows, an empty network namespace):
+- address space (RLIMIT_AS) so a memory hog gets MemoryError instead of the machine's memory;
+- CPU seconds (RLIMIT_CPU) as a backstop to the parent's wall-clock timeout;
+- bytes any one file may grow to (RLIMIT_FSIZE), which also caps captured stdout/stderr;
+- an audit hook that refuses sockets and new processes, so without a network namespace the code
+  still cannot open a connection, and cannot start a process that would run without the hook;
+  the same hook refuses writes, deletes and renames outside the temporary working directory.
+"""
+
+import json
+import os
+import resource
+import sys
+import traceback
+
+_BLOCKED_EVENTS = {
+    "socket.__new__": "network access",
+    "socket.connect": "network access",
+    "socket.bind": "network access",
+    "socket.getaddrinfo": "network access",
+    "socket.sendto": "network access",
+    "subprocess.Popen": "starting processes",
+    "os.system": "starting processes",
+    "os.exec": "starting processes",
+    "os.posix_spawn": "starting processes",
+    "os.fork": "starting processes",
+    "os.forkpty": "starting processes",
+    "pty.spawn": "starting processes",
+}
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
+                "os.link", "os.truncate", "os.utime", "shutil.rmtree"}
+_workdir = os.path.realpath(os.getcwd())
+
+
+def _outside(path) -> bool:
+    if not isinstance(path, str | bytes | os.PathLike):
+        return False
+    full = os.path.realpath(os.fsdecode(path))
+    return os.path.commonpath([full, _workdir]) != _workdir
+
+
+def _refuse(event: str, args: tuple) -> None:
+    what = _BLOCKED_EVENTS.get(event)
+    if what is not None:
+        raise PermissionError(f"sandbox: {what} is not allowed ({event})")
+    if event == "open":
+        path, mode, flags = args
+        writes = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & _WRITE_FLAGS)
+        if writes and _outside(path):
+            raise PermissionError(f"sandbox: writing outside the working directory: {path!r}")
+    elif event in _PATH_EVENTS and any(_outside(a) for a in args[:2]):
+        raise PermissionError(f"sandbox: {event} outside the working directory: {args[:2]!r}")
+
+
+def _limit(kind: int, value: int) -> None:
+    _, hard = resource.getrlimit(kind)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(kind, (value, value))
+
+
+def _print_without_sandbox_frames(exc: BaseException) -> None:
+    """Print the traceback as if main.py had been run directly: no frames of this file."""
+    report = traceback.TracebackException.from_exception(exc)
+    report.stack = traceback.StackSummary.from_list([f for f in report.stack if f.filename != __file__])
+    sys.stderr.write("".join(report.format()))
+
+
+def main() -> int:
+    limits = json.loads(sys.argv[1])
+    code_path = sys.argv[2]
+    with open(code_path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        code = compile(source, "main.py", "exec")
+    except SyntaxError:
+        traceback.print_exc(limit=0)
+        return 1
+    _limit(resource.RLIMIT_AS, limits["memory_bytes"])
+    _limit(resource.RLIMIT_CPU, limits["cpu_seconds"])
+    _limit(resource.RLIMIT_FSIZE, limits["file_bytes"])
+    _limit(resource.RLIMIT_CORE, 0)
+    sys.addaudithook(_refuse)
+    sys.argv = ["main.py"]
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the agent's error is its output: print it as Python would
+        _print_without_sandbox_frames(exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

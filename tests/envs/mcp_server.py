@@ -1,0 +1,27 @@
+"""A tiny MCP server spoken to over stdio by tests/envs/test_tools_mcp.py."""
+
+from mcp.server.mcpserver import MCPServer
+
+app = MCPServer("tidal-test", log_level="CRITICAL")
+
+
+@app.tool()
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@app.tool()
+def shout(text: str) -> str:
+    """Upper-case a text."""
+    return text.upper()
+
+
+@app.tool()
+def fail(reason: str) -> str:
+    """Always raises, to show tool errors reach the agent as text."""
+    raise ValueError(reason)
+
+
+if __name__ == "__main__":
+    app.run()

@@ -1,0 +1,51 @@
+"""The MCP adapter lists and calls the tools of a real MCP server started over stdio."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from envs.tools import MCPStartError, MCPTool, ToolCall, parse_tool_call
+
+SERVER = Path(__file__).with_name("mcp_server.py")
+
+
+@pytest.fixture(scope="module")
+def tool():
+    with MCPTool(sys.executable, [str(SERVER)]) as tool:
+        yield tool
+
+
+def test_lists_the_servers_tools(tool):
+    assert sorted(t.name for t in tool.tools) == ["add", "fail", "shout"]
+    add = next(t for t in tool.tools if t.name == "add")
+    assert add.description == "Add two integers."
+    assert add.input_schema["required"] == ["a", "b"]
+    assert '"name": "add"' in tool.instruction()
+
+
+def test_calls_a_tool_in_both_call_formats(tool):
+    call, cut = tool.parse('x <tool_call><tool_name>add</tool_name><arguments>{"a": 2, "b": 40}</arguments></tool_call> y')
+    assert cut.endswith("</tool_call>") and tool.run(call) == "42"
+    call, _ = tool.parse('<tool_call>{"name": "shout", "arguments": {"text": "hi"}}</tool_call>')
+    assert tool.run(call) == "HI"
+
+
+async def test_arun_does_not_need_the_callers_loop(tool):
+    assert await tool.arun(ToolCall("add", {"a": 1, "b": 1})) == "2"
+
+
+def test_errors_come_back_as_observations(tool):
+    assert "reported an error" in tool.run(ToolCall("fail", {"reason": "nope"}))
+    assert "reported an error" in tool.run(ToolCall("add", {"a": "x"}))
+    assert "'missing' not found; available tools: add, shout, fail" in tool.run(ToolCall("missing", {}))
+    bad, _ = parse_tool_call("<tool_call><tool_name>add</tool_name><arguments>{oops</arguments></tool_call>")
+    assert bad.error is not None and "not valid JSON" in tool.run(bad)
+    listed, _ = parse_tool_call('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>')
+    assert "must be a JSON object" in tool.run(listed)
+    assert parse_tool_call("no call here") is None
+
+
+def test_a_server_that_dies_at_start_is_a_clear_error():
+    with pytest.raises(MCPStartError, match="failed to start"):
+        MCPTool(sys.executable, ["-c", "raise SystemExit(1)"], start_timeout_s=20)

@@ -1,0 +1,118 @@
+"""The Python sandbox enforces its limits for real: each test runs a child that tries to break one."""
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from envs.tools import PythonTool, SandboxLimits, extract_code, network_isolation, run_python
+
+LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=256, max_output_bytes=1000)
+
+
+def test_runs_code_and_returns_output():
+    result = run_python("print(6 * 7)", LIMITS)
+    assert result.ok and result.stdout == "42\n" and result.stderr == ""
+
+
+def test_timeout_kills_an_infinite_loop():
+    result = run_python("while True:\n    pass", LIMITS)
+    assert result.timed_out and not result.ok
+    assert result.exit_code < 0
+    assert "timed out" in result.summary()
+
+
+def test_timeout_keeps_what_was_printed_before_the_kill():
+    code = "import time\nprint('started', flush=True)\ntime.sleep(60)"
+    result = run_python(code, SandboxLimits(timeout_s=1.0))
+    assert result.timed_out and result.stdout == "started\n"
+
+
+def test_memory_hog_fails_with_memory_error():
+    result = run_python("x = bytearray(1 << 30)\nprint('allocated')", LIMITS)
+    assert result.exit_code == 1
+    assert "MemoryError" in result.stderr and "allocated" not in result.stdout
+
+
+def test_output_is_truncated_to_the_limit():
+    result = run_python("print('x' * 50000)", LIMITS)
+    assert result.truncated
+    assert result.stdout.startswith("x" * 1000)
+    assert result.stdout.count("x") == 1000
+    assert "49001 more bytes truncated" in result.stdout
+
+
+def test_files_beyond_the_size_limit_cannot_be_written():
+    code = "open('big', 'w').write('x' * 100000)"
+    result = run_python(code, SandboxLimits(max_file_bytes=10000))
+    assert result.exit_code == 1 and "File too large" in result.stderr
+
+
+def test_network_attempt_fails():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        accepted = []
+        server.settimeout(3)
+        waiter = threading.Thread(target=lambda: accepted.append(_accept_once(server)))
+        waiter.start()
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('connected')"
+        result = run_python(code, LIMITS)
+        waiter.join()
+    assert "connected" not in result.stdout
+    assert result.exit_code == 1 and "PermissionError" in result.stderr
+    assert accepted == [False]
+
+
+def _accept_once(server: socket.socket) -> bool:
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        return False
+    conn.close()
+    return True
+
+
+@pytest.mark.skipif(not network_isolation(), reason="no unprivileged network namespace on this kernel")
+def test_network_namespace_has_no_interfaces_up():
+    code = "print(open('/proc/net/dev').read())"
+    result = run_python(code, LIMITS)
+    assert result.network_isolated
+    assert "eth0" not in result.stdout
+
+
+def test_processes_cannot_be_started():
+    result = run_python("import os\nos.system('echo escaped')", LIMITS)
+    assert "escaped" not in result.stdout and "PermissionError" in result.stderr
+
+
+def test_temporary_directory_is_removed_and_writes_outside_are_refused(tmp_path):
+    outside = tmp_path / "outside.txt"
+    code = f"import os\nopen('inside.txt', 'w').write('ok')\nprint(os.getcwd())\nopen({str(outside)!r}, 'w')"
+    result = run_python(code, LIMITS)
+    workdir = Path(result.stdout.strip())
+    assert workdir.name.startswith("tidal-py-")
+    assert not workdir.exists()
+    assert not outside.exists() and "outside the working directory" in result.stderr
+
+
+def test_traceback_shows_only_the_agents_code():
+    result = run_python("def f():\n    return 1 / 0\nf()", LIMITS)
+    assert 'File "main.py", line 2, in f' in result.stderr
+    assert "sandbox_boot" not in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_extract_code_takes_the_first_block_and_cuts_the_action():
+    action = "think\n<python>print(1)</python> then ```python\nprint(2)\n``` more"
+    assert extract_code(action) == ("print(1)", "think\n<python>print(1)</python>")
+    assert extract_code("```python\nprint(2)\n```\nrest") == ("print(2)", "```python\nprint(2)\n```")
+    assert extract_code("no code here") is None
+
+
+def test_tool_observation_reports_output_and_errors():
+    tool = PythonTool(LIMITS)
+    assert tool.blocking
+    code, _ = tool.parse("<python>print(sum(range(10)))</python>")
+    assert tool.run(code) == "Code execution result: 45\n"
+    assert "NameError" in tool.run("print(undefined_name)")
+    assert "no code given" in tool.run("   ")

@@ -1,0 +1,64 @@
+"""BM25 search finds the document a query is about, and the tool formats it for the agent."""
+
+import pytest
+
+from envs.tools import Document, SearchIndex, SearchTool, load_corpus
+
+DOCS = [
+    Document("1", "Paris", "Paris is the capital and largest city of France, on the Seine."),
+    Document("2", "Mount Kilimanjaro", "Kilimanjaro is a dormant volcano in Tanzania, the highest in Africa."),
+    Document("3", "Python (language)", "Python is a programming language created by Guido van Rossum."),
+    Document("4", "Amazon River", "The Amazon in South America is the largest river by discharge volume."),
+]
+
+
+@pytest.fixture(scope="module")
+def index():
+    return SearchIndex(DOCS)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("capital of France", "1"),
+        ("highest volcano in Africa", "2"),
+        ("who created the Python programming language", "3"),
+        ("largest river South America", "4"),
+    ],
+)
+def test_bm25_ranks_the_right_document_first(index, query, expected):
+    hits = index.search(query, topk=2)
+    assert hits[0][0].id == expected
+    assert all(score > 0 for _, score in hits)
+
+
+def test_query_without_known_terms_returns_nothing(index):
+    assert index.search("zzzz qqqq") == []
+    assert index.search("") == []
+
+
+def test_topk_larger_than_corpus_is_clamped(index):
+    assert len(index.search("the largest", topk=50)) <= len(DOCS)
+
+
+def test_tool_parses_call_and_formats_results(index):
+    tool = SearchTool(index, topk=1)
+    query, cut = tool.parse("I should look it up. <search> capital of France </search> and then answer")
+    assert query == "capital of France" and cut.endswith("</search>")
+    assert tool.run(query) == (
+        "<information>Doc 1(Title: Paris) Paris is the capital and largest city of France, on the Seine."
+        "</information>"
+    )
+    assert "No documents match" in tool.run("zzzz")
+    assert "empty query" in tool.run("")
+    assert tool.parse("no call") is None
+
+
+def test_load_corpus_reads_jsonl_and_names_bad_lines(tmp_path):
+    good = tmp_path / "c.jsonl"
+    good.write_text('{"id": "a", "title": "T", "text": "x"}\n\n{"id": "b", "title": "U", "text": "y"}\n')
+    assert [d.id for d in load_corpus(good)] == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "title": "T", "text": "x"}\n{"id": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        load_corpus(bad)
