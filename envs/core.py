@@ -151,6 +151,11 @@ class Env:
         """A random well-formed action, for random-policy benchmarks and checks."""
         raise NotImplementedError(f"{type(self).__name__}.sample_action")
 
+    def abandon(self, reason: str) -> None:
+        """Give up on a call still in flight (a timeout). A thread cannot be killed, so the env is
+        marked broken; envs that own a process override this to kill it instead."""
+        self.broken = reason
+
     def close(self) -> None:
         """Release what the env holds (processes, connections). Safe to call twice."""
 
@@ -220,6 +225,9 @@ class Wrapper(Env):
 
     def sample_action(self, rng: random.Random) -> str:
         return self.env.sample_action(rng)
+
+    def abandon(self, reason: str) -> None:
+        self.env.abandon(reason)
 
     def close(self) -> None:
         self.env.close()
