@@ -1,0 +1,420 @@
+"""The learner: a Hugging Face causal LM, its optimiser and one `train_step` over a batch of Trajectory.
+
+Version k is the policy after k steps (DESIGN.md invariant 3): `train_step` trains version k on the
+batch and leaves version k + 1. Within a step:
+
+1. sequences are split into `optim.minibatches` optimiser updates, each packed into micro-batches
+   (trainer/packing.py); with data parallelism each rank takes a token-balanced share of every
+   minibatch, and every rank holds the whole batch, so loss normalisers (tokens or sequences of the
+   minibatch) are computed locally and identically: no count needs an all-reduce;
+2. a no-grad pass, when anything needs it, records pi_prox (several updates, or REINFORCE++),
+   the reference model's log-probs (KL penalty) and the value head's values (GAE);
+3. advantages are computed (trainer/advantages.py), then each update accumulates gradients over its
+   micro-batches, clips them and steps AdamW and the LR schedule.
+
+With one update per step (the default) pi_prox is exactly pi_theta at the forward pass, so it is
+taken from that forward, detached, instead of a second identical pass. The ratio pi_theta/pi_prox is
+then 1 and the PPO clip only acts with `minibatches > 1`; the behaviour weight min(pi_prox/mu, C)
+always acts.
+
+Data parallel: wrap `learner.model` (DDP or FSDP2 fully_shard) and pass `rank`, `world_size` and an
+`all_reduce` that sums a numpy array across ranks (used only to whiten GAE/REINFORCE++ advantages).
+DDP and FSDP average gradients over ranks, so each rank's loss is multiplied by `world_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Annotated, Literal
+
+import msgspec
+import numpy as np
+import torch
+from msgspec import Meta
+
+from protocol.config import Strict
+from protocol.messages import Trajectory
+from trainer.advantages import AdvantageConfig, GAEConfig, GRPOConfig, ReinforcePPConfig, compute_advantages
+from trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
+from trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
+
+__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "STALENESS_BUCKETS"]
+
+STALENESS_BUCKETS = ("0", "1", "2", "3", "4-7", "8+")
+"""Histogram buckets of per-token staleness, reported as `trainer/staleness/<bucket>` fractions."""
+
+
+class ModelConfig(Strict):
+    """The policy model."""
+
+    path: str
+    """A directory `AutoModelForCausalLM.from_pretrained` loads (safetensors + config + tokenizer)."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter dtype; bf16 trains in pure bf16 (no fp32 master copy), float32 for exactness."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa (CPU/GPU), flash_attention_2 (varlen packing on GPU), eager."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    temperature: Annotated[float, Meta(gt=0)] = 1.0
+    """Sampling temperature of the engine: logits are divided by it so logp matches mu's definition."""
+
+
+class OptimConfig(Strict):
+    """AdamW, gradient clipping and the learning-rate schedule."""
+
+    lr: Annotated[float, Meta(gt=0)] = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: Annotated[float, Meta(gt=0)] = 1e-8
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Meta(ge=0)] = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still reported)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to min_lr_ratio * lr at total_steps."""
+    warmup_steps: Annotated[int, Meta(ge=0)] = 0
+    """Linear warmup from 0 over this many optimiser updates."""
+    total_steps: Annotated[int, Meta(ge=1)] = 1000
+    """Length of the cosine schedule in optimiser updates."""
+    min_lr_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    minibatches: Annotated[int, Meta(ge=1)] = 1
+    """Optimiser updates per step, each on a slice of the batch (AReaL's ppo_n_minibatches)."""
+
+
+class LearnerConfig(Strict):
+    """Everything one training step depends on."""
+
+    model: ModelConfig
+    optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
+    loss: LossConfig = msgspec.field(default_factory=DecoupledPPOConfig)
+    advantage: AdvantageConfig = msgspec.field(default_factory=GRPOConfig)
+    packing: PackingConfig = msgspec.field(default_factory=PackingConfig)
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference model is kept when a KL penalty uses it."""
+        return self.loss.kl_coef > 0 or (isinstance(self.advantage, ReinforcePPConfig) and self.advantage.kl_coef > 0)
+
+
+def _lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - cfg.warmup_steps) / max(cfg.total_steps - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _balanced_shares(lengths: Sequence[int], world: int) -> list[list[int]]:
+    """Sequence indices per rank, longest first onto the least-loaded rank (deterministic)."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(s) for s in shares]
+
+
+def _trained_mask(traj: Trajectory) -> np.ndarray:
+    """The loss mask, except token 0 (nothing predicts it)."""
+    m = traj.mask().astype(np.float64)
+    if len(m):
+        m[0] = 0.0
+    return m
+
+
+class Learner:
+    """One model, one optimiser; `train_step(batch)` performs step `version` -> `version + 1`."""
+
+    def __init__(self, cfg: LearnerConfig, *, device: str = "cpu", model: torch.nn.Module | None = None,
+                 rank: int = 0, world_size: int = 1,
+                 all_reduce: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                attn_implementation=cfg.model.attn_implementation,
+            )
+        model.to(self.device)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if isinstance(cfg.advantage, GAEConfig):
+            hidden = model.config.hidden_size
+            model.value_head = torch.nn.Linear(hidden, 1, device=self.device, dtype=model.dtype)
+            torch.nn.init.zeros_(model.value_head.weight)
+            torch.nn.init.zeros_(model.value_head.bias)
+        self.base_model = model                 # unwrapped: names, value head, state
+        self.model = model                      # what forward runs; part B may wrap it (DDP, FSDP2)
+        self.reference = None
+        if cfg.needs_reference:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.optim))
+        self.version = 0
+        self.pad_id = getattr(model.config, "pad_token_id", None) or 0
+
+    # --- forward ------------------------------------------------------------------------------------
+
+    def _forward(self, model: torch.nn.Module, mb: MicroBatch, *, values: bool = False,
+                 entropy: bool = False) -> dict[str, torch.Tensor]:
+        """log-probs (T,) of the trained tokens, and optionally entropy (T,), values (T,), last values (S,)."""
+        dev = self.device
+        out = model(
+            input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
+            attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev),
+            use_cache=False, output_hidden_states=values,
+        )
+        index = mb.index.to(dev)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])[index].float() / self.cfg.model.temperature
+        logprobs = torch.log_softmax(logits, dim=-1)                                   # (T, V)
+        res = {"logp": logprobs.gather(1, mb.targets.to(dev)[:, None]).squeeze(1)}
+        if entropy:
+            res["entropy"] = -(logprobs.exp() * logprobs).sum(-1)
+        if values:
+            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
+            v = self.base_model.value_head(hidden).squeeze(-1).float()                 # (R*L,)
+            res["values"] = v[index]
+            res["last_values"] = v[mb.last_index.to(dev)]
+        return res
+
+    @torch.no_grad()
+    def _record(self, mbs: list[MicroBatch]) -> None:
+        """The no-grad pass: pi_prox, reference log-probs and old values, into each micro-batch."""
+        gae = isinstance(self.cfg.advantage, GAEConfig)
+        need_prox = self.cfg.optim.minibatches > 1 or isinstance(self.cfg.advantage, ReinforcePPConfig)
+        for mb in mbs:
+            if need_prox or gae:
+                res = self._forward(self.model, mb, values=gae)
+                if need_prox:
+                    mb.fields["prox_logp"] = res["logp"].cpu()
+                if gae:
+                    mb.fields["old_values"] = res["values"].cpu()
+                    mb.fields["last_values"] = res["last_values"].cpu()
+            if self.reference is not None:
+                mb.fields["ref_logp"] = self._forward(self.reference, mb)["logp"].cpu()
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def train_step(self, batch: list[Trajectory]) -> dict[str, float]:
+        """One step on `batch` (every rank passes the same batch); returns `trainer/...` metrics."""
+        if not batch:
+            raise ValueError("train_step: empty batch")
+        t0 = time.perf_counter()
+        self.model.train()
+        cfg = self.cfg
+        masks = [_trained_mask(t) for t in batch]
+        lengths = [len(t) for t in batch]
+        slices = [list(range(m, len(batch), cfg.optim.minibatches)) for m in range(cfg.optim.minibatches)]
+        slices = [s for s in slices if s]
+        updates: list[list[MicroBatch]] = []
+        for sl in slices:
+            mine = [sl[i] for i in _balanced_shares([lengths[j] for j in sl], self.world_size)[self.rank]]
+            updates.append(self._micro_batches(batch, masks, sl, mine))
+        mbs = [mb for update in updates for mb in update]
+        self._record(mbs)
+        adv_metrics = self._advantages(batch, masks, mbs)
+
+        metrics: dict[str, float] = {}
+        totals: dict[str, float] = {}
+        grad_norms = []
+        for update in updates:
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, mb in enumerate(update):
+                with self._sync(last=k == len(update) - 1):
+                    loss, mb_metrics = self._loss(mb)
+                    (loss * self.world_size).backward()
+                for name, value in mb_metrics.items():
+                    v = float(value)
+                    if name.endswith("_max"):
+                        totals[name] = max(totals.get(name, v), v)
+                    else:
+                        totals[name] = totals.get(name, 0.0) + v * mb.n_tokens
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+            grad_norms.append(self._clip_and_step())
+        self.version += 1
+
+        trained = sum(mb.n_tokens for mb in mbs)
+        for name, value in totals.items():
+            is_sum = name.endswith("_max") or name == "loss"
+            metrics[f"trainer/{name}"] = value if is_sum else value / max(trained, 1)
+        metrics["trainer/loss"] = totals.get("loss", 0.0) / len(updates)
+        elapsed = time.perf_counter() - t0
+        real = sum(mb.n_real for mb in mbs)
+        metrics.update(adv_metrics)
+        metrics.update(self._staleness(batch, masks, self.version - 1))
+        metrics.update({
+            "trainer/grad_norm": float(np.mean(grad_norms)),
+            "trainer/lr": self.scheduler.get_last_lr()[0],
+            "trainer/version": float(self.version),
+            "trainer/step_s": elapsed,
+            "trainer/tokens": float(real),
+            "trainer/trained_tokens": float(trained),
+            "trainer/tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
+            "trainer/padding_frac": padding_fraction(mbs),
+            "trainer/micro_batches": float(len(mbs)),
+        })
+        return metrics
+
+    def _micro_batches(self, batch, masks, sl: list[int], mine: list[int]) -> list[MicroBatch]:
+        """This rank's micro-batches for one update over sequences `sl` (own share `mine`), with
+        aggregation weights normalised over the whole update on all ranks."""
+        counts = {j: masks[j].sum() for j in sl}
+        n_tokens = sum(counts.values())
+        n_seqs = sum(1 for c in counts.values() if c > 0)
+        weights = {}
+        for j in mine:
+            if self.cfg.loss.agg == "token":
+                weights[j] = masks[j] / max(n_tokens, 1)
+            else:
+                weights[j] = masks[j] / (max(counts[j], 1) * max(n_seqs, 1))
+        fields = {
+            "behav_logp": [batch[j].behav_logps() for j in mine],
+            "weight": [weights[j] for j in mine],
+            "pos": [np.arange(len(batch[j])) for j in mine],
+        }
+        mbs = []
+        for rows in plan([len(batch[j]) for j in mine], self.cfg.packing):
+            mb = build(rows, [batch[j].token_ids() for j in mine], [masks[j] for j in mine], fields,
+                       self.cfg.packing, pad_id=self.pad_id)
+            mb.seq = torch.tensor([mine[i] for i in mb.seq.tolist()], dtype=torch.int64)  # batch indices
+            mb.seq_ids = torch.tensor([mine[i] for i in mb.seq_ids.tolist()], dtype=torch.int64)
+            mbs.append(mb)
+        return mbs
+
+    @staticmethod
+    def _per_sequence(batch, mbs: list[MicroBatch], name: str) -> dict[int, np.ndarray]:
+        """Scatter a recorded per-token field back to (n,) arrays per sequence index."""
+        out: dict[int, np.ndarray] = {}
+        for mb in mbs:
+            seq, pos, val = mb.seq.numpy(), mb.fields["pos"].numpy().astype(np.int64), mb.fields[name].numpy()
+            for j in mb.seq_ids.tolist():
+                sel = seq == j
+                out.setdefault(j, np.zeros(len(batch[j])))[pos[sel]] = val[sel]
+        return out
+
+    @staticmethod
+    def _gather(per_seq: dict[int, np.ndarray], mb: MicroBatch) -> torch.Tensor:
+        """(T,) values of per-sequence (n,) arrays at a micro-batch's trained tokens."""
+        seq, pos = mb.seq.numpy(), mb.fields["pos"].numpy().astype(np.int64)
+        out = np.zeros(len(seq), dtype=np.float32)
+        for j in mb.seq_ids.tolist():
+            sel = seq == j
+            out[sel] = per_seq[j][pos[sel]]
+        return torch.from_numpy(out)
+
+    def _advantages(self, batch, masks, mbs: list[MicroBatch]) -> dict[str, float]:
+        """Compute advantages (and GAE returns) and store them per token in each micro-batch."""
+        adv_cfg = self.cfg.advantage
+        reduce = self.all_reduce
+        if isinstance(adv_cfg, GAEConfig | ReinforcePPConfig):
+            mine = sorted({j for mb in mbs for j in mb.seq_ids.tolist()})
+            sub = [batch[j] for j in mine]
+            if isinstance(adv_cfg, GAEConfig):
+                values = self._per_sequence(batch, mbs, "old_values")
+                last = {j: float(v) for mb in mbs for j, v in zip(mb.seq_ids.tolist(), mb.fields["last_values"].tolist(),
+                                                                   strict=True)}
+                boot = [0.0 if batch[j].terminated or not batch[j].truncated else last[j] for j in mine]
+                adv, returns, metrics = compute_advantages(adv_cfg, sub, values=[values[j] for j in mine],
+                                                           bootstrap=boot, reduce=reduce)
+            else:
+                prox = self._per_sequence(batch, mbs, "prox_logp")
+                ref = self._per_sequence(batch, mbs, "ref_logp") if self.reference is not None else None
+                kl = [prox[j] - ref[j] if ref is not None else np.zeros(len(batch[j])) for j in mine]
+                adv, returns, metrics = compute_advantages(adv_cfg, sub, kl=kl, reduce=reduce)
+            by_seq = dict(zip(mine, adv, strict=True))
+            ret_by_seq = dict(zip(mine, returns, strict=True)) if returns is not None else None
+        else:
+            adv, returns, metrics = compute_advantages(adv_cfg, batch)
+            by_seq, ret_by_seq = dict(enumerate(adv)), None
+        for mb in mbs:
+            mb.fields["adv"] = self._gather(by_seq, mb)
+            if ret_by_seq is not None:
+                mb.fields["returns"] = self._gather(ret_by_seq, mb)
+        return metrics
+
+    def _loss(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of the update's loss (policy + KL + entropy + value)."""
+        dev = self.device
+        gae = isinstance(self.cfg.advantage, GAEConfig)
+        res = self._forward(self.model, mb, values=gae, entropy=True)
+        f = {name: t.to(dev) for name, t in mb.fields.items()}
+        prox = f["prox_logp"] if "prox_logp" in f else res["logp"].detach()
+        inp = LossInputs(logp=res["logp"], prox_logp=prox, behav_logp=f["behav_logp"], adv=f["adv"],
+                         mask=(f["weight"] > 0).float(), weight=f["weight"])
+        loss, metrics = policy_loss(self.cfg.loss, inp, entropy=res["entropy"], ref_logp=f.get("ref_logp"))
+        if gae:
+            vloss, vmetrics = value_loss(res["values"], f["old_values"], f["returns"], f["weight"],
+                                         self.cfg.advantage.value_clip)
+            loss = loss + self.cfg.advantage.value_coef * vloss
+            metrics.update(vmetrics)
+        return loss, metrics
+
+    def _sync(self, *, last: bool):
+        """Gradient all-reduce only on an update's last micro-batch (DDP no_sync / FSDP2 flag)."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
+        if not last and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _clip_and_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(norm)
+
+    @staticmethod
+    def _staleness(batch, masks, trained_version: int) -> dict[str, float]:
+        """Fractions of trained tokens per staleness bucket, mean and max (DESIGN.md invariant 3)."""
+        stale = np.concatenate([trained_version - t.token_versions()[m.astype(bool)] for t, m in zip(batch, masks,
+                                                                                                       strict=True)])
+        if not len(stale):
+            return {}
+        edges = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 7), (8, np.iinfo(np.int64).max)]
+        out = {f"trainer/staleness/{name}": float(((stale >= lo) & (stale <= hi)).mean())
+               for name, (lo, hi) in zip(STALENESS_BUCKETS, edges, strict=True)}
+        out["trainer/staleness_mean"] = float(stale.mean())
+        out["trainer/staleness_max"] = float(stale.max())
+        return out
+
+    # --- state and publishing ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Model (with value head), optimiser, scheduler, version and RNG: everything to resume a run."""
+        return {
+            "model": self.base_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "version": self.version,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = int(state["version"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's tensors in Hugging Face names (no value head), gathered if sharded (FSDP2)."""
+        for name, tensor in self.base_model.state_dict().items():
+            if name.startswith("value_head."):
+                continue
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
