@@ -1,0 +1,102 @@
+"""The intake state machine: staleness drops, whole groups, bounded buffer, dedup, snapshot/restore."""
+
+import pytest
+
+from protocol.config import load_config
+from protocol.errors import ConfigError
+from protocol.messages import Trajectory, Turn
+from trainer.config import IntakeConfig
+from trainer.intake import Intake
+
+
+def traj(tid: str, group: str, version: int, n_gen: int = 3) -> Trajectory:
+    return Trajectory.build(
+        id=tid, group_id=group, env_id="test", task_seed=0,
+        tokens=list(range(2 + n_gen)), loss_mask=[0, 0] + [1] * n_gen,
+        behav_logp=[0, 0] + [-0.5] * n_gen, versions=[-1, -1] + [version] * n_gen,
+        turns=[Turn(2, 2 + n_gen, 1.0)], reward=1.0,
+    )
+
+
+def test_stale_dropped_on_arrival_and_counted():
+    intake = Intake(IntakeConfig(batch_size=2, max_staleness=1))
+    # trained version 5: staleness 5-3 = 2 > 1 is dropped; 5-4 = 1 is kept
+    assert intake.offer(traj("a", "ga", 3), version=5) == "stale"
+    assert intake.offer(traj("b", "gb", 4), version=5) == "buffered"
+    assert intake.counters["stale_dropped"] == 1
+    assert intake.take_batch(5) is None  # one ready, B = 2
+    assert intake.offer(traj("c", "gc", 5), version=5) == "buffered"
+    batch = intake.take_batch(5)
+    assert batch.ids == ["b", "c"] and batch.staleness == [1, 0]
+
+
+def test_buffered_ones_age_out_when_the_batch_forms():
+    intake = Intake(IntakeConfig(batch_size=2, max_staleness=0))
+    intake.offer(traj("a", "ga", 2), version=2)
+    intake.offer(traj("b", "gb", 2), version=2)
+    assert intake.take_batch(3) is None  # both are now 1 step stale
+    assert intake.counters["stale_dropped"] == 2 and intake.size == 0
+
+
+def test_groups_kept_whole_and_incomplete_groups_wait():
+    intake = Intake(IntakeConfig(batch_size=4, group_size=2, max_staleness=4))
+    intake.offer(traj("a1", "A", 0), 0)
+    intake.offer(traj("b1", "B", 0), 0)
+    intake.offer(traj("c1", "C", 0), 0)
+    intake.offer(traj("b2", "B", 0), 0)
+    assert intake.take_batch(0) is None  # only B is complete
+    intake.offer(traj("c2", "C", 0), 0)
+    batch = intake.take_batch(0)
+    assert sorted(batch.ids) == ["b1", "b2", "c1", "c2"]
+    assert intake.size == 1  # a1 still waits for its partner
+
+
+def test_a_dropped_member_still_completes_its_group():
+    intake = Intake(IntakeConfig(batch_size=2, group_size=2, max_staleness=0))
+    intake.offer(traj("a1", "A", 3), 3)
+    intake.offer(traj("a2", "A", 1), 3)  # stale: A is complete with one member
+    intake.offer(traj("b1", "B", 3), 3)
+    intake.offer(traj("b2", "B", 3), 3)
+    assert intake.take_batch(3).ids == ["a1"]  # oldest first; B (2) does not fit beside it
+    assert intake.take_batch(3).ids == ["b1", "b2"]
+
+
+def test_full_buffer_releases_oldest_incomplete_group_instead_of_deadlocking():
+    intake = Intake(IntakeConfig(batch_size=2, group_size=2, capacity=3, max_staleness=0))
+    for i, group in enumerate("ABC"):
+        intake.offer(traj(f"{group}1", group, 0), 0)
+        assert intake.full == (i == 2)
+    batch = intake.take_batch(0)
+    assert batch.ids == ["A1", "B1"] and intake.counters["partial_groups"] == 2
+
+
+def test_duplicates_are_dropped_by_id():
+    intake = Intake(IntakeConfig(batch_size=1))
+    assert intake.offer(traj("a", "ga", 0), 0) == "buffered"
+    assert intake.offer(traj("a", "ga", 0), 0) == "duplicate"
+    assert intake.take_batch(0).ids == ["a"]
+    assert intake.offer(traj("a", "ga", 0), 0) == "duplicate"  # even after use
+
+
+def test_snapshot_restores_buffer_groups_and_seen_ids():
+    cfg = IntakeConfig(batch_size=4, group_size=2, max_staleness=2)
+    intake = Intake(cfg)
+    intake.offer(traj("a1", "A", 0), 0)
+    intake.offer(traj("a2", "A", 0), 0)
+    intake.offer(traj("b1", "B", 0), 0)
+    intake.offer(traj("c1", "C", 0), 0)
+    intake.offer(traj("c2", "C", 0), 3)  # stale at version 3: C complete with c1 alone
+    state = intake.snapshot()
+    again = Intake(cfg, state)
+    assert again.size == intake.size == 4
+    assert again.offer(traj("a1", "A", 0), 0) == "duplicate"
+    assert again.counters["stale_dropped"] == 1
+    again.offer(traj("b2", "B", 0), 0)
+    batch = again.take_batch(0)
+    assert sorted(batch.ids) == ["a1", "a2", "c1"]  # A then C fit; B (2) would make 5 > 4
+    assert again.take_batch(0) is None and again.size == 2
+
+
+def test_config_rules_name_both_fields():
+    with pytest.raises(ConfigError, match="intake.batch_size.*intake.group_size"):
+        load_config(IntakeConfig, overrides=["batch_size=6", "group_size=4"])

@@ -1,0 +1,139 @@
+"""Durable trainer checkpoints: the learner, the intake and the channel's dedup state, as one unit.
+
+A checkpoint is a directory `step-XXXXXXXX/` (XXXXXXXX = the policy version it holds) with
+  model.safetensors  the model's tensors (from the learner state's "model" entry)
+  trainer.pt         the rest of the learner state: optimiser, scheduler, version, RNG (torch.save,
+                     loaded with weights_only=True so no code runs on load)
+  intake.msgpack     `CheckpointMeta`: version, the intake snapshot (buffered trajectories, seen ids,
+                     counters) and the channel's dedup state
+It is written under a temporary name, every file fsynced, then renamed into place (atomic on POSIX),
+so a reader sees a whole checkpoint or none (DESIGN.md invariant 4: resume loses and repeats nothing).
+The newest `keep_last` are kept.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from trainer.config import CheckpointConfig
+from trainer.intake import IntakeState
+
+__all__ = ["CheckpointMeta", "Checkpointer", "Restored", "untie"]
+
+_NUMPY_SAFE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+"""numpy types the weights-only loader may rebuild: the learner saves numpy's RNG state."""
+_PREFIX = "step-"
+_TMP = ".tmp-"
+
+
+class CheckpointMeta(msgspec.Struct, kw_only=True):
+    """The non-tensor part of a checkpoint (msgpack, no pickle)."""
+
+    version: int
+    saved_at: float
+    intake: IntakeState
+    dedup: bytes = b""
+    """The trajectory channel's dedup state, msgpack-encoded by the receiver's owner."""
+    counters: dict[str, float] = {}
+    """Daemon counters (steps, trajectories used) carried across restarts."""
+
+
+class Restored(msgspec.Struct):
+    path: Path
+    learner_state: dict
+    meta: CheckpointMeta
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def untie(tensors: dict) -> dict:
+    """safetensors refuses tensors sharing storage (tied embeddings): give repeats their own copy."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+class Checkpointer:
+    """Writes, lists, prunes and loads checkpoints under `cfg.dir`."""
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f"{_TMP}*"):  # a crash mid-write leaves these; never complete
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return sorted(p for p in self.dir.glob(f"{_PREFIX}*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, learner_state: dict, meta: CheckpointMeta) -> Path:
+        """Write one checkpoint atomically; return its final path. Blocking (run it off the event loop)."""
+        import torch
+        from safetensors.torch import save_file
+
+        final = self.dir / f"{_PREFIX}{meta.version:08d}"
+        tmp = self.dir / f"{_TMP}{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        state = dict(learner_state)
+        model = state.pop("model", None)
+        if model is not None:
+            save_file(untie(model), tmp / "model.safetensors")
+        torch.save(state, tmp / "trainer.pt")
+        (tmp / "intake.msgpack").write_bytes(msgspec.msgpack.encode(meta))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # the same version saved again after a resume: replace it whole
+            old = self.dir / f"{_TMP}old-{final.name}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(self.dir)
+        for path in self.checkpoints()[: -self.cfg.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def load(self, path: Path | None = None) -> Restored | None:
+        """Load `path` or the newest checkpoint; None when there is none."""
+        import torch
+        from safetensors.torch import load_file
+
+        path = path or self.latest()
+        if path is None:
+            return None
+        with torch.serialization.safe_globals(_NUMPY_SAFE):  # plain arrays only (numpy's RNG state)
+            state = torch.load(path / "trainer.pt", weights_only=True)
+        if (path / "model.safetensors").exists():
+            state["model"] = load_file(path / "model.safetensors")
+        meta = msgspec.msgpack.decode((path / "intake.msgpack").read_bytes(), type=CheckpointMeta)
+        return Restored(path, state, meta)

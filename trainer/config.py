@@ -1,0 +1,144 @@
+"""`tidal trainer` configuration: one Strict section per concern, loaded by `protocol.config.load_config`.
+
+Defaults give a runnable single-process CPU trainer on loopback; cross-field rules run at load and name
+both fields (STYLE.md, Configuration). Derived values are properties.
+"""
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from protocol.config import Strict
+from trainer.learner import LearnerConfig
+
+__all__ = [
+    "IntakeConfig",
+    "CheckpointConfig",
+    "DiskPublish",
+    "DistributedPublish",
+    "NoPublish",
+    "MetricsConfig",
+    "DistributedConfig",
+    "TrainerConfig",
+]
+
+PosInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+
+
+class IntakeConfig(Strict):
+    """Where trajectories come from and how a step's batch is formed (DESIGN.md invariants 3 and 4)."""
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    """ZeroMQ endpoint the trainer binds for trajectories (loopback by default, invariant 7)."""
+    status_endpoint: str = "tcp://127.0.0.1:5556"
+    """ZeroMQ endpoint the trainer binds to publish TrainerStatus and WeightsPublished."""
+    batch_size: PosInt = 8
+    """B: trajectories per optimizer step (the engine's admission bound is (k + 1 + max_staleness) * B)."""
+    group_size: PosInt = 1
+    """Trajectories per group (same prompt, for group-relative advantages); a batch never splits one."""
+    max_staleness: NonNegInt = 1
+    """Trajectories whose staleness (trained version - min_version) exceeds this are dropped and counted."""
+    capacity: PosInt = 256
+    """Trajectories buffered at most; when full the trainer stops receiving and the channel pushes back."""
+    max_uncommitted: PosInt = 192
+    """Deliveries received but not yet acknowledged at most; reaching it forces a checkpoint (mode
+    "checkpoint") so the engines' resend windows never fill and stall. Keep it below their window."""
+    commit: Literal["checkpoint", "step"] = "checkpoint"
+    """When engines may forget a trajectory: once a durable checkpoint covers it (no loss across a crash),
+    or once a step has used it (smaller engine windows; a crash loses the steps since the checkpoint)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.group_size:
+            raise ValueError(
+                f"intake.batch_size ({self.batch_size}) must be a multiple of intake.group_size ({self.group_size})"
+            )
+        if self.capacity < self.batch_size:
+            raise ValueError(
+                f"intake.capacity ({self.capacity}) must hold at least one batch (intake.batch_size = {self.batch_size})"
+            )
+
+
+class CheckpointConfig(Strict):
+    """Durable training state: written every N steps, on SIGTERM and when intake.max_uncommitted is hit."""
+
+    dir: str = "runs/trainer/checkpoints"
+    """Directory of `step-XXXXXXXX/` checkpoints; the daemon resumes from the newest complete one."""
+    every_steps: NonNegInt = 10
+    """Write a checkpoint after every this many steps (0: only on SIGTERM and intake pressure)."""
+    keep_last: PosInt = 2
+    """Checkpoints kept; older ones are deleted after a newer one is durable."""
+
+
+class NoPublish(Strict, tag="none", tag_field="type"):
+    """Do not publish weights (a trainer that only checkpoints)."""
+
+
+class DiskPublish(Strict, tag="disk", tag_field="type"):
+    """Write safetensors for each version under `dir`, then send WeightsPublished with its checksum."""
+
+    dir: str = "runs/trainer/weights"
+    """Shared directory the inference servers read from (`/update_weights_from_disk`)."""
+    every_steps: PosInt = 1
+    """Publish after every this many steps."""
+    keep_last: PosInt = 3
+    """Published versions kept on disk."""
+
+
+class DistributedPublish(Strict, tag="distributed", tag_field="type"):
+    """Broadcast weights to inference servers over a torch.distributed group (SGLang's
+    /init_weights_update_group + /update_weights_from_distributed); the trainer is rank 0."""
+
+    servers: list[str] = []
+    """Base URLs of the inference servers that join the group, one rank each (TP = 1)."""
+    master_address: str = "127.0.0.1"
+    """Address the servers rendezvous at (this trainer host)."""
+    master_port: NonNegInt = 0
+    """Rendezvous port; 0 picks a free one at start."""
+    group_name: str = "tidal_weights"
+    """Name of the weight-update group on the servers."""
+    backend: Literal["gloo", "nccl"] = "gloo"
+    """gloo on CPU, nccl between GPUs."""
+    bucket_mb: Annotated[float, Meta(gt=0)] = 64.0
+    """Parameters are broadcast in buckets of about this many MiB, one HTTP call per bucket."""
+    every_steps: PosInt = 1
+    """Publish after every this many steps."""
+    timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+    """Budget for group formation and for each bucket's HTTP call."""
+
+
+class MetricsConfig(Strict):
+    """Where per-step metrics go."""
+
+    jsonl: str = "runs/trainer/metrics.jsonl"
+    """One JSON object per step (also the ledger of trajectory ids each step used); "" to disable."""
+    prometheus_port: int = -1
+    """Port of the Prometheus endpoint on 127.0.0.1 (0 picks one, -1 disables)."""
+    tensorboard_dir: str = ""
+    """TensorBoard log directory, used only when tensorboard is installed; "" to disable."""
+    console: bool = True
+    """Show a rich live status line."""
+
+
+class DistributedConfig(Strict):
+    """Scale-out across torchrun ranks (ignored in a single process)."""
+
+    backend: Literal["gloo", "nccl"] = "gloo"
+    """Collective backend between trainer ranks."""
+
+
+class TrainerConfig(Strict):
+    """Everything `tidal trainer CONFIG` reads."""
+
+    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
+    """Model, optimiser, loss, advantage estimator and packing (trainer/learner.py)."""
+    intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)
+    checkpoint: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
+    publish: DiskPublish | DistributedPublish | NoPublish = msgspec.field(default_factory=DiskPublish)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
+    max_steps: NonNegInt = 0
+    """Stop (with a checkpoint) after this many optimizer steps in total; 0 runs until SIGTERM."""
+    seed: int = 0
+    """Seed of torch, numpy and random at a fresh start (a resume restores the saved RNG state)."""

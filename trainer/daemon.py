@@ -1,0 +1,296 @@
+"""`tidal trainer CONFIG`: the long-running trainer daemon (also `python -m trainer`, torchrun-able).
+
+Loop: intake -> one optimizer step -> TrainerStatus -> publish weights when due -> checkpoint when
+due -> acknowledge what the checkpoint covers. It resumes by itself from the newest checkpoint, so a
+trainer killed at any point and restarted continues at the checkpoint's version, and with the
+channel's resends every trajectory is used exactly once (DESIGN.md invariant 4). SIGTERM (or SIGINT)
+is a staged shutdown: finish the running step, write a checkpoint, acknowledge, exit 0.
+
+Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
+tests check for loss and reuse); a resume writes `{"event": "resume", "version": v}`, after which
+records of steps >= v from before the restart are superseded.
+"""
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+from rich.console import Console
+
+from protocol.config import add_config_args, config_from_args
+from protocol.errors import TidalError
+from protocol.messages import TrainerStatus
+from trainer.checkpoint import Checkpointer, CheckpointMeta
+from trainer.config import MetricsConfig, TrainerConfig
+from trainer.distributed import STEP, STOP, World
+from trainer.intake import Batch, Intake, IntakePump
+from trainer.publish import make_publisher
+
+__all__ = ["main", "Daemon"]
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_learner(cfg: TrainerConfig, world: World):
+    from trainer.learner import Learner
+
+    learner = Learner(
+        cfg.learner, rank=world.rank, world_size=world.size,
+        all_reduce=world.all_reduce if world.distributed else None,
+    )
+    learner.model = world.wrap(learner.model)
+    return learner
+
+
+class Telemetry:
+    """JSONL records, Prometheus gauges, optional TensorBoard and a rich status line."""
+
+    def __init__(self, cfg: MetricsConfig):
+        self.cfg = cfg
+        self._file = None
+        if cfg.jsonl:
+            path = Path(cfg.jsonl)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("ab")
+        self._gauges: dict = {}
+        self.prometheus_port = None
+        if cfg.prometheus_port >= 0:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(cfg.prometheus_port, addr="127.0.0.1")
+            self.prometheus_port = server.server_port
+        self._tb = None
+        if cfg.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("tidal trainer: tensorboard is not installed; metrics.tensorboard_dir ignored", file=sys.stderr)
+            else:
+                self._tb = SummaryWriter(cfg.tensorboard_dir)
+        self._console = Console(stderr=True) if cfg.console else None
+
+    def _write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(msgspec.json.encode(record) + b"\n")
+            self._file.flush()
+
+    def event(self, name: str, **fields) -> None:
+        self._write({"event": name, "time": time.time(), **fields})
+        if self._console is not None:
+            self._console.log(f"[bold]{name}[/bold] " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def step(self, version: int, metrics: dict[str, float], ids: list[str]) -> None:
+        self._write({"event": "step", "version": version, "time": time.time(), "ids": ids, "metrics": metrics})
+        self._export(version, metrics)
+        if self._console is not None:
+            shown = ("loss", "trainer/tokens_per_s", "trainer/staleness_mean", "trainer/intake/stale_dropped")
+            self._console.log(f"step v{version} -> v{version + 1} " + " ".join(
+                f"{k.rsplit('/', 1)[-1]}={metrics[k]:.4g}" for k in shown if k in metrics
+            ))
+
+    def publish(self, version: int, metrics: dict[str, float]) -> None:
+        self._write({"event": "publish", "version": version, "time": time.time(), "metrics": metrics})
+        self._export(version, metrics)
+
+    def _export(self, version: int, metrics: dict[str, float]) -> None:
+        if self.prometheus_port is not None:
+            from prometheus_client import Gauge
+
+            for key, value in metrics.items():
+                name = "tidal_" + "".join(c if c.isalnum() else "_" for c in key)
+                gauge = self._gauges.get(name) or self._gauges.setdefault(name, Gauge(name, key))
+                gauge.set(value)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, version)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Daemon:
+    """Rank 0's trainer: owns the channels, the intake, checkpoints and publishing."""
+
+    def __init__(self, cfg: TrainerConfig, world: World):
+        self.cfg = cfg
+        self.world = world
+        self.learner = _build_learner(cfg, world)
+        self.checkpointer = Checkpointer(cfg.checkpoint)
+        self.telemetry = Telemetry(cfg.metrics)
+        self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0}
+        self.dedup = None
+        restored = self.checkpointer.load()
+        if restored is not None:
+            self.learner.load_state_dict(restored.learner_state)
+            self.intake = Intake(cfg.intake, restored.meta.intake)
+            self.counters.update(restored.meta.counters)
+            self.dedup = restored.meta.dedup
+            self.telemetry.event("resume", version=self.version, path=str(restored.path))
+        else:
+            self.intake = Intake(cfg.intake)
+            self.telemetry.event("start", version=self.version)
+        self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
+        self._stop = asyncio.Event()
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def status(self, health: str = "ok") -> TrainerStatus:
+        return TrainerStatus(
+            version=self.version, consumed=int(self.counters["trajectories"]),
+            batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness, health=health,
+        )
+
+    async def run(self) -> int:
+        from protocol.channels import StatusPublisher, TrajectoryReceiver, decode_dedup_state
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        dedup = decode_dedup_state(self.dedup) if self.dedup else None
+        async with (
+            TrajectoryReceiver(self.cfg.intake.endpoint, capacity=self.cfg.intake.capacity, dedup_state=dedup) as rx,
+            StatusPublisher(self.cfg.intake.status_endpoint) as status,
+        ):
+            self.receiver, self.status_pub = rx, status
+            self._pump = pump = IntakePump(rx, self.intake, lambda: self.learner.version)
+            if self.publisher is not None:
+                await self.publisher.start()
+            await status.publish(self.status())
+            self.telemetry.event("ready", version=self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    pumping = tg.create_task(pump.run())
+                    await self._loop()
+                    await self._checkpoint()
+                    pumping.cancel()
+            finally:
+                if self.world.distributed:
+                    await asyncio.to_thread(self.world.send, STOP)
+                if self.publisher is not None:
+                    await self.publisher.close()
+                await status.publish(self.status(health="stopped"))
+        self.telemetry.close()
+        return 0
+
+    async def _loop(self) -> None:
+        cfg, pump = self.cfg, self._pump
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                if cfg.max_steps and self.version >= cfg.max_steps:
+                    return
+                waiting = asyncio.create_task(pump.next_batch())
+                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    return
+                batch = waiting.result()
+                await self._step(batch)
+                if cfg.intake.commit == "step":
+                    pump.stepped()
+                await self._maybe_publish()
+                due = cfg.checkpoint.every_steps and self.version % cfg.checkpoint.every_steps == 0
+                if due or (cfg.intake.commit == "checkpoint" and pump.uncommitted >= cfg.intake.max_uncommitted):
+                    await self._checkpoint()
+        finally:
+            stopping.cancel()
+
+    async def _step(self, batch: Batch) -> None:
+        version = self.version
+        metrics = await asyncio.to_thread(self._train, batch.trajectories)
+        self.counters["steps"] += 1
+        self.counters["trajectories"] += len(batch.trajectories)
+        self.counters["tokens"] += sum(len(t) for t in batch.trajectories)
+        record = {
+            **metrics,
+            "trainer/batch_trajectories": len(batch.trajectories),
+            "trainer/trajectory_staleness_max": max(batch.staleness),
+            **{f"trainer/intake/{k}": v for k, v in self.intake.counters.items()},
+            "trainer/intake/buffered": self.intake.size,
+            "trainer/intake/uncommitted": self._pump.uncommitted,
+        }
+        self.telemetry.step(version, record, ids=batch.ids)
+        await self.status_pub.publish(self.status())
+
+    def _train(self, batch) -> dict[str, float]:
+        if self.world.distributed:
+            self.world.send(STEP, batch)
+        return self.learner.train_step(batch)
+
+    async def _maybe_publish(self) -> None:
+        if self.publisher is None or self.version % self.cfg.publish.every_steps:
+            return
+        tensors = dict(self.learner.named_weights())
+        notice = await self.publisher.publish(self.version, tensors)
+        await self.status_pub.publish(notice)
+        mb = self.publisher.last_bytes / 2**20
+        self.telemetry.publish(self.version, {
+            "trainer/publish/seconds": self.publisher.last_seconds,
+            "trainer/publish/mb": mb,
+            "trainer/publish/mb_per_s": mb / max(self.publisher.last_seconds, 1e-9),
+        })
+
+    async def _checkpoint(self) -> None:
+        """Snapshot (no await in between, so it is consistent), write off the loop, then acknowledge."""
+        n = self._pump.uncommitted
+        meta = CheckpointMeta(
+            version=self.version, saved_at=time.time(), intake=self.intake.snapshot(),
+            dedup=msgspec.msgpack.encode(self.receiver.dedup_state()), counters=dict(self.counters),
+        )
+        state = self.learner.state_dict()
+        path = await asyncio.to_thread(self.checkpointer.save, state, meta)
+        self._pump.covered_by_checkpoint(n)
+        self.telemetry.event("checkpoint", version=self.version, path=str(path))
+
+
+def _follow(cfg: TrainerConfig, world: World) -> int:
+    """Ranks > 0: train on what rank 0 broadcasts until it says stop."""
+    learner = _build_learner(cfg, world)
+    restored = Checkpointer(cfg.checkpoint).load()
+    if restored is not None:
+        learner.load_state_dict(restored.learner_state)
+    while True:
+        command, batch = world.receive()
+        if command == STOP:
+            return 0
+        learner.train_step(batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tidal trainer", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config_from_args(TrainerConfig, args)
+    except TidalError as exc:
+        print(f"tidal trainer: {exc}", file=sys.stderr)
+        return 2
+    if cfg is None:
+        return 0
+    world = World.from_env()
+    world.init(cfg.distributed.backend)
+    _seed(cfg.seed)
+    try:
+        if world.rank:
+            return _follow(cfg, world)
+        return asyncio.run(Daemon(cfg, world).run())
+    finally:
+        world.close()

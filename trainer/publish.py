@@ -1,0 +1,255 @@
+"""Weight publishing: the trainer's new version reaches the inference servers (DESIGN.md, Weight sync).
+
+Two ways, one interface (`await publisher.publish(version, tensors) -> WeightsPublished`):
+  disk         safetensors + the base model's config and tokenizer under `dir/vXXXXXXXX/`, written under
+               a temporary name and renamed (a server never loads half a version), the newest
+               `keep_last` kept; the engine then calls each server's /update_weights_from_disk.
+  distributed  a torch.distributed group with the servers, as SGLang's contract describes
+               (protocols/sglang-http.md section 3): the trainer is rank 0 and hosts the rendezvous;
+               each server joins through /init_weights_update_group; per bucket of parameters the
+               trainer posts /update_weights_from_distributed (names, dtypes, shapes) and broadcasts
+               the same tensors in the same order while that call is pending.
+Each publish records its bytes and seconds, so the daemon reports time against bytes / bandwidth.
+The trainer never imports engine: the HTTP calls use aiohttp and protocol.sglang's structs.
+"""
+
+import asyncio
+import hashlib
+import shutil
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+
+from protocol.errors import TidalError
+from protocol.messages import DiskWeights, DistributedWeights, WeightsPublished
+from protocol.sglang import (
+    BeginWeightUpdateRequest,
+    DestroyWeightsUpdateGroupRequest,
+    EndWeightUpdateRequest,
+    InitWeightsUpdateGroupRequest,
+    UpdateWeightsFromDistributedRequest,
+)
+from trainer.config import DiskPublish, DistributedPublish
+
+__all__ = ["PublishError", "DiskPublisher", "DistributedPublisher", "make_publisher"]
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
+
+
+class PublishError(TidalError, RuntimeError):
+    """A server refused or failed a weight update; the message names the server and its answer."""
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class DiskPublisher:
+    """Writes each version as a from_pretrained-loadable directory in a shared folder."""
+
+    def __init__(self, cfg: DiskPublish, base_model: str):
+        self.cfg = cfg
+        self.dir = Path(cfg.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.base_model = Path(base_model)
+        self.last_bytes = 0
+        self.last_seconds = 0.0
+
+    async def start(self) -> None:
+        """Nothing to set up; present so both publishers share one lifecycle."""
+
+    async def close(self) -> None:
+        """Nothing to tear down."""
+
+    async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
+        return await asyncio.to_thread(self._write, version, tensors)
+
+    def _write(self, version: int, tensors: Mapping) -> WeightsPublished:
+        from safetensors.torch import save_file
+
+        from trainer.checkpoint import untie
+
+        t0 = time.perf_counter()
+        final = self.dir / f"v{version:08d}"
+        tmp = self.dir / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if self.base_model.is_dir():  # config, generation config, tokenizer: everything but weights
+            weights = {p for pattern in _WEIGHT_FILES for p in self.base_model.glob(pattern)}
+            for f in self.base_model.iterdir():
+                if f.is_file() and f not in weights:
+                    shutil.copy2(f, tmp / f.name)
+        save_file(untie(dict(tensors)), tmp / "model.safetensors", metadata={"format": "pt"})
+        with open(tmp / "model.safetensors", "rb") as f:
+            checksum = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        nbytes = (tmp / "model.safetensors").stat().st_size
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(self.dir.glob("v[0-9]*"))[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_bytes, self.last_seconds = nbytes, time.perf_counter() - t0
+        return WeightsPublished(
+            version=version, source=DiskWeights(str(final.resolve())), checksum=checksum,
+            nbytes=nbytes, published_at=time.time(),
+        )
+
+
+def init_weights_group(backend: str, store, world_size: int, group_name: str, timeout_s: float):
+    """Rank 0's side of SGLang's `init_custom_process_group`: a process group beside any default one.
+
+    The servers call the same helper with `tcp://address:port` (a client of `store`), prefixing the
+    store with the group name exactly as here, so both sides meet under the same keys.
+    """
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    pg, _ = _new_process_group_helper(
+        world_size, 0, [], Backend(backend), PrefixStore(group_name, store),
+        group_name=group_name, timeout=timedelta(seconds=timeout_s),
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class DistributedPublisher:
+    """Broadcasts parameters to the servers over a torch.distributed group (trainer = rank 0)."""
+
+    def __init__(self, cfg: DistributedPublish):
+        if not cfg.servers:
+            raise PublishError("publish.servers is empty: distributed publishing needs at least one server")
+        self.cfg = cfg
+        self.world_size = 1 + len(cfg.servers)
+        self.port = cfg.master_port
+        self.last_bytes = 0
+        self.last_seconds = 0.0
+        self._store = None
+        self._group = None
+        self._http = None
+        self._sessions = True  # begin/end_weight_update exist until a server answers 404
+
+    async def start(self) -> None:
+        """Host the rendezvous, then form the group with every server (their HTTP calls block until then)."""
+        import aiohttp
+        from torch.distributed import TCPStore
+
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+        self._store = TCPStore(
+            self.cfg.master_address, self.cfg.master_port, self.world_size, is_master=True,
+            timeout=timedelta(seconds=self.cfg.timeout_s), wait_for_workers=False,
+        )
+        self.port = self._store.port
+        calls = [
+            self._post(url, "/init_weights_update_group", InitWeightsUpdateGroupRequest(
+                master_address=self.cfg.master_address, master_port=self.port, rank_offset=1 + i,
+                world_size=self.world_size, group_name=self.cfg.group_name, backend=self.cfg.backend,
+            ))
+            for i, url in enumerate(self.cfg.servers)
+        ]
+        join = asyncio.to_thread(
+            init_weights_group, self.cfg.backend, self._store, self.world_size, self.cfg.group_name,
+            self.cfg.timeout_s,
+        )
+        results = await asyncio.gather(join, *calls)
+        self._group = results[0]
+
+    async def close(self) -> None:
+        """Leave the group on every server, then locally."""
+        import torch.distributed as dist
+
+        if self._group is not None:
+            req = DestroyWeightsUpdateGroupRequest(group_name=self.cfg.group_name)
+            await asyncio.gather(
+                *(self._post(url, "/destroy_weights_update_group", req) for url in self.cfg.servers),
+                return_exceptions=True,
+            )
+            dist.destroy_process_group(self._group)
+            self._group = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._store = None
+
+    def _buckets(self, tensors: Mapping) -> list[list[tuple[str, object]]]:
+        limit = self.cfg.bucket_mb * 2**20
+        buckets: list[list] = [[]]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if buckets[-1] and size + nbytes > limit:
+                buckets.append([])
+                size = 0
+            buckets[-1].append((name, t))
+            size += nbytes
+        return buckets
+
+    def _broadcast(self, bucket) -> None:
+        import torch.distributed as dist
+
+        for _, t in bucket:
+            dist.broadcast(t.detach().contiguous(), src=0, group=self._group)
+
+    async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
+        """Send every tensor to every server; the servers serve `version` when this returns."""
+        t0 = time.perf_counter()
+        buckets = self._buckets(tensors)
+        if self._sessions:
+            begun = await self._post_all("/begin_weight_update", BeginWeightUpdateRequest(), allow_404=True)
+            self._sessions = all(begun)
+        for i, bucket in enumerate(buckets):
+            last = i == len(buckets) - 1
+            req = UpdateWeightsFromDistributedRequest(
+                names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
+                shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
+                flush_cache=last, weight_version=str(version) if last else None,
+            )
+            await asyncio.gather(
+                self._post_all("/update_weights_from_distributed", req),
+                asyncio.to_thread(self._broadcast, bucket),
+            )
+        if self._sessions:
+            await self._post_all("/end_weight_update", EndWeightUpdateRequest())
+        self.last_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.last_seconds = time.perf_counter() - t0
+        return WeightsPublished(
+            version=version,
+            source=DistributedWeights(
+                master_address=self.cfg.master_address, master_port=self.port,
+                group_name=self.cfg.group_name, world_size=self.world_size, backend=self.cfg.backend,
+                names=list(tensors), dtypes=[_dtype_name(t) for t in tensors.values()],
+                shapes=[list(t.shape) for t in tensors.values()],
+            ),
+            nbytes=self.last_bytes, published_at=time.time(),
+        )
+
+    async def _post_all(self, path: str, req, *, allow_404: bool = False) -> list[bool]:
+        return await asyncio.gather(*(self._post(url, path, req, allow_404=allow_404) for url in self.cfg.servers))
+
+    async def _post(self, url: str, path: str, req, *, allow_404: bool = False) -> bool:
+        """POST one control call; True on success, False on an allowed 404, PublishError otherwise."""
+        async with self._http.post(
+            url.rstrip("/") + path, data=msgspec.json.encode(req), headers={"Content-Type": "application/json"}
+        ) as resp:
+            body = await resp.text()
+            if resp.status == 404 and allow_404:
+                return False
+            if resp.status != 200:
+                raise PublishError(f"{url}{path}: HTTP {resp.status}: {body[:300]}")
+            try:
+                ok = msgspec.json.decode(body).get("success", True) if body.strip() else True
+            except (msgspec.DecodeError, AttributeError):
+                ok = True
+            if not ok:
+                raise PublishError(f"{url}{path}: success=false: {body[:300]}")
+            return True
+
+
+def make_publisher(cfg, base_model: str) -> DiskPublisher | DistributedPublisher | None:
+    """The publisher a `publish` config section names (None for type = "none")."""
+    match cfg:
+        case DiskPublish():
+            return DiskPublisher(cfg, base_model)
+        case DistributedPublish():
+            return DistributedPublisher(cfg)
+    return None
