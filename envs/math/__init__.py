@@ -1,0 +1,30 @@
+r"""The math suite: generated arithmetic and word problems, and problems from a local file.
+
+Ids (registered on import):
+- `math:Arithmetic-v0`: expressions over + - * / (`depth`, `max_value` set the difficulty);
+- `math:WordProblems-v0`: templated word problems;
+- `math:Problems-v0`: a JSONL/Parquet file (`path=`, `question_key=`, `answer_key=`), by default
+  the small set shipped in `data/problems.jsonl`.
+Each accepts `max_attempts` (1: single-turn). Answers go in `\boxed{}`; see `verify.py`.
+"""
+
+from envs.math.env import FORMAT_PENALTY, MathEnv
+from envs.math.tasks import MathTask, arithmetic_task, load_tasks, word_problem_task
+from envs.math.verify import extract_answer, is_correct, parse_number
+from envs.registry import register
+
+__all__ = [
+    "FORMAT_PENALTY",
+    "MathEnv",
+    "MathTask",
+    "arithmetic_task",
+    "extract_answer",
+    "is_correct",
+    "load_tasks",
+    "parse_number",
+    "word_problem_task",
+]
+
+register("math:Arithmetic-v0", "envs.math.env:MathEnv", source="arithmetic")
+register("math:WordProblems-v0", "envs.math.env:MathEnv", source="word")
+register("math:Problems-v0", "envs.math.env:MathEnv", source="file")
