@@ -1,0 +1,148 @@
+"""The trajectory channel's own frames: a small delivery envelope beside each encoded Trajectory.
+
+The payload frame is exactly `messages.encode(traj)`, so the message stays the message; the envelope
+says who sent it and in which order. Engine -> trainer: `[Data, payload]` or `[Hello]`. Trainer ->
+engine: `[Ack]`, the whole acknowledgement state of one stream (cumulative, so a lost ack costs
+nothing: the next one says it again). Every frame is decoded strictly; anything else is a
+`ProtocolError` that the reading side counts.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import zmq
+
+from protocol.errors import ProtocolError
+from protocol.messages import Trajectory
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "Data",
+    "Hello",
+    "Ack",
+    "Delivery",
+    "ChannelStats",
+    "encode_frame",
+    "decode_envelope",
+    "decode_ack",
+    "bind",
+]
+
+ENVELOPE_VERSION = 1
+"""Bumped on any change to Data, Hello or Ack other than appending a defaulted field."""
+
+
+def _check(name: str, version: int) -> None:
+    if version != ENVELOPE_VERSION:
+        raise ValueError(f"{name}: envelope version {version} is not supported (expected {ENVELOPE_VERSION})")
+
+
+class Data(msgspec.Struct, tag="data", array_like=True, frozen=True):
+    """Envelope of one trajectory: stream `(engine_id, epoch)`, position `seq` (1, 2, ...)."""
+
+    engine_id: str
+    epoch: int
+    seq: int
+    version: int = ENVELOPE_VERSION
+
+    def __post_init__(self) -> None:
+        _check("data", self.version)
+        if self.seq < 1:
+            raise ValueError(f"data: seq {self.seq} must be >= 1")
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
+    """Heartbeat from an engine; the trainer answers with the stream's Ack."""
+
+    engine_id: str
+    epoch: int
+    version: int = ENVELOPE_VERSION
+
+    def __post_init__(self) -> None:
+        _check("hello", self.version)
+
+
+class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):
+    """A trainer incarnation's state for one stream.
+
+    `committed`/`committed_above`: seqs the consumer made durable (the engine may forget them).
+    `seen`/`seen_above`: seqs this trainer incarnation holds (the engine need not resend them).
+    Both are a watermark plus the seqs above it (see `dedup.SeqSet`).
+    """
+
+    trainer: int
+    epoch: int
+    committed: int
+    committed_above: list[int]
+    seen: int
+    seen_above: list[int]
+    version: int = ENVELOPE_VERSION
+
+    def __post_init__(self) -> None:
+        _check("ack", self.version)
+
+
+class Delivery(msgspec.Struct, frozen=True, gc=False):
+    """One trajectory handed to the consumer, with the identity it must `commit`."""
+
+    traj: Trajectory
+    engine_id: str
+    epoch: int
+    seq: int
+
+
+class ChannelStats(msgspec.Struct):
+    """Counters of one channel end (a field that does not apply to a side stays 0)."""
+
+    sent: int = 0
+    """sender: trajectories sent for the first time"""
+    resent: int = 0
+    """sender: sends of a trajectory the trainer had not seen after a timeout or a trainer restart"""
+    acked: int = 0
+    """sender: trajectories the trainer committed (forgotten by the sender)"""
+    received: int = 0
+    """receiver: data frames read"""
+    delivered: int = 0
+    """receiver: trajectories handed to the consumer (each exactly once)"""
+    duplicates: int = 0
+    """receiver: data frames of a trajectory already seen or committed (dropped)"""
+    committed: int = 0
+    """receiver: deliveries the consumer committed"""
+    rejected: int = 0
+    """both: frames that failed strict decoding (counted, dropped; the channel keeps going)"""
+    last_error: str = ""
+    """both: the message of the last rejection"""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_envelope = msgspec.msgpack.Decoder(Data | Hello)
+_ack = msgspec.msgpack.Decoder(Ack)
+
+
+def encode_frame(frame: Data | Hello | Ack) -> bytes:
+    return _encoder.encode(frame)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder, what: str, buf):
+    try:
+        return decoder.decode(buf)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise ProtocolError(f"bad {what} ({len(buf)} bytes): {exc}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise ProtocolError(f"bad {what}: {type(exc).__name__}: {exc}") from None
+
+
+def decode_envelope(buf) -> Data | Hello:
+    return _decode(_envelope, "envelope", buf)
+
+
+def decode_ack(buf) -> Ack:
+    return _decode(_ack, "ack", buf)
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind to a zmq URL and return the bound one: `tcp://127.0.0.1:0` (or `:*`) picks a free port."""
+    if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
+        endpoint = endpoint[:-1] + "*"
+    sock.bind(endpoint)
+    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()

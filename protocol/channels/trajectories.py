@@ -1,0 +1,400 @@
+"""Trajectory channel, engine -> trainer: at-least-once on the wire, exactly once to the consumer.
+
+DESIGN.md invariant 4 (no trajectory is lost) and 5 (bounded memory), over one ZeroMQ DEALER (each
+engine, connects) -> ROUTER (the trainer, binds) link:
+
+- Every trajectory travels as `[Data(engine_id, epoch, seq), encode(traj)]`. `epoch` names the
+  engine incarnation (default: its start time in ns), so a restarted engine whose seqs start again
+  at 1 is a new stream, never mistaken for duplicates. An engine that persists its spool may pass
+  its old epoch to resume the old stream.
+- Acknowledgement is commit-driven: the trainer acks a trajectory only when its consumer calls
+  `commit` (after making it durable, e.g. in a checkpoint that also holds `dedup_state()`). The engine
+  keeps every unacknowledged trajectory and resends it when the trainer incarnation changes (the
+  trainer restarted and lost what it had not committed) or when the trainer has not seen it within
+  `resend_after_s` (lost on a broken connection). A trainer killed with SIGKILL and restarted from
+  its checkpoint therefore loses nothing and, with the checkpointed `DedupState`, uses nothing twice.
+- Flow control: a sender holds at most `window` unacknowledged trajectories; `send` waits when the
+  window is full (a trainer that does not commit stalls its engines). The receiver buffers at most
+  `capacity` deliveries; when full it stops reading and ZeroMQ's high-water marks push back to the
+  senders' sockets. With capacity >= engines x window the receiver never stops reading.
+- Either side may restart while the other runs: the DEALER reconnects by itself, and `Hello`
+  heartbeats tell a new trainer incarnation which streams exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import zmq
+import zmq.asyncio
+
+from protocol.channels.dedup import DedupState, SeqSet, StreamTable
+from protocol.channels.frames import (
+    Ack,
+    ChannelStats,
+    Data,
+    Delivery,
+    Hello,
+    bind,
+    decode_ack,
+    decode_envelope,
+    encode_frame,
+)
+from protocol.errors import ProtocolError
+from protocol.messages import Trajectory, decode_trajectory, encode
+
+__all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD"]
+
+log = logging.getLogger(__name__)
+
+MAX_AHEAD = 1 << 16
+"""A seq this far beyond a stream's watermark is rejected: no honest sender's window is that large,
+and accepting it would let one bad frame grow the out-of-order set without bound."""
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Pending:
+    __slots__ = ("envelope", "payload", "sent_at")
+
+    def __init__(self, envelope: bytes, payload: bytes, sent_at: float) -> None:
+        self.envelope = envelope
+        self.payload = payload
+        self.sent_at = sent_at
+
+
+class TrajectorySender:
+    """Engine side: `async with TrajectorySender(url, "engine-0") as tx: seq = await tx.send(traj)`.
+
+    Owns a DEALER socket and two tasks (ack reader, heartbeat/resend ticker), started on enter and
+    cancelled on exit. Unacknowledged trajectories are lost on exit unless `flush` returned True.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        engine_id: str,
+        *,
+        window: int = 256,
+        resend_after_s: float = 5.0,
+        heartbeat_s: float = 0.5,
+        epoch: int | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.endpoint = endpoint
+        self.engine_id = engine_id
+        self.epoch = time.time_ns() if epoch is None else epoch
+        self.stats = ChannelStats()
+        self._window = window
+        self._resend_after_s = resend_after_s
+        self._heartbeat_s = heartbeat_s
+        self._context = context
+        self._next_seq = 1
+        self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
+        self._room = asyncio.Event()  # set while len(_unacked) < window; send() waits on it
+        self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
+        self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
+        self._trainer: int | None = None
+        self._trainer_changed_at = 0.0
+        self._seen = SeqSet()
+        self._tasks: list[asyncio.Task] = []
+        self._sock: zmq.asyncio.Socket | None = None
+
+    @property
+    def unacked(self) -> int:
+        return len(self._unacked)
+
+    async def __aenter__(self) -> TrajectorySender:
+        ctx = self._context or zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.immediate = 1  # queue only on a live connection: nothing piles up for an absent trainer
+        sock.sndhwm = self._window
+        sock.heartbeat_ivl = 1000  # notice a vanished trainer host and reconnect
+        sock.heartbeat_timeout = 5000
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._room.set()
+        self._empty.set()
+        self._tasks = [asyncio.create_task(self._read_acks()), asyncio.create_task(self._tick())]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await _cancel(self._tasks)
+        self._sock.close(linger=0)
+
+    async def send(self, traj: Trajectory) -> int:
+        """Send one trajectory; returns its seq. Waits while `window` trajectories are unacknowledged.
+
+        The trajectory is kept (and resent as needed) from the moment a seq is assigned, so a
+        cancelled `send` loses nothing.
+        """
+        while len(self._unacked) >= self._window:
+            self._room.clear()
+            await self._room.wait()
+        seq = self._next_seq
+        self._next_seq += 1
+        pending = _Pending(encode_frame(Data(self.engine_id, self.epoch, seq)), encode(traj), time.monotonic())
+        self._unacked[seq] = pending
+        self._empty.clear()
+        self.stats.sent += 1
+        await self._sock.send_multipart([pending.envelope, pending.payload], copy=False)
+        return seq
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the trainer has committed everything sent; False if `timeout` ran out first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- trainer -> engine
+
+    async def _read_acks(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                if len(frames) != 1:
+                    raise ProtocolError(f"ack: expected 1 frame, got {len(frames)}")
+                ack = decode_ack(frames[0].buffer)
+            except ProtocolError as exc:
+                self.stats.rejected += 1
+                self.stats.last_error = str(exc)
+                log.warning("engine %s: rejected a frame from the trainer: %s", self.engine_id, exc)
+                continue
+            self._on_ack(ack)
+
+    def _on_ack(self, ack: Ack) -> None:
+        if ack.epoch != self.epoch:
+            return  # meant for an earlier incarnation of this engine
+        if ack.trainer != self._trainer:
+            if self._trainer is not None:  # a restarted trainer: it lost all it had not committed
+                self._trainer_changed_at = time.monotonic()
+                self._kick.set()
+            self._trainer = ack.trainer
+        self._seen = SeqSet(ack.seen, ack.seen_above)
+        done = []
+        for seq in self._unacked:
+            if seq > ack.committed:
+                break
+            done.append(seq)
+        done.extend(seq for seq in ack.committed_above if seq in self._unacked)
+        for seq in done:
+            del self._unacked[seq]
+        self.stats.acked += len(done)
+        if len(self._unacked) < self._window:
+            self._room.set()
+        if not self._unacked:
+            self._empty.set()
+
+    # --- heartbeat and resends
+
+    async def _tick(self) -> None:
+        hello = encode_frame(Hello(self.engine_id, self.epoch))
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._heartbeat_s):
+                    await self._kick.wait()
+            self._kick.clear()
+            with contextlib.suppress(zmq.Again):
+                await self._sock.send(hello, flags=zmq.NOBLOCK)
+            await self._resend_due()
+
+    async def _resend_due(self) -> None:
+        now = time.monotonic()
+        due = [
+            seq
+            for seq, p in self._unacked.items()
+            if seq not in self._seen
+            and (p.sent_at < self._trainer_changed_at or now - p.sent_at >= self._resend_after_s)
+        ]
+        for seq in due:
+            pending = self._unacked.get(seq)
+            if pending is None:  # committed while an earlier resend was waiting
+                continue
+            pending.sent_at = time.monotonic()
+            self.stats.resent += 1
+            await self._sock.send_multipart([pending.envelope, pending.payload], copy=False)
+
+
+class TrajectoryReceiver:
+    """Trainer side: binds `endpoint`, hands each trajectory to `recv()` once, acks on `commit`.
+
+    For a consumer that checkpoints: save `dedup_state(including=batch)` with the checkpoint, then
+    `commit(batch)`; on restart pass the saved state as `dedup_state`. With `auto_commit=True` a
+    delivery is committed as `recv` returns it (for consumers that keep no checkpoint).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        capacity: int = 256,
+        dedup_state: DedupState | None = None,
+        auto_commit: bool = False,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.endpoint = endpoint
+        self.trainer = time.time_ns()  # this incarnation; engines resend what a new one has not seen
+        self.stats = ChannelStats()
+        self._capacity = capacity
+        self._auto_commit = auto_commit
+        self._context = context
+        self._seen = StreamTable(dedup_state)  # held by this incarnation: queued, delivered or committed
+        self._committed = StreamTable(dedup_state)
+        self._items: collections.deque[Delivery] = collections.deque()
+        self._not_empty = asyncio.Event()  # recv() waits on it
+        self._not_full = asyncio.Event()  # the reader waits on it when `capacity` deliveries are queued
+        self._peers: dict[str, bytes] = {}  # engine id -> routing id of its latest connection
+        self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
+        self._ack_wake = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._sock: zmq.asyncio.Socket | None = None
+
+    async def __aenter__(self) -> TrajectoryReceiver:
+        ctx = self._context or zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.rcvhwm = self._capacity
+        sock.heartbeat_ivl = 1000
+        sock.heartbeat_timeout = 5000
+        self.endpoint = bind(sock, self.endpoint)
+        self._sock = sock
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send_acks())]
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await _cancel(self._tasks)
+        self._sock.close(linger=0)
+
+    def _on_task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._failure = task.exception()
+            self._not_empty.set()
+
+    @property
+    def queued(self) -> int:
+        """Deliveries read from the wire and not yet returned by `recv`."""
+        return len(self._items)
+
+    async def recv(self) -> Delivery:
+        """The next trajectory not handed out before (by this incarnation or a committed earlier one)."""
+        while not self._items:
+            if self._failure is not None:
+                raise RuntimeError(f"trajectory receiver on {self.endpoint} stopped") from self._failure
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        delivery = self._items.popleft()
+        self._not_full.set()
+        self.stats.delivered += 1
+        if self._auto_commit:
+            self.commit((delivery,))
+        return delivery
+
+    def commit(self, deliveries: Iterable[Delivery]) -> None:
+        """The consumer made these durable: acknowledge them, so their engines forget them."""
+        for d in deliveries:
+            if self._committed.get(d.engine_id, d.epoch).add(d.seq):
+                self.stats.committed += 1
+            self._ack_due[(d.engine_id, d.epoch)] = None
+        self._ack_wake.set()
+
+    def dedup_state(self, including: Iterable[Delivery] = ()) -> DedupState:
+        """What is committed (plus `including`, about to be): save it with the consumer's checkpoint."""
+        return self._committed.state((d.engine_id, d.epoch, d.seq) for d in including)
+
+    # --- engine -> trainer
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                delivery = self._accept(frames)
+            except ProtocolError as exc:
+                self.stats.rejected += 1
+                self.stats.last_error = str(exc)
+                log.warning("trajectory receiver %s: rejected a frame: %s", self.endpoint, exc)
+                continue
+            if delivery is None:
+                continue
+            while len(self._items) >= self._capacity:
+                self._not_full.clear()
+                await self._not_full.wait()
+            self._items.append(delivery)
+            self._not_empty.set()
+
+    def _accept(self, frames: list[zmq.Frame]) -> Delivery | None:
+        """One multipart message from an engine: a new Delivery, or None (heartbeat, duplicate)."""
+        if len(frames) < 2:
+            raise ProtocolError(f"expected an envelope frame after the routing id, got {len(frames) - 1} frames")
+        match decode_envelope(frames[1].buffer):
+            case Hello(engine_id=engine_id, epoch=epoch):
+                if len(frames) != 2:
+                    raise ProtocolError(f"hello from {engine_id}: expected 1 frame, got {len(frames) - 1}")
+                self._peers[engine_id] = frames[0].bytes
+                self._ack_due[(engine_id, epoch)] = None
+                self._ack_wake.set()
+                return None
+            case Data(engine_id=engine_id, epoch=epoch, seq=seq):
+                self.stats.received += 1
+                if len(frames) != 3:
+                    raise ProtocolError(
+                        f"data {engine_id}/{epoch}/{seq}: expected envelope and payload, got {len(frames) - 1} frames"
+                    )
+                self._peers[engine_id] = frames[0].bytes
+                seen = self._seen.get(engine_id, epoch)
+                if seq in seen:
+                    self.stats.duplicates += 1
+                    if self._committed.contains(engine_id, epoch, seq):  # its ack was lost: say it again
+                        self._ack_due[(engine_id, epoch)] = None
+                        self._ack_wake.set()
+                    return None
+                if seq > seen.upto + MAX_AHEAD:
+                    raise ProtocolError(
+                        f"data {engine_id}/{epoch}/{seq}: seq is more than {MAX_AHEAD} beyond the "
+                        f"stream's watermark {seen.upto}"
+                    )
+                seen.add(seq)
+                try:
+                    traj = decode_trajectory(frames[2].buffer)
+                except ProtocolError as exc:
+                    # Never decodable: commit it as consumed-nothing, so the engine stops resending
+                    # it and the watermark moves on.
+                    self._committed.get(engine_id, epoch).add(seq)
+                    self._ack_due[(engine_id, epoch)] = None
+                    self._ack_wake.set()
+                    raise ProtocolError(f"data {engine_id}/{epoch}/{seq}: {exc}") from None
+                return Delivery(traj, engine_id, epoch, seq)
+
+    async def _send_acks(self) -> None:
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            due, self._ack_due = self._ack_due, {}
+            for engine_id, epoch in due:
+                peer = self._peers.get(engine_id)
+                if peer is None:
+                    continue  # known only from a checkpoint; its engine will say hello
+                c = self._committed.get(engine_id, epoch)
+                s = self._seen.get(engine_id, epoch)
+                ack = Ack(self.trainer, epoch, c.upto, sorted(c.above), s.upto, sorted(s.above))
+                # ROUTER never blocks: to a vanished or full peer it drops, and the next Ack repeats it all.
+                await self._sock.send_multipart([peer, encode_frame(ack)])
