@@ -59,12 +59,12 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 _PATH = re.compile(r"`\$((?:\.[^`\[]+|\[\d+\])*)`")
-_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)` - at `\$((?:\.[^`\[]+|\[\d+\])*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `\$((?:\.[^`\[]+|\[\d+\])*)`)?")
 
 
 def _dotted(msg: str) -> str:
     """msgspec's "at `$.trainer.lr`" as "at trainer.lr"; an unknown field as "unknown key trainer.lrr"."""
-    msg = _UNKNOWN.sub(lambda m: f"unknown key {(m.group(2) + '.' + m.group(1)).lstrip('.')}", msg)
+    msg = _UNKNOWN.sub(lambda m: f"unknown key {((m.group(2) or '') + '.' + m.group(1)).lstrip('.')}", msg)
     return _PATH.sub(lambda m: m.group(1).lstrip(".") or "<top level>", msg)
 
 
