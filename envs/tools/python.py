@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 
@@ -93,10 +94,11 @@ def network_isolation() -> bool:
     return done.returncode == 0
 
 
-def _read_capped(path: Path, limit: int) -> tuple[str, bool]:
-    with path.open("rb") as f:
-        head = f.read(limit)
-        rest = f.seek(0, os.SEEK_END) - len(head)
+def _read_capped(f: BinaryIO, limit: int) -> tuple[str, bool]:
+    """Read from our own handle: the child may have deleted or renamed the file by now."""
+    f.seek(0)
+    head = f.read(limit)
+    rest = f.seek(0, os.SEEK_END) - len(head)
     text = head.decode("utf-8", errors="replace")
     if rest > 0:
         return text + f"\n[... {rest} more bytes truncated]\n", True
@@ -123,8 +125,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
         if isolated:
             argv = ["unshare", "-rn", "--", *argv]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        out_path, err_path = work / ".stdout", work / ".stderr"
-        with out_path.open("wb") as out, err_path.open("wb") as err:
+        with (work / ".stdout").open("w+b") as out, (work / ".stderr").open("w+b") as err:
             proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
             timed_out = False
@@ -134,8 +135,8 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
                 timed_out = True
             finally:
                 _kill_group(proc)
-        stdout, cut_out = _read_capped(out_path, limits.max_output_bytes)
-        stderr, cut_err = _read_capped(err_path, limits.max_output_bytes)
+            stdout, cut_out = _read_capped(out, limits.max_output_bytes)
+            stderr, cut_err = _read_capped(err, limits.max_output_bytes)
     return ExecResult(stdout, stderr, proc.returncode, timed_out, cut_out or cut_err, isolated)
 
 
