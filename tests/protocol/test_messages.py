@@ -1,0 +1,115 @@
+"""protocol/messages.py: round trips of every message type, and strict decoding of bad frames."""
+
+import re
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from wire_strategies import messages, status_messages, trajectories
+
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    SCHEMA_VERSION,
+    Pause,
+    TrainerStatus,
+    Trajectory,
+    Turn,
+    decode,
+    decode_status,
+    decode_trajectory,
+    encode,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_every_message_round_trips(msg):
+    frame = encode(msg)
+    assert decode(frame) == msg
+    assert decode(memoryview(frame)) == msg
+
+
+@settings(max_examples=50, deadline=None)
+@given(trajectories())
+def test_trajectory_arrays_are_zero_copy_views(traj):
+    frame = bytearray(encode(traj))
+    got = decode_trajectory(frame)
+    assert len(got) == len(traj)
+    np.testing.assert_array_equal(got.token_ids(), traj.token_ids())
+    np.testing.assert_array_equal(got.mask(), traj.mask())
+    np.testing.assert_array_equal(got.behav_logps(), traj.behav_logps())
+    np.testing.assert_array_equal(got.token_versions(), traj.token_versions())
+    if len(traj):
+        assert np.shares_memory(got.token_ids(), np.frombuffer(frame, np.uint8))  # a view, not a copy
+
+
+@settings(max_examples=50, deadline=None)
+@given(status_messages)
+def test_status_messages_decode_on_the_status_channel(msg):
+    assert decode_status(encode(msg)) == msg
+
+
+def _valid() -> Trajectory:
+    return Trajectory.build(
+        id="e0-7", group_id="g0", env_id="games:GuessTheNumber-v0", task_seed=3,
+        tokens=[1, 2, 3, 4], loss_mask=[0, 0, 1, 1], behav_logp=[0, 0, -0.5, -0.25],
+        versions=[-1, -1, 7, 8], turns=[Turn(2, 4, 1.0)], reward=1.0,
+    )
+
+
+def _fields() -> dict:
+    """The valid trajectory as a plain msgpack map whose fields the cases below spoil one by one."""
+    return msgspec.to_builtins(_valid(), builtin_types=(bytes, bytearray, memoryview))
+
+
+def _frame(**changes) -> bytes:
+    return msgspec.msgpack.encode({**_fields(), **changes})
+
+
+BAD_FRAMES = {
+    "garbage": (b"\xc1\xff\x00garbage", "MessagePack data is malformed"),
+    "truncated": (encode(_valid())[:-3], "truncated"),
+    "empty": (b"", "truncated"),
+    "wrong schema version": (_frame(schema_version=SCHEMA_VERSION + 1), "schema_version 2 is not supported"),
+    "wrong type": (_frame(task_seed="three"), "Expected `int`, got `str` - at `$.task_seed`"),
+    "missing field": (msgspec.msgpack.encode({k: v for k, v in _fields().items() if k != "tokens"}), "tokens"),
+    "tokens not whole uint32": (_frame(tokens=b"\x01\x02\x03"), "not a multiple of 4"),
+    "arrays of different lengths": (_frame(behav_logp=b"\x00" * 12), "behav_logp is 12 bytes, expected 16"),
+    "mask not 0/1": (_frame(loss_mask=b"\x00\x00\x01\x02"), "loss_mask holds values other than 0 and 1"),
+    "positive logprob": (_frame(behav_logp=np.float32([0, 0, 0.5, -1]).tobytes()), "behav_logp"),
+    "nan logprob": (_frame(behav_logp=np.float32([0, 0, np.nan, -1]).tobytes()), "behav_logp"),
+    "turn outside tokens": (_frame(turns=[[2, 9, 1.0]]), "turn 0 span [2, 9)"),
+    "turns out of order": (_frame(turns=[[2, 4, 0.0], [0, 1, 0.0]]), "turn 1 span"),
+    "nan reward": (_frame(reward=float("nan")), "reward nan is not finite"),
+    "min/max version mismatch": (_frame(min_version=3), "min_version/max_version are 3/8"),
+    "generated token without version": (_frame(versions=np.int32([-1, -1, -1, 8]).tobytes(), min_version=-1),
+                                        "policy version -1"),
+    "unknown tag": (msgspec.msgpack.encode({"type": "nope"}), "Invalid value 'nope'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FRAMES))
+def test_bad_frames_raise_protocol_error_naming_the_problem(name):
+    frame, expected = BAD_FRAMES[name]
+    with pytest.raises(ProtocolError, match=re.escape(expected)):
+        decode(frame)
+
+
+def test_status_channel_refuses_a_trajectory_and_bad_ranges():
+    with pytest.raises(ProtocolError, match="trajectory"):
+        decode_status(encode(_valid()))
+    bad_status = msgspec.msgpack.encode({"type": "status", "version": -1, "consumed": 0})
+    with pytest.raises(ProtocolError, match="version -1"):
+        decode_status(bad_status)
+    with pytest.raises(ProtocolError, match="schema_version 9"):
+        decode_status(msgspec.msgpack.encode({"type": "pause", "schema_version": 9}))
+    with pytest.raises(ProtocolError, match="deadline_s"):
+        decode_status(msgspec.msgpack.encode({"type": "drain", "deadline_s": -1.0}))
+    assert decode_status(encode(Pause())) == Pause()
+    assert decode_status(encode(TrainerStatus(version=3, consumed=9))).consumed == 9
+
+
+def test_deep_nesting_is_a_protocol_error():
+    with pytest.raises(ProtocolError):
+        decode(b"\x91" * 100_000)
