@@ -1,5 +1,8 @@
 """The one configuration loader every daemon uses: defaults in code < TOML file < `--set` overrides.
 
+Layers merge section by section; setting a tagged union's `type` (in TOML or with `--set`) switches
+to that variant with its own defaults, and the other keys given for that section apply on top.
+
 Each daemon's configuration is a msgspec Struct with one Struct per section (`forbid_unknown_fields`,
 bounds via `Annotated[..., Meta(ge=...)]`, variants as tagged unions on `type`). Unknown keys, wrong
 types and out-of-range values raise `ConfigError` naming the dotted key and what was expected.
@@ -58,6 +61,31 @@ def _apply_override(data: dict, item: str) -> None:
     node[parts[-1]] = _parse_value(value.strip())
 
 
+TAG = "type"
+"""The field that picks a variant of a tagged union (msgspec's default tag field)."""
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """`update` laid over `base`, section by section. A section whose `type` changes is another
+    variant: it replaces the base section instead of inheriting fields the new variant may not have."""
+    if TAG in update and base.get(TAG) != update[TAG]:
+        return update
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        merged[key] = _merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
+    return merged
+
+
+def _defaults(cls: type) -> dict:
+    """The defaults of `cls` as plain data, so overrides reach into defaulted sections and variants;
+    empty if `cls` has required fields."""
+    try:
+        return msgspec.to_builtins(cls())
+    except TypeError:
+        return {}
+
+
 _PATH = re.compile(r"`\$((?:\.[^`\[]+|\[\d+\])*)`")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `\$((?:\.[^`\[]+|\[\d+\])*)`)?")
 
@@ -70,18 +98,20 @@ def _dotted(msg: str) -> str:
 
 def load_config(cls: "type[T]", path: "str | Path | None" = None, overrides: list[str] = ()) -> T:
     """Resolve a config of type `cls` from its defaults, an optional TOML file and dotted overrides."""
-    data: dict = {}
+    data = _defaults(cls)
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = _merge(data, tomllib.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    update: dict = {}
     for item in overrides:
-        _apply_override(data, item)
+        _apply_override(update, item)
+    data = _merge(data, update)
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
