@@ -1,0 +1,96 @@
+"""Configuration of `tidal serve` and the state one server process holds.
+
+Loaded with the project's loader (protocol/config.py): defaults here < TOML < `--set` < the usual
+flags (`--model`, `--port`, `--simulate`, ...), which `server.main` turns into overrides.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from engine.reference.scheduler import Scheduler
+from engine.reference.simulate import SimulateConfig
+from protocol.config import Strict
+
+__all__ = ["ServeConfig", "ServerSection", "ModelSection", "ServerState"]
+
+
+class ServerSection(Strict):
+    """HTTP front end."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; loopback unless you mean otherwise (DESIGN.md invariant 7)."""
+    port: Annotated[int, Meta(ge=0, le=65535)] = 30000
+    """Port to bind; 0 picks a free one (printed on the readiness line)."""
+    api_key: str | None = None
+    """Bearer key for every endpoint except /health*, /ready, /metrics."""
+    admin_api_key: str | None = None
+    """When set, the only key accepted on weight and control endpoints."""
+    incremental_streaming_output: bool = False
+    """Stream deltas (text, output_ids, logprobs) instead of cumulative chunks (§1.6)."""
+    stream_interval: Annotated[int, Meta(ge=1)] = 1
+    """Tokens per streamed event unless a request sets its own."""
+    weight_version: str = "default"
+    """The version string served at startup (§3.6)."""
+    served_model_name: str | None = None
+    """Name in /model_info and /v1/models; default: the model path."""
+    require_weight_update_session: bool = False
+    """Make distributed/tensor updates fail outside begin/end_weight_update (0.5.23 behaviour, §3.5)."""
+    health_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
+    """How long the /health probe may wait (it blocks while paused) before answering 503."""
+
+
+class ModelSection(Strict):
+    """The transformers model (ignored with mode = "simulate")."""
+
+    path: str | None = None
+    """Directory of a causal LM and its tokenizer, loaded with from_pretrained."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when present)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype."""
+    max_running: Annotated[int, Meta(ge=1)] = 64
+    """Most sequences in one decode batch; further requests queue."""
+    seed: int = 0
+    """Seed of sampling for requests without sampling_seed."""
+
+
+class ServeConfig(Strict):
+    """`tidal serve`."""
+
+    mode: Literal["model", "simulate"] = "model"
+    """Serve a real model, or the cost model of simulate.py."""
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
+    model: ModelSection = msgspec.field(default_factory=ModelSection)
+    simulate: SimulateConfig = msgspec.field(default_factory=SimulateConfig)
+
+    def __post_init__(self):
+        if self.mode == "model" and not self.model.path:
+            raise ValueError("mode = 'model' needs model.path (--model PATH), or use --simulate")
+
+
+@dataclass
+class ServerState:
+    """Everything the route handlers share: one per server process."""
+
+    cfg: ServeConfig
+    stepper: Any
+    scheduler: Scheduler
+    model_path: str
+    served_model_name: str
+    startup_time: float = field(default_factory=time.time)
+    launch_command: str = ""
+    bound_port: int | None = None
+    groups: dict[str, Any] = field(default_factory=dict)
+    update_session_open: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    @property
+    def simulated(self) -> bool:
+        return self.cfg.mode == "simulate"

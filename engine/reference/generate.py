@@ -1,0 +1,215 @@
+"""`POST /generate` (contract §1): admission, the response body, and SSE streaming in both modes.
+
+A request holds the generation (reader) lock for its whole life (§2), so a weight update that is
+not under a pause waits for it. Every exit path of a handler (done, client gone, cancelled) leaves
+no sequence behind: unfinished ones are aborted in `finally`. Streams are coalesced the way SGLang
+coalesces them: a handler that falls behind sends the newest cumulative state, or the
+concatenation of the deltas in incremental mode, never one event per token per se.
+"""
+
+import asyncio
+import time
+
+import msgspec
+from aiohttp import web
+
+from engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
+from engine.reference.config import ServerState
+from engine.reference.scheduler import Seq
+
+__all__ = ["handle_generate", "admit", "Emitter", "sse_headers"]
+
+sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+
+
+def admit(state: ServerState, items: list[Item]) -> list[Seq]:
+    """Tokenize, check and queue the items (no await inside: the rid check and submit are atomic)."""
+    stepper = state.stepper
+    seqs = []
+    for item in items:
+        if item.rid in state.scheduler.seqs or any(s.rid == item.rid for s in seqs):
+            raise request_error(f"Duplicate request ID detected: {item.rid}")
+        prompt = list(item.input_ids) if item.input_ids is not None else stepper.encode(item.text)
+        if not prompt:
+            raise request_error("The prompt is empty after tokenization.")
+        if len(prompt) >= stepper.context_length:
+            raise request_error(
+                f"The input ({len(prompt)} tokens) is longer than the model's context length "
+                f"({stepper.context_length} tokens)."
+            )
+        if item.logprob_start_len > len(prompt):
+            raise request_error(
+                f"logprob_start_len ({item.logprob_start_len}) is larger than the prompt ({len(prompt)} tokens)."
+            )
+        bad = [t for t in prompt if not 0 <= t < stepper.vocab_size]
+        if bad:
+            raise request_error(f"input_ids holds {bad[0]}, outside the vocabulary [0, {stepper.vocab_size}).")
+        s = item.sampling
+        stop_ids = set(s.stop_token_ids)
+        if not s.ignore_eos:
+            stop_ids |= stepper.eos_token_ids
+        seqs.append(Seq(rid=item.rid, prompt=prompt, sampling=s, stop_ids=frozenset(stop_ids), item=item))
+    for seq in seqs:
+        state.scheduler.submit(seq)
+    return seqs
+
+
+class Emitter:
+    """Builds the §1.3 body of one sequence, for one final response or successive stream chunks."""
+
+    def __init__(self, state: ServerState, seq: Seq, *, incremental: bool, batch_index: int | None):
+        self.state = state
+        self.seq = seq
+        self.incremental = incremental
+        self.batch_index = batch_index
+        self.sent_tokens = 0
+        self.sent_text = 0
+        self.chunks = 0
+        s = seq.sampling
+        self._hold = max((len(x) for x in s.stop), default=1) - 1
+
+    def text(self, final: bool) -> str:
+        seq, s, fin = self.seq, self.seq.sampling, self.seq.finish
+        ids = seq.output_ids
+        if fin and fin["type"] == "stop" and isinstance(fin["matched"], int) and not s.no_stop_trim:
+            ids = ids[:-1]
+        text = self.state.stepper.decode(ids, s.skip_special_tokens)
+        if fin and fin["type"] == "stop" and isinstance(fin["matched"], str) and not s.no_stop_trim:
+            cut = text.find(fin["matched"])
+            text = text[:cut] if cut >= 0 else text
+        elif not final and self._hold:
+            text = text[: max(self.sent_text, len(text) - self._hold)]
+        return text
+
+    def _triples(self, logprobs, ids, with_text: bool) -> list:
+        token_text = self.state.stepper.token_text
+        return [[lp, t, token_text(t) if with_text else None] for lp, t in zip(logprobs, ids, strict=True)]
+
+    def body(self, *, stream: bool) -> dict:
+        """The body for the current state: a final response when the sequence finished."""
+        seq, item, state = self.seq, self.seq.item, self.state
+        final = seq.finished
+        n = len(seq.output_ids)
+        lo = self.sent_tokens if (stream and self.incremental) else 0
+        text = self.text(final)
+        queued_abort = final and not seq.started and seq.finish.get("message") == "Abort in waiting queue"
+        meta: dict = {"id": seq.rid, "finish_reason": seq.finish}
+        if not queued_abort:
+            meta["prompt_tokens"] = len(seq.prompt)
+        version = seq.weight_version if final and seq.spans else state.scheduler.version
+        meta["weight_version"] = version
+        meta["num_retractions"] = seq.num_retractions
+        if item.return_logprob:
+            with_text = item.return_text_in_logprobs
+            first = self.chunks == 0
+            if item.logprob_start_len >= 0 and seq.input_logprobs is not None and (first or not self.incremental):
+                start = item.logprob_start_len
+                meta["input_token_logprobs"] = self._triples(seq.input_logprobs, seq.prompt[start:], with_text)
+            else:
+                meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = self._triples(seq.output_logprobs[lo:n], seq.output_ids[lo:n], with_text)
+            meta["output_token_logprobs_length"] = n
+            if item.top_logprobs_num > 0:
+                tops = (seq.output_top or [])[lo:n]
+                meta["output_top_logprobs"] = [self._triples([p for p, _ in top], [t for _, t in top], with_text)
+                                               for top in tops]
+                if item.logprob_start_len >= 0 and (first or not self.incremental):
+                    meta["input_top_logprobs"] = [None] * (len(seq.prompt) - item.logprob_start_len)
+        meta["reasoning_tokens"] = 0
+        meta["completion_tokens"] = n
+        if not queued_abort:
+            meta["cached_tokens"] = 0
+        if final:
+            meta["weight_versions"] = [{"version": v, "start": a, "end": b} for v, a, b in seq.spans]
+            meta["e2e_latency"] = time.monotonic() - seq.created
+        if not stream or self.chunks == 0:
+            meta["response_sent_to_client_ts"] = time.time()
+        out = {"text": text[self.sent_text:] if (stream and self.incremental) else text,
+               "output_ids": seq.output_ids[lo:n], "meta_info": meta}
+        if item.return_prompt_token_ids:
+            out["prompt_token_ids"] = seq.prompt
+        if self.batch_index is not None:
+            out["index"] = self.batch_index
+        self.sent_tokens = n
+        self.sent_text = len(text)
+        self.chunks += 1
+        return out
+
+
+async def _stream_one(resp: web.StreamResponse, em: Emitter, interval: int) -> None:
+    seq = em.seq
+    while True:
+        await seq.changed.wait()
+        seq.changed.clear()
+        n = len(seq.output_ids)
+        if not seq.finished and (n == em.sent_tokens or (em.chunks > 0 and n - em.sent_tokens < interval)):
+            continue
+        await resp.write(b"data: " + json_encode(em.body(stream=True)) + b"\n\n")
+        if seq.finished:
+            return
+
+
+async def _write_error_event(request: web.Request, err: ApiError) -> web.StreamResponse:
+    """§1.6: with stream true, a processing-time rejection is HTTP 200 + one error event + [DONE]."""
+    resp = web.StreamResponse(status=200, headers=sse_headers)
+    await resp.prepare(request)
+    event = {"error": {"message": err.message, "type": "invalid_request_error", "code": err.status,
+                       "retryable": False}}
+    await resp.write(b"data: " + json_encode(event) + b"\n\n" + _DONE)
+    return resp
+
+
+async def handle_generate(request: web.Request) -> web.StreamResponse:
+    state: ServerState = request.app["state"]
+    state.count("generate_requests")
+    body = await request.read()
+    stream = False
+    try:
+        req, items, batch = parse_generate(body, stream_interval=state.cfg.server.stream_interval)
+        stream = bool(req.stream)
+    except ApiError as err:
+        state.count("generate_rejected")
+        if isinstance(err.body.get("error"), dict) and _wants_stream(body):
+            return await _write_error_event(request, err)
+        raise
+    await state.scheduler.gen_lock.acquire_read()
+    seqs: list[Seq] = []
+    try:
+        try:
+            seqs = admit(state, items)
+        except ApiError as err:
+            state.count("generate_rejected")
+            if stream:
+                return await _write_error_event(request, err)
+            raise
+        incremental = state.cfg.server.incremental_streaming_output
+        emitters = [Emitter(state, s, incremental=incremental, batch_index=(s.item.index if batch else None))
+                    for s in seqs]
+        if not stream:
+            await asyncio.gather(*(s.done.wait() for s in seqs))
+            bodies = [em.body(stream=False) for em in emitters]
+            for b in bodies:
+                b.pop("index", None)
+            return web.Response(body=json_encode(bodies if batch else bodies[0]), content_type="application/json")
+        resp = web.StreamResponse(status=200, headers=sse_headers)
+        await resp.prepare(request)
+        await asyncio.gather(*(_stream_one(resp, em, em.seq.sampling.stream_interval) for em in emitters))
+        await resp.write(_DONE)
+        return resp
+    except (ConnectionResetError, asyncio.CancelledError):
+        state.count("client_disconnects")
+        raise
+    finally:
+        for seq in seqs:
+            state.scheduler.cancel(seq)
+        await state.scheduler.gen_lock.release_read()
+
+
+def _wants_stream(body: bytes) -> bool:
+    """Whether a body that failed validation still asked for a stream (decides the error framing)."""
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(raw, dict) and raw.get("stream") is True

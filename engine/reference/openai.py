@@ -1,0 +1,227 @@
+"""OpenAI-compatible `POST /v1/completions` (contract §5), what vLLM-style clients speak.
+
+Prompts may be token ids (`[int]` or `[[int]]`). Each choice is one sequence of the shared
+scheduler, so it batches, pauses and aborts exactly like `/generate`. `logprobs: k` gives the
+sampled tokens' logprobs (the §1.4 definition, see runner.py) and the top k per position;
+`return_token_ids` adds `token_ids` / `prompt_token_ids` to each choice (token in, token out).
+"""
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from engine.reference.api import ApiError, Item, json_encode, resolve_sampling
+from engine.reference.config import ServerState
+from engine.reference.generate import admit, sse_headers
+from engine.reference.scheduler import Seq
+
+__all__ = ["routes", "CompletionRequest"]
+
+routes = web.RouteTableDef()
+
+
+class CompletionRequest(msgspec.Struct):
+    """§5 fields; unknown keys are ignored."""
+
+    prompt: str | list[str | int | list[int]]
+    """str, [str], [int] or [[int]] (checked in `_items`: msgspec allows one array type per union)."""
+    model: str | None = None
+    max_tokens: int | None = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    rid: str | None = None
+    return_token_ids: bool = False
+    user: Any = None
+
+
+def _error(message: str, status: int = 400) -> ApiError:
+    body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
+    return ApiError(status, body, message)
+
+
+def _items(req: CompletionRequest, state: ServerState) -> list[Item]:
+    if req.echo and req.logprobs is not None:
+        raise _error("Echo is not compatible with logprobs. To compute logprobs of input prompt, "
+                     "please use the native /generate API.")
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        prompts = [prompt]
+    elif all(isinstance(x, str) for x in prompt) or all(isinstance(x, list) for x in prompt):
+        prompts = list(prompt)
+    else:
+        raise _error("prompt: expected a string, [string], [int] or [[int]], got a mix")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise _error("prompt cannot be empty.")
+    raw = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+           "top_k": req.top_k, "min_p": req.min_p, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
+           "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
+           "no_stop_trim": req.no_stop_trim, "frequency_penalty": req.frequency_penalty,
+           "presence_penalty": req.presence_penalty, "repetition_penalty": req.repetition_penalty,
+           "min_new_tokens": req.min_tokens, "logit_bias": req.logit_bias, "sampling_seed": req.seed}
+    try:
+        sampling = resolve_sampling({k: v for k, v in raw.items() if v is not None},
+                                    stream_interval=state.cfg.server.stream_interval)
+    except ApiError as err:
+        raise _error(err.message) from None
+    if req.n < 1:
+        raise _error(f"n must be at least 1, got {req.n}.")
+    base = req.rid or uuid.uuid4().hex
+    items = []
+    for i, p in enumerate(prompts):
+        for j in range(req.n):
+            idx = i * req.n + j
+            items.append(Item(
+                index=idx, rid=base if len(prompts) * req.n == 1 else f"{base}_{idx}",
+                input_ids=p if isinstance(p, list) else None, text=p if isinstance(p, str) else None,
+                sampling=sampling, return_logprob=req.logprobs is not None, logprob_start_len=-1,
+                top_logprobs_num=req.logprobs or 0, return_text_in_logprobs=True, return_prompt_token_ids=False,
+            ))
+    return items
+
+
+def _finish(seq: Seq) -> tuple[str | None, Any]:
+    fin = seq.finish
+    if fin is None:
+        return None, None
+    return fin["type"], fin.get("matched")
+
+
+class _Choice:
+    """Text and logprob deltas of one choice; the whole thing when not streaming."""
+
+    def __init__(self, state: ServerState, seq: Seq, req: CompletionRequest):
+        self.state, self.seq, self.req = state, seq, req
+        self.sent_tokens = 0
+        self.sent_text = 0
+
+    def _text(self) -> str:
+        seq, s = self.seq, self.seq.sampling
+        ids = seq.output_ids
+        kind, matched = _finish(seq)
+        if kind == "stop" and isinstance(matched, int) and not s.no_stop_trim:
+            ids = ids[:-1]
+        text = self.state.stepper.decode(ids, s.skip_special_tokens)
+        if kind == "stop" and isinstance(matched, str) and not s.no_stop_trim:
+            cut = text.find(matched)
+            text = text[:cut] if cut >= 0 else text
+        return text
+
+    def delta(self) -> dict:
+        seq, req = self.seq, self.req
+        n = len(seq.output_ids)
+        lo = self.sent_tokens
+        text = self._text()
+        piece = text[self.sent_text:]
+        if req.echo and lo == 0:
+            piece = (seq.item.text or self.state.stepper.decode(seq.prompt)) + piece
+        kind, matched = _finish(seq)
+        out = {"index": seq.item.index, "text": piece, "logprobs": None, "finish_reason": kind,
+               "matched_stop": matched}
+        if req.logprobs is not None:
+            token_text = self.state.stepper.token_text
+            ids = seq.output_ids[lo:n]
+            tops = (seq.output_top or [])[lo:n] if req.logprobs > 0 else [None] * len(ids)
+            out["logprobs"] = {
+                "tokens": [token_text(t) for t in ids],
+                "token_logprobs": seq.output_logprobs[lo:n],
+                "top_logprobs": [None if top is None else {token_text(t): lp for lp, t in top} for top in tops],
+                "text_offset": [-1] * len(ids),
+            }
+        if req.return_token_ids:
+            out["token_ids"] = seq.output_ids[lo:n]
+            if lo == 0:
+                out["prompt_token_ids"] = seq.prompt
+        self.sent_tokens = n
+        self.sent_text = len(text)
+        return out
+
+
+def _metadata(seqs: list[Seq], state: ServerState) -> dict:
+    spans = seqs[0].spans if len(seqs) == 1 else []
+    version = seqs[0].weight_version if len(seqs) == 1 and spans else state.scheduler.version
+    return {"weight_version": version,
+            "weight_versions": [{"version": v, "start": a, "end": b} for v, a, b in spans]}
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    state: ServerState = request.app["state"]
+    if not request.content_type.startswith("application/json"):
+        raise _error(f"Unsupported content type {request.content_type!r}; expected application/json")
+    try:
+        req = msgspec.json.decode(await request.read(), type=CompletionRequest)
+    except msgspec.DecodeError as exc:
+        raise _error(f"invalid /v1/completions request: {exc}") from None
+    items = _items(req, state)
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": state.served_model_name}
+    await state.scheduler.gen_lock.acquire_read()
+    seqs: list[Seq] = []
+    try:
+        try:
+            seqs = admit(state, items)
+        except ApiError as err:
+            raise _error(err.message) from None
+        choices = [_Choice(state, s, req) for s in seqs]
+        if not req.stream:
+            await asyncio.gather(*(s.done.wait() for s in seqs))
+            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n])
+            completion_tokens = sum(len(s.output_ids) for s in seqs)
+            return web.Response(content_type="application/json", body=json_encode(base | {
+                "choices": [c.delta() for c in choices],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "metadata": _metadata(seqs, state),
+            }))
+        resp = web.StreamResponse(status=200, headers=sse_headers)
+        await resp.prepare(request)
+
+        async def stream_one(choice: _Choice):
+            seq = choice.seq
+            while True:
+                await seq.changed.wait()
+                seq.changed.clear()
+                chunk = base | {"choices": [choice.delta()]}
+                if seq.finished:
+                    chunk["metadata"] = _metadata([seq], state)
+                await resp.write(b"data: " + json_encode(chunk) + b"\n\n")
+                if seq.finished:
+                    return
+
+        await asyncio.gather(*(stream_one(c) for c in choices))
+        if (req.stream_options or {}).get("include_usage"):
+            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n])
+            completion_tokens = sum(len(s.output_ids) for s in seqs)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            await resp.write(b"data: " + json_encode(base | {"choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+    finally:
+        for seq in seqs:
+            state.scheduler.cancel(seq)
+        await state.scheduler.gen_lock.release_read()

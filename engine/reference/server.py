@@ -1,0 +1,297 @@
+"""`tidal serve`: the CPU reference server speaking SGLang's HTTP API (protocols/sglang-http.md §9).
+
+Its own process (it may import torch; the engine never does). Serves a transformers causal LM
+(`--model PATH`) or, with `--simulate`, the cost model of simulate.py. Once listening it prints one
+line, `tidal serve ready http://HOST:PORT`, which launch.py waits for (port 0 picks a free port).
+
+    tidal serve --model /path/to/checkpoint --port 30000
+    tidal serve --simulate --port 0 --set simulate.max_running=512
+"""
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import msgspec
+from aiohttp import web
+
+from engine.reference import control, openai
+from engine.reference.api import ApiError, Sampling, json_encode
+from engine.reference.config import ServeConfig, ServerState
+from engine.reference.generate import handle_generate
+from engine.reference.scheduler import Scheduler, Seq
+from protocol.config import add_config_args, config_from_args
+from protocol.errors import ConfigError
+
+__all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
+
+READY_PREFIX = "tidal serve ready "
+"""The readiness line on stdout is this prefix followed by the bound URL."""
+
+_OPEN_PATHS = ("/health", "/ready", "/metrics")
+_ADMIN_PATHS = frozenset({
+    "/update_weights_from_disk", "/update_weights_from_distributed", "/update_weights_from_tensor",
+    "/init_weights_update_group", "/destroy_weights_update_group", "/update_weight_version",
+    "/begin_weight_update", "/end_weight_update", "/pause_generation", "/continue_generation",
+    "/abort_request", "/flush_cache",
+})
+
+
+@web.middleware
+async def _auth_and_errors(request: web.Request, handler):
+    """§0: bearer keys (admin key alone on control endpoints), and ApiError as its JSON envelope."""
+    cfg = request.app["state"].cfg.server
+    if (cfg.api_key or cfg.admin_api_key) and not request.path.startswith(_OPEN_PATHS):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        admin = request.path in _ADMIN_PATHS and cfg.admin_api_key
+        expected = cfg.admin_api_key if admin else cfg.api_key
+        if expected and given != expected:
+            if given and given in (cfg.api_key, cfg.admin_api_key):
+                return web.json_response({"error": "Forbidden"}, status=403)
+            return web.json_response({"error": "Unauthorized"}, status=401)
+    try:
+        return await handler(request)
+    except ApiError as err:
+        request.app["state"].count("rejected_requests")
+        return web.Response(status=err.status, body=json_encode(err.body), content_type="application/json")
+
+
+def _json(data) -> web.Response:
+    return web.Response(body=json_encode(data), content_type="application/json")
+
+
+# --- health and information (§4) ----------------------------------------------------------------
+
+
+async def _probe(state: ServerState) -> bool:
+    """A one-token generation that must finish within health_timeout_s (it waits while paused)."""
+    sched = state.scheduler
+    seq = Seq(rid=f"HEALTH_CHECK_{id(object())}", prompt=[1], sampling=Sampling(max_new_tokens=1),
+              stop_ids=frozenset())
+    sched.submit(seq)
+    try:
+        async with asyncio.timeout(state.cfg.server.health_timeout_s):
+            await seq.done.wait()
+    except TimeoutError:
+        return False
+    finally:
+        sched.cancel(seq)
+    return seq.finish["type"] != "abort"
+
+
+async def health(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    if request.path == "/health" and state.scheduler.running and not state.scheduler.paused:
+        return web.Response(status=200)
+    return web.Response(status=200 if await _probe(state) else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(status=503 if request.app["state"].scheduler.paused else 200)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    return _json({
+        "model_path": state.model_path, "served_model_name": state.served_model_name,
+        "tokenizer_path": state.cfg.model.path, "is_generation": True, "preferred_sampling_params": None,
+        "weight_version": state.scheduler.version, "load_format": "auto", "reasoning_parser": None,
+        "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
+        "has_audio_understanding": False, "model_type": state.stepper.model_type,
+        "architectures": state.stepper.architectures,
+    })
+
+
+async def server_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    cfg = state.cfg
+    info = {f"sim_{k}": v for k, v in msgspec.to_builtins(cfg.simulate).items()} if state.simulated else {}
+    info.update(msgspec.to_builtins(cfg.server))
+    info["port"] = state.bound_port
+    info.pop("api_key", None)
+    info.pop("admin_api_key", None)
+    sched = state.scheduler
+    info.update({
+        "mode": cfg.mode, "model_path": cfg.model.path, "tokenizer_path": cfg.model.path,
+        "served_model_name": state.served_model_name, "device": cfg.model.device, "dtype": cfg.model.dtype,
+        "random_seed": cfg.model.seed, "max_running_requests": sched.max_running,
+        "context_length": state.stepper.context_length, "max_total_num_tokens": None,
+        "max_req_input_len": state.stepper.context_length - 1, "version": "tidal-reference-0.1.0",
+        "launch_command": state.launch_command, "startup_time": state.startup_time,
+        "internal_states": [sched.internal_state()], "counters": dict(state.counters),
+    })
+    return _json(info)
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.served_model_name, "object": "model", "created": int(state.startup_time),
+            "owned_by": "sglang", "root": state.served_model_name, "parent": None,
+            "max_model_len": state.stepper.context_length}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": [_model_card(request.app["state"])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    name = request.match_info["model"]
+    if name != state.served_model_name:
+        return web.Response(status=404, content_type="application/json", body=json_encode({"error": {
+            "message": f"The model '{name}' does not exist", "type": "invalid_request_error",
+            "param": "model", "code": "model_not_found"}}))
+    return _json(_model_card(state))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: every counter of `internal_states` and the request counters, prefixed `sglang:`."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    state: ServerState = request.app["state"]
+
+    class _Collector:
+        def collect(self):
+            values = state.scheduler.internal_state() | state.counters
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    yield GaugeMetricFamily(f"sglang:{key}", key.replace("_", " "), value=float(value))
+
+    registry = CollectorRegistry()
+    registry.register(_Collector())
+    return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+
+# --- assembly ------------------------------------------------------------------------------------
+
+
+def build_stepper(cfg: ServeConfig):
+    """The token source: the cost model (no torch imported) or the transformers runner."""
+    if cfg.mode == "simulate":
+        from engine.reference.simulate import Simulator
+
+        return Simulator(cfg.simulate)
+    from engine.reference.runner import ModelRunner
+
+    return ModelRunner(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+
+
+def build_state(cfg: ServeConfig, stepper) -> ServerState:
+    max_running = cfg.simulate.max_running if cfg.mode == "simulate" else cfg.model.max_running
+    name = cfg.server.served_model_name or cfg.model.path or "tidal-simulated"
+    scheduler = Scheduler(stepper, max_running=max_running, version=cfg.server.weight_version)
+    return ServerState(cfg=cfg, stepper=stepper, scheduler=scheduler, model_path=cfg.model.path or name,
+                       served_model_name=name, launch_command=" ".join(sys.argv))
+
+
+def build_app(state: ServerState) -> web.Application:
+    """The aiohttp application; the scheduler task lives (and is cancelled and awaited) with it."""
+    app = web.Application(middlewares=[_auth_and_errors], client_max_size=64 * 1024 * 1024)
+    app["state"] = state
+
+    async def scheduler_task(app: web.Application):
+        task = asyncio.create_task(state.scheduler.run(), name="scheduler")
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    app.cleanup_ctx.append(scheduler_task)
+    app.router.add_route("POST", "/generate", handle_generate)
+    app.router.add_route("PUT", "/generate", handle_generate)
+    for path, handler in [
+        ("/health", health), ("/health_generate", health), ("/ready", ready),
+        ("/model_info", model_info), ("/get_model_info", model_info),
+        ("/server_info", server_info), ("/get_server_info", server_info),
+        ("/v1/models", list_models), ("/v1/models/{model}", get_model), ("/metrics", metrics),
+    ]:
+        app.router.add_get(path, handler)
+    app.router.add_routes(control.routes)
+    app.router.add_routes(openai.routes)
+    return app
+
+
+async def serve(cfg: ServeConfig) -> None:
+    """Listen until SIGTERM/SIGINT, then stop accepting, cancel the scheduler and close."""
+    stepper = build_stepper(cfg)
+    state = build_state(cfg, stepper)
+    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    state.bound_port = port
+    print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        if hasattr(stepper, "close"):
+            stepper.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal serve", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--model", help="checkpoint directory (model.path)")
+    parser.add_argument("--simulate", action="store_true", help="serve the cost model, no model (mode=simulate)")
+    parser.add_argument("--fast", action="store_true", help="with --simulate: zero costs (simulate.fast)")
+    parser.add_argument("--host", help="address to bind (server.host, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind, 0 = any free one (server.port)")
+    parser.add_argument("--incremental-streaming-output", action="store_true",
+                        help="stream deltas instead of cumulative chunks")
+    parser.add_argument("--weight-version", help="initial weight version (server.weight_version)")
+    parser.add_argument("--api-key", help="bearer key for normal endpoints")
+    parser.add_argument("--admin-api-key", help="bearer key for weight and control endpoints")
+    return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The usual flags as dotted overrides (applied after --set, so flags win)."""
+    out = []
+    strings = {"model": "model.path", "host": "server.host", "weight_version": "server.weight_version",
+               "api_key": "server.api_key", "admin_api_key": "server.admin_api_key"}
+    for attr, key in strings.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    if args.port is not None:
+        out.append(f"server.port={args.port}")
+    if args.simulate:
+        out.append('mode="simulate"')
+    if args.fast:
+        out.append("simulate.fast=true")
+    if args.incremental_streaming_output:
+        out.append("server.incremental_streaming_output=true")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.overrides = list(args.overrides) + _flag_overrides(args)
+    try:
+        cfg = config_from_args(ServeConfig, args)
+    except ConfigError as exc:
+        print(f"tidal serve: {exc}", file=sys.stderr)
+        return 2
+    if cfg is None:
+        return 0
+    try:
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    except ImportError:
+        asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
