@@ -401,7 +401,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "version": self.version,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "rng": {"torch": torch.get_rng_state()},   # tensors and ints only: loads with weights_only
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -410,7 +410,6 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's tensors in Hugging Face names (no value head), gathered if sharded (FSDP2)."""

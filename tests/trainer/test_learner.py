@@ -1,0 +1,152 @@
+"""The learner end to end on the tiny model: it learns, packing and sharding change nothing, state resumes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from protocol.config import load_config
+from protocol.messages import Trajectory, Turn
+from trainer.learner import Learner, LearnerConfig
+
+
+def config(model_dir, *overrides) -> LearnerConfig:
+    base = [f"model.path={model_dir}", "model.dtype=float32", "optim.lr=1e-3"]
+    return load_config(LearnerConfig, overrides=[*base, *overrides])
+
+
+def episode(i, rng, *, group="g", reward=0.0, version=0, behav=None, length=None):
+    """prompt (mask 0) | turn 1 (mask 1) | observation (mask 0) | turn 2 (mask 1)."""
+    n = length or int(rng.integers(12, 40))
+    a, b, c = n // 4, n // 2, 3 * n // 4
+    mask = np.zeros(n, dtype=np.uint8)
+    mask[a:b] = 1
+    mask[c:] = 1
+    logp = behav if behav is not None else -rng.uniform(0.5, 6.0, n)
+    return Trajectory.build(
+        id=f"t{i}", group_id=group, env_id="test", task_seed=i, tokens=rng.integers(7, 250, n), loss_mask=mask,
+        behav_logp=np.where(mask == 1, logp, 0.0), versions=np.where(mask == 1, version, -1),
+        turns=[Turn(a, b, 0.0), Turn(c, n, reward)], reward=reward, terminated=True,
+    )
+
+
+def batch_of(n, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    return [episode(i, rng, group=f"g{i // 4}", reward=float(rng.random() < 0.5), **kw) for i in range(n)]
+
+
+def grads(learner):
+    return {n: p.grad.clone() for n, p in learner.base_model.named_parameters() if p.grad is not None}
+
+
+def generated_logp(learner, traj):
+    """Mean log-prob of a trajectory's generated tokens under the learner's current model."""
+    ids = torch.as_tensor(traj.token_ids().astype(np.int64))[None]
+    with torch.no_grad():
+        logits = learner.base_model(input_ids=ids, use_cache=False).logits[0, :-1]
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    return lp[torch.as_tensor(traj.mask()[1:] == 1)].mean().item()
+
+
+def test_step_raises_logp_of_positively_advantaged_tokens(tiny_model_dir):
+    learner = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=ppo"))
+    rng = np.random.default_rng(0)
+    good, bad = episode(0, rng, reward=1.0, length=32), episode(1, rng, reward=0.0, length=32)
+    before = {t.id: generated_logp(learner, t) for t in (good, bad)}
+    w0 = {n: p.detach().clone() for n, p in learner.base_model.named_parameters()}
+    for _ in range(3):
+        metrics = learner.train_step([good, bad])
+    assert learner.version == 3 and metrics["trainer/version"] == 3.0
+    assert any(not torch.equal(w0[n], p) for n, p in learner.base_model.named_parameters())
+    assert generated_logp(learner, good) > before[good.id] + 0.05
+    assert generated_logp(learner, bad) < before[bad.id] - 0.05
+    for key in ("trainer/is_weight_mean", "trainer/is_weight_max", "trainer/clip_frac", "trainer/is_capped_frac",
+                "trainer/kl_behav", "trainer/entropy", "trainer/grad_norm", "trainer/tokens_per_s",
+                "trainer/padding_frac", "trainer/staleness/0"):
+        assert np.isfinite(metrics[key]), key
+
+
+@pytest.mark.parametrize("agg", ["token", "sequence"])
+def test_packed_and_accumulated_step_equals_one_unpacked_forward(tiny_model_dir, agg):
+    # the loss and gradients of a step must not depend on how it is cut into micro-batches
+    batch = batch_of(10)
+    common = ("advantage.type=grpo", "loss.type=ppo", f"loss.agg={agg}", "optim.max_grad_norm=0")
+    runs = {}
+    for name, packing in {"one": ("packing.token_budget=100000",),
+                          "packed": ("packing.token_budget=64",),
+                          "padded": ("packing.token_budget=80", "packing.strategy=pad")}.items():
+        learner = Learner(config(tiny_model_dir, *common, *packing))
+        metrics = learner.train_step(batch)
+        runs[name] = (metrics, grads(learner))
+    assert runs["one"][0]["trainer/micro_batches"] == 1 and runs["packed"][0]["trainer/micro_batches"] > 3
+    assert runs["padded"][0]["trainer/padding_frac"] > runs["packed"][0]["trainer/padding_frac"]
+    for name in ("packed", "padded"):
+        assert runs[name][0]["trainer/loss"] == pytest.approx(runs["one"][0]["trainer/loss"], abs=1e-6)
+        for pname, g in runs["one"][1].items():
+            torch.testing.assert_close(runs[name][1][pname], g, atol=1e-6, rtol=1e-4)
+
+
+def test_data_parallel_shares_average_to_the_full_batch_gradient(tiny_model_dir):
+    # DDP averages rank gradients; each rank scales its share by world_size, so mean(g_r) = g_full
+    batch = batch_of(9, seed=3)
+    common = ("advantage.type=rebn", "loss.type=tis", "optim.max_grad_norm=0", "packing.token_budget=64")
+    full = Learner(config(tiny_model_dir, *common))
+    full.train_step(batch)
+    shares = []
+    for rank in range(2):
+        learner = Learner(config(tiny_model_dir, *common), rank=rank, world_size=2)
+        learner.train_step(batch)
+        shares.append(grads(learner))
+    for name, g in grads(full).items():
+        torch.testing.assert_close((shares[0][name] + shares[1][name]) / 2, g, atol=1e-6, rtol=1e-4)
+
+
+def test_gae_value_head_trains_and_is_not_published(tiny_model_dir):
+    learner = Learner(config(tiny_model_dir, "advantage.type=gae", "loss.type=ppo"))
+    metrics = learner.train_step(batch_of(6))
+    head = learner.base_model.value_head
+    assert head.weight.grad is not None and head.weight.abs().sum() > 0     # zero-initialised, now moved
+    assert "trainer/value_err" in metrics
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = [n for n, _ in learner.named_weights()]
+    assert sorted(names) == sorted(fresh.state_dict())
+
+
+def test_minibatches_kl_reference_and_staleness(tiny_model_dir):
+    # two updates per step: the second sees pi_theta != pi_prox; versions 0 and 1 trained at version 2
+    learner = Learner(config(tiny_model_dir, "advantage.type=reinforce_pp", "advantage.kl_coef=0.05",
+                             "loss.type=ppo", "loss.kl_coef=0.1", "optim.minibatches=2", "optim.lr=1e-2"))
+    assert learner.reference is not None
+    learner.train_step(batch_of(8, seed=1))
+    learner.train_step(batch_of(8, seed=2))
+    stale = batch_of(4, seed=4, version=0) + batch_of(4, seed=5, version=1)
+    metrics = learner.train_step(stale)
+    assert learner.version == 3
+    assert metrics["trainer/kl_ref"] > 0                          # the policy has moved off the reference
+    assert metrics["trainer/staleness/2"] + metrics["trainer/staleness/1"] == pytest.approx(1.0)
+    assert metrics["trainer/staleness_max"] == 2.0
+    assert metrics["trainer/micro_batches"] >= 2
+
+
+def test_state_dict_resumes_exactly(tiny_model_dir):
+    cfg = config(tiny_model_dir, "advantage.type=grpo", "loss.type=ppo", "optim.schedule=cosine",
+                 "optim.warmup_steps=1", "optim.total_steps=4")
+    a, b = Learner(cfg), Learner(cfg)
+    a.train_step(batch_of(6, seed=1))
+    buf = io.BytesIO()                             # through bytes, as a checkpoint would
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert b.version == 1 and b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    a.train_step(batch_of(6, seed=2))
+    b.train_step(batch_of(6, seed=2))
+    for (n, pa), (_, pb) in zip(a.named_weights(), b.named_weights(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=0, rtol=0, msg=n)
+
+
+def test_empty_batch_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="empty batch"):
+        Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=tis")).train_step([])
