@@ -257,8 +257,9 @@ class AbortRequest(msgspec.Struct, omit_defaults=True):
     abort_all: bool = False
 
 
-class PauseRequest(msgspec.Struct, omit_defaults=True):
-    """`/pause_generation`: `abort` returns in-flight requests as aborted; `retract`/`in_place` hold them."""
+class PauseRequest(msgspec.Struct):
+    """`/pause_generation`: `abort` returns in-flight requests as aborted; `retract`/`in_place` hold them.
+    The mode is always sent, so the body says what the caller meant."""
 
     mode: Literal["abort", "retract", "in_place"] = "abort"
 

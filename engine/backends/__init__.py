@@ -1,0 +1,26 @@
+"""Inference backends: one interface (`Backend`), the `sglang` and `openai` clients, and a registry of
+third-party backends under the entry-point group `tidal.backends`. Nothing here imports torch."""
+
+from engine.backends.base import Backend, Chunk, Finish, Request, Sampling
+from engine.backends.config import BackendConfig, OpenAIConfig, PluginConfig, SGLangConfig
+from engine.backends.errors import (
+    BackendError,
+    BackendTimeout,
+    BadResponse,
+    HTTPStatusError,
+    RequestRejected,
+    ServerUnavailable,
+    Unsupported,
+)
+from engine.backends.registry import available_backends, create_backend, load_backend
+from engine.backends.routing import Router
+from engine.backends.sglang import SGLangBackend
+
+__all__ = [
+    "Backend", "Chunk", "Finish", "Request", "Sampling",
+    "BackendConfig", "SGLangConfig", "OpenAIConfig", "PluginConfig",
+    "BackendError", "BackendTimeout", "BadResponse", "HTTPStatusError", "RequestRejected",
+    "ServerUnavailable", "Unsupported",
+    "available_backends", "create_backend", "load_backend",
+    "Router", "SGLangBackend",
+]

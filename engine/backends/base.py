@@ -1,0 +1,146 @@
+"""The backend interface: token ids in, token ids + behaviour logprobs out, streamed (DESIGN.md invariants 1-2).
+
+A backend turns a `Request` (prompt token ids, sampling, a request id, a session key for affinity) into
+an async iterator of `Chunk`s: each carries only the tokens that are new since the previous chunk, their
+logprobs and the weight version that produced them; the last one also carries a `Finish` (stop, length
+or abort, and counters). The ids are exactly what the server generated (never re-tokenized), the stop
+token included, so a trajectory can append them as they come and the trainer sees what was sampled.
+
+A backend that cannot do something (pause, a distributed weight update) raises `Unsupported`.
+Implementations: `engine.backends.sglang` (default), `engine.backends.openai`, and any third-party
+class registered under the entry-point group `tidal.backends` (see `engine.backends.registry`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import ClassVar, Literal
+
+import msgspec
+
+from engine.backends.errors import Unsupported
+
+__all__ = ["Sampling", "Request", "Finish", "Chunk", "Backend"]
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    """What every backend must honour. `temperature=0` is greedy; `top_k=-1` is the whole vocabulary."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple[int, ...] = ()
+    """Ends generation when sampled (in addition to the model's EOS); the token is kept in the output."""
+    stop: tuple[str, ...] = ()
+    """Stop strings, matched by the server on the detokenized text."""
+    seed: int | None = None
+
+
+class Request(msgspec.Struct, kw_only=True):
+    """One generation. `request_id` must be unique among in-flight requests and not a prefix of another
+    (SGLang aborts by rid prefix); `session_key` (e.g. the trajectory id) keeps later turns on the server
+    that holds the prefix in its cache."""
+
+    input_ids: list[int]
+    sampling: Sampling = Sampling()
+    request_id: str
+    session_key: str | None = None
+
+
+class Finish(msgspec.Struct, kw_only=True):
+    """How a generation ended, on its last chunk.
+
+    `reason`: stop (EOS, a stop token or string: `matched`), length (budget reached) or abort (asked for
+    through `abort`). Counters cover the whole generation, across any retries on other servers.
+    """
+
+    reason: Literal["stop", "length", "abort"]
+    matched: int | str | list[int] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    retries: int = 0
+    """Times the request moved to another server (or was resubmitted after a pause abort)."""
+    server: str = ""
+    """URL of the server that produced the last tokens."""
+
+
+class Chunk(msgspec.Struct, gc=False):
+    """New tokens since the previous chunk; `logprobs[i]` is the behaviour logprob of `token_ids[i]`."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    weight_version: str
+    """The version of the weights that produced these tokens, as the server names it."""
+    finish: Finish | None = None
+
+
+class Backend(abc.ABC):
+    """An inference client. Use as `async with`; `generate` may be called from thousands of tasks."""
+
+    config_type: ClassVar[type[msgspec.Struct]]
+    """The Struct `create_backend` validates this backend's options against."""
+
+    @abc.abstractmethod
+    def generate(self, request: Request) -> AsyncIterator[Chunk]:
+        """Stream the generation; raises a `BackendError` (after any chunks already yielded) on failure."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """End an in-flight request; its stream yields a last chunk with finish reason `abort`."""
+
+    async def start(self) -> None:
+        """Open connections and start background work (health checks). Idempotent."""
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop background work and close connections."""
+
+    async def health(self) -> dict[str, bool]:
+        """Server URL -> healthy now."""
+        raise Unsupported(f"{type(self).__name__} has no health check")
+
+    async def weight_version(self) -> dict[str, str]:
+        """Server URL -> the weight version it serves now."""
+        raise Unsupported(f"{type(self).__name__} does not report weight versions")
+
+    async def pause(self) -> None:
+        """Stop generation on every server; in-flight requests finish or wait, per the backend's config."""
+        raise Unsupported(f"{type(self).__name__} cannot pause generation")
+
+    async def resume(self) -> None:
+        raise Unsupported(f"{type(self).__name__} cannot resume generation")
+
+    async def update_weights_from_disk(self, path: str, version: str) -> dict[str, str]:
+        """Load a checkpoint on every server; returns URL -> version served afterwards."""
+        raise Unsupported(f"{type(self).__name__} cannot update weights from disk")
+
+    async def init_weights_group(self, master_address: str, master_port: int, *,
+                                 group_name: str = "weight_update_group", backend: str = "gloo") -> int:
+        """Have every server join a torch.distributed group whose rank 0 is the trainer; returns its
+        world size. The trainer must join concurrently: the servers' calls block until the group forms."""
+        raise Unsupported(f"{type(self).__name__} cannot join a weight-update group")
+
+    async def update_weights_from_distributed(
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str, *,
+        group_name: str = "weight_update_group",
+    ) -> dict[str, str]:
+        """Receive tensors broadcast from rank 0 (in this order, concurrently with this call)."""
+        raise Unsupported(f"{type(self).__name__} cannot receive distributed weight updates")
+
+    async def destroy_weights_group(self, group_name: str = "weight_update_group") -> None:
+        raise Unsupported(f"{type(self).__name__} has no weight-update group")
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: requests, tokens, retries, errors by kind, ejections..."""
+        return {}
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

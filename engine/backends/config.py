@@ -1,0 +1,86 @@
+"""Backend configuration: a tagged union on `type`, so each backend's fields only exist where they mean
+something (STYLE.md, "Variants are tagged unions").
+
+    [backend]                      [backend]                     [backend]
+    type = "sglang"                type = "openai"               type = "plugin"
+    urls = ["http://h1:30000",     url = "http://h:8000"         name = "echo"   # entry point
+            "http://h2:30000"]     model = "Qwen/Qwen3-8B"       options = { delay_s = 0.0 }
+
+A plugin's `options` are validated against its class's `config_type` when the backend is created.
+"""
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from protocol.config import Strict
+
+__all__ = ["SGLangConfig", "OpenAIConfig", "PluginConfig", "BackendConfig"]
+
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class SGLangConfig(Strict, tag="sglang", tag_field="type"):
+    """SGLang's native /generate on one or more servers (or one sglang-router URL)."""
+
+    urls: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["http://127.0.0.1:30000"])
+    """Server base URLs; each request goes to one of them (see `balance`, `affinity`)."""
+    api_key: str | None = None
+    """Sent as `Authorization: Bearer` (use the admin key if the servers set one: tidal calls weight routes)."""
+    balance: Literal["tokens", "requests"] = "tokens"
+    """Load measure for routing: in-flight tokens (prompt + budget) or in-flight requests."""
+    affinity: bool = True
+    """Send later requests of a session to the server that served its earlier ones (its prefix is cached)."""
+    affinity_slack: Annotated[int, Meta(ge=0)] = 16384
+    """Affinity yields when the holder's load exceeds the least-loaded server's by more than this
+    (in units of `balance`); a cache hit is worth less than a long queue."""
+    affinity_capacity: Annotated[int, Meta(ge=1)] = 1 << 17
+    """Sessions remembered (least recently used forgotten first): bounds the affinity table."""
+    max_connections: Annotated[int, Meta(ge=1)] = 8192
+    """Connection-pool size over all servers: a request beyond it waits for a free connection."""
+    connect_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 300.0
+    """Longest silence allowed between two stream events (or before a non-stream body)."""
+    control_timeout_s: Seconds = 600.0
+    """Budget of one control call (pause, weight update, group init) per server."""
+    max_retries: Annotated[int, Meta(ge=0)] = 3
+    """Times a failed request moves to another server, continuing from the tokens received."""
+    eject_after: Annotated[int, Meta(ge=1)] = 3
+    """Consecutive failed requests (5xx, timeout, bad response) that eject a server; a lost connection
+    ejects at once. An ejected server gets no requests until a health probe passes."""
+    health_interval_s: Seconds = 2.0
+    """Period of /health probes; an ejected server is re-admitted on its first healthy probe."""
+    health_timeout_s: Seconds = 5.0
+    pause_mode: Literal["abort", "retract", "in_place"] = "retract"
+    """`/pause_generation` mode. abort: in-flight requests end and are resubmitted after resume with
+    the tokens received; retract/in_place: they stay open and continue under the new weights."""
+    weight_update: Literal["pause", "abort", "wait"] = "pause"
+    """pause: pause -> update -> continue; abort: update with `abort_all_requests` (aborted requests are
+    resubmitted); wait: the server waits for in-flight requests before loading."""
+    tp_size: Annotated[int, Meta(ge=1)] = 1
+    """GPUs per server: ranks each server takes in a distributed weight-update group."""
+
+
+class OpenAIConfig(Strict, tag="openai", tag_field="type"):
+    """An OpenAI-compatible `/v1/completions` server that returns token ids (vLLM, SGLang)."""
+
+    url: str = "http://127.0.0.1:8000"
+    model: str = "default"
+    api_key: str | None = None
+    max_connections: Annotated[int, Meta(ge=1)] = 8192
+    connect_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 300.0
+
+
+class PluginConfig(Strict, tag="plugin", tag_field="type"):
+    """A backend registered by another package under the entry-point group `tidal.backends`."""
+
+    name: str
+    """The entry point's name."""
+    options: dict[str, Any] = {}
+    """Validated against the backend class's `config_type`."""
+
+
+BackendConfig = SGLangConfig | OpenAIConfig | PluginConfig

@@ -1,0 +1,178 @@
+"""A small SGLang-speaking aiohttp server that plays scripted faults (STYLE.md, "Faults are scripted").
+
+It generates a deterministic token sequence (token i of a prompt p is `7 + (sum(p) + i) % 200`, logprob
+`-(i + 1) / 100`), streams it per contract §1.6 in cumulative or incremental mode, and records every
+request body it receives. `faults[rid]` makes one request misbehave; everything else keeps working, so
+tests can check that one broken response does not disturb the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+__all__ = ["FakeSGLang", "token_at"]
+
+FAULTS = ("bad_json", "missing_field", "wrong_length", "http_500", "http_400", "hang", "drop",
+          "error_event", "no_done", "no_finish")
+
+
+def token_at(prompt: list[int], i: int) -> int:
+    return 7 + (sum(prompt) + i) % 200
+
+
+class FakeSGLang:
+    """`async with FakeSGLang() as s:` serves on 127.0.0.1, port 0; `s.url` is read back after bind."""
+
+    def __init__(self, *, incremental: bool = False, token_delay_s: float = 0.0, version: str = "0"):
+        self.incremental = incremental
+        self.token_delay_s = token_delay_s
+        self.version = version
+        self.faults: dict[str, str] = {}
+        self.bodies: list[tuple[str, bytes]] = []
+        """(path, raw body) of every request, in arrival order."""
+        self.healthy = True
+        self.paused = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._aborted: set[str] = set()
+        self._inflight: set[str] = set()
+        self.url = ""
+        app = web.Application()
+        app.router.add_post("/generate", self._generate)
+        for path in ("/abort_request", "/pause_generation", "/continue_generation", "/update_weights_from_disk",
+                     "/init_weights_update_group", "/update_weights_from_distributed",
+                     "/destroy_weights_update_group"):
+            app.router.add_post(path, self._control)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/model_info", self._model_info)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2)  # a "hang" handler never ends by itself
+
+    async def __aenter__(self) -> FakeSGLang:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._runner.cleanup()
+
+    def requests(self, path: str) -> list[dict]:
+        return [json.loads(body) for p, body in self.bodies if p == path]
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": "fake", "weight_version": self.version})
+
+    async def _control(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.bodies.append((request.path, body))
+        msg = json.loads(body)
+        match request.path:
+            case "/abort_request":
+                self._aborted.update(r for r in self._inflight if r.startswith(msg.get("rid") or "\0"))
+                return web.Response(status=200)
+            case "/pause_generation":
+                self.paused = True
+                self._resumed.clear()
+                if msg.get("mode", "abort") == "abort":
+                    self._aborted.update(self._inflight)
+                return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+            case "/continue_generation":
+                self.paused = False
+                self._resumed.set()
+                return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+            case "/update_weights_from_disk" | "/update_weights_from_distributed":
+                if msg.get("weight_version") is not None:
+                    self.version = msg["weight_version"]
+                return web.json_response({"success": True, "message": "Succeeded to update model weights."})
+        return web.json_response({"success": True, "message": "ok"})
+
+    def _event(self, rid: str, ids: list[int], seen: int, n: int, finish: dict | None) -> bytes:
+        """One chunk: `ids[:n]` generated so far, `seen` of them already sent."""
+        out = ids[seen:n] if self.incremental else ids[:n]
+        first = seen if self.incremental else 0
+        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": 3, "completion_tokens": n,
+                "cached_tokens": 0, "weight_version": self.version,
+                "output_token_logprobs": [[-(first + i + 1) / 100, t, None] for i, t in enumerate(out)],
+                "output_token_logprobs_length": n}
+        return b"data: " + json.dumps({"text": "", "output_ids": out, "meta_info": meta}).encode() + b"\n\n"
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.bodies.append((request.path, body))
+        req = json.loads(body)
+        rid, prompt, params = req["rid"], req["input_ids"], req.get("sampling_params", {})
+        fault = self.faults.get(rid)
+        if fault == "http_500":
+            return web.json_response({"object": "error", "message": "boom", "type": "500", "param": None,
+                                      "code": 500}, status=500)
+        if fault == "http_400":
+            return web.json_response({"error": "unknown field `max_tokens`"}, status=400)
+        await self._resumed.wait()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        budget, stops = params.get("max_new_tokens", 128), set(params.get("stop_token_ids") or ())
+        ids: list[int] = []
+        sent, finish = 0, None
+        self._inflight.add(rid)
+        try:
+            while finish is None:
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                if rid in self._aborted:
+                    finish = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+                elif len(ids) >= budget:
+                    finish = {"type": "length", "length": budget}
+                else:
+                    ids.append(token_at(prompt, len(ids)))
+                    if ids[-1] in stops:
+                        finish = {"type": "stop", "matched": ids[-1]}
+                if len(ids) == 2 and fault is not None:
+                    if await self._misbehave(fault, resp, rid, ids, sent):
+                        return resp
+                await resp.write(self._event(rid, ids, sent, len(ids), finish))
+                sent = len(ids)
+            await resp.write(b"data: [DONE]\n\n")
+        finally:
+            self._inflight.discard(rid)
+            self._aborted.discard(rid)
+        return resp
+
+    async def _misbehave(self, fault: str, resp: web.StreamResponse, rid: str, ids: list[int], sent: int) -> bool:
+        """Play `fault` at the second token; True when the response is over."""
+        match fault:
+            case "bad_json":
+                await resp.write(b'data: {"text": "a", "output_ids": [1,\n\n')
+            case "missing_field":
+                await resp.write(b'data: {"text": "a", "output_ids": [1, 2]}\n\n')
+            case "wrong_length":
+                event = json.loads(self._event(rid, ids, sent, len(ids), None)[6:])
+                event["output_ids"].append(99)
+                event["output_ids"].append(98)
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            case "error_event":
+                await resp.write(b'data: {"error":{"message":"Duplicate request ID detected: x",'
+                                 b'"type":"invalid_request_error","code":400,"retryable":false}}\n\n')
+                await resp.write(b"data: [DONE]\n\n")
+            case "hang":
+                await resp.write(self._event(rid, ids, sent, len(ids), None))
+                await asyncio.sleep(3600)
+            case "drop":
+                await resp.write(self._event(rid, ids, sent, len(ids), None))
+                request_transport = resp._req.transport
+                request_transport.close()
+            case "no_done":
+                await resp.write(self._event(rid, ids, sent, len(ids), None))
+            case "no_finish":
+                await resp.write(self._event(rid, ids, sent, len(ids), None))
+                await resp.write(b"data: [DONE]\n\n")
+            case _:
+                return False
+        return True

@@ -1,0 +1,171 @@
+"""The `sglang` client against scripted SGLang servers on loopback: streaming modes, faults, retries,
+abort, pause and weight-update fan-out. The real-model checks are in test_reference_server.py."""
+
+import asyncio
+
+import pytest
+from fake_sglang import FakeSGLang, token_at
+
+from engine.backends import (
+    BackendTimeout,
+    BadResponse,
+    HTTPStatusError,
+    Request,
+    RequestRejected,
+    Sampling,
+    ServerUnavailable,
+    SGLangBackend,
+    SGLangConfig,
+)
+
+PROMPT = [5, 6, 7]
+
+
+def backend(*servers: FakeSGLang, **cfg) -> SGLangBackend:
+    cfg.setdefault("health_interval_s", 60.0)
+    return SGLangBackend(SGLangConfig(urls=[s.url for s in servers], **cfg))
+
+
+async def run(b: SGLangBackend, rid: str, max_new_tokens: int = 5, prompt=PROMPT, **sampling):
+    chunks = [c async for c in b.generate(Request(
+        input_ids=list(prompt), request_id=rid, sampling=Sampling(max_new_tokens=max_new_tokens, **sampling)))]
+    ids = [t for c in chunks for t in c.token_ids]
+    logprobs = [lp for c in chunks for lp in c.logprobs]
+    return ids, logprobs, chunks
+
+
+@pytest.mark.parametrize("incremental", [False, True], ids=["cumulative", "incremental"])
+async def test_each_token_arrives_once_in_either_streaming_mode(incremental):
+    async with FakeSGLang(incremental=incremental) as s, backend(s) as b:
+        ids, logprobs, chunks = await run(b, "r0", max_new_tokens=6)
+    assert ids == [token_at(PROMPT, i) for i in range(6)]
+    assert logprobs == [-(i + 1) / 100 for i in range(6)]
+    assert all(c.finish is None for c in chunks[:-1])
+    fin = chunks[-1].finish
+    assert (fin.reason, fin.completion_tokens, fin.prompt_tokens, fin.retries) == ("length", 6, 3, 0)
+    assert fin.server == s.url and chunks[0].weight_version == "0"
+
+
+async def test_stop_token_ends_generation_and_is_kept():
+    stop = token_at(PROMPT, 2)
+    async with FakeSGLang() as s, backend(s) as b:
+        ids, _, chunks = await run(b, "r0", max_new_tokens=50, stop_token_ids=(stop,))
+    assert ids == [token_at(PROMPT, i) for i in range(3)]
+    assert (chunks[-1].finish.reason, chunks[-1].finish.matched) == ("stop", stop)
+
+
+EXPECTED = {
+    "bad_json": (BadResponse, "stream event"),
+    "missing_field": (BadResponse, "meta_info"),
+    "wrong_length": (BadResponse, "neither cumulative nor a delta"),
+    "http_500": (HTTPStatusError, "HTTP 500: boom"),
+    "http_400": (HTTPStatusError, "HTTP 400: unknown field `max_tokens`"),
+    "hang": (BackendTimeout, "no stream event within 0.5 s"),
+    "drop": (ServerUnavailable, "Payload"),
+    "error_event": (RequestRejected, "Duplicate request ID"),
+    "no_done": (ServerUnavailable, "stream closed before data: [DONE]"),
+    "no_finish": (BadResponse, "no finish_reason"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(EXPECTED))
+async def test_broken_response_gives_a_clear_error_and_others_are_served(fault):
+    error, words = EXPECTED[fault]
+    async with FakeSGLang(token_delay_s=0.01) as s, backend(s, read_timeout_s=0.5) as b:
+        s.faults["bad-1"] = fault
+        good = asyncio.create_task(run(b, "good-1", max_new_tokens=30))
+        with pytest.raises(error) as info:
+            await run(b, "bad-1")
+        ids, _, _ = await good
+        assert ids == [token_at(PROMPT, i) for i in range(30)]
+        assert s.url in str(info.value) and "request bad-1" in str(info.value) and words in str(info.value)
+        assert (info.value.url, info.value.request_id) == (s.url, "bad-1")
+        assert b.stats()[f"errors_{info.value.kind}"] == 1
+        await b.health()
+        ids, _, _ = await run(b, "good-2")
+        assert len(ids) == 5
+
+
+async def test_request_that_fails_mid_stream_continues_on_another_server_from_received_tokens():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s1.faults["r"] = s2.faults["r"] = "drop"
+        ids, logprobs, chunks = await run(b, "r", max_new_tokens=8)
+        retried = next(req for s in (s1, s2) for req in s.requests("/generate") if req["rid"] == "r@1")
+        assert b.stats()["ejections"] == 1 and b.router.healthy != b.router.servers
+    first = [token_at(PROMPT, 0), token_at(PROMPT, 1)]
+    # the dropped server sent two tokens; the retry extends the prompt by them and asks for 8 - 2 more
+    assert retried["input_ids"] == PROMPT + first
+    assert retried["sampling_params"]["max_new_tokens"] == 6
+    assert ids == first + [token_at(PROMPT + first, i) for i in range(6)]
+    assert logprobs == [-0.01, -0.02] + [-(i + 1) / 100 for i in range(6)]
+    assert (chunks[-1].finish.reason, chunks[-1].finish.retries, chunks[-1].finish.completion_tokens) == (
+        "length", 1, 8)
+
+
+async def test_no_retry_when_the_request_itself_is_rejected():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s1.faults["r"] = s2.faults["r"] = "http_400"
+        with pytest.raises(HTTPStatusError):
+            await run(b, "r")
+        assert len(s1.requests("/generate")) + len(s2.requests("/generate")) == 1
+        assert len(b.router.healthy) == 2
+
+
+async def test_abort_mid_stream_ends_with_abort_and_partial_tokens():
+    async with FakeSGLang(token_delay_s=0.01) as s, backend(s) as b:
+        got = []
+        async for chunk in b.generate(Request(input_ids=PROMPT, request_id="long",
+                                              sampling=Sampling(max_new_tokens=1000))):
+            got += chunk.token_ids
+            if len(got) >= 3 and not s.requests("/abort_request"):
+                await b.abort("long")
+            last = chunk
+        assert last.finish.reason == "abort" and 3 <= len(got) < 1000
+        assert got == [token_at(PROMPT, i) for i in range(len(got))]
+        assert s.requests("/abort_request") == [{"rid": "long"}]
+        assert b.stats()["aborts"] == 1
+
+
+async def test_pause_in_abort_mode_resubmits_after_resume_without_losing_tokens():
+    async with FakeSGLang(token_delay_s=0.01) as s, backend(s, pause_mode="abort") as b:
+        task = asyncio.create_task(run(b, "p", max_new_tokens=40))
+        while not s.requests("/generate") or b.stats().get("tokens", 0) < 5:
+            await asyncio.sleep(0.01)
+        await b.pause()
+        while len(s.requests("/generate")) < 2:  # resubmitted; the server holds it until continue
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        await b.resume()
+        ids, _, chunks = await task
+    first, second = s.requests("/generate")
+    k = len(second["input_ids"]) - len(PROMPT)
+    assert second["rid"] == "p@1" and second["sampling_params"]["max_new_tokens"] == 40 - k
+    assert ids[:k] == second["input_ids"][len(PROMPT):] and len(ids) == 40
+    assert chunks[-1].finish.reason == "length" and b.stats()["resubmits"] == 1
+    assert s.requests("/pause_generation") == [{"mode": "abort"}] and s.requests("/continue_generation") == [{}]
+
+
+async def test_weight_update_fans_out_and_reports_each_version():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        versions = await b.update_weights_from_disk("/ckpt/step-5", "5")
+        assert versions == {s1.url: "5", s2.url: "5"}
+        for s in (s1, s2):
+            assert [p for p, _ in s.bodies] == ["/pause_generation", "/update_weights_from_disk",
+                                                "/continue_generation"]
+            assert s.requests("/update_weights_from_disk") == [{"model_path": "/ckpt/step-5",
+                                                                "weight_version": "5"}]
+        ids, _, chunks = await run(b, "after")
+        assert chunks[0].weight_version == "5"
+
+
+async def test_ejected_server_is_readmitted_with_the_latest_weights():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2, health_interval_s=0.05) as b:
+        s2.healthy = False
+        while len(b.router.healthy) != 1:
+            await asyncio.sleep(0.02)
+        await b.update_weights_from_disk("/ckpt/step-1", "1")
+        assert s2.version == "0"
+        s2.healthy = True
+        while len(b.router.healthy) != 2:
+            await asyncio.sleep(0.02)
+        assert s2.version == "1" and b.stats()["readmissions"] == 1
