@@ -22,11 +22,11 @@ from contextlib import aclosing
 import aiohttp
 import msgspec
 
+from engine.backends import http
 from engine.backends.base import Backend, Chunk, Finish, Request, Sampling
 from engine.backends.config import SGLangConfig
 from engine.backends.errors import (
     BackendError,
-    BackendTimeout,
     BadResponse,
     HTTPStatusError,
     RequestRejected,
@@ -175,8 +175,14 @@ class SGLangBackend(Backend):
                 url = server.url
                 seen = 0
                 try:
-                    async with aclosing(self._events(server, wire_rid, body)) as events:
-                        async for ev in events:
+                    async with aclosing(http.sse_post(self._session, url, "/generate", body, wire_rid,
+                                                      self.cfg.read_timeout_s)) as events:
+                        async for payload in events:
+                            try:
+                                ev = _chunk.decode(payload)
+                            except msgspec.DecodeError as exc:
+                                raise self._bad_event(payload, exc, url, wire_rid) from None
+                            counters["chunks"] += 1
                             ids, logprobs = _new_tokens(ev, seen, url, wire_rid)
                             seen += len(ids)
                             received += ids
@@ -199,6 +205,7 @@ class SGLangBackend(Backend):
                             finish.cached_tokens = cached
                             finish.retries = retries
                             finish.server = url
+                            self.router.succeeded(server)
                             yield Chunk(ids, logprobs, meta.weight_version, finish)
                             return
                         else:
@@ -240,43 +247,6 @@ class SGLangBackend(Backend):
                 return Finish(reason="abort")
         return None
 
-    async def _events(self, server: Server, rid: str, body: bytes) -> AsyncIterator[wire.GenerateResponse]:
-        """Decoded SSE events of one /generate stream; transport faults become `BackendError`s."""
-        url = server.url
-        try:
-            async with self._session.post(url + "/generate", data=body) as resp:
-                if resp.status != 200:
-                    raise HTTPStatusError(resp.status, wire.error_message(await resp.read()), url=url,
-                                          request_id=rid)
-                buf = b""
-                async for data in resp.content.iter_any():
-                    buf += data
-                    if b"\n\n" not in data:
-                        continue
-                    *events, buf = buf.split(b"\n\n")
-                    for event in events:
-                        if not event.startswith(wire.SSE_PREFIX):
-                            raise BadResponse(f"SSE event without 'data: ': {event[:80]!r}", url=url,
-                                              request_id=rid)
-                        payload = event[6:]
-                        if payload == wire.SSE_DONE:
-                            self.router.succeeded(server)
-                            return
-                        try:
-                            ev = _chunk.decode(payload)
-                        except msgspec.DecodeError as exc:
-                            raise self._bad_event(payload, exc, url, rid) from None
-                        self.counters["chunks"] += 1
-                        yield ev
-                raise ServerUnavailable("stream closed before data: [DONE]", url=url, request_id=rid)
-        except BackendError:
-            raise
-        except TimeoutError:
-            raise BackendTimeout(f"no stream event within {self.cfg.read_timeout_s} s", url=url,
-                                 request_id=rid) from None
-        except aiohttp.ClientError as exc:
-            raise ServerUnavailable(f"{type(exc).__name__}: {exc}", url=url, request_id=rid) from None
-
     @staticmethod
     def _bad_event(payload: bytes, exc: Exception, url: str, rid: str) -> BackendError:
         """An in-stream error event (§1.6) as `RequestRejected`, anything else as `BadResponse`."""
@@ -302,20 +272,8 @@ class SGLangBackend(Backend):
     # --- control -----------------------------------------------------------------------------------
 
     async def _call(self, server: Server, method: str, path: str, msg: msgspec.Struct | None = None) -> bytes:
-        """One control request; non-2xx and transport faults become `BackendError`s naming the server."""
-        url = server.url
-        timeout = aiohttp.ClientTimeout(total=self.cfg.control_timeout_s)
-        data = None if msg is None else wire.encode(msg)
-        try:
-            async with self._session.request(method, url + path, data=data, timeout=timeout) as resp:
-                body = await resp.read()
-        except TimeoutError:
-            raise BackendTimeout(f"{path}: no answer within {self.cfg.control_timeout_s} s", url=url) from None
-        except aiohttp.ClientError as exc:
-            raise ServerUnavailable(f"{path}: {type(exc).__name__}: {exc}", url=url) from None
-        if resp.status >= 300:
-            raise HTTPStatusError(resp.status, f"{path}: {wire.error_message(body)}", url=url)
-        return body
+        return await http.call(self._session, method, server.url, path, None if msg is None else wire.encode(msg),
+                               self.cfg.control_timeout_s)
 
     async def _post(self, server: Server, path: str, msg: msgspec.Struct) -> bytes:
         return await self._call(server, "POST", path, msg)

@@ -1,0 +1,74 @@
+"""HTTP plumbing every HTTP backend shares: one SSE stream or one call, with every failure a `BackendError`.
+
+Server-sent events here are the subset SGLang and OpenAI-compatible servers send (contract §1.6): each
+event is `data: <json>` and a blank line, the last one `data: [DONE]`; no `event:`/`id:` lines. Bytes
+are split on the blank line as they arrive (one read may hold several events, or part of one), so a
+stream costs one await per network read, not per line.
+"""
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from engine.backends.errors import (
+    BackendError,
+    BackendTimeout,
+    BadResponse,
+    HTTPStatusError,
+    ServerUnavailable,
+)
+from protocol.sglang import SSE_DONE, SSE_PREFIX, error_message
+
+__all__ = ["sse_post", "call"]
+
+_SKIP = len(SSE_PREFIX)
+
+
+async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: bytes, rid: str,
+                   read_timeout_s: float) -> AsyncIterator[bytes]:
+    """POST `body` to `url + path` and yield each event's JSON payload until `[DONE]`.
+
+    Raises `HTTPStatusError` (non-200, with the server's error message), `BadResponse` (not SSE),
+    `BackendTimeout` (silence beyond the session's read timeout), `ServerUnavailable` (connection
+    refused or lost, or the stream ended without `[DONE]`), each naming `url` and `rid`.
+    """
+    try:
+        async with session.post(url + path, data=body) as resp:
+            if resp.status != 200:
+                raise HTTPStatusError(resp.status, error_message(await resp.read()), url=url, request_id=rid)
+            buf = b""
+            async for data in resp.content.iter_any():
+                buf += data
+                if b"\n\n" not in data:
+                    continue
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    if not event.startswith(SSE_PREFIX):
+                        raise BadResponse(f"SSE event without 'data: ': {event[:80]!r}", url=url, request_id=rid)
+                    payload = event[_SKIP:]
+                    if payload == SSE_DONE:
+                        return
+                    yield payload
+            raise ServerUnavailable("stream closed before data: [DONE]", url=url, request_id=rid)
+    except BackendError:
+        raise
+    except TimeoutError:
+        raise BackendTimeout(f"no stream event within {read_timeout_s} s", url=url, request_id=rid) from None
+    except aiohttp.ClientError as exc:
+        raise ServerUnavailable(f"{type(exc).__name__}: {exc}", url=url, request_id=rid) from None
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, path: str, data: bytes | None,
+               timeout_s: float) -> bytes:
+    """One request/response exchange; the body of a 2xx, else a `BackendError` naming the server."""
+    try:
+        async with session.request(method, url + path, data=data,
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            body = await resp.read()
+    except TimeoutError:
+        raise BackendTimeout(f"{path}: no answer within {timeout_s} s", url=url) from None
+    except aiohttp.ClientError as exc:
+        raise ServerUnavailable(f"{path}: {type(exc).__name__}: {exc}", url=url) from None
+    if resp.status >= 300:
+        raise HTTPStatusError(resp.status, f"{path}: {error_message(body)}", url=url)
+    return body
