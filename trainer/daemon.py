@@ -32,6 +32,10 @@ from trainer.publish import make_publisher
 
 __all__ = ["main", "Daemon"]
 
+ACK_GRACE_S = 0.2
+"""After the final checkpoint's commit, time for the receiver to send its acks before the socket closes
+(the engines would otherwise resend to the next trainer, which drops them as committed: no loss)."""
+
 
 def _seed(seed: int) -> None:
     import random
@@ -159,12 +163,12 @@ class Daemon:
         )
 
     async def run(self) -> int:
-        from protocol.channels import StatusPublisher, TrajectoryReceiver, decode_dedup_state
+        from protocol.channels import DedupState, StatusPublisher, TrajectoryReceiver
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        dedup = decode_dedup_state(self.dedup) if self.dedup else None
+        dedup = msgspec.msgpack.decode(self.dedup, type=DedupState) if self.dedup else None
         async with (
             TrajectoryReceiver(self.cfg.intake.endpoint, capacity=self.cfg.intake.capacity, dedup_state=dedup) as rx,
             StatusPublisher(self.cfg.intake.status_endpoint) as status,
@@ -180,6 +184,7 @@ class Daemon:
                     pumping = tg.create_task(pump.run())
                     await self._loop()
                     await self._checkpoint()
+                    await asyncio.sleep(ACK_GRACE_S)
                     pumping.cancel()
             finally:
                 if self.world.distributed:
@@ -250,14 +255,15 @@ class Daemon:
 
     async def _checkpoint(self) -> None:
         """Snapshot (no await in between, so it is consistent), write off the loop, then acknowledge."""
-        n = self._pump.uncommitted
+        covered = self._pump.pending()
         meta = CheckpointMeta(
             version=self.version, saved_at=time.time(), intake=self.intake.snapshot(),
-            dedup=msgspec.msgpack.encode(self.receiver.dedup_state()), counters=dict(self.counters),
+            dedup=msgspec.msgpack.encode(self.receiver.dedup_state(including=covered)),
+            counters=dict(self.counters),
         )
         state = self.learner.state_dict()
         path = await asyncio.to_thread(self.checkpointer.save, state, meta)
-        self._pump.covered_by_checkpoint(n)
+        self._pump.covered_by_checkpoint(len(covered))
         self.telemetry.event("checkpoint", version=self.version, path=str(path))
 
 

@@ -229,6 +229,10 @@ class IntakePump:
     def uncommitted(self) -> int:
         return len(self._uncommitted)
 
+    def pending(self) -> list:
+        """The deliveries not yet acknowledged, oldest first (a checkpoint covers these)."""
+        return list(self._uncommitted)
+
     async def run(self) -> None:
         """Receive forever (the daemon cancels it); waits while the intake is full."""
         while True:

@@ -98,19 +98,18 @@ class DiskPublisher:
 
 
 def init_weights_group(backend: str, store, world_size: int, group_name: str, timeout_s: float):
-    """Rank 0's side of SGLang's `init_custom_process_group`: a process group beside any default one.
+    """Rank 0's side of the weight-update group, laid out as SGLang's `init_custom_process_group`:
+    the group's keys under "{group_name}/" and the backend's under "{group_name}/{device}/" of the
+    TCPStore this trainer hosts, so an SGLang server (or engine/reference) joins unchanged.
+    Public APIs only; the group is independent of any torchrun default group."""
+    import torch.distributed as dist
 
-    The servers call the same helper with `tcp://address:port` (a client of `store`), prefixing the
-    store with the group name exactly as here, so both sides meet under the same keys.
-    """
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
-
-    pg, _ = _new_process_group_helper(
-        world_size, 0, [], Backend(backend), PrefixStore(group_name, store),
-        group_name=group_name, timeout=timedelta(seconds=timeout_s),
-    )
-    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
+    timeout = timedelta(seconds=timeout_s)
+    device = "cuda" if backend == "nccl" else "cpu"
+    prefix = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", store))
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(prefix, 0, world_size)
+    return dist.ProcessGroupGloo(prefix, 0, world_size, timeout)
 
 
 class DistributedPublisher:
@@ -156,15 +155,12 @@ class DistributedPublisher:
 
     async def close(self) -> None:
         """Leave the group on every server, then locally."""
-        import torch.distributed as dist
-
         if self._group is not None:
             req = DestroyWeightsUpdateGroupRequest(group_name=self.cfg.group_name)
             await asyncio.gather(
                 *(self._post(url, "/destroy_weights_update_group", req) for url in self.cfg.servers),
                 return_exceptions=True,
             )
-            dist.destroy_process_group(self._group)
             self._group = None
         if self._http is not None:
             await self._http.close()
@@ -185,10 +181,8 @@ class DistributedPublisher:
         return buckets
 
     def _broadcast(self, bucket) -> None:
-        import torch.distributed as dist
-
         for _, t in bucket:
-            dist.broadcast(t.detach().contiguous(), src=0, group=self._group)
+            self._group.broadcast([t.detach().contiguous()], 0).wait()
 
     async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
         """Send every tensor to every server; the servers serve `version` when this returns."""

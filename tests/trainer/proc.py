@@ -1,0 +1,84 @@
+"""The trainer daemon as a real child process (`python -m trainer CONFIG`) and its JSONL record."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trainer_toml(tmp: Path, model_dir, **sections) -> dict:
+    """A small, fast trainer config under `tmp`, with `sections` merged over the defaults."""
+    cfg = {
+        "learner": {"model": {"path": str(model_dir), "dtype": "float32"}, "optim": {"lr": 1e-3}},
+        "intake": {"endpoint": "tcp://127.0.0.1:0", "status_endpoint": "tcp://127.0.0.1:0", "batch_size": 4,
+                   "group_size": 2, "max_staleness": 1},
+        "checkpoint": {"dir": str(tmp / "ckpt"), "every_steps": 0},
+        "publish": {"type": "disk", "dir": str(tmp / "weights")},
+        "metrics": {"jsonl": str(tmp / "metrics.jsonl"), "console": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
+            cfg[name] = {**cfg[name], **values}
+        else:
+            cfg[name] = values
+    return cfg
+
+
+def records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainerProcess:
+    """One `python -m trainer` child; `start` waits for its `ready` record."""
+
+    def __init__(self, tmp: Path, cfg: dict, *, argv=("-m", "trainer"), env=None):
+        self.tmp = tmp
+        self.config = tmp / "trainer.toml"
+        self.config.write_text(tomli_w.dumps(cfg))
+        self.jsonl = Path(cfg["metrics"]["jsonl"])
+        self.argv = argv
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 120.0) -> dict:
+        seen = len([r for r in records(self.jsonl) if r.get("event") == "ready"])
+        self.starts += 1
+        log = open(self.tmp / f"trainer-{self.starts}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.argv, str(self.config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(self.env or {})},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready = [r for r in records(self.jsonl) if r.get("event") == "ready"]
+            if len(ready) > seen:
+                return ready[-1]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"trainer exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"trainer not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return (self.tmp / f"trainer-{self.starts}.log").read_text(errors="replace")[-4000:]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)

@@ -1,0 +1,169 @@
+"""The trainer daemon end to end: a real child process fed over the real trajectory channel.
+
+The producer (tests/trainer/producer.py) plays the engine: it samples groups from the tiny model,
+tags them with the trainer's current version (or an old one, to be dropped as stale), sends them with
+a TrajectorySender and follows the trainer's TrainerStatus on a StatusSubscriber.
+"""
+
+import asyncio
+import hashlib
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from protocol.channels import StatusSubscriber, TrajectorySender
+from protocol.messages import TrainerStatus, WeightsPublished
+from tests.trainer.proc import records, trainer_toml
+from tests.trainer.producer import Producer
+
+pytestmark = pytest.mark.slow
+
+
+class Watcher:
+    """Records every status-channel change the trainer publishes."""
+
+    def __init__(self, sub: StatusSubscriber):
+        self.sub = sub
+        self.seen: list = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self):
+        while True:
+            self.seen.append(await self.sub.recv())
+
+    async def version(self, at_least: int, timeout: float = 120.0) -> TrainerStatus:
+        async with asyncio.timeout(timeout):
+            while (s := self.sub.latest_status) is None or s.version < at_least:
+                await asyncio.sleep(0.05)
+        return s
+
+    def statuses(self) -> list[TrainerStatus]:
+        return [m for m in self.seen if isinstance(m, TrainerStatus)]
+
+    def close(self):
+        self._task.cancel()
+
+
+def timeline(recs: list[dict]) -> dict[int, list[str]]:
+    """Trajectory ids each version's step used, as the run finally stands: a resume at version v
+    supersedes steps >= v recorded before it."""
+    steps: dict[int, list[str]] = {}
+    for r in recs:
+        if r["event"] == "resume":
+            steps = {v: ids for v, ids in steps.items() if v < r["version"]}
+        elif r["event"] == "step":
+            steps[r["version"]] = r["ids"]
+    return steps
+
+
+async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_model_dir, trainer_process):
+    trainer = trainer_process(trainer_toml(tmp_path, tiny_model_dir))
+    ready = trainer.start()
+    producer = Producer(tiny_model_dir)
+    stale_ids, fresh_ids = [], []
+    async with (
+        StatusSubscriber(ready["status_endpoint"]) as sub,
+        TrajectorySender(ready["endpoint"], "engine-test") as tx,
+    ):
+        watch = Watcher(sub)
+        for k in range(3):
+            await watch.version(k)
+            if k == 2:  # version 0 trained at version 2: staleness 2 > max_staleness 1
+                for t in producer.group(f"old{k}", version=0, size=2):
+                    stale_ids.append(t.id)
+                    await tx.send(t)
+            for g in range(2):
+                for t in producer.group(f"s{k}g{g}", version=k, size=2):
+                    fresh_ids.append(t.id)
+                    await tx.send(t)
+        final = await watch.version(3)
+        await asyncio.sleep(0.2)
+        trainer.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
+        assert await tx.flush(timeout=10), f"the SIGTERM checkpoint should have committed every delivery: {tx.stats}"
+        watch.close()
+
+    # TrainerStatus at start and after every step, consumed counting trajectories used; then "stopped"
+    statuses = watch.statuses()
+    assert [s.version for s in statuses if s.health == "ok"] == [0, 1, 2, 3]
+    assert [s.consumed for s in statuses if s.health == "ok"] == [0, 4, 8, 12]
+    assert statuses[-1].health == "stopped"
+    assert final.consumed == 12 and final.batch_size == 4 and final.max_staleness == 1
+
+    recs = records(trainer.jsonl)
+    steps = [r for r in recs if r["event"] == "step"]
+    used = [i for r in steps for i in r["ids"]]
+    assert sorted(used) == sorted(fresh_ids) and not set(used) & set(stale_ids)
+    assert steps[-1]["metrics"]["trainer/intake/stale_dropped"] == 2
+    for r in steps:  # groups kept whole
+        assert set(Counter(i.rsplit("-", 1)[0] for i in r["ids"]).values()) == {2}
+        assert all(abs(v) < float("inf") for v in r["metrics"].values())
+
+    # a WeightsPublished per step; files match checksums and differ from the initial weights
+    published = [m for m in watch.seen if isinstance(m, WeightsPublished)]
+    assert [p.version for p in published] == [1, 2, 3]
+    last = Path(published[-1].source.path)
+    digest = hashlib.sha256((last / "model.safetensors").read_bytes()).hexdigest()
+    assert published[-1].checksum == f"sha256:{digest}"
+    new, old = load_file(last / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert set(new) == set(old)
+    assert any(not (new[k] == old[k]).all() for k in old), "training should change the weights"
+    assert (last / "config.json").exists() and (last / "tokenizer.json").exists()
+
+    # SIGTERM wrote a checkpoint at the last version
+    assert (tmp_path / "ckpt" / "step-00000003" / "model.safetensors").exists()
+
+
+async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_path, tiny_model_dir, trainer_process):
+    cfg = trainer_toml(
+        tmp_path, tiny_model_dir,
+        intake={"endpoint": f"ipc://{tmp_path}/traj", "status_endpoint": f"ipc://{tmp_path}/status"},
+        checkpoint={"every_steps": 2}, publish={"type": "none"},
+    )
+    trainer = trainer_process(cfg)
+    trainer.start()
+    producer = Producer(tiny_model_dir, seed=1)
+    sent: list[str] = []
+    steps = 5
+    async with TrajectorySender(cfg["intake"]["endpoint"], "engine-test", resend_after_s=1.0) as tx:
+        async with StatusSubscriber(cfg["intake"]["status_endpoint"]) as sub:
+            watch = Watcher(sub)
+            for k in range(4):
+                await watch.version(k)
+                for g in range(2):
+                    for t in producer.group(f"s{k}g{g}", version=k, size=2):
+                        sent.append(t.id)
+                        await tx.send(t)
+            await watch.version(3)  # step 3's data is sent; the checkpoint at version 2 is durable
+            watch.close()
+        trainer.signal(signal.SIGKILL)
+        await asyncio.to_thread(trainer.wait)
+        trainer.start()  # resumes from step-00000002; the sender resends what was not committed
+        async with StatusSubscriber(cfg["intake"]["status_endpoint"]) as sub:
+            watch = Watcher(sub)
+            status = await watch.version(2)
+            for k in range(status.version, steps):
+                await watch.version(k)
+                if k >= 4:
+                    for g in range(2):
+                        for t in producer.group(f"s{k}g{g}", version=k, size=2):
+                            sent.append(t.id)
+                            await tx.send(t)
+            await watch.version(steps)
+            watch.close()
+        trainer.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
+        assert await tx.flush(timeout=10)
+
+    recs = records(trainer.jsonl)
+    resumes = [r for r in recs if r["event"] == "resume"]
+    assert [r["version"] for r in resumes] == [2]
+    used = timeline(recs)
+    assert sorted(used) == list(range(steps))
+    ids = [i for v in sorted(used) for i in used[v]]
+    assert len(ids) == len(set(ids)), "a trajectory was used twice"
+    assert sorted(ids) == sorted(sent), "a trajectory was lost"
+    assert (tmp_path / "ckpt" / f"step-{steps:08d}").exists()
