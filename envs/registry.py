@@ -39,7 +39,7 @@ __all__ = [
 ID_PATTERN = re.compile(r"^(?P<suite>[a-z][a-z0-9_]*):(?P<name>[A-Za-z][A-Za-z0-9_]*)-v(?P<version>\d+)$")
 """`suite:Name-vN`: a lowercase suite, a CamelCase name, a version bumped when results would change."""
 
-BUILTIN_SUITES = ("envs.games", "envs.math", "envs.code", "envs.qa", "envs.adapters")
+BUILTIN_SUITES = ("envs.games", "envs.math", "envs.code", "envs.qa", "envs.adapters.gem", "envs.adapters.agentgym")
 """Modules that register the built-in ids; a module not present in this build is skipped."""
 
 ENTRY_POINT_GROUP = "tidal.envs"
@@ -107,7 +107,11 @@ def _load_suites() -> None:
         return
     _loaded = True
     for module in BUILTIN_SUITES:
-        if importlib.util.find_spec(module) is not None:
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is not in this build
+            present = False
+        if present:
             importlib.import_module(module)
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         target = ep.load()

@@ -1,0 +1,172 @@
+"""`gem:<GEM id>`: environments of the gem-llm package, run unchanged, each with its own RNG.
+
+    env = envs.make("gem:game:GuessTheNumber-v0-easy")
+    env = envs.make("gem:rg:letter_counting", wrappers="python_tool_no_int_reward")
+
+GEM's `Env.reset(seed)` reseeds the process-wide `random` and its games draw from it, so two GEM
+episodes stepped in turn (as the engine does, 1024 at once) would consume one shared stream and
+stop being reproducible. Saving and restoring RNG state around each call would cost ~100 us per
+step (numpy's get_state alone is ~40 us), thirty times a GEM game step. Instead the `random` name
+inside GEM's modules is bound to a proxy that forwards to the Random of the env being called (a
+thread-local, so offloaded envs in threads keep theirs), and GEM's `set_seed` seeds that Random.
+Outside an adapter call the proxy forwards to the real module, so GEM's own code (its vector envs)
+behaves as before. Invariant: a `gem:` episode is a function of its seed and actions alone, and
+equals the episode plain GEM gives for that seed in a fresh process.
+
+Departure: GEM's `set_seed` also reseeds numpy's global RNG; no GEM env draws from it (Sokoban uses
+its own Generator), so the adapter leaves numpy's global state alone.
+"""
+
+import random
+import sys
+import threading
+import types
+from typing import Any
+
+from envs.core import Env, StepResult
+from envs.registry import register_prefix
+
+__all__ = ["GemEnv", "gem_ids", "INSTALL_HINT"]
+
+INSTALL_HINT = "pip install -e '.[gem]'  (gem-llm==0.1.0)"
+
+CHEAP_SUITES = ("game:", "rg:")
+"""GEM suites whose steps are pure Python in microseconds: called inline. Others (math-verify pools,
+code sandboxes, tool wrappers) block and are offloaded."""
+
+_local = threading.local()
+_patched: set[str] = set()
+_original_set_seed = None
+
+
+class _RandomProxy(types.ModuleType):
+    """Stands in for `random` inside GEM modules: attributes come from the calling env's Random."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(getattr(_local, "rng", None) or random, name)
+
+
+_proxy = _RandomProxy("random")
+
+
+def _isolated_set_seed(seed: int | None = None) -> None:
+    """GEM's `seeding.set_seed`, aimed at the calling env's Random instead of the global one."""
+    rng = getattr(_local, "rng", None)
+    if rng is None:
+        _original_set_seed(seed)
+    else:
+        rng.seed(seed)
+
+
+def _import_gem():
+    try:
+        import gem
+    except ImportError:
+        raise ImportError(f"gem: ids need the gem-llm package: {INSTALL_HINT}") from None
+    return gem
+
+
+def _patch_gem_modules() -> None:
+    """Point `random` in every loaded GEM module at the proxy (GEM imports env modules lazily)."""
+    global _original_set_seed
+    for name, module in list(sys.modules.items()):
+        if name in _patched or not (name == "gem" or name.startswith("gem.")) or module is None:
+            continue
+        _patched.add(name)
+        if getattr(module, "random", None) is random:
+            module.random = _proxy
+        if name == "gem.utils.seeding" and _original_set_seed is None:
+            _original_set_seed = module.set_seed
+            module.set_seed = _isolated_set_seed
+
+
+class GemEnv(Env):
+    """One GEM env (optionally wrapped by GEM's own wrappers), behind tidal's Env API.
+
+    Args:
+        gem_id: a GEM registry id, e.g. "game:Mastermind-v0-easy" or "rg:arc_1d".
+        wrappers: GEM wrapper names, comma-separated, applied in order as GEM's
+            `get_wrapper_fns` does (e.g. "python_tool,concat"); tool wrappers make the env blocking.
+        blocking: override the inline/offloaded choice made from the suite and wrappers.
+        **kwargs: passed to `gem.make` (GEM's constructor arguments, e.g. max_turns).
+    """
+
+    def __init__(self, gem_id: str, wrappers: str = "", blocking: bool | None = None, **kwargs: Any):
+        gem = _import_gem()
+        _patch_gem_modules()
+        self.gem_id = gem_id
+        self.rng = random.Random()
+        with self._own_rng():
+            try:
+                inner = gem.make(gem_id, **kwargs)
+            except ValueError as exc:
+                raise ValueError(f"gem:{gem_id}: {exc}") from None
+            _patch_gem_modules()
+            if wrappers:
+                from gem.wrappers.wrapper_factory import get_wrapper_fns
+
+                for wrap in get_wrapper_fns(wrappers):
+                    inner = wrap(inner)
+                _patch_gem_modules()
+        self.gem_env = inner
+        default = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
+        self._blocking = (not default) if blocking is None else blocking
+
+    @property
+    def blocking(self) -> bool:  # type: ignore[override]
+        return self._blocking
+
+    def _own_rng(self, rng: random.Random | None = None) -> "_Active":
+        return _Active(rng or self.rng)
+
+    def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
+        prev, _local.rng = getattr(_local, "rng", None), self.rng
+        try:
+            return self.gem_env.reset(seed=seed)
+        finally:
+            _local.rng = prev
+
+    def step(self, action: str) -> StepResult:
+        prev, _local.rng = getattr(_local, "rng", None), self.rng
+        try:
+            obs, reward, terminated, truncated, info = self.gem_env.step(action)
+        finally:
+            _local.rng = prev
+        return obs, float(reward), bool(terminated), bool(truncated), info
+
+    def sample_action(self, rng: random.Random) -> str:
+        """GEM's `sample_random_action`, drawing from `rng` so the episode's own stream is untouched."""
+        with self._own_rng(rng):
+            return self.gem_env.sample_random_action()
+
+    def close(self) -> None:
+        close = getattr(self.gem_env, "close", None)
+        if close is not None:
+            close()
+
+
+class _Active:
+    """Makes `rng` the Random that GEM's `random` resolves to in this thread, for a block."""
+
+    __slots__ = ("rng", "prev")
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def __enter__(self) -> None:
+        self.prev, _local.rng = getattr(_local, "rng", None), self.rng
+
+    def __exit__(self, *exc: object) -> None:
+        _local.rng = self.prev
+
+
+def gem_ids() -> list[str]:
+    """GEM's registered ids, or none when gem-llm is not installed."""
+    try:
+        gem = _import_gem()
+    except ImportError:
+        return []
+    return sorted(gem.envs.registration.ENV_REGISTRY)
+
+
+register_prefix("gem", GemEnv, ids=gem_ids)

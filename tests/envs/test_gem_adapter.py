@@ -1,0 +1,115 @@
+"""The gem: adapter, with real gem-llm envs: same episodes as plain GEM, RNG isolated, tools work."""
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gem")
+
+import envs  # noqa: E402
+
+GAME = "game:GuessTheNumber-v0-hard"
+SCRIPT = ["\\boxed{25}", "\\boxed{12}", "\\boxed{37}", "\\boxed{6}", "\\boxed{44}", "\\boxed{3}", "\\boxed{48}"]
+
+
+def transcript(env, seed, actions):
+    out = [env.reset(seed)[0]]
+    for a in actions:
+        obs, reward, terminated, truncated, _ = env.step(a)
+        out.append([obs, reward, terminated, truncated])
+        if terminated or truncated:
+            break
+    return out
+
+
+def test_same_episodes_as_plain_gem_in_a_fresh_process():
+    code = f"""
+import json, gem
+env = gem.make({GAME!r})
+out = []
+for seed in (0, 1, 2):
+    t = [env.reset(seed=seed)[0]]
+    for a in {SCRIPT!r}:
+        obs, r, te, tr, _ = env.step(a)
+        t.append([obs, float(r), bool(te), bool(tr)])
+        if te or tr:
+            break
+    out.append(t)
+print(json.dumps(out))
+"""
+    plain = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    env = envs.make(f"gem:{GAME}")
+    assert not env.blocking  # a GEM game is cheap: called inline
+    ours = [transcript(env, seed, SCRIPT) for seed in (0, 1, 2)]
+    assert ours == plain
+    assert len({json.dumps(t) for t in ours}) == 3
+
+
+async def test_interleaved_episodes_equal_sequential_ones():
+    ids = ["game:GuessTheNumber-v0-hard", "game:Mastermind-v0-easy", "game:Minesweeper-v0-easy"]
+
+    def policy_for(seed):
+        rng = random.Random(seed)
+        env_for_actions = envs.make(f"gem:{ids[seed % 3]}")
+        return lambda obs: env_for_actions.sample_action(rng)
+
+    sequential = []
+    for seed in range(9):
+        env = envs.make(f"gem:{ids[seed % 3]}")
+        sequential.append(await envs.run_episode(env, policy_for(seed), seed=seed, max_turns=6))
+
+    async def one(seed):
+        env = envs.make(f"gem:{ids[seed % 3]}")
+        policy = policy_for(seed)
+
+        async def yielding(obs):
+            await asyncio.sleep(0)  # hand the loop to the other episodes between every step
+            return policy(obs)
+
+        return await envs.run_episode(env, yielding, seed=seed, max_turns=6)
+
+    random.seed(999)
+    interleaved = await asyncio.gather(*(one(s) for s in range(9)))
+    for a, b in zip(sequential, interleaved, strict=True):
+        assert (a.observations, a.actions, a.rewards) == (b.observations, b.actions, b.rewards)
+    assert len({tuple(e.observations) for e in sequential}) == 9
+
+
+def test_global_rng_is_left_alone():
+    env = envs.make(f"gem:{GAME}")
+    random.seed(42)
+    expected = [random.random() for _ in range(3)]
+    random.seed(42)
+    got = [random.random()]
+    env.reset(7)
+    env.step(env.sample_action(random.Random(1)))
+    got += [random.random(), random.random()]
+    assert got == expected
+
+
+def test_reasoning_gym_env_scores_the_right_answer():
+    env = envs.make("gem:rg:basic_arithmetic")
+    question, _ = env.reset(3)
+    answer = env.gem_env.data["answer"]
+    assert question and env.step(f"so \\boxed{{{answer}}}")[1:4] == (1.0, True, True)
+    env.reset(3)
+    assert env.step("\\boxed{not a number}")[1] == 0.0
+
+
+async def test_gem_tool_wrapper_runs_unchanged_and_offloaded():
+    env = envs.make("gem:game:GuessTheNumber-v0-easy", wrappers="python_tool_no_int_reward")
+    assert env.blocking
+    obs, _ = await env.areset(0)
+    assert "<python>" in obs
+    obs, reward, terminated, truncated, info = await env.astep("<python>print(2+3)</python>")
+    assert "Code execution result: 5" in obs and info["use_tool"] and not terminated
+
+
+def test_unknown_gem_id_names_it():
+    with pytest.raises(ValueError, match="gem:game:NoSuchGame-v0"):
+        envs.make("gem:game:NoSuchGame-v0")
+    assert "gem:game:GuessTheNumber-v0-easy" in envs.list("gem")
