@@ -13,21 +13,25 @@ MAX_ACTION_CHARS = 65536
 r"""Only the last this-many characters are parsed: answers come last, and a 10 MB action stays cheap."""
 
 _BOXED = re.compile(r"\\boxed\s*\{")
+_BRACE = re.compile(r"[{}]")
 
 
 def extract_boxed(text: str) -> str | None:
-    r"""The content of the last `\boxed{...}` (nested braces allowed), stripped; None when absent."""
+    r"""The content of the last `\boxed{...}` that closes (nested braces allowed), stripped; else None."""
     text = text[-MAX_ACTION_CHARS:]
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
+    starts = [m.end() - 1 for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    closing: dict[int, int] = {}
+    opened: list[int] = []
+    for m in _BRACE.finditer(text, starts[0]):
+        if m.group() == "{":
+            opened.append(m.start())
+        elif opened:
+            closing[opened.pop()] = m.start()
+    for brace in reversed(starts):
+        if brace in closing:
+            return text[brace + 1 : closing[brace]].strip()
     return None
 
 
