@@ -34,6 +34,11 @@ CHEAP_SUITES = ("game:", "rg:")
 """GEM suites whose steps are pure Python in microseconds: called inline. Others (math-verify pools,
 code sandboxes, tool wrappers) block and are offloaded."""
 
+_GLOBAL_RNG_FUNCTIONS = frozenset(
+    name for name in dir(random) if getattr(getattr(random, name), "__self__", None) is random._inst
+)
+"""`random.randint` & co.: the module functions that are methods of the hidden global Random."""
+
 _local = threading.local()
 _patched: set[str] = set()
 _original_set_seed = None
@@ -43,7 +48,10 @@ class _RandomProxy(types.ModuleType):
     """Stands in for `random` inside GEM modules: attributes come from the calling env's Random."""
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(getattr(_local, "rng", None) or random, name)
+        rng = getattr(_local, "rng", None)
+        if rng is not None and name in _GLOBAL_RNG_FUNCTIONS:
+            return getattr(rng, name)
+        return getattr(random, name)
 
 
 _proxy = _RandomProxy("random")
