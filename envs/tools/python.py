@@ -163,13 +163,18 @@ def extract_code(action: str) -> tuple[str, str] | None:
 
 
 class PythonTool:
-    """Offers `run_python` to the agent: `<python>code</python>` in, the program's output out."""
+    """Offers `run_python` to the agent: `<python>code</python>` in, the program's output out.
+
+    `fenced=False` accepts only `<python>` tags, leaving ```python blocks to the env (the code env
+    reads its final answer from one).
+    """
 
     name = "python"
     blocking = True
 
-    def __init__(self, limits: SandboxLimits = SandboxLimits()):
+    def __init__(self, limits: SandboxLimits = SandboxLimits(), fenced: bool = True):
         self.limits = limits
+        self.fenced = fenced
 
     def instruction(self) -> str:
         return (
@@ -179,6 +184,9 @@ class PythonTool:
         )
 
     def parse(self, action: str) -> tuple[str, str] | None:
+        if not self.fenced:
+            m = _PYTHON_TAG.search(action)
+            return None if m is None else (m.group(1).strip("\n"), action[: m.end()])
         return extract_code(action)
 
     def run(self, code: str) -> str:
