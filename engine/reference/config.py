@@ -14,6 +14,7 @@ from msgspec import Meta
 from engine.reference.scheduler import Scheduler
 from engine.reference.simulate import SimulateConfig
 from protocol.config import Strict
+from protocol.errors import ConfigError
 
 __all__ = ["ServeConfig", "ServerSection", "ModelSection", "ServerState"]
 
@@ -67,9 +68,10 @@ class ServeConfig(Strict):
     model: ModelSection = msgspec.field(default_factory=ModelSection)
     simulate: SimulateConfig = msgspec.field(default_factory=SimulateConfig)
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """Cross-field rule, run after loading (the loader builds a bare default first)."""
         if self.mode == "model" and not self.model.path:
-            raise ValueError("mode = 'model' needs model.path (--model PATH), or use --simulate")
+            raise ConfigError("mode = 'model' needs model.path (--model PATH), or use --simulate")
 
 
 @dataclass

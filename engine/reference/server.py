@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(args.overrides) + _flag_overrides(args)
     try:
         cfg = config_from_args(ServeConfig, args)
+        if cfg is not None:
+            cfg.check()
     except ConfigError as exc:
         print(f"tidal serve: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,52 @@
+"""Plain-aiohttp helpers for the reference server tests: they read the wire format as it is."""
+
+import json
+
+import aiohttp
+
+
+async def post(url: str, body, *, raw: bytes | None = None, headers=None) -> tuple[int, object]:
+    """POST JSON (or raw bytes); return (status, parsed JSON or text)."""
+    async with aiohttp.ClientSession() as session:
+        data = raw if raw is not None else json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        async with session.post(url, data=data, headers=hdrs) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+
+async def get(url: str, headers=None) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers=headers) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+
+def parse_sse(payload: str) -> tuple[list[dict], bool]:
+    """Split an SSE body into its JSON events; also whether it ended with `data: [DONE]`."""
+    events, done = [], False
+    for block in payload.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), f"not an SSE data event: {block!r}"
+        data = block[len("data: "):]
+        assert not done, "event after [DONE]"
+        if data == "[DONE]":
+            done = True
+        else:
+            events.append(json.loads(data))
+    return events, done
+
+
+async def stream(url: str, body) -> tuple[int, list[dict], bool]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            events, done = parse_sse(await resp.text())
+            return resp.status, events, done

@@ -1,0 +1,246 @@
+"""`/generate` of the reference server against the contract (§1) and a direct forward pass.
+
+Logprobs are checked against the definition the trainer relies on (runner.py): the sampled token's
+log-probability under softmax(logits / T) over the full vocabulary, T = 1 when greedy.
+"""
+
+import asyncio
+
+import pytest
+import torch
+from refserver_http import get, post, stream
+
+META_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
+             "e2e_latency", "num_retractions", "reasoning_tokens", "weight_versions",
+             "output_token_logprobs_length", "input_token_logprobs", "output_token_logprobs"}
+
+PROMPT = [9, 40, 77, 120, 33]
+
+
+def teacher_forced(model, prompt: list[int], output: list[int], temperature: float = 1.0):
+    """One forward pass over prompt + output: for each output position, the logprob of the token
+    taken under log softmax(logits / T) and the greedy (argmax) choice there."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0].float()
+    steps = logits[len(prompt) - 1: len(prompt) - 1 + len(output)]
+    logp = torch.log_softmax(steps / temperature, dim=-1)
+    return logp[torch.arange(len(output)), torch.tensor(output)].tolist(), steps.argmax(-1).tolist()
+
+
+def direct_logprobs(model, prompt: list[int], output: list[int], temperature: float) -> list[float]:
+    return teacher_forced(model, prompt, output, temperature)[0]
+
+
+async def gen(server, body):
+    return await post(server.url + "/generate", body)
+
+
+async def test_non_stream_response_matches_contract_and_forward_pass(model_server, tiny_model):
+    model, _ = tiny_model
+    status, body = await gen(model_server, {
+        "input_ids": PROMPT, "rid": "traj7-turn2", "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+    })
+    assert status == 200
+    assert set(body) == {"text", "output_ids", "meta_info"}
+    meta = body["meta_info"]
+    assert META_KEYS <= set(meta)
+    assert meta["id"] == "traj7-turn2"
+    assert meta["finish_reason"] == {"type": "length", "length": 6}
+    assert meta["prompt_tokens"] == 5 and meta["completion_tokens"] == 6 and meta["cached_tokens"] == 0
+    assert meta["weight_version"] == "default"
+    assert meta["weight_versions"] == [{"version": "default", "start": 0, "end": 6}]
+    assert meta["input_token_logprobs"] == []
+    assert meta["output_token_logprobs_length"] == 6
+    expected, greedy = teacher_forced(model, PROMPT, body["output_ids"])
+    assert body["output_ids"] == greedy
+    triples = meta["output_token_logprobs"]
+    assert [t[1] for t in triples] == body["output_ids"] and all(t[2] is None for t in triples)
+    assert [t[0] for t in triples] == pytest.approx(expected, abs=1e-4)
+
+
+async def test_sampled_logprobs_are_tempered_full_vocab(model_server, tiny_model):
+    model, _ = tiny_model
+    params = {"max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "sampling_seed": 123}
+    _, a = await gen(model_server, {"input_ids": PROMPT, "return_logprob": True, "sampling_params": params})
+    _, b = await gen(model_server, {"input_ids": PROMPT, "return_logprob": True, "sampling_params": params})
+    assert a["output_ids"] == b["output_ids"], "sampling_seed makes sampling reproducible"
+    got = [t[0] for t in a["meta_info"]["output_token_logprobs"]]
+    # before top-k/top-p: the tempered full-vocabulary distribution, not the truncated one
+    assert got == pytest.approx(direct_logprobs(model, PROMPT, a["output_ids"], 0.7), abs=1e-4)
+
+
+async def test_stop_token_is_kept_with_its_logprob(model_server, tiny_model):
+    model, _ = tiny_model
+    greedy8 = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    _, body = await gen(model_server, {"input_ids": PROMPT, "sampling_params": greedy8})
+    free = body["output_ids"]
+    assert free == teacher_forced(model, PROMPT, free)[1]
+    stop = free[3]
+    first = free.index(stop)
+    _, body = await gen(model_server, {"input_ids": PROMPT, "return_logprob": True,
+                                       "sampling_params": {**greedy8, "stop_token_ids": [stop]}})
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert body["output_ids"] == free[: first + 1]
+    triples = body["meta_info"]["output_token_logprobs"]
+    assert len(triples) == first + 1 and triples[-1][1] == stop
+    assert triples[-1][0] == pytest.approx(direct_logprobs(model, PROMPT, free[: first + 1], 1.0)[-1], abs=1e-4)
+
+
+async def test_eos_stops_unless_ignored(model_server, tiny_model):
+    _, tok = tiny_model
+    eos = tok.eos_token_id
+    bias = {"logit_bias": {str(eos): 100.0}, "max_new_tokens": 4, "temperature": 0}
+    _, body = await gen(model_server, {"input_ids": PROMPT, "sampling_params": bias})
+    assert body["output_ids"] == [eos] and body["text"] == ""
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+    _, body = await gen(model_server, {"input_ids": PROMPT, "sampling_params": {**bias, "ignore_eos": True}})
+    assert body["output_ids"] == [eos] * 4
+    assert body["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+
+
+async def test_stop_string_trimmed_unless_no_stop_trim(model_server, tiny_model):
+    _, tok = tiny_model
+    z = tok.convert_tokens_to_ids("Z")
+    params = {"logit_bias": {str(z): 100.0}, "max_new_tokens": 10, "temperature": 0, "stop": ["ZZZ"]}
+    _, body = await gen(model_server, {"text": "hi", "sampling_params": params})
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": "ZZZ"}
+    assert body["output_ids"] == [z, z, z] and body["text"] == ""
+    _, body = await gen(model_server, {"text": "hi", "sampling_params": {**params, "no_stop_trim": True}})
+    assert body["text"] == "ZZZ"
+    assert body["meta_info"]["prompt_tokens"] == len(tok("hi")["input_ids"])
+
+
+async def test_zero_max_new_tokens_and_min_new_tokens(model_server, tiny_model):
+    _, tok = tiny_model
+    _, body = await gen(model_server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}})
+    assert body["output_ids"] == [] and body["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    eos = tok.eos_token_id
+    params = {"logit_bias": {str(eos): 100.0}, "max_new_tokens": 5, "min_new_tokens": 3, "temperature": 0}
+    _, body = await gen(model_server, {"input_ids": PROMPT, "sampling_params": params})
+    assert eos not in body["output_ids"][:3] and body["output_ids"][3] == eos
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+
+
+async def test_input_and_top_logprobs(model_server, tiny_model):
+    model, _ = tiny_model
+    _, body = await gen(model_server, {
+        "input_ids": PROMPT, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3,
+        "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+    })
+    meta = body["meta_info"]
+    inputs = meta["input_token_logprobs"]
+    assert [t[1] for t in inputs] == PROMPT and inputs[0][0] is None
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0].float(), -1)
+    expected = [float(logp[i, PROMPT[i + 1]]) for i in range(len(PROMPT) - 1)]
+    assert [t[0] for t in inputs[1:]] == pytest.approx(expected, abs=1e-4)
+    tops = meta["output_top_logprobs"]
+    assert len(tops) == 3 and all(len(t) == 3 for t in tops)
+    for top, (lp, token, text) in zip(tops, meta["output_token_logprobs"], strict=True):
+        assert top[0][1] == token and top[0][0] == pytest.approx(lp)  # greedy: the argmax is first
+        assert isinstance(text, str)
+
+
+async def test_batch_and_n(model_server, tiny_model):
+    model, _ = tiny_model
+    other = [50, 51]
+    status, body = await gen(model_server, {"input_ids": [PROMPT, other], "rid": "b",
+                                            "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
+    assert status == 200 and isinstance(body, list) and len(body) == 2
+    assert [b["meta_info"]["id"] for b in body] == ["b_0", "b_1"]
+    assert body[0]["output_ids"] == teacher_forced(model, PROMPT, body[0]["output_ids"])[1]
+    assert body[1]["output_ids"] == teacher_forced(model, other, body[1]["output_ids"])[1]
+    _, body = await gen(model_server, {"input_ids": PROMPT, "rid": "mine",
+                                       "sampling_params": {"max_new_tokens": 2, "n": 3}})
+    assert len(body) == 3 and len({b["meta_info"]["id"] for b in body} | {"mine"}) == 4
+
+
+async def test_concurrent_requests_are_batched_and_exact(model_server, tiny_model):
+    model, _ = tiny_model
+    prompts = [PROMPT[: 2 + i % 4] + [60 + i] for i in range(6)]
+    _, before = await get(model_server.url + "/server_info")
+    steps_before = before["internal_states"][0]["num_decode_steps"]
+    bodies = await asyncio.gather(*(gen(model_server, {
+        "input_ids": p, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+    }) for p in prompts))
+    _, after = await get(model_server.url + "/server_info")
+    state = after["internal_states"][0]
+    assert state["max_batch_size_seen"] >= 2
+    # 6 x 12 tokens took fewer steps than one step per token: decode steps were shared
+    assert state["num_decode_steps"] - steps_before < 6 * 12
+    for p, (_, body) in zip(prompts, bodies, strict=True):
+        logprobs, greedy = teacher_forced(model, p, body["output_ids"])
+        assert body["output_ids"] == greedy
+        got = [t[0] for t in body["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=1e-4)
+
+
+async def test_cumulative_stream_matches_non_stream(model_server):
+    body = {"input_ids": PROMPT, "return_logprob": True, "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
+    _, whole = await gen(model_server, body)
+    status, events, done = await stream(model_server.url + "/generate", {**body, "stream": True})
+    assert status == 200 and done
+    assert [e["meta_info"]["finish_reason"] for e in events[:-1]] == [None] * (len(events) - 1)
+    last = events[-1]
+    assert last["output_ids"] == whole["output_ids"]  # cumulative: the last chunk holds everything
+    assert last["meta_info"]["output_token_logprobs"] == whole["meta_info"]["output_token_logprobs"]
+    assert "weight_versions" in last["meta_info"] and "e2e_latency" in last["meta_info"]
+    assert all("weight_versions" not in e["meta_info"] for e in events[:-1])
+    assert "response_sent_to_client_ts" in events[0]["meta_info"]
+    assert all("response_sent_to_client_ts" not in e["meta_info"] for e in events[1:])
+    for e in events:
+        n = e["meta_info"]["completion_tokens"]
+        assert len(e["output_ids"]) == n == len(e["meta_info"]["output_token_logprobs"])
+
+
+async def test_stream_interval_coalesces(model_server):
+    body = {"input_ids": PROMPT, "stream": True, "sampling_params": {"max_new_tokens": 9, "stream_interval": 4}}
+    _, events, done = await stream(model_server.url + "/generate", body)
+    counts = [e["meta_info"]["completion_tokens"] for e in events]
+    assert done and counts[0] == 1 and counts[-1] == 9
+    assert all(b - a >= 4 for a, b in zip(counts[:-2], counts[1:-1], strict=True))
+
+
+@pytest.mark.parametrize(("body", "status", "envelope"), [
+    (b"{not json", 400, "framework"),
+    (b"", 400, "framework"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"temperature": "hot"}}', 400, "framework"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"max_tokens": 3}}', 400, "contract"),
+    (b'{"input_ids": []}', 400, "request"),
+    (b'{"sampling_params": {}}', 400, "request"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"top_p": 1.5}}', 400, "request"),
+    (b'{"input_ids": [1, 99999999]}', 400, "request"),
+])
+async def test_bad_generate_requests_get_error_envelopes(model_server, body, status, envelope):
+    code, reply = await post(model_server.url + "/generate", None, raw=body)
+    assert code == status
+    if envelope == "framework":
+        assert reply["object"] == "error" and reply["type"] == "Bad Request" and reply["code"] == 400
+        assert reply["param"] is None and reply["message"]
+    elif envelope == "contract":
+        assert isinstance(reply["error"], str)
+        assert reply["error"].startswith("unknown field `max_tokens`, expected one of `max_new_tokens`")
+    else:
+        assert set(reply) == {"error"} and isinstance(reply["error"]["message"], str)
+
+
+async def test_range_error_and_duplicate_rid(model_server):
+    _, reply = await post(model_server.url + "/generate",
+                          {"input_ids": [1, 2], "sampling_params": {"top_p": 1.5}})
+    assert reply == {"error": {"message": "top_p must be in (0, 1], got 1.5."}}
+    status, events, done = await stream(model_server.url + "/generate",
+                                        {"input_ids": [1, 2], "stream": True, "sampling_params": {"top_p": 1.5}})
+    assert status == 200 and done and events == [{"error": {
+        "message": "top_p must be in (0, 1], got 1.5.", "type": "invalid_request_error", "code": 400,
+        "retryable": False}}]
+    long = {"input_ids": PROMPT, "rid": "dup", "sampling_params": {"max_new_tokens": 60, "ignore_eos": True}}
+    first = asyncio.create_task(gen(model_server, long))
+    await asyncio.sleep(0.3)
+    status, reply = await gen(model_server, long)
+    assert status == 400 and reply == {"error": {"message": "Duplicate request ID detected: dup"}}
+    status, body = await first
+    assert status == 200 and body["meta_info"]["id"] == "dup"
+    status, body = await gen(model_server, {**long, "sampling_params": {"max_new_tokens": 1}})
+    assert status == 200, "a rid is free again once its response arrived"
