@@ -7,6 +7,7 @@ from agentgym_servers import start_server
 
 import envs
 from envs.adapters.agentgym import FAMILIES, AgentGymError, BabyAIEnv
+from envs.check import acheck_env
 
 # family -> (actions of a scripted episode, expected rewards per step, kwargs for make)
 EPISODES = {
@@ -186,3 +187,15 @@ def test_ids_and_arguments():
         envs.make("agentgym:minecraft", url="http://127.0.0.1:1")
     with pytest.raises(ValueError, match="url must be"):
         envs.make("agentgym:babyai", url="127.0.0.1:1")
+
+
+@pytest.mark.parametrize("served", list(EPISODES), indirect=True)
+async def test_check_env_passes_against_each_server(served):
+    family, fake, url = served
+    env = envs.make(f"agentgym:{family}", url=url)
+    try:
+        warnings = await acheck_env(env)
+    finally:
+        await env.aclose()
+    assert all("blocking" in w for w in warnings)  # timing an HTTP round trip, not loop-blocking work
+    assert fake.closed == [0]
