@@ -16,7 +16,6 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
 
 import msgspec
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.console import Console
 from protocol.config import add_config_args, config_from_args
 from protocol.errors import TidalError
 from protocol.messages import TrainerStatus
+from protocol.telemetry import Telemetry as SinkTelemetry
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
 from trainer.distributed import STEP, STOP, World
@@ -60,22 +60,16 @@ def _build_learner(cfg: TrainerConfig, world: World):
 
 
 class Telemetry:
-    """JSONL records, Prometheus gauges, optional TensorBoard and a rich status line."""
+    """The daemon's records: JSONL + Prometheus (protocol.telemetry), optional TensorBoard, rich console.
+
+    Every record's `step` is the version it concerns; `event` says what happened (start, resume,
+    ready, step, publish, checkpoint). A step record carries its metrics and `ids`, the
+    comma-separated ids of the trajectories it used (the ledger).
+    """
 
     def __init__(self, cfg: MetricsConfig):
-        self.cfg = cfg
-        self._file = None
-        if cfg.jsonl:
-            path = Path(cfg.jsonl)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("ab")
-        self._gauges: dict = {}
-        self.prometheus_port = None
-        if cfg.prometheus_port >= 0:
-            from prometheus_client import start_http_server
-
-            server, _ = start_http_server(cfg.prometheus_port, addr="127.0.0.1")
-            self.prometheus_port = server.server_port
+        port = cfg.prometheus_port if cfg.prometheus_port >= 0 else None
+        self.sink = SinkTelemetry(cfg.jsonl or None, prometheus_port=port)
         self._tb = None
         if cfg.tensorboard_dir:
             try:
@@ -86,44 +80,31 @@ class Telemetry:
                 self._tb = SummaryWriter(cfg.tensorboard_dir)
         self._console = Console(stderr=True) if cfg.console else None
 
-    def _write(self, record: dict) -> None:
-        if self._file is not None:
-            self._file.write(msgspec.json.encode(record) + b"\n")
-            self._file.flush()
-
-    def event(self, name: str, **fields) -> None:
-        self._write({"event": name, "time": time.time(), **fields})
+    def event(self, name: str, version: int, **fields: str | float) -> None:
+        self.sink.log({"event": name, **fields}, step=version)
         if self._console is not None:
-            self._console.log(f"[bold]{name}[/bold] " + " ".join(f"{k}={v}" for k, v in fields.items()))
+            self._console.log(f"[bold]{name}[/bold] v{version} " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def step(self, version: int, metrics: dict[str, float], ids: list[str]) -> None:
-        self._write({"event": "step", "version": version, "time": time.time(), "ids": ids, "metrics": metrics})
-        self._export(version, metrics)
+        self.sink.log({"event": "step", "ids": ",".join(ids), **metrics}, step=version)
+        self._board(version, metrics)
         if self._console is not None:
-            shown = ("loss", "trainer/tokens_per_s", "trainer/staleness_mean", "trainer/intake/stale_dropped")
+            shown = ("trainer/loss", "trainer/tokens_per_s", "trainer/staleness_mean", "trainer/intake/stale_dropped")
             self._console.log(f"step v{version} -> v{version + 1} " + " ".join(
                 f"{k.rsplit('/', 1)[-1]}={metrics[k]:.4g}" for k in shown if k in metrics
             ))
 
     def publish(self, version: int, metrics: dict[str, float]) -> None:
-        self._write({"event": "publish", "version": version, "time": time.time(), "metrics": metrics})
-        self._export(version, metrics)
+        self.sink.log({"event": "publish", **metrics}, step=version)
+        self._board(version, metrics)
 
-    def _export(self, version: int, metrics: dict[str, float]) -> None:
-        if self.prometheus_port is not None:
-            from prometheus_client import Gauge
-
-            for key, value in metrics.items():
-                name = "tidal_" + "".join(c if c.isalnum() else "_" for c in key)
-                gauge = self._gauges.get(name) or self._gauges.setdefault(name, Gauge(name, key))
-                gauge.set(value)
+    def _board(self, version: int, metrics: dict[str, float]) -> None:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, version)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self.sink.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -145,10 +126,10 @@ class Daemon:
             self.intake = Intake(cfg.intake, restored.meta.intake)
             self.counters.update(restored.meta.counters)
             self.dedup = restored.meta.dedup
-            self.telemetry.event("resume", version=self.version, path=str(restored.path))
+            self.telemetry.event("resume", self.version, path=str(restored.path))
         else:
             self.intake = Intake(cfg.intake)
-            self.telemetry.event("start", version=self.version)
+            self.telemetry.event("start", self.version)
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()
 
@@ -178,7 +159,8 @@ class Daemon:
             if self.publisher is not None:
                 await self.publisher.start()
             await status.publish(self.status())
-            self.telemetry.event("ready", version=self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint)
+            urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
+            self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint, **urls)
             try:
                 async with asyncio.TaskGroup() as tg:
                     pumping = tg.create_task(pump.run())
@@ -264,7 +246,7 @@ class Daemon:
         state = self.learner.state_dict()
         path = await asyncio.to_thread(self.checkpointer.save, state, meta)
         self._pump.covered_by_checkpoint(len(covered))
-        self.telemetry.event("checkpoint", version=self.version, path=str(path))
+        self.telemetry.event("checkpoint", self.version, path=str(path))
 
 
 def _follow(cfg: TrainerConfig, world: World) -> int:
