@@ -48,9 +48,12 @@ from protocol.channels.frames import (
 from protocol.errors import ProtocolError
 from protocol.messages import Trajectory, decode_trajectory, encode
 
-__all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD"]
+__all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS"]
 
 log = logging.getLogger(__name__)
+
+ACK_LINGER_MS = 200
+"""How long a closing receiver's socket may keep trying to deliver its last acks."""
 
 MAX_AHEAD = 1 << 16
 """A seq this far beyond a stream's watermark is rejected: no honest sender's window is that large,
@@ -283,7 +286,8 @@ class TrajectoryReceiver:
 
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
-        self._sock.close(linger=0)
+        await self._flush_acks()  # what was committed is acknowledged before the socket goes
+        self._sock.close(linger=ACK_LINGER_MS)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -388,13 +392,21 @@ class TrajectoryReceiver:
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
-            due, self._ack_due = self._ack_due, {}
-            for engine_id, epoch in due:
-                peer = self._peers.get(engine_id)
-                if peer is None:
-                    continue  # known only from a checkpoint; its engine will say hello
-                c = self._committed.get(engine_id, epoch)
-                s = self._seen.get(engine_id, epoch)
-                ack = Ack(self.trainer, epoch, c.upto, sorted(c.above), s.upto, sorted(s.above))
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        for key in list(self._ack_due):
+            del self._ack_due[key]
+            engine_id, epoch = key
+            peer = self._peers.get(engine_id)
+            if peer is None:
+                continue  # known only from a checkpoint; its engine will say hello
+            c = self._committed.get(engine_id, epoch)
+            s = self._seen.get(engine_id, epoch)
+            ack = Ack(self.trainer, epoch, c.upto, sorted(c.above), s.upto, sorted(s.above))
+            try:
                 # ROUTER never blocks: to a vanished or full peer it drops, and the next Ack repeats it all.
                 await self._sock.send_multipart([peer, encode_frame(ack)])
+            except asyncio.CancelledError:
+                self._ack_due[key] = None  # still due: __aexit__ sends it
+                raise

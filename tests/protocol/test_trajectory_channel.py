@@ -1,0 +1,171 @@
+"""protocol/channels/trajectories.py over real sockets on loopback (tcp and ipc), in one process.
+
+The multi-process SIGKILL test is test_kill_restart.py; these pin down each rule on its own.
+"""
+
+import asyncio
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from _actors import make_trajectory
+
+from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
+from protocol.channels.frames import Ack, Data, decode_envelope, encode_frame
+from protocol.messages import decode_trajectory, encode
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def endpoint(request, tmp_path):
+    return "tcp://127.0.0.1:0" if request.param == "tcp" else f"ipc://{tmp_path}/rx.sock"
+
+
+async def _drain(rx: TrajectoryReceiver, n: int, timeout: float = 10.0) -> list:
+    async with asyncio.timeout(timeout):
+        return [await rx.recv() for _ in range(n)]
+
+
+async def test_two_engines_each_trajectory_once_in_order(endpoint):
+    async with TrajectoryReceiver(endpoint, auto_commit=True) as rx:
+        async with (
+            TrajectorySender(rx.endpoint, "e0", window=16) as tx0,
+            TrajectorySender(rx.endpoint, "e1", window=16) as tx1,
+        ):
+            async def produce(tx, n):
+                return [await tx.send(make_trajectory(f"{tx.engine_id}-{i}")) for i in range(n)]
+
+            consumer = asyncio.create_task(_drain(rx, 300))
+            seqs = await asyncio.gather(produce(tx0, 150), produce(tx1, 150))
+            got = await consumer
+            assert await tx0.flush(5) and await tx1.flush(5)
+    assert seqs == [list(range(1, 151))] * 2
+    for engine in ("e0", "e1"):
+        mine = [d for d in got if d.engine_id == engine]
+        assert [d.seq for d in mine] == list(range(1, 151))
+        assert [d.traj.id for d in mine] == [f"{engine}-{i}" for i in range(150)]
+    assert (rx.stats.delivered, rx.stats.committed, rx.stats.duplicates, rx.stats.rejected) == (300, 300, 0, 0)
+    assert (tx0.stats.sent, tx0.stats.acked, tx0.unacked) == (150, 150, 0)
+
+
+async def test_window_back_pressure_until_commit():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", capacity=4) as rx:
+        async with TrajectorySender(rx.endpoint, "e0", window=8) as tx:
+            for i in range(8):
+                await tx.send(make_trajectory(f"t{i}"))
+            ninth = asyncio.create_task(tx.send(make_trajectory("t8")))
+            await asyncio.sleep(0.3)
+            assert not ninth.done()  # the window is full: the engine waits
+            assert tx.unacked == 8
+            assert rx.queued == 4  # the receiver read no more than its capacity
+            got = await _drain(rx, 8)
+            assert not ninth.done()  # delivered is not committed: still no room
+            rx.commit(got[:3])
+            assert await asyncio.wait_for(ninth, 5) == 9
+            assert tx.unacked == 6  # 8 - 3 committed + the ninth
+            assert not await tx.flush(timeout=0.2)
+            rx.commit(got[3:] + await _drain(rx, 1))
+            assert await tx.flush(timeout=5)
+
+
+async def test_checkpointed_consumer_restart_loses_and_repeats_nothing(endpoint):
+    rx1 = TrajectoryReceiver(endpoint)
+    await rx1.__aenter__()
+    async with TrajectorySender(rx1.endpoint, "e0", heartbeat_s=0.05, resend_after_s=30) as tx:
+        for i in range(10):
+            await tx.send(make_trajectory(f"t{i}"))
+        first = await _drain(rx1, 10)
+        rx1.commit(first[:4])  # acknowledged: the engine may forget them
+        async with asyncio.timeout(5):
+            while tx.unacked != 6:
+                await asyncio.sleep(0.01)
+        # Trajectories 4..7 reach the checkpoint, but the trainer dies before acknowledging them;
+        # 8 and 9 were received and never made durable.
+        saved = msgspec.msgpack.encode(rx1.dedup_state(including=first[4:8]))
+        rx1._tasks[1].cancel()  # the ack task dies first, as under SIGKILL
+        await rx1.__aexit__(None, None, None)
+        state = msgspec.msgpack.decode(saved, type=DedupState)
+        async with TrajectoryReceiver(rx1.endpoint, dedup_state=state, auto_commit=True) as rx2:
+            again = await _drain(rx2, 2)
+            assert await tx.flush(timeout=5)
+            assert [d.traj.id for d in again] == ["t8", "t9"]
+            assert rx2.queued == 0
+        # The new incarnation's first Ack carried the checkpointed state: 4..7 were acknowledged
+        # without travelling again, and only 8 and 9 were resent.
+        assert (tx.stats.acked, tx.stats.resent, rx2.stats.duplicates) == (10, 2, 0)
+
+
+async def test_restarted_engine_is_a_new_stream():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        consumer = asyncio.create_task(_drain(rx, 2))
+        async with TrajectorySender(rx.endpoint, "e0", epoch=1) as tx:
+            await tx.send(make_trajectory("old-1"))
+            assert await tx.flush(5)
+        async with TrajectorySender(rx.endpoint, "e0", epoch=2) as tx:
+            assert await tx.send(make_trajectory("new-1")) == 1  # seq starts again
+            assert await tx.flush(5)
+        got = await consumer
+    assert [(d.traj.id, d.epoch, d.seq) for d in got] == [("old-1", 1, 1), ("new-1", 2, 1)]
+    assert rx.stats.duplicates == 0
+
+
+async def test_resend_after_timeout_when_the_trainer_never_saw_it():
+    """A scripted trainer drops the first copy (as a broken connection would) and reports seen=0."""
+    ctx = zmq.asyncio.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        async with TrajectorySender(f"tcp://127.0.0.1:{port}", "e0", resend_after_s=0.3, heartbeat_s=0.05) as tx:
+            await tx.send(make_trajectory("t0"))
+            copies = 0
+            async with asyncio.timeout(5):
+                while copies < 2:
+                    peer, *frames = await router.recv_multipart()
+                    env = decode_envelope(frames[0])
+                    if isinstance(env, Data):
+                        copies += 1
+                        assert decode_trajectory(frames[1]).id == "t0"
+                    committed = 1 if copies == 2 else 0
+                    await router.send_multipart([peer, encode_frame(Ack(7, tx.epoch, committed, [], committed, []))])
+            assert await tx.flush(5)
+            assert tx.stats.resent == 1
+            # Garbage from the trainer side is counted and ignored.
+            await router.send_multipart([peer, b"\xc1garbage"])
+            async with asyncio.timeout(5):
+                while tx.stats.rejected == 0:
+                    await asyncio.sleep(0.01)
+            assert "ack" in tx.stats.last_error
+    finally:
+        router.close(linger=0)
+
+
+async def test_cancelled_recv_loses_nothing():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        waiting = asyncio.create_task(rx.recv())
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        async with TrajectorySender(rx.endpoint, "e0") as tx:
+            await tx.send(make_trajectory("t0"))
+            assert (await _drain(rx, 1))[0].traj.id == "t0"
+            assert await tx.flush(5)
+
+
+async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
+    ctx = zmq.asyncio.Context.instance()
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(rx.endpoint)
+        try:
+            good = encode(make_trajectory("good"))
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 1)), good[:-5]])
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 2)), good])
+            got = await _drain(rx, 1)
+            assert (got[0].traj.id, got[0].seq) == ("good", 2)
+            assert rx.stats.rejected == 1 and "raw/1/1" in rx.stats.last_error
+            async with asyncio.timeout(5):  # the bad one is acknowledged: its sender stops resending it
+                while msgspec.msgpack.decode(await dealer.recv(), type=Ack).committed != 2:
+                    pass
+        finally:
+            dealer.close(linger=0)
