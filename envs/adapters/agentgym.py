@@ -110,7 +110,7 @@ class AgentGymEnv(Env):
     family: ClassVar[str] = ""
     id_field: ClassVar[str] = "id"
     instructions: str = ""
-    """The human turn of AgentGym's conversation bootstrap (paraphrased); the reply is `OK_REPLY`."""
+    """The human turn of AgentGym's conversation bootstrap (paraphrased, same format rules)."""
 
     def __init__(self, url: str, timeout_s: float = 300.0, create_retries: int = 3, retry_delay_s: float = 5.0,
                  session: aiohttp.ClientSession | None = None):
@@ -124,10 +124,13 @@ class AgentGymEnv(Env):
         self.observation = ""
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
+    reply: ClassVar[str] = OK_REPLY
+    """The assistant turn of the bootstrap, as the family's AgentGym client has it."""
+
     @property
     def conversation_start(self) -> tuple[str, str]:
-        """AgentGym's bootstrap: (human instruction, assistant "OK") as the first exchange."""
-        return self.instructions, OK_REPLY
+        """AgentGym's bootstrap: (human instruction, assistant acknowledgement) as the first exchange."""
+        return self.instructions, self.reply
 
     # --- HTTP -----------------------------------------------------------------------------------
 
@@ -359,6 +362,7 @@ class SearchQAEnv(AgentGymEnv):
 
     family = "searchqa"
     id_field = "env_idx"
+    reply = "Ok."
     instructions = (
         "Reason inside <think>...</think> first. If you lack knowledge, write <search>query</search> and "
         "stop; the results come back inside <information>...</information>. Do not write <information> "
@@ -385,6 +389,7 @@ class WebArenaEnv(AgentGymEnv):
 
     family = "webarena"
     id_field = "env_idx"
+    reply = "Ok."
     instructions = (
         "You are an autonomous agent navigating a web browser to complete a task. Each round you see the "
         "objective, the page's accessibility tree, its URL and the open tabs. Actions: ```click [id]```, "

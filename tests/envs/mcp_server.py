@@ -1,5 +1,6 @@
 """A tiny MCP server spoken to over stdio by tests/envs/test_tools_mcp.py."""
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 
 app = MCPServer("tidal-test", log_level="CRITICAL")
@@ -15,6 +16,13 @@ def add(a: int, b: int) -> int:
 def shout(text: str) -> str:
     """Upper-case a text."""
     return text.upper()
+
+
+@app.tool()
+async def slow(seconds: float) -> str:
+    """Sleeps, to show a call that outlives its timeout is reported, not waited on."""
+    await anyio.sleep(seconds)
+    return "woke up"
 
 
 @app.tool()

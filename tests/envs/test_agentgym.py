@@ -36,7 +36,8 @@ async def test_scripted_episode_reaches_the_servers_reward(served):
     family, fake, url = served
     actions, rewards = EPISODES[family]
     env = envs.make(f"agentgym:{family}", url=url, timeout_s=10)
-    assert env.instructions and env.conversation_start[1].startswith("OK")
+    assert env.instructions and env.conversation_start[0] == env.instructions
+    assert env.conversation_start[1] in ("OK. I'll follow your instructions and try my best to solve the task.", "Ok.")
     obs, info = await env.areset(seed=7)
     assert obs and info["item_id"] == 7
     got = []

@@ -12,12 +12,12 @@ SERVER = Path(__file__).with_name("mcp_server.py")
 
 @pytest.fixture(scope="module")
 def tool():
-    with MCPTool(sys.executable, [str(SERVER)]) as tool:
+    with MCPTool(sys.executable, [str(SERVER)], call_timeout_s=1.0) as tool:
         yield tool
 
 
 def test_lists_the_servers_tools(tool):
-    assert sorted(t.name for t in tool.tools) == ["add", "fail", "shout"]
+    assert sorted(t.name for t in tool.tools) == ["add", "fail", "shout", "slow"]
     add = next(t for t in tool.tools if t.name == "add")
     assert add.description == "Add two integers."
     assert add.input_schema["required"] == ["a", "b"]
@@ -38,12 +38,17 @@ async def test_arun_does_not_need_the_callers_loop(tool):
 def test_errors_come_back_as_observations(tool):
     assert "reported an error" in tool.run(ToolCall("fail", {"reason": "nope"}))
     assert "reported an error" in tool.run(ToolCall("add", {"a": "x"}))
-    assert "'missing' not found; available tools: add, shout, fail" in tool.run(ToolCall("missing", {}))
+    assert "'missing' not found; available tools: add, shout, slow, fail" in tool.run(ToolCall("missing", {}))
     bad, _ = parse_tool_call("<tool_call><tool_name>add</tool_name><arguments>{oops</arguments></tool_call>")
     assert bad.error is not None and "not valid JSON" in tool.run(bad)
     listed, _ = parse_tool_call('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>')
     assert "must be a JSON object" in tool.run(listed)
     assert parse_tool_call("no call here") is None
+
+
+def test_a_call_that_outlives_its_timeout_is_reported_and_the_session_goes_on(tool):
+    assert tool.run(ToolCall("slow", {"seconds": 10})) == "[tool call error: 'slow' did not answer within 1 s]"
+    assert tool.run(ToolCall("add", {"a": 1, "b": 2})) == "3"
 
 
 def test_a_server_that_dies_at_start_is_a_clear_error():
