@@ -8,7 +8,7 @@ share SGLang's helper builds the same thing from public APIs:
 
     store = dist.TCPStore(addr, port, world_size, is_master=True)
     pg = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", dist.PrefixStore(f"{group_name}/", store)), 0, world_size)
-    for t in tensors: pg.broadcast([t], 0).wait()      # same names and order as the HTTP request
+    for t in tensors: pg.broadcast(t, 0).wait()      # same names and order as the HTTP request
 
 The server joins as rank `rank_offset` (one rank per server: no tensor parallelism here).
 """
@@ -61,13 +61,13 @@ class WeightGroup:
                 raise ValueError("flattened_bucket needs one dtype for the whole bucket")
             sizes = [int(torch.Size(s).numel()) for s in shapes]
             flat = torch.empty(sum(sizes), dtype=DTYPES[dtypes[0]], device=self.device)
-            self.pg.broadcast([flat], 0).wait()
+            self.pg.broadcast(flat, 0).wait()
             parts = torch.split(flat, sizes)
             return [(n, p.view(s)) for n, p, s in zip(names, parts, shapes, strict=True)]
         out = []
         for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
             tensor = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
-            self.pg.broadcast([tensor], 0).wait()
+            self.pg.broadcast(tensor, 0).wait()
             out.append((name, tensor))
         return out
 

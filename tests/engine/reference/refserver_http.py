@@ -1,5 +1,6 @@
 """Plain-aiohttp helpers for the reference server tests: they read the wire format as it is."""
 
+import asyncio
 import json
 
 import aiohttp
@@ -50,3 +51,52 @@ async def stream(url: str, body) -> tuple[int, list[dict], bool]:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             events, done = parse_sse(await resp.text())
             return resp.status, events, done
+
+
+class LiveStream:
+    """A streaming `/generate` read event by event while the test does other things.
+
+    `first` is set once the first event arrived; `events`/`done` fill in as they come.
+    """
+
+    def __init__(self, url: str, body: dict):
+        self.url, self.body = url, {**body, "stream": True}
+        self.events: list[dict] = []
+        self.done = False
+        self.first = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def _run(self) -> list[dict]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.url + "/generate", json=self.body) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    line = line.decode().rstrip("\n")
+                    if not line:
+                        continue
+                    assert line.startswith("data: ")
+                    if line == "data: [DONE]":
+                        self.done = True
+                        break
+                    self.events.append(json.loads(line[len("data: "):]))
+                    self.first.set()
+        self.first.set()
+        return self.events
+
+    async def __aenter__(self) -> "LiveStream":
+        self.task = asyncio.create_task(self._run())
+        async with asyncio.timeout(60):
+            await self.first.wait()
+        return self
+
+    async def finish(self, timeout: float = 60) -> list[dict]:
+        async with asyncio.timeout(timeout):
+            return await self.task
+
+    async def __aexit__(self, *exc) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
