@@ -12,6 +12,7 @@ a fake report does not earn a reward (a deliberately adversarial program in the 
 could still find the nonce in memory; this is a training signal, not a security boundary).
 """
 
+import functools
 import json
 import random
 import re
@@ -101,6 +102,12 @@ def extract_solution(action: str) -> str | None:
     return blocks[-1]
 
 
+@functools.lru_cache(maxsize=16)
+def _load_once(path: Path, mtime_ns: int) -> tuple[CodeTask, ...]:
+    """One parsed copy of a task file for every env that reads it."""
+    return tuple(load_code_tasks(path))
+
+
 class CodeEnv(Env):
     """Write-a-function tasks checked by their tests in the sandbox.
 
@@ -117,7 +124,8 @@ class CodeEnv(Env):
                  timeout_s: float = 5.0, memory_mb: int = 512):
         if max_attempts < 1:
             raise ValueError(f"CodeEnv max_attempts: expected >= 1, got {max_attempts}")
-        self.tasks = load_code_tasks(path)
+        resolved = Path(path).resolve()
+        self.tasks = _load_once(resolved, resolved.stat().st_mtime_ns)
         self.max_attempts = max_attempts
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
         self.task: CodeTask | None = None

@@ -6,6 +6,7 @@ Rewards (GEM's MathEnv with its format-error reward): 1 for a correct answer, 0 
 it multi-turn; otherwise it is single-turn. Checking is cheap string work, so steps run inline.
 """
 
+import functools
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,16 @@ INSTRUCTIONS = (
     "Solve the maths problem. Reason step by step if you like, then give the final answer in "
     "\\boxed{}, for example \\boxed{42} or \\boxed{3/4}. Give exact values: fractions, not rounded decimals."
 )
+
+
+def _shared_tasks(path: Path, question_key: str, answer_key: str) -> tuple[MathTask, ...]:
+    """One parsed copy of a task file for every env that reads it (1024 envs, one parse)."""
+    return _load_once(path, path.stat().st_mtime_ns, question_key, answer_key)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_once(path: Path, mtime_ns: int, question_key: str, answer_key: str) -> tuple[MathTask, ...]:
+    return tuple(load_tasks(path, question_key, answer_key))
 
 
 class MathEnv(Env):
@@ -54,7 +65,7 @@ class MathEnv(Env):
             raise ValueError(f"MathEnv: depth, max_value and max_attempts must be >= 1, got {depth}, "
                              f"{max_value}, {max_attempts}")
         self.source, self.depth, self.max_value, self.max_attempts = source, depth, max_value, max_attempts
-        self.tasks = load_tasks(path, question_key, answer_key) if source == "file" else None
+        self.tasks = _shared_tasks(Path(path).resolve(), question_key, answer_key) if source == "file" else None
         self.task: MathTask | None = None
         self.attempts = 0
         self.done = False

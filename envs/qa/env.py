@@ -7,7 +7,7 @@ names the thing the second must look up. An action with neither tag gets `FORMAT
 reminder; after `max_turns` turns without an answer the episode is truncated.
 
 The shipped corpus describes a made-up kingdom, so a model cannot answer from memory and has to
-search. The BM25 index is built once per corpus file and shared by every episode (read-only).
+search. The BM25 index and the question list are built once per file and shared by every env.
 """
 
 import functools
@@ -72,8 +72,13 @@ def normalize_answer(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _index(corpus: Path) -> SearchIndex:
+def _index(corpus: Path, mtime_ns: int) -> SearchIndex:
     return SearchIndex(load_corpus(corpus))
+
+
+@functools.lru_cache(maxsize=8)
+def _questions_once(path: Path, mtime_ns: int) -> tuple[Question, ...]:
+    return tuple(load_questions(path))
 
 
 class QAEnv(Env):
@@ -97,8 +102,10 @@ class QAEnv(Env):
                  max_turns: int = 6, topk: int = 3):
         if max_turns < 1:
             raise ValueError(f"QAEnv max_turns: expected >= 1, got {max_turns}")
-        self.tool = SearchTool(_index(Path(corpus).resolve()), topk=topk)
-        self.questions = load_questions(questions)
+        corpus = Path(corpus).resolve()
+        self.tool = SearchTool(_index(corpus, corpus.stat().st_mtime_ns), topk=topk)
+        resolved = Path(questions).resolve()
+        self.questions = _questions_once(resolved, resolved.stat().st_mtime_ns)
         self.max_turns = max_turns
         self.item: Question | None = None
         self.turns = self.searches = 0
