@@ -1,4 +1,5 @@
-"""Tools an agent can call from inside an episode: sandboxed Python, BM25 search, any MCP server.
+"""Tools an agent can call from inside an episode: sandboxed Python, search (local BM25 or a GEM
+retrieval server), any MCP server.
 
 Each tool has a `name`, says whether running it `blocking`ly waits on a process, and speaks three
 methods: `instruction()` (the text that teaches the call format), `parse(action)` (the call found in
@@ -15,7 +16,7 @@ from envs.tools.python import (
     network_isolation,
     run_python,
 )
-from envs.tools.search import Document, SearchIndex, SearchTool, load_corpus
+from envs.tools.search import Document, RemoteSearchIndex, SearchError, SearchIndex, SearchTool, load_corpus
 
 __all__ = [
     "Document",
@@ -23,7 +24,9 @@ __all__ = [
     "MCPStartError",
     "MCPTool",
     "PythonTool",
+    "RemoteSearchIndex",
     "SandboxLimits",
+    "SearchError",
     "SearchIndex",
     "SearchTool",
     "ToolCall",

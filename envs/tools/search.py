@@ -1,17 +1,25 @@
-"""BM25 search over a local corpus (bm25s), and the tool that lets an agent query it.
+"""Search for the agent: BM25 over a local corpus (bm25s), or a remote retrieval server, behind
+one tool that turns `<search>query</search>` into the top documents.
 
-The index is built once, in memory, and is read-only afterwards, so one index can serve every
+The local index is built once, in memory, and is read-only afterwards, so one index can serve every
 concurrent episode. A query returns at most `topk` documents that share at least one term with it;
-a query with no known term returns nothing rather than arbitrary documents.
+a query with no known term returns nothing rather than arbitrary documents. `RemoteSearchIndex`
+speaks GEM's retrieval protocol (msgpack over HTTP, as gem/tools/search_engine/retrieval_server.py
+serves it for Search-R1's e5 index), so a dense retriever on a GPU box plugs in unchanged.
 """
 
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
-__all__ = ["Document", "SearchIndex", "SearchTool", "load_corpus"]
+from protocol.errors import TidalError
+
+__all__ = ["Document", "Index", "SearchIndex", "RemoteSearchIndex", "SearchError", "SearchTool", "load_corpus"]
 
 _SEARCH_TAG = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 
@@ -65,24 +73,83 @@ class SearchIndex:
                 if s > 0]
 
 
+class SearchError(TidalError, ConnectionError):
+    """A remote retrieval server could not be reached or answered something that is not a result."""
+
+
+class _Contents(msgspec.Struct):
+    contents: str
+
+
+class _Hit(msgspec.Struct):
+    document: _Contents
+    score: float = 0.0
+
+
+class _Reply(msgspec.Struct):
+    result: list[_Hit]
+
+
+class RemoteSearchIndex:
+    """A retrieval server with GEM's protocol: POST msgpack `{"query", "topk", "return_scores"}`,
+    answer msgpack `{"result": [{"document": {"contents": "Title\ntext"}, "score"}, ...]}`.
+
+    A search waits on the network, so the tool that uses it is `blocking` and runs off the loop.
+    """
+
+    blocking = True
+
+    def __init__(self, url: str, timeout_s: float = 5.0):
+        self.url, self.timeout_s = url, timeout_s
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(_Reply).decode
+
+    def search(self, query: str, topk: int = 3) -> list[tuple[Document, float]]:
+        body = self._encode({"query": query, "topk": topk, "return_scores": True})
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/msgpack"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise SearchError(f"retrieval server {self.url}: {exc}") from exc
+        try:
+            reply = self._decode(raw)
+        except msgspec.DecodeError as exc:
+            raise SearchError(f"retrieval server {self.url}: not a result: {exc}") from exc
+        hits = []
+        for i, hit in enumerate(reply.result[:topk]):
+            title, _, text = hit.document.contents.partition("\n")
+            hits.append((Document(str(i), title.strip().strip('"'), text.strip()), hit.score))
+        return hits
+
+
+class Index(Protocol):
+    """What SearchTool needs: `search(query, topk)`; `blocking` if a search waits on I/O."""
+
+    def search(self, query: str, topk: int = 3) -> list[tuple[Document, float]]: ...
+
+
 class SearchTool:
-    """Offers a SearchIndex to the agent: `<search>query</search>` in, the top documents out.
+    """Offers an index to the agent: `<search>query</search>` in, the top documents out.
 
     The observation follows GEM's search tool and AgentGym SearchQA: `Doc i(Title: t) text` lines
-    inside `<information>` tags.
+    inside `<information>` tags; a failed remote search is an observation saying so.
     """
 
     name = "search"
-    blocking = False
 
-    def __init__(self, index: SearchIndex, topk: int = 3, max_chars_per_doc: int = 600):
+    def __init__(self, index: Index, topk: int = 3, max_chars_per_doc: int = 600):
         self.index = index
         self.topk = topk
         self.max_chars_per_doc = max_chars_per_doc
 
+    @property
+    def blocking(self) -> bool:
+        return bool(getattr(self.index, "blocking", False))
+
     def instruction(self) -> str:
         return (
-            "search: look up documents in a local corpus. Write a query between <search> and "
+            "search: look up documents in a document collection. Write a query between <search> and "
             f"</search>; the top {self.topk} matching documents are returned."
         )
 
@@ -95,7 +162,10 @@ class SearchTool:
     def run(self, query: str) -> str:
         if not query:
             return "<information>[empty query: write search terms between <search> and </search>]</information>"
-        hits = self.index.search(query, self.topk)
+        try:
+            hits = self.index.search(query, self.topk)
+        except SearchError as exc:
+            return f"<information>[search failed: {exc}]</information>"
         if not hits:
             return f"<information>No documents match {query!r}.</information>"
         lines = [f"Doc {i}(Title: {d.title}) {d.text[: self.max_chars_per_doc]}" for i, (d, _) in enumerate(hits, 1)]

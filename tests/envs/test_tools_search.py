@@ -1,8 +1,13 @@
 """BM25 search finds the document a query is about, and the tool formats it for the agent."""
 
-import pytest
+import asyncio
 
-from envs.tools import Document, SearchIndex, SearchTool, load_corpus
+import msgspec
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from envs.tools import Document, RemoteSearchIndex, SearchIndex, SearchTool, load_corpus
 
 DOCS = [
     Document("1", "Paris", "Paris is the capital and largest city of France, on the Seine."),
@@ -62,3 +67,41 @@ def test_load_corpus_reads_jsonl_and_names_bad_lines(tmp_path):
     bad.write_text('{"id": "a", "title": "T", "text": "x"}\n{"id": 3}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):
         load_corpus(bad)
+
+
+class RetrievalServer:
+    """GEM's retrieval protocol over aiohttp, answering from a local BM25 index; `garbage` breaks it."""
+
+    def __init__(self, index: SearchIndex):
+        self.index, self.garbage, self.requests = index, False, []
+
+    async def retrieve(self, request):
+        body = msgspec.msgpack.decode(await request.read())
+        self.requests.append(body)
+        if self.garbage:
+            return web.Response(body=b"\xc1 not msgpack")
+        hits = [{"document": {"id": d.id, "contents": f'"{d.title}"\n{d.text}'}, "score": s}
+                for d, s in self.index.search(body["query"], body["topk"])]
+        return web.Response(body=msgspec.msgpack.encode({"result": hits}), content_type="application/msgpack")
+
+
+async def test_remote_index_speaks_gems_retrieval_protocol(index):
+    fake = RetrievalServer(index)
+    app = web.Application()
+    app.router.add_post("/retrieve", fake.retrieve)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    url = str(server.make_url("/retrieve"))
+    try:
+        remote = SearchTool(RemoteSearchIndex(url, timeout_s=5), topk=2)
+        local = SearchTool(index, topk=2)
+        assert remote.blocking and not local.blocking
+        query = "highest volcano in Africa"
+        assert await asyncio.to_thread(remote.run, query) == local.run(query)
+        assert fake.requests == [{"query": query, "topk": 2, "return_scores": True}]
+        fake.garbage = True
+        assert "[search failed: retrieval server" in await asyncio.to_thread(remote.run, query)
+    finally:
+        await server.close()
+    down = SearchTool(RemoteSearchIndex(url, timeout_s=2))  # the server is closed now
+    assert "[search failed: retrieval server" in await asyncio.to_thread(down.run, "anything")
