@@ -12,6 +12,7 @@ from engine.backends.errors import (
     ServerUnavailable,
     Unsupported,
 )
+from engine.backends.openai import OpenAIBackend
 from engine.backends.registry import available_backends, create_backend, load_backend
 from engine.backends.routing import Router
 from engine.backends.sglang import SGLangBackend
@@ -22,5 +23,5 @@ __all__ = [
     "BackendError", "BackendTimeout", "BadResponse", "HTTPStatusError", "RequestRejected",
     "ServerUnavailable", "Unsupported",
     "available_backends", "create_backend", "load_backend",
-    "Router", "SGLangBackend",
+    "Router", "SGLangBackend", "OpenAIBackend",
 ]

@@ -36,6 +36,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     stop: tuple[str, ...] = ()
     """Stop strings, matched by the server on the detokenized text."""
     seed: int | None = None
+    ignore_eos: bool = False
+    """Keep generating past EOS until another stop condition (benchmarks and tests want fixed lengths)."""
 
 
 class Request(msgspec.Struct, kw_only=True):

@@ -29,6 +29,8 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     """Server base URLs; each request goes to one of them (see `balance`, `affinity`)."""
     api_key: str | None = None
     """Sent as `Authorization: Bearer` (use the admin key if the servers set one: tidal calls weight routes)."""
+    stream: bool = True
+    """Stream tokens as they are generated (SSE); False waits for each whole response."""
     balance: Literal["tokens", "requests"] = "tokens"
     """Load measure for routing: in-flight tokens (prompt + budget) or in-flight requests."""
     affinity: bool = True

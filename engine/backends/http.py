@@ -25,8 +25,11 @@ _SKIP = len(SSE_PREFIX)
 
 
 async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: bytes, rid: str,
-                   read_timeout_s: float) -> AsyncIterator[bytes]:
+                   read_timeout_s: float, open_streams: dict | None = None) -> AsyncIterator[bytes]:
     """POST `body` to `url + path` and yield each event's JSON payload until `[DONE]`.
+
+    While the stream is open its response is in `open_streams[rid]` (when given): closing it from
+    elsewhere ends the stream with `ServerUnavailable`, and the server sees a disconnect.
 
     Raises `HTTPStatusError` (non-200, with the server's error message), `BadResponse` (not SSE),
     `BackendTimeout` (silence beyond the session's read timeout), `ServerUnavailable` (connection
@@ -36,6 +39,8 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
         async with session.post(url + path, data=body) as resp:
             if resp.status != 200:
                 raise HTTPStatusError(resp.status, error_message(await resp.read()), url=url, request_id=rid)
+            if open_streams is not None:
+                open_streams[rid] = resp
             buf = b""
             async for data in resp.content.iter_any():
                 buf += data
@@ -56,19 +61,22 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
         raise BackendTimeout(f"no stream event within {read_timeout_s} s", url=url, request_id=rid) from None
     except aiohttp.ClientError as exc:
         raise ServerUnavailable(f"{type(exc).__name__}: {exc}", url=url, request_id=rid) from None
+    finally:
+        if open_streams is not None:
+            open_streams.pop(rid, None)
 
 
 async def call(session: aiohttp.ClientSession, method: str, url: str, path: str, data: bytes | None,
-               timeout_s: float) -> bytes:
+               timeout_s: float, rid: str = "") -> bytes:
     """One request/response exchange; the body of a 2xx, else a `BackendError` naming the server."""
     try:
         async with session.request(method, url + path, data=data,
                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             body = await resp.read()
     except TimeoutError:
-        raise BackendTimeout(f"{path}: no answer within {timeout_s} s", url=url) from None
+        raise BackendTimeout(f"{path}: no answer within {timeout_s} s", url=url, request_id=rid) from None
     except aiohttp.ClientError as exc:
-        raise ServerUnavailable(f"{path}: {type(exc).__name__}: {exc}", url=url) from None
+        raise ServerUnavailable(f"{path}: {type(exc).__name__}: {exc}", url=url, request_id=rid) from None
     if resp.status >= 300:
-        raise HTTPStatusError(resp.status, f"{path}: {error_message(body)}", url=url)
+        raise HTTPStatusError(resp.status, f"{path}: {error_message(body)}", url=url, request_id=rid)
     return body

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import aiohttp
@@ -50,6 +50,7 @@ def _sampling(s: Sampling, budget: int) -> wire.SamplingParams:
     return wire.SamplingParams(
         max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         stop_token_ids=list(s.stop_token_ids) or None, stop=list(s.stop) or None, sampling_seed=s.seed,
+        ignore_eos=s.ignore_eos,
     )
 
 
@@ -167,7 +168,7 @@ class SGLangBackend(Backend):
                 wire_rid = rid if attempt == 0 else f"{rid}@{attempt}"
                 body = wire.encode(wire.GenerateRequest(
                     input_ids=prompt + received if received else prompt,
-                    sampling_params=_sampling(sampling, budget), rid=wire_rid, stream=True,
+                    sampling_params=_sampling(sampling, budget), rid=wire_rid, stream=self.cfg.stream,
                     return_logprob=True))
                 cost = len(prompt) + sampling.max_new_tokens
                 self.router.acquire(server, cost)
@@ -175,8 +176,7 @@ class SGLangBackend(Backend):
                 url = server.url
                 seen = 0
                 try:
-                    async with aclosing(http.sse_post(self._session, url, "/generate", body, wire_rid,
-                                                      self.cfg.read_timeout_s)) as events:
+                    async with aclosing(self._payloads(url, body, wire_rid)) as events:
                         async for payload in events:
                             try:
                                 ev = _chunk.decode(payload)
@@ -229,6 +229,15 @@ class SGLangBackend(Backend):
         finally:
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
+
+    def _payloads(self, url: str, body: bytes, rid: str) -> AsyncIterator[bytes]:
+        """The JSON payloads of one /generate: each SSE event, or the one body when not streaming."""
+        if self.cfg.stream:
+            return http.sse_post(self._session, url, "/generate", body, rid, self.cfg.read_timeout_s)
+        return self._whole(url, body, rid)
+
+    async def _whole(self, url: str, body: bytes, rid: str) -> AsyncIterator[bytes]:
+        yield await http.call(self._session, "POST", url, "/generate", body, self.cfg.read_timeout_s, rid)
 
     def _finish(self, fr: wire.FinishReason, rid: str, wire_rid: str, url: str) -> Finish | None:
         """The caller's `Finish`, or None for an abort the caller did not ask for (resubmit it)."""
@@ -357,13 +366,13 @@ class SGLangBackend(Backend):
         finally:
             self._paused = False
 
-    async def _updating(self, update: Awaitable) -> dict[str, str]:
-        """Run `update` under the configured discipline (pause -> update -> continue, or not)."""
+    async def _updating(self, update: Callable[[], Awaitable]) -> dict[str, str]:
+        """Run `update()` under the configured discipline (pause -> update -> continue, or not)."""
         paused = self.cfg.weight_update == "pause"
         if paused:
             await self.pause()
         try:
-            await update
+            await update()
         finally:
             if paused:
                 await self.resume()
@@ -381,8 +390,9 @@ class SGLangBackend(Backend):
             model_path=str(path), weight_version=str(version), flush_cache=self._flush_cache,
             abort_all_requests=self.cfg.weight_update == "abort")
         self._latest_disk = msg
-        calls = [self._post(s, "/update_weights_from_disk", msg) for s in self.router.healthy]
-        return await self._updating(self._fan_out(calls, "update_weights_from_disk"))
+        return await self._updating(lambda: self._fan_out(
+            [self._post(s, "/update_weights_from_disk", msg) for s in self.router.healthy],
+            "update_weights_from_disk"))
 
     async def init_weights_group(self, master_address: str, master_port: int, *,
                                  group_name: str = "weight_update_group", backend: str = "gloo") -> int:
@@ -403,9 +413,8 @@ class SGLangBackend(Backend):
         msg = wire.UpdateWeightsFromDistributedRequest(
             names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, weight_version=str(version),
             flush_cache=self._flush_cache, abort_all_requests=self.cfg.weight_update == "abort")
-        servers = self.router.servers
-        return await self._updating(self._fan_out([self._distributed(s, msg) for s in servers],
-                                                  "update_weights_from_distributed"))
+        return await self._updating(lambda: self._fan_out(
+            [self._distributed(s, msg) for s in self.router.servers], "update_weights_from_distributed"))
 
     async def _distributed(self, server: Server, msg: wire.UpdateWeightsFromDistributedRequest) -> None:
         """begin (when the server has it: 404 on older ones, §3.5) -> update -> end."""
