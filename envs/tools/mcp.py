@@ -17,8 +17,9 @@ import re
 import threading
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgspec
 
 from protocol.errors import TidalError
 
@@ -31,8 +32,7 @@ _GEM_CALL = re.compile(
 _JSON_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
-@dataclass(frozen=True)
-class ToolSpec:
+class ToolSpec(msgspec.Struct, frozen=True):
     """One tool the server offers, as `tools/list` describes it."""
 
     name: str
@@ -40,8 +40,7 @@ class ToolSpec:
     input_schema: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class ToolCall:
+class ToolCall(msgspec.Struct, frozen=True):
     """A parsed call; `error` is set (and the call not made) when the arguments are not a JSON object."""
 
     name: str

@@ -24,9 +24,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+import msgspec
 
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 
@@ -35,8 +36,7 @@ _PYTHON_TAG = re.compile(r"<python>(.*?)</python>", re.DOTALL)
 _PYTHON_FENCE = re.compile(r"```[ \t]*python[ \t]*\n(.*?)```", re.DOTALL)
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
+class SandboxLimits(msgspec.Struct, frozen=True):
     """Resource limits of one sandboxed run."""
 
     timeout_s: float = 5.0
@@ -49,8 +49,7 @@ class SandboxLimits:
     """Largest file the child may write (RLIMIT_FSIZE), captured output included."""
 
 
-@dataclass(frozen=True)
-class ExecResult:
+class ExecResult(msgspec.Struct, frozen=True):
     """What one sandboxed run produced."""
 
     stdout: str
