@@ -225,11 +225,11 @@ async def serve(cfg: ServeConfig) -> None:
     await site.start()
     host, port = runner.addresses[0][:2]
     state.bound_port = port
-    print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
     try:
         await stop.wait()
     finally:

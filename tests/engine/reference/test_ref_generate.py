@@ -244,3 +244,68 @@ async def test_range_error_and_duplicate_rid(model_server):
     assert status == 200 and body["meta_info"]["id"] == "dup"
     status, body = await gen(model_server, {**long, "sampling_params": {"max_new_tokens": 1}})
     assert status == 200, "a rid is free again once its response arrived"
+
+
+# --- information endpoints (§4) and the OpenAI-compatible routes (§5) ---------------------------
+
+
+async def test_info_endpoints(model_server, tiny_model_dir):
+    for path in ("/model_info", "/get_model_info"):
+        status, info = await get(model_server.url + path)
+        assert status == 200
+        assert info["model_path"] == info["served_model_name"] == info["tokenizer_path"] == str(tiny_model_dir)
+        assert info["is_generation"] is True and info["weight_version"] == "default"
+        assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"]
+        assert {"preferred_sampling_params", "load_format", "has_image_understanding"} <= set(info)
+    for path in ("/server_info", "/get_server_info"):
+        status, info = await get(model_server.url + path)
+        assert status == 200 and info["incremental_streaming_output"] is False
+        assert info["port"] == int(model_server.url.rsplit(":", 1)[1])
+        assert isinstance(info["internal_states"], list) and "max_req_input_len" in info
+    status, models = await get(model_server.url + "/v1/models")
+    assert models["object"] == "list" and len(models["data"]) == 1
+    card = models["data"][0]
+    assert card == {"id": str(tiny_model_dir), "object": "model", "created": card["created"],
+                    "owned_by": "sglang", "root": str(tiny_model_dir), "parent": None, "max_model_len": 4096}
+    status, missing = await get(model_server.url + "/v1/models/x")
+    assert status == 404 and missing == {"error": {"message": "The model 'x' does not exist",
+                                                   "type": "invalid_request_error", "param": "model",
+                                                   "code": "model_not_found"}}
+    for path in ("/health", "/health_generate", "/ready"):
+        assert (await get(model_server.url + path))[0] == 200
+    status, text = await get(model_server.url + "/metrics")
+    assert status == 200 and "sglang:num_generated_tokens" in text
+
+
+async def test_openai_completions_with_token_ids(model_server, tiny_model):
+    model, _ = tiny_model
+    status, body = await post(model_server.url + "/v1/completions", {
+        "model": "x", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2,
+        "return_token_ids": True, "ignore_eos": True})
+    assert status == 200 and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["prompt_token_ids"] == PROMPT
+    ids = choice["token_ids"]
+    logprobs, greedy = teacher_forced(model, PROMPT, ids)
+    assert ids == greedy and choice["logprobs"]["token_logprobs"] == pytest.approx(logprobs, abs=1e-4)
+    assert len(choice["logprobs"]["top_logprobs"]) == 5 and choice["logprobs"]["text_offset"] == [-1] * 5
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert body["metadata"]["weight_version"] == "default"
+    status, events, done = await stream(model_server.url + "/v1/completions", {
+        "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0, "stream": True,
+        "return_token_ids": True, "ignore_eos": True})
+    assert status == 200 and done
+    assert sum((e["choices"][0]["token_ids"] for e in events), []) == ids
+    assert sum((e["choices"][0]["logprobs"]["token_logprobs"] for e in events), []) == pytest.approx(logprobs, abs=1e-4)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_openai_errors(model_server):
+    status, body = await post(model_server.url + "/v1/completions",
+                              {"prompt": "hi", "echo": True, "logprobs": 1})
+    assert status == 400 and body["object"] == "error" and "logprobs" in body["message"]
+    status, body = await post(model_server.url + "/v1/completions", None, raw=b'{"prompt": "hi"}',
+                              headers={"Content-Type": "text/plain"})
+    assert status == 400 and body["code"] == 400
+    status, body = await post(model_server.url + "/v1/completions", {"prompt": [], "max_tokens": 2})
+    assert status == 400

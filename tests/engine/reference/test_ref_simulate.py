@@ -1,0 +1,92 @@
+"""`tidal serve --simulate`: the same protocol on the cost model, at many concurrent streams."""
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+from refserver_http import get, parse_sse, post
+
+from engine.reference.launch import ReferenceServer
+from engine.reference.simulate import SimulateConfig, Simulator
+
+COSTS = ["--set", "simulate.step_base_s=0.002", "--set", "simulate.step_per_seq_s=1e-5",
+         "--set", "simulate.prefill_per_token_s=1e-6", "--set", "simulate.max_running=128",
+         "--set", "simulate.length_median=30"]
+
+
+@pytest.fixture(scope="module")
+def sim_server():
+    with ReferenceServer(simulate=True, args=COSTS) as srv:
+        yield srv
+
+
+def test_step_cost_is_the_documented_formula():
+    cfg = SimulateConfig(step_base_s=0.01, step_per_seq_s=0.001, prefill_per_token_s=0.0001)
+    # 0.01 + 0.001 * 8 + 0.0001 * 50 = 0.023
+    assert Simulator(cfg).step_cost(8, 50) == pytest.approx(0.023)
+    assert Simulator(SimulateConfig(fast=True)).step_cost(8, 50) == 0.0
+
+
+async def test_many_concurrent_streams_complete_with_forced_lengths(sim_server):
+    n, length = 300, 20
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(i: int):
+            body = {"input_ids": [300 + i, 301, 302], "rid": f"s{i}", "stream": True, "return_logprob": True,
+                    "sampling_params": {"max_new_tokens": length, "ignore_eos": True}}
+            async with session.post(sim_server.url + "/generate", json=body) as resp:
+                return parse_sse(await resp.text())
+
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+    for i, (events, done) in enumerate(results):
+        last = events[-1]
+        assert done and last["meta_info"]["id"] == f"s{i}"
+        assert last["meta_info"]["finish_reason"] == {"type": "length", "length": length}
+        assert len(last["output_ids"]) == length == last["meta_info"]["completion_tokens"]
+        lps = last["meta_info"]["output_token_logprobs"]
+        assert [t[1] for t in lps] == last["output_ids"] and all(t[0] <= 0 for t in lps)
+        assert all(256 <= t < 152064 for t in last["output_ids"])
+    _, info = await get(sim_server.url + "/server_info")
+    state = info["internal_states"][0]
+    assert state["max_batch_size_seen"] == 128, "the batch fills up to max_running; the rest queue"
+    assert state["num_decode_steps"] < n * length / 50, "one scheduler tick advances the whole batch"
+
+
+async def test_lognormal_lengths_end_with_eos(sim_server):
+    replies = await asyncio.gather(*(post(sim_server.url + "/generate", {
+        "text": "hello", "sampling_params": {"max_new_tokens": 4000}}) for _ in range(20)))
+    lengths = set()
+    for status, body in replies:
+        assert status == 200
+        fin = body["meta_info"]["finish_reason"]
+        if fin["type"] == "stop":
+            assert fin["matched"] == 2 and body["output_ids"][-1] == 2
+        lengths.add(len(body["output_ids"]))
+        assert body["meta_info"]["prompt_tokens"] == 5
+    assert len(lengths) > 5, "lengths are drawn, not fixed"
+
+
+async def test_auth_keys():
+    args = ["--fast", "--api-key", "user-key", "--admin-api-key", "admin-key"]
+    async with ReferenceServer(simulate=True, args=args) as srv:
+        body = {"input_ids": [300], "sampling_params": {"max_new_tokens": 2}}
+        assert await post(srv.url + "/generate", body) == (401, {"error": "Unauthorized"})
+        user = {"Authorization": "Bearer user-key"}
+        admin = {"Authorization": "Bearer admin-key"}
+        assert (await post(srv.url + "/generate", body, headers=user))[0] == 200
+        assert await post(srv.url + "/pause_generation", {}, headers=user) == (403, {"error": "Forbidden"})
+        assert (await post(srv.url + "/pause_generation", {}, headers=admin))[0] == 200
+        assert (await post(srv.url + "/continue_generation", {}, headers=admin))[0] == 200
+        assert (await get(srv.url + "/health"))[0] == 200
+        assert (await get(srv.url + "/model_info"))[0] == 401
+
+
+def test_simulate_and_launch_never_import_torch():
+    code = ("import sys; from engine.reference.launch import ReferenceServer; "
+            "from engine.reference.server import build_stepper, build_state; "
+            "from engine.reference.config import ServeConfig; "
+            "build_state(ServeConfig(mode='simulate'), build_stepper(ServeConfig(mode='simulate'))); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
