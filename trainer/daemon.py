@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+import aiohttp
 import msgspec
 from rich.console import Console
 
@@ -28,7 +29,7 @@ from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
 from trainer.distributed import STEP, STOP, World
 from trainer.intake import Batch, Intake, IntakePump
-from trainer.publish import make_publisher
+from trainer.publish import PublishError, make_publisher
 
 __all__ = ["main", "Daemon"]
 
@@ -132,15 +133,17 @@ class Daemon:
             self.telemetry.event("start", self.version)
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()
+        self.health = "ok"
 
     @property
     def version(self) -> int:
         return self.learner.version
 
-    def status(self, health: str = "ok") -> TrainerStatus:
+    def status(self, health: str | None = None) -> TrainerStatus:
         return TrainerStatus(
             version=self.version, consumed=int(self.counters["trajectories"]),
-            batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness, health=health,
+            batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness,
+            health=health or self.health,
         )
 
     async def run(self) -> int:
@@ -226,7 +229,16 @@ class Daemon:
         if self.publisher is None or self.version % self.cfg.publish.every_steps:
             return
         tensors = dict(self.learner.named_weights())
-        notice = await self.publisher.publish(self.version, tensors)
+        try:
+            notice = await self.publisher.publish(self.version, tensors)
+        except (PublishError, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            # Counted and reported; training goes on and the next version is published as usual.
+            self.counters["publish_failures"] = self.counters.get("publish_failures", 0) + 1
+            self.health = f"publish failed: {exc}"[:200]
+            self.telemetry.event("publish_failed", self.version, error=str(exc)[:500])
+            await self.status_pub.publish(self.status())
+            return
+        self.health = "ok"
         await self.status_pub.publish(notice)
         mb = self.publisher.last_bytes / 2**20
         self.telemetry.publish(self.version, {

@@ -182,7 +182,7 @@ class DistributedPublisher:
 
     def _broadcast(self, bucket) -> None:
         for _, t in bucket:
-            self._group.broadcast([t.detach().contiguous()], 0).wait()
+            self._group.broadcast(t.detach().contiguous(), 0).wait()
 
     async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
         """Send every tensor to every server; the servers serve `version` when this returns."""
@@ -191,19 +191,23 @@ class DistributedPublisher:
         if self._sessions:
             begun = await self._post_all("/begin_weight_update", BeginWeightUpdateRequest(), allow_404=True)
             self._sessions = all(begun)
-        for i, bucket in enumerate(buckets):
-            last = i == len(buckets) - 1
-            req = UpdateWeightsFromDistributedRequest(
-                names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
-                shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
-                flush_cache=last, weight_version=str(version) if last else None,
-            )
-            await asyncio.gather(
-                self._post_all("/update_weights_from_distributed", req),
-                asyncio.to_thread(self._broadcast, bucket),
-            )
-        if self._sessions:
-            await self._post_all("/end_weight_update", EndWeightUpdateRequest())
+        try:
+            for i, bucket in enumerate(buckets):
+                last = i == len(buckets) - 1
+                req = UpdateWeightsFromDistributedRequest(
+                    names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
+                    shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
+                    flush_cache=last, weight_version=str(version) if last else None,
+                )
+                # A server that refuses the call posts no receive: the broadcast then fails after
+                # `timeout_s` (gloo cannot be cancelled), and the error names the server.
+                await asyncio.gather(
+                    self._post_all("/update_weights_from_distributed", req),
+                    asyncio.to_thread(self._broadcast, bucket),
+                )
+        finally:
+            if self._sessions:
+                await self._post_all("/end_weight_update", EndWeightUpdateRequest())
         self.last_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         self.last_seconds = time.perf_counter() - t0
         return WeightsPublished(
