@@ -4,6 +4,7 @@ import pytest
 
 import envs
 from envs.code import FORMAT_PENALTY, CodeEnv, extract_solution, load_code_tasks
+from envs.tools import SandboxLimits
 
 
 def _fenced(code: str) -> str:
@@ -12,7 +13,7 @@ def _fenced(code: str) -> str:
 
 @pytest.fixture
 def env():
-    env = envs.make("code:Functions-v0", timeout_s=2.0)
+    env = envs.make("code:Functions-v0", timeout_s=20.0)
     env.reset(seed=0)
     env.task = next(t for t in env.tasks if t.id == "reverse_words")
     return env
@@ -43,6 +44,7 @@ def test_printing_a_fake_report_earns_nothing(env):
 
 
 def test_infinite_loop_times_out_with_reward_0(env):
+    env.limits = SandboxLimits(timeout_s=2.0)
     obs, reward, terminated, _, _ = env.step(_fenced("def reverse_words(s):\n    while True:\n        pass"))
     assert (reward, terminated) == (0.0, True) and "timed out" in obs
 
@@ -55,7 +57,7 @@ def test_actions_without_code_get_the_format_penalty(env, action):
 
 
 def test_retries_show_failures_then_accept_a_fix():
-    env = CodeEnv(max_attempts=2, timeout_s=2.0)
+    env = CodeEnv(max_attempts=2, timeout_s=20.0)
     env.reset(seed=0)
     obs, reward, terminated, _, _ = env.step(_fenced("x = 1"))
     assert (reward, terminated) == (0.0, False) and "Fix the code" in obs
