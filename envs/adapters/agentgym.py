@@ -28,6 +28,7 @@ so it is never offloaded. `aclose` always posts /close: the servers keep every e
 """
 
 import asyncio
+import random
 import re
 from typing import Any, ClassVar
 
@@ -124,6 +125,8 @@ class AgentGymEnv(Env):
         self.observation = ""
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
+    sample_actions: ClassVar[tuple[str, ...]] = ()
+    """Well-formed actions for random-policy checks and benchmarks."""
     reply: ClassVar[str] = OK_REPLY
     """The assistant turn of the bootstrap, as the family's AgentGym client has it."""
 
@@ -247,6 +250,9 @@ class AgentGymEnv(Env):
                 await self._session.close()
                 self._session = None
 
+    def sample_action(self, rng: random.Random) -> str:
+        return rng.choice(self.sample_actions)
+
     def _sync(self, coro: Any) -> Any:
         """Drive a coroutine from sync code on this env's own loop (scripts; not from inside a loop)."""
         if self._sync_loop is None:
@@ -281,6 +287,8 @@ class BabyAIEnv(AgentGymEnv):
     """BabyAI grid worlds (40 levels; item index -> level `idx % 40 + 1`, seed `idx // 40`)."""
 
     family = "babyai"
+    sample_actions = ("Thought: look.\nAction: turn left", "Action: turn right", "Action: move forward",
+                      "Action: check available actions")
     instructions = (
         "You are an explorer who must reach every goal you are given. Each round you get an observation "
         "and reply with your thought and one action. You are in a room and must accomplish the goal.\n\n"
@@ -303,6 +311,7 @@ class TextCraftEnv(AgentGymEnv):
     """Minecraft-style crafting from recipes given in the first observation; reward 1 when crafted."""
 
     family = "textcraft"
+    sample_actions = ("Action: inventory", "Thought: I need wood.\nAction: get 1 oak log", "Action: look")
     instructions = (
         "You are given a few crafting recipes for Minecraft items; commands have the form "
         "\"craft [target] using [ingredients]\". Each round you get an observation and reply with one "
@@ -330,6 +339,7 @@ class SciWorldEnv(AgentGymEnv):
     """ScienceWorld tasks; the reward is the raw ScienceWorld score (0-100), as AgentGym passes it on."""
 
     family = "sciworld"
+    sample_actions = ("Thought: where am I?\nAction: look around", "Action: inventory", "Action: task")
     instructions = (
         "You are an agent in a science world. Each round you get an observation and reply with one "
         "action to make progress on the task. Actions: open/close OBJ, activate/deactivate OBJ, connect "
@@ -362,6 +372,7 @@ class SearchQAEnv(AgentGymEnv):
 
     family = "searchqa"
     id_field = "env_idx"
+    sample_actions = ("<think>I should look it up.</think><search>capital city</search>", "<answer>Paris</answer>")
     reply = "Ok."
     instructions = (
         "Reason inside <think>...</think> first. If you lack knowledge, write <search>query</search> and "
@@ -389,6 +400,8 @@ class WebArenaEnv(AgentGymEnv):
 
     family = "webarena"
     id_field = "env_idx"
+    sample_actions = ("In summary, the next action I will perform is ```scroll [down]```",
+                      "In summary, the next action I will perform is ```go_back```")
     reply = "Ok."
     instructions = (
         "You are an autonomous agent navigating a web browser to complete a task. Each round you see the "

@@ -200,3 +200,4 @@ async def test_check_env_passes_against_each_server(served):
         await env.aclose()
     assert all("blocking" in w for w in warnings)  # timing an HTTP round trip, not loop-blocking work
     assert fake.closed == [0]
+    assert sum(route == "/step" for route, _ in fake.calls) >= 8  # sampled actions are well-formed
