@@ -19,6 +19,11 @@ _BRACE = re.compile(r"[{}]")
 def extract_boxed(text: str) -> str | None:
     r"""The content of the last `\boxed{...}` that closes (nested braces allowed), stripped; else None."""
     text = text[-MAX_ACTION_CHARS:]
+    last = text.rfind("\\boxed{")
+    if last >= 0:  # the common case: one flat \boxed{...}, found without a regex
+        end = text.find("}", last + 7)
+        if end >= 0 and "{" not in text[last + 7 : end]:
+            return text[last + 7 : end].strip()
     starts = [m.end() - 1 for m in _BOXED.finditer(text)]
     if not starts:
         return None

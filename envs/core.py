@@ -132,13 +132,15 @@ class Env:
         raise NotImplementedError(f"{type(self).__name__}.step")
 
     async def areset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
-        self._check_usable()
+        if self.broken is not None:
+            self._check_usable()
         if self.blocking:
             return await offload(self.reset, seed)
         return self.reset(seed)
 
     async def astep(self, action: str) -> StepResult:
-        self._check_usable()
+        if self.broken is not None:
+            self._check_usable()
         if self.blocking:
             return await offload(self.step, action)
         return self.step(action)

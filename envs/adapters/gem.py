@@ -20,7 +20,6 @@ its own Generator), so the adapter leaves numpy's global state alone.
 import random
 import sys
 import threading
-import types
 from typing import Any
 
 from envs.core import Env, StepResult
@@ -44,17 +43,29 @@ _patched: set[str] = set()
 _original_set_seed = None
 
 
-class _RandomProxy(types.ModuleType):
-    """Stands in for `random` inside GEM modules: attributes come from the calling env's Random."""
+class _RandomProxy:
+    """Stands in for `random` inside GEM modules: `random.randint` & co. come from the calling env's
+    Random (one property each: no failed lookup, ~0.1 us), anything else from the real module."""
 
     def __getattr__(self, name: str) -> Any:
-        rng = getattr(_local, "rng", None)
-        if rng is not None and name in _GLOBAL_RNG_FUNCTIONS:
-            return getattr(rng, name)
         return getattr(random, name)
 
 
-_proxy = _RandomProxy("random")
+def _forward(name: str) -> property:
+    fallback = getattr(random, name)
+
+    def get(self: _RandomProxy) -> Any:
+        rng = getattr(_local, "rng", None)
+        return fallback if rng is None else getattr(rng, name)
+
+    return property(get)
+
+
+for _name in _GLOBAL_RNG_FUNCTIONS:
+    setattr(_RandomProxy, _name, _forward(_name))
+
+
+_proxy = _RandomProxy()
 
 
 def _isolated_set_seed(seed: int | None = None) -> None:
@@ -117,30 +128,26 @@ class GemEnv(Env):
                     inner = wrap(inner)
                 _patch_gem_modules()
         self.gem_env = inner
-        default = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
-        self._blocking = (not default) if blocking is None else blocking
-
-    @property
-    def blocking(self) -> bool:  # type: ignore[override]
-        return self._blocking
+        cheap = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
+        self.blocking = (not cheap) if blocking is None else blocking
 
     def _own_rng(self, rng: random.Random | None = None) -> "_Active":
         return _Active(rng or self.rng)
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
-        prev, _local.rng = getattr(_local, "rng", None), self.rng
+        _local.rng = self.rng
         try:
             return self.gem_env.reset(seed=seed)
         finally:
-            _local.rng = prev
+            _local.rng = None
 
     def step(self, action: str) -> StepResult:
-        prev, _local.rng = getattr(_local, "rng", None), self.rng
+        """GEM's step as is (GEM games return float rewards and bool flags); the hot path, kept lean."""
+        _local.rng = self.rng
         try:
-            obs, reward, terminated, truncated, info = self.gem_env.step(action)
+            return self.gem_env.step(action)
         finally:
-            _local.rng = prev
-        return obs, float(reward), bool(terminated), bool(truncated), info
+            _local.rng = None
 
     def sample_action(self, rng: random.Random) -> str:
         """GEM's `sample_random_action`, drawing from `rng` so the episode's own stream is untouched."""

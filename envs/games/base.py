@@ -12,6 +12,7 @@ Invariant: everything random is drawn from `self.rng`, seeded by `reset(seed)`, 
 episode and concurrent games never share RNG state.
 """
 
+import functools
 import random
 from typing import Any, ClassVar
 
@@ -71,14 +72,15 @@ class TextGame(Env):
         """Apply a well-formed move: (feedback, reward, ended). Illegal moves are feedback, reward 0."""
         raise NotImplementedError
 
+    @functools.cached_property
     def _format_hint(self) -> str:
         return self.sample_action(random.Random("format hint"))
 
-    @property
+    @functools.cached_property
     def instructions(self) -> str:  # type: ignore[override]
         return self._rules() + (
             f"\nYou have {self.max_turns} turns. Think if you like, then write your move inside "
-            f"\\boxed{{}}, for example {self._format_hint()}; only the last \\boxed{{}} counts."
+            f"\\boxed{{}}, for example {self._format_hint}; only the last \\boxed{{}} counts."
         )
 
     def _rules(self) -> str:
@@ -89,7 +91,11 @@ class TextGame(Env):
         self.turn = 0
         self.done = False
         self._new_game()
-        return f"{self.instructions}\nEnter your first move.", {"suffix": self.suffix}
+        return self._first_observation, {"suffix": self.suffix}
+
+    @functools.cached_property
+    def _first_observation(self) -> str:
+        return f"{self.instructions}\nEnter your first move."
 
     def step(self, action: str) -> StepResult:
         if self.done:
@@ -99,7 +105,7 @@ class TextGame(Env):
         move = self._parse(content) if content is not None else None
         if content is None or isinstance(move, Invalid):
             why = move if isinstance(move, Invalid) else f"no \\boxed{{...}} move found in {clip(str(action))!r}"
-            obs, reward, ended = f"Turn {self.turn}: invalid move: {why}. Write e.g. {self._format_hint()}.", FORMAT_ERROR_REWARD, False
+            obs, reward, ended = f"Turn {self.turn}: invalid move: {why}. Write e.g. {self._format_hint}.", FORMAT_ERROR_REWARD, False
             info = {"suffix": self.suffix, "invalid": True}
         else:
             obs, reward, ended = self._play(move)
