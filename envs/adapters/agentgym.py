@@ -19,7 +19,8 @@ take the one `Action:` line and keep `[A-Za-z0-9, ]`; SciWorld takes the text af
 `Action:` (ReAct); WebArena needs a ```...``` block; SearchQA sends the raw text. A turn that fails
 this parse is a local error turn: an observation that says what was wrong, reward 0, not done, and
 no request. Departure: AgentGym sends an empty action when BabyAI/TextCraft text has no `Action:`
-line; we make that a local error turn too, so a formatless answer never reaches the server.
+line; we make that a local error turn too, so a formatless answer never reaches the server, and
+so is a response longer than `MAX_ACTION_CHARS` (no server needs a megabyte per step).
 
 Errors: the servers answer HTTP 200 with `{"error": ...}` when something fails; that, a non-200
 status, or a body without the expected fields raises `AgentGymError` naming the server, route and
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import aiohttp
 import msgspec
 
+from envs.answers import MAX_ACTION_CHARS
 from envs.core import Env, EnvError, EnvNotFound, StepResult
 from envs.registry import register_prefix
 
@@ -230,6 +232,9 @@ class AgentGymEnv(Env):
         if self.env_id is None:
             raise EnvError(f"agentgym:{self.family}: step before reset")
         try:
+            if len(action) > MAX_ACTION_CHARS:
+                raise _LocalError(f"Error: the response is {len(action)} characters long; keep it under "
+                                  f"{MAX_ACTION_CHARS} and end it with one action.")
             sent = self.parse_action(action)
         except _LocalError as exc:
             return str(exc), 0.0, False, False, {"local_error": True}

@@ -74,6 +74,8 @@ async def test_local_error_turns_make_no_request(served):
     assert "no action found" in obs
     obs, *_ = await env.astep("Action: !!!")
     assert "no action found" in obs
+    obs, *_ = await env.astep("Action: turn left\n" + "x" * 1_000_000)
+    assert "characters long" in obs
     assert len(fake.calls) == before
     await env.aclose()
 
