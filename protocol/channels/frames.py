@@ -9,6 +9,9 @@ nothing: the next one says it again). Every frame is decoded strictly; anything 
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import msgspec
 import zmq
 
@@ -26,6 +29,7 @@ __all__ = [
     "decode_envelope",
     "decode_ack",
     "bind",
+    "BIND_RETRY_S",
 ]
 
 ENVELOPE_VERSION = 1
@@ -140,9 +144,20 @@ def decode_ack(buf) -> Ack:
     return _decode(_ack, "ack", buf)
 
 
-def bind(sock: zmq.Socket, endpoint: str) -> str:
+BIND_RETRY_S = 2.0
+"""How long `bind` retries an address still held by a previous incarnation that is closing."""
+
+
+async def bind(sock: zmq.Socket, endpoint: str) -> str:
     """Bind to a zmq URL and return the bound one: `tcp://127.0.0.1:0` (or `:*`) picks a free port."""
     if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
         endpoint = endpoint[:-1] + "*"
-    sock.bind(endpoint)
-    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        try:
+            sock.bind(endpoint)
+            return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)

@@ -87,7 +87,11 @@ class StatusPublisher:
         sock = ctx.socket(zmq.XPUB)
         sock.linger = 0
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.endpoint = bind(sock, self.endpoint)
+        try:
+            self.endpoint = await bind(sock, self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         self._sock = sock
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._heartbeat())]
         return self

@@ -277,7 +277,11 @@ class TrajectoryReceiver:
         sock.rcvhwm = self._capacity
         sock.heartbeat_ivl = 1000
         sock.heartbeat_timeout = 5000
-        self.endpoint = bind(sock, self.endpoint)
+        try:
+            self.endpoint = await bind(sock, self.endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         self._sock = sock
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send_acks())]
         for task in self._tasks:
