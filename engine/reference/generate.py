@@ -188,6 +188,12 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
                     for s in seqs]
         if not stream:
             await asyncio.gather(*(s.done.wait() for s in seqs))
+            failed = next((s.finish for s in seqs if s.finish.get("status_code")), None)
+            if failed is not None:  # §0 row 4: a server-side abort with a status is an HTTP error
+                status = failed["status_code"]
+                return web.Response(status=status, content_type="application/json", body=json_encode({
+                    "object": "error", "message": failed["message"], "type": str(status), "param": None,
+                    "code": status}))
             bodies = [em.body(stream=False) for em in emitters]
             for b in bodies:
                 b.pop("index", None)

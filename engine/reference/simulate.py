@@ -113,8 +113,10 @@ class Simulator:
                 seq.target_len = max(seq.sampling.min_new_tokens, self._target_len(seq))
         cost = self.step_cost(len(batch), prefill_tokens)
         now = time.monotonic()
-        idle = now - self._gpu_free_at > cost + _IDLE_SLACK_S
-        self._gpu_free_at = (now if idle else max(now, self._gpu_free_at)) + cost
+        if now - self._gpu_free_at > cost + _IDLE_SLACK_S:
+            self._gpu_free_at = now + cost  # the GPU was idle: this step starts now
+        else:
+            self._gpu_free_at = max(self._gpu_free_at + cost, now)  # it began when the last one ended
         await asyncio.sleep(max(0.0, self._gpu_free_at - now))
         n = len(batch)
         tokens = self._rng.integers(256, self.vocab_size, n).tolist()

@@ -90,3 +90,35 @@ def test_simulate_and_launch_never_import_torch():
             "build_state(ServeConfig(mode='simulate'), build_stepper(ServeConfig(mode='simulate'))); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_client_disconnect_aborts_the_request(sim_server):
+    _, before = await get(sim_server.url + "/server_info")
+    aborted = before["internal_states"][0]["num_aborted_reqs"]
+    body = {"input_ids": [300], "stream": True, "rid": "gone", "sampling_params": {"max_new_tokens": 100000,
+                                                                                  "ignore_eos": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(sim_server.url + "/generate", json=body) as resp:
+            assert (await resp.content.readline()).startswith(b"data: {")
+    async with asyncio.timeout(20):
+        while True:
+            _, info = await get(sim_server.url + "/server_info")
+            state = info["internal_states"][0]
+            if state["num_aborted_reqs"] > aborted and state["num_running_reqs"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    status, reply = await post(sim_server.url + "/generate", {**body, "stream": False,
+                                                               "sampling_params": {"max_new_tokens": 1}})
+    assert status == 200, "the rid was released with the aborted request"
+
+
+async def test_batch_stream_interleaves_with_index(sim_server):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(sim_server.url + "/generate", json={
+                "input_ids": [[300], [301, 302]], "stream": True, "rid": "pair",
+                "sampling_params": {"max_new_tokens": 5, "ignore_eos": True}}) as resp:
+            events, done = parse_sse(await resp.text())
+    assert done and {e["index"] for e in events} == {0, 1}
+    finals = {e["index"]: e for e in events if e["meta_info"]["finish_reason"] is not None}
+    assert {i: e["meta_info"]["id"] for i, e in finals.items()} == {0: "pair_0", 1: "pair_1"}
+    assert all(len(e["output_ids"]) == 5 for e in finals.values())
