@@ -2,7 +2,7 @@ r"""Is a model's answer to a maths question right? Extraction, normalisation and
 
 The answer is the last `\boxed{...}`, else the final non-empty line with any "answer:" / "the
 answer is" / "####" label removed. Numbers compare exactly as fractions, so `1/2`, `0.5`,
-`\frac{1}{2}`, `\dfrac12` and `$0.50$` are all one half; thousands separators (`1,234`, `1{,}234`,
+`\frac{1}{2}`, `\dfrac12` and `$0.50$` are all one half, `1.5 \times 10^{3}` is 1500; thousands separators (`1,234`, `1{,}234`,
 `1 234`), a trailing period, surrounding `$...$`, `\text{units}` or a unit word, and a trailing `%`
 are ignored. Anything that is not a number compares as normalised text, and comma-separated lists
 compare element by element. Nothing here raises on any input: garbage is just "no answer" or wrong.
@@ -21,6 +21,7 @@ _LABEL = re.compile(
 _FRAC = re.compile(r"(-?)\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_TIMES_TEN = re.compile(r"^([+-]?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|x|\*)\s*10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$")
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?$", re.IGNORECASE)
 _UNIT_SUFFIX = re.compile(r"^(.*?\d)\s*[a-zA-Z][a-zA-Z ]*$")
 _MAX_ANSWER_CHARS = 200
@@ -66,6 +67,10 @@ def parse_number(text: str) -> Fraction | None:
             return None
         return (-1 if sign else 1) * top / bottom
     s = s.rstrip("%").strip()
+    sci = _TIMES_TEN.match(s)
+    if sci is not None:
+        mantissa, exponent = Fraction(sci.group(1)), int(sci.group(2))
+        return mantissa * Fraction(10) ** exponent if abs(exponent) <= 400 else None
     unit = _UNIT_SUFFIX.match(s)
     if unit is not None:
         s = unit.group(1)
@@ -77,6 +82,9 @@ def parse_number(text: str) -> Fraction | None:
         a, b = parse_number(top), parse_number(bottom)
         return a / b if a is not None and b else None
     if _NUMBER.match(s):
+        exponent = s.lower().partition("e")[2]
+        if exponent and abs(int(exponent)) > 400:  # 1e99999999 would take minutes to build exactly
+            return None
         try:
             return Fraction(s)
         except (ValueError, ZeroDivisionError, OverflowError):
