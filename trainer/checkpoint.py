@@ -82,7 +82,10 @@ class Checkpointer:
         self.cfg = cfg
         self.dir = Path(cfg.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(f"{_TMP}*"):  # a crash mid-write leaves these; never complete
+
+    def discard_partial(self) -> None:
+        """Delete what a crash mid-write left (never a complete checkpoint). Only the writer calls it."""
+        for stale in self.dir.glob(f"{_TMP}*"):
             shutil.rmtree(stale, ignore_errors=True)
 
     def checkpoints(self) -> list[Path]:

@@ -118,6 +118,7 @@ class Daemon:
         self.world = world
         self.learner = _build_learner(cfg, world)
         self.checkpointer = Checkpointer(cfg.checkpoint)
+        self.checkpointer.discard_partial()
         self.telemetry = Telemetry(cfg.metrics)
         self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0}
         self.dedup = None
@@ -223,7 +224,7 @@ class Daemon:
     def _train(self, batch) -> dict[str, float]:
         if self.world.distributed:
             self.world.send(STEP, batch)
-        return self.learner.train_step(batch)
+        return self.world.reduce_metrics(self.learner.train_step(batch))
 
     async def _maybe_publish(self) -> None:
         if self.publisher is None or self.version % self.cfg.publish.every_steps:
@@ -262,7 +263,13 @@ class Daemon:
 
 
 def _follow(cfg: TrainerConfig, world: World) -> int:
-    """Ranks > 0: train on what rank 0 broadcasts until it says stop."""
+    """Ranks > 0: train on what rank 0 broadcasts until it says stop.
+
+    SIGTERM and SIGINT are ignored here: torchrun forwards them to every rank, and only rank 0 decides
+    when to stop (after its final checkpoint), then says so with STOP.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     learner = _build_learner(cfg, world)
     restored = Checkpointer(cfg.checkpoint).load()
     if restored is not None:
@@ -271,7 +278,7 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
         command, batch = world.receive()
         if command == STOP:
             return 0
-        learner.train_step(batch)
+        world.reduce_metrics(learner.train_step(batch))
 
 
 def main(argv: list[str] | None = None) -> int:

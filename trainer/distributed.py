@@ -19,12 +19,15 @@ import msgspec
 
 from protocol.messages import Trajectory
 
-__all__ = ["World", "STEP", "STOP"]
+__all__ = ["World", "STEP", "STOP", "SUMMED_METRICS"]
 
 STEP = 1
 """Header command: a batch follows."""
 STOP = 2
 """Header command: leave the loop (rank 0 is shutting down)."""
+
+SUMMED_METRICS = ("trainer/loss", "trainer/tokens", "trainer/trained_tokens")
+"""Learner metrics that are each rank's share of the step's total (summed across ranks for reports)."""
 
 _batch_decoder = msgspec.msgpack.Decoder(list[Trajectory])
 _batch_encoder = msgspec.msgpack.Encoder()
@@ -108,3 +111,12 @@ class World:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         dist.broadcast(buf, src=0)
         return command, _batch_decoder.decode(buf.numpy().tobytes())
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank calls this after a step: SUMMED_METRICS become the whole step's values."""
+        if not self.distributed:
+            return metrics
+        names = [n for n in SUMMED_METRICS if n in metrics]
+        for name, total in zip(names, self.all_reduce([metrics[n] for n in names]), strict=True):
+            metrics[name] = float(total)
+        return metrics
