@@ -122,3 +122,35 @@ async def test_batch_stream_interleaves_with_index(sim_server):
     finals = {e["index"]: e for e in events if e["meta_info"]["finish_reason"] is not None}
     assert {i: e["meta_info"]["id"] for i, e in finals.items()} == {0: "pair_0", 1: "pair_1"}
     assert all(len(e["output_ids"]) == 5 for e in finals.values())
+
+
+async def test_abort_in_waiting_queue_has_two_keys(sim_server):
+    assert (await post(sim_server.url + "/pause_generation", {"mode": "in_place"}))[0] == 200
+    queued = asyncio.create_task(post(sim_server.url + "/generate", {
+        "input_ids": [300], "rid": "queued", "return_logprob": True, "sampling_params": {"max_new_tokens": 5}}))
+    await asyncio.sleep(0.3)
+    assert not queued.done()
+    assert (await post(sim_server.url + "/abort_request", {"rid": "queued"}))[0] == 200
+    status, body = await queued
+    assert (await post(sim_server.url + "/continue_generation", {}))[0] == 200
+    meta = body["meta_info"]
+    assert status == 200 and meta["finish_reason"] == {"type": "abort", "message": "Abort in waiting queue"}
+    assert body["output_ids"] == [] and meta["completion_tokens"] == 0
+    assert "prompt_tokens" not in meta and "cached_tokens" not in meta
+
+
+async def test_weight_update_sessions():
+    args = ["--fast", "--set", "server.require_weight_update_session=true"]
+    async with ReferenceServer(simulate=True, args=args) as srv:
+        update = {"serialized_named_tensors": [], "weight_version": "9"}
+        status, reply = await post(srv.url + "/update_weights_from_tensor", update)
+        assert status == 400 and reply["success"] is False
+        assert "between begin_weight_update() and end_weight_update()" in reply["message"]
+        assert (await post(srv.url + "/begin_weight_update", {"selector": "all"}))[0] == 200
+        assert await post(srv.url + "/begin_weight_update", {}) == (
+            400, {"success": False, "message": "a weight-update session is already open"})
+        status, reply = await post(srv.url + "/update_weights_from_tensor", update)
+        assert status == 200 and reply["success"] is True
+        assert (await post(srv.url + "/end_weight_update", {}))[0] == 200
+        assert (await post(srv.url + "/end_weight_update", {}))[0] == 400
+        assert (await get(srv.url + "/model_info"))[1]["weight_version"] == "9"
