@@ -8,10 +8,16 @@ model must be called with `use_cache=False` (transformers only detects packing w
 tests/trainer/test_packing.py checks per-token log-probabilities against separate forwards.
 
 Strategies:
-  pack  first-fit-decreasing into rows of at most `token_budget` tokens; one row per micro-batch,
-        so the only padding is rounding a row up to `pad_to_multiple`.
+  pack  first-fit-decreasing into rows of `row_tokens` slots, then as many rows per micro-batch as
+        fit `token_budget` slots; padding is only the unfilled tail of each row.
   pad   the naive baseline: sequences in arrival order, one per row, right-padded to the longest
         in the micro-batch, as many rows as fit `token_budget` slots.
+
+Row width is a kernel choice. sdpa and eager materialise the block-diagonal mask and compute every
+(query, key) pair of a row, so their attention cost grows with the square of the row width: the
+default width is the step's longest sequence, which wastes nothing on masked-out blocks beyond what
+that sequence needs anyway. flash-attention's varlen kernel skips masked blocks, so there one row
+per micro-batch (`row_tokens = token_budget`) is best.
 
 A sequence longer than the budget gets a micro-batch of its own (never split: its tokens attend
 to each other). Sequence j's token i (i >= 1) is predicted from position i - 1 of its row, so a
@@ -40,6 +46,8 @@ class PackingConfig(Strict):
     """Token slots per micro-batch (rows x row length), padding included."""
     strategy: Literal["pack", "pad"] = "pack"
     """`pack` (first-fit-decreasing, no cross-attention) or `pad` (naive padding, for comparison)."""
+    row_tokens: Annotated[int, Meta(ge=0)] = 0
+    """Width of a packed row; 0: the step's longest sequence (best for sdpa/eager, see above)."""
     pad_to_multiple: Annotated[int, Meta(ge=1)] = 1
     """Round each packed row up to a multiple of this (8 or 64 help GPU kernels; 1 on CPU)."""
 
@@ -104,10 +112,31 @@ def _pad_plan(lengths: Sequence[int], budget: int) -> list[list[list[int]]]:
     return plans
 
 
+def _pack_plan(lengths: Sequence[int], cfg: PackingConfig) -> list[list[list[int]]]:
+    """FFD rows of `row_tokens` (default: the longest sequence), grouped under the token budget."""
+    width = min(cfg.row_tokens or max(lengths, default=1), cfg.token_budget)
+    width = _row_length(width, cfg.pad_to_multiple)
+    rows = first_fit_decreasing(lengths, width)
+    per_mb = max(cfg.token_budget // width, 1)
+    plans: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    for row in rows:
+        if sum(lengths[i] for i in row) > width:   # an oversize sequence: a micro-batch of its own
+            plans.append([row])
+            continue
+        current.append(row)
+        if len(current) == per_mb:
+            plans.append(current)
+            current = []
+    if current:
+        plans.append(current)
+    return plans
+
+
 def plan(lengths: Sequence[int], cfg: PackingConfig) -> list[list[list[int]]]:
     """Micro-batches, each a list of rows, each row a list of sequence indices."""
     if cfg.strategy == "pack":
-        return [[b] for b in first_fit_decreasing(lengths, cfg.token_budget)]
+        return _pack_plan(lengths, cfg)
     return _pad_plan(lengths, cfg.token_budget)
 
 

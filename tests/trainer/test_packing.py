@@ -37,19 +37,22 @@ def test_packing_pads_far_less_than_naive_padding():
     toks = [np.zeros(n, dtype=np.int64) for n in lengths]
     masks = [np.ones(n) for n in lengths]
     fracs = {}
-    for strategy in ("pack", "pad"):
-        cfg = PackingConfig(token_budget=1024, strategy=strategy)
+    for name, cfg in {"pack": PackingConfig(token_budget=1024),
+                      "one_row": PackingConfig(token_budget=1024, row_tokens=1024),
+                      "pad": PackingConfig(token_budget=1024, strategy="pad")}.items():
         mbs = [build(rows, toks, masks, {}, cfg) for rows in plan(lengths, cfg)]
-        fracs[strategy] = padding_fraction(mbs)
+        fracs[name] = padding_fraction(mbs)
         assert sum(mb.n_real for mb in mbs) == sum(lengths)
+        assert sorted(j for mb in mbs for j in mb.seq_ids.tolist()) == list(range(64))
         assert all(mb.n_slots <= 1024 or len(mb.seq_ids) == 1 for mb in mbs)
-    assert fracs["pack"] == 0.0          # one row per micro-batch, pad_to_multiple = 1
+    assert fracs["one_row"] == 0.0       # one row per micro-batch, pad_to_multiple = 1
+    assert fracs["pack"] < 0.1           # rows as wide as the longest sequence, filled by FFD
     assert fracs["pad"] > 0.3            # rows padded to the longest of a long-tailed mix
 
 
 def test_pad_to_multiple_bounds_padding():
     lengths = [5, 9, 3]
-    cfg = PackingConfig(token_budget=64, pad_to_multiple=8)
+    cfg = PackingConfig(token_budget=64, row_tokens=64, pad_to_multiple=8)
     (rows,) = plan(lengths, cfg)
     mb = build(rows, [np.arange(n) for n in lengths], [np.ones(n) for n in lengths], {}, cfg)
     assert mb.n_slots == 24 and mb.n_real == 17
@@ -63,7 +66,7 @@ def test_trained_tokens_and_fields_are_aligned():
     toks = [np.array([10, 11, 12, 13]), np.array([20, 21])]
     masks = [np.array([0, 1, 0, 1]), np.array([0, 1])]
     fields = {"adv": [np.array([0.0, 1.0, 0.0, 3.0]), np.array([0.0, 5.0])]}
-    cfg = PackingConfig(token_budget=100)
+    cfg = PackingConfig(token_budget=100, row_tokens=100)
     (rows,) = plan([4, 2], cfg)
     mb = build(rows, toks, masks, fields, cfg)
     assert mb.attention_mask is None
@@ -87,15 +90,16 @@ def token_logps(model, mb):
     return lp.gather(1, mb.targets[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("strategy", ["pack", "pad"])
-def test_packed_forward_equals_separate_forwards(tiny_model, strategy):
+@pytest.mark.parametrize("strategy,row_tokens", [("pack", 0), ("pack", 128), ("pad", 0)])
+def test_packed_forward_equals_separate_forwards(tiny_model, strategy, row_tokens):
     rng = np.random.default_rng(1)
     lengths = [37, 5, 1, 64, 12, 2, 30]
     toks = [rng.integers(7, 250, n) for n in lengths]
     masks = [np.ones(n) for n in lengths]
-    cfg = PackingConfig(token_budget=96, strategy=strategy, pad_to_multiple=8)
+    cfg = PackingConfig(token_budget=128, strategy=strategy, row_tokens=row_tokens, pad_to_multiple=8)
     mbs = [build(rows, toks, masks, {}, cfg) for rows in plan(lengths, cfg)]
     assert any(len(mb.seq_ids) > 1 for mb in mbs)      # sequences really share rows / micro-batches
+    assert row_tokens or any(mb.input_ids.shape[0] > 1 for mb in mbs)
     for mb in mbs:
         got = token_logps(tiny_model, mb)
         for j in mb.seq_ids.tolist():
