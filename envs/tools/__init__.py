@@ -4,9 +4,10 @@ retrieval server), any MCP server.
 Each tool has a `name`, says whether running it `blocking`ly waits on a process, and speaks three
 methods: `instruction()` (the text that teaches the call format), `parse(action)` (the call found in
 the action and the action cut just after it, or None) and `run(call)` (the observation text; a tool
-error is text the agent reads, never an exception).
+error is text the agent reads, never an exception, and is counted in `TOOL_COUNTS`).
 """
 
+from envs.tools.counters import TOOL_COUNTS
 from envs.tools.mcp import MCPStartError, MCPTool, ToolCall, ToolSpec, parse_tool_call
 from envs.tools.python import (
     ExecResult,
@@ -29,6 +30,7 @@ __all__ = [
     "SearchError",
     "SearchIndex",
     "SearchTool",
+    "TOOL_COUNTS",
     "ToolCall",
     "ToolSpec",
     "extract_code",

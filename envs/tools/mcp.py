@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from envs.tools.counters import TOOL_COUNTS
 from protocol.errors import TidalError
 
 __all__ = ["MCPTool", "MCPStartError", "ToolCall", "ToolSpec", "parse_tool_call"]
@@ -165,28 +166,34 @@ class MCPTool:
 
     def run(self, call: ToolCall) -> str:
         """Make the call and return its text, or a message saying why it could not be made."""
+        TOOL_COUNTS["mcp_calls"] += 1
+        text, ok = self._run(call)
+        TOOL_COUNTS["mcp_errors"] += not ok
+        return text
+
+    def _run(self, call: ToolCall) -> tuple[str, bool]:
         if call.error is not None:
-            return f"[tool call error: {call.error}]"
+            return f"[tool call error: {call.error}]", False
         known = [t.name for t in self.tools]
         if call.name not in known:
-            return f"[tool call error: tool {call.name!r} not found; available tools: {', '.join(known)}]"
+            return f"[tool call error: tool {call.name!r} not found; available tools: {', '.join(known)}]", False
         try:
             return self._submit(self._call(call), self.call_timeout_s)
         except TimeoutError:
-            return f"[tool call error: {call.name!r} did not answer within {self.call_timeout_s:g} s]"
+            return f"[tool call error: {call.name!r} did not answer within {self.call_timeout_s:g} s]", False
         except Exception as exc:  # a dead server or a broken reply: the agent sees it, the episode goes on
-            return f"[tool call error: {call.name!r} failed: {type(exc).__name__}: {exc}]"
+            return f"[tool call error: {call.name!r} failed: {type(exc).__name__}: {exc}]", False
 
     async def arun(self, call: ToolCall) -> str:
         """`run` for callers on an event loop: waits without blocking it."""
         return await asyncio.to_thread(self.run, call)
 
-    async def _call(self, call: ToolCall) -> str:
+    async def _call(self, call: ToolCall) -> tuple[str, bool]:
         result = await self._session.call_tool(call.name, call.arguments)
         text = "\n".join(getattr(block, "text", f"[{block.type} content]") for block in result.content)
         if result.is_error:
-            return f"[tool {call.name!r} reported an error: {text}]"
-        return text
+            return f"[tool {call.name!r} reported an error: {text}]", False
+        return text, True
 
     async def _shutdown(self) -> None:
         """Let the owner leave its contexts (which ends the server process); cancel it if it hangs."""

@@ -29,6 +29,8 @@ from typing import BinaryIO
 
 import msgspec
 
+from envs.tools.counters import TOOL_COUNTS
+
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
@@ -136,6 +138,10 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
                 _kill_group(proc)
             stdout, cut_out = _read_capped(out, limits.max_output_bytes)
             stderr, cut_err = _read_capped(err, limits.max_output_bytes)
+    TOOL_COUNTS["python_runs"] += 1
+    TOOL_COUNTS["python_timeouts"] += timed_out
+    TOOL_COUNTS["python_killed"] += proc.returncode < 0 and not timed_out
+    TOOL_COUNTS["python_truncated"] += cut_out or cut_err
     return ExecResult(stdout, stderr, proc.returncode, timed_out, cut_out or cut_err, isolated)
 
 

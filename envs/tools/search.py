@@ -17,6 +17,7 @@ from typing import Protocol
 
 import msgspec
 
+from envs.tools.counters import TOOL_COUNTS
 from protocol.errors import TidalError
 
 __all__ = ["Document", "Index", "SearchIndex", "RemoteSearchIndex", "SearchError", "SearchTool", "load_corpus"]
@@ -162,9 +163,11 @@ class SearchTool:
     def run(self, query: str) -> str:
         if not query:
             return "<information>[empty query: write search terms between <search> and </search>]</information>"
+        TOOL_COUNTS["search_queries"] += 1
         try:
             hits = self.index.search(query, self.topk)
         except SearchError as exc:
+            TOOL_COUNTS["search_errors"] += 1
             return f"<information>[search failed: {exc}]</information>"
         if not hits:
             return f"<information>No documents match {query!r}.</information>"

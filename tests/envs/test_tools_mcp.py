@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.tools import MCPStartError, MCPTool, ToolCall, parse_tool_call
+from envs.tools import TOOL_COUNTS, MCPStartError, MCPTool, ToolCall, parse_tool_call
 
 SERVER = Path(__file__).with_name("mcp_server.py")
 
@@ -36,6 +36,7 @@ async def test_arun_does_not_need_the_callers_loop(tool):
 
 
 def test_errors_come_back_as_observations(tool):
+    before = TOOL_COUNTS.copy()
     assert "reported an error" in tool.run(ToolCall("fail", {"reason": "nope"}))
     assert "reported an error" in tool.run(ToolCall("add", {"a": "x"}))
     assert "'missing' not found; available tools: add, shout, slow, fail" in tool.run(ToolCall("missing", {}))
@@ -43,6 +44,7 @@ def test_errors_come_back_as_observations(tool):
     assert bad.error is not None and "not valid JSON" in tool.run(bad)
     listed, _ = parse_tool_call('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>')
     assert "must be a JSON object" in tool.run(listed)
+    assert TOOL_COUNTS["mcp_errors"] - before["mcp_errors"] == TOOL_COUNTS["mcp_calls"] - before["mcp_calls"] == 5
     assert parse_tool_call("no call here") is None
 
 

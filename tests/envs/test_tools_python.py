@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.tools import PythonTool, SandboxLimits, extract_code, network_isolation, run_python
+from envs.tools import TOOL_COUNTS, PythonTool, SandboxLimits, extract_code, network_isolation, run_python
 
 LIMITS = SandboxLimits(timeout_s=20.0, memory_mb=256, max_output_bytes=1000)
 """Generous time: on a loaded CI machine even starting Python can take a while."""
@@ -17,7 +17,10 @@ def test_runs_code_and_returns_output():
 
 
 def test_timeout_kills_an_infinite_loop():
+    before = TOOL_COUNTS.copy()
     result = run_python("while True:\n    pass", SandboxLimits(timeout_s=2.0))
+    assert TOOL_COUNTS["python_timeouts"] == before["python_timeouts"] + 1
+    assert TOOL_COUNTS["python_runs"] == before["python_runs"] + 1
     assert result.timed_out and not result.ok
     assert result.exit_code < 0
     assert "timed out" in result.summary()

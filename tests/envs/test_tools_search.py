@@ -7,7 +7,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from envs.tools import Document, RemoteSearchIndex, SearchIndex, SearchTool, load_corpus
+from envs.tools import TOOL_COUNTS, Document, RemoteSearchIndex, SearchIndex, SearchTool, load_corpus
 
 DOCS = [
     Document("1", "Paris", "Paris is the capital and largest city of France, on the Seine."),
@@ -100,7 +100,9 @@ async def test_remote_index_speaks_gems_retrieval_protocol(index):
         assert await asyncio.to_thread(remote.run, query) == local.run(query)
         assert fake.requests == [{"query": query, "topk": 2, "return_scores": True}]
         fake.garbage = True
+        errors = TOOL_COUNTS["search_errors"]
         assert "[search failed: retrieval server" in await asyncio.to_thread(remote.run, query)
+        assert TOOL_COUNTS["search_errors"] == errors + 1
     finally:
         await server.close()
     down = SearchTool(RemoteSearchIndex(url, timeout_s=2))  # the server is closed now
