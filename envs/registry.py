@@ -130,8 +130,21 @@ def spec(env_id: str) -> EnvSpec:
     return found
 
 
-def make(env_id: str, **kwargs: Any) -> Env:
-    """Build the env registered as `env_id` (or routed by its prefix) with defaults updated by kwargs."""
+def make(env_id: str, *, offload: str = "auto", **kwargs: Any) -> Env:
+    """Build the env registered as `env_id` (or routed by its prefix) with defaults updated by kwargs.
+
+    `offload`: "auto" runs the env in this process (inline, or on the thread pool if it declares
+    `blocking`); "process" hosts it in a child process of its own (`envs.process.ProcessEnv`), which
+    a timeout can kill, for envs that hang, crash or share global state.
+    """
+    if offload == "process":
+        from envs.process import ProcessEnv
+
+        env = ProcessEnv(env_id, **kwargs)
+        env.spec = EnvSpec(env_id, "envs.process:ProcessEnv", dict(kwargs))
+        return env
+    if offload != "auto":
+        raise ValueError(f"make({env_id!r}): offload must be 'auto' or 'process', got {offload!r}")
     _load_suites()
     prefix, _, rest = env_id.partition(":")
     if prefix in _prefixes and rest:

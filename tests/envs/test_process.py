@@ -1,0 +1,68 @@
+"""ProcessEnv: an env in its own worker process, killed on timeout, restarted after a crash."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+import envs
+from envs.core import EnvError
+from envs.process import ProcessEnv, RemoteEnvError
+from envs.wrappers import StepTimeout
+
+
+@pytest.fixture
+async def misbehaving(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    env = ProcessEnv(entry_point="hanging_env:Misbehaving")
+    yield env
+    await env.aclose()
+
+
+async def test_same_episode_as_in_process():
+    actions = ["\\boxed{5}", "\\boxed{2}", "\\boxed{8}", "\\boxed{7}"]
+    local, remote = envs.make("games:GuessTheNumber-v0"), envs.make("games:GuessTheNumber-v0", offload="process")
+    try:
+        assert (await remote.areset(3)) == local.reset(3)
+        assert remote.instructions == local.instructions
+        for a in actions:
+            assert list(await remote.astep(a)) == list(local.step(a))
+    finally:
+        await remote.aclose()
+    assert remote.proc is None
+
+
+async def test_timeout_kills_worker_and_next_reset_starts_a_new_one(misbehaving):
+    env = StepTimeout(misbehaving, timeout_s=0.5)
+    _, info = await env.areset(0)
+    first_pid = info["pid"]
+    obs, reward, terminated, truncated, info = await env.astep("hang")
+    assert truncated and not terminated and info["truncated_reason"] == "step_timeout"
+    await misbehaving.proc.wait()
+    assert misbehaving.proc.returncode is not None  # killed, not left sleeping
+    with pytest.raises(EnvError, match="step before reset"):
+        await env.astep("ok")
+    _, info = await env.areset(0)
+    assert info["pid"] != first_pid and misbehaving.restarts == 1 and misbehaving.broken is None
+    assert (await env.astep("stop"))[:3] == ("did stop", 1.0, True)
+
+
+async def test_crash_is_an_episode_error_and_env_recovers(misbehaving):
+    ep = await envs.run_episode(misbehaving, lambda obs: "crash", seed=0)
+    assert ep.finish_reason == "env_error" and "died during step (exit code 3)" in ep.error.message
+    ep = await envs.run_episode(misbehaving, lambda obs: "stop", seed=0)
+    assert ep.finish_reason == "terminated" and ep.rewards == [1.0]
+
+
+async def test_remote_exception_carries_its_traceback_and_stdout_noise_is_harmless(misbehaving):
+    await misbehaving.areset(1)
+    assert (await misbehaving.astep("print"))[0] == "did print"
+    with pytest.raises(RemoteEnvError, match="RuntimeError: deliberate failure in step") as err:
+        await misbehaving.astep("raise")
+    assert "hanging_env.py" in str(err.value)
+    assert (await misbehaving.astep("again"))[0] == "did again"  # the worker lives on
+
+
+def test_bad_offload_choice_is_refused():
+    with pytest.raises(ValueError, match="offload must be 'auto' or 'process'"):
+        envs.make("games:Wordle-v0", offload="gpu")
