@@ -123,14 +123,16 @@ class Daemon:
         self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0}
         self.dedup = None
         restored = self.checkpointer.load()
+        model_cfg = self.learner.base_model.config
+        limits = {"vocab_size": model_cfg.vocab_size, "max_tokens": getattr(model_cfg, "max_position_embeddings", None)}
         if restored is not None:
             self.learner.load_state_dict(restored.learner_state)
-            self.intake = Intake(cfg.intake, restored.meta.intake)
+            self.intake = Intake(cfg.intake, restored.meta.intake, **limits)
             self.counters.update(restored.meta.counters)
             self.dedup = restored.meta.dedup
             self.telemetry.event("resume", self.version, path=str(restored.path))
         else:
-            self.intake = Intake(cfg.intake)
+            self.intake = Intake(cfg.intake, **limits)
             self.telemetry.event("start", self.version)
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()

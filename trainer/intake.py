@@ -15,6 +15,7 @@ Invariants kept here (DESIGN.md):
 """
 
 import asyncio
+import logging
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from protocol.messages import Trajectory, decode_trajectory, encode
 from trainer.config import IntakeConfig
 
 __all__ = ["Intake", "IntakeState", "Batch", "IntakePump"]
+
+log = logging.getLogger(__name__)
 
 SEEN_IDS = 65536
 """Trajectory ids remembered for deduplication: far more than any engine's resend window."""
@@ -65,8 +68,12 @@ class Batch:
 class Intake:
     """Groups trajectories, drops stale ones, and hands out batches of about B (pure: no IO, no clock)."""
 
-    def __init__(self, cfg: IntakeConfig, state: IntakeState | None = None):
+    def __init__(self, cfg: IntakeConfig, state: IntakeState | None = None, *, vocab_size: int | None = None,
+                 max_tokens: int | None = None):
         self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        self.last_rejection = ""
         self.counters: Counter[str] = Counter()
         self._groups: dict[str, _Group] = {}
         self._ready: deque[str] = deque()
@@ -78,11 +85,16 @@ class Intake:
     # --- arrivals ---
 
     def offer(self, traj: Trajectory, version: int) -> str:
-        """Take one received trajectory; return what became of it: buffered, duplicate or stale."""
+        """Take one received trajectory; return what became of it: buffered, duplicate, stale or rejected."""
         if traj.id in self._seen:
             self.counters["duplicate"] += 1
             return "duplicate"
         self._remember(traj.id)
+        problem = self._check(traj)
+        if problem:
+            self.counters["rejected"] += 1
+            self.last_rejection = f"trajectory {traj.id} (group {traj.group_id}): {problem}"
+            return "rejected"
         self.counters["received"] += 1
         group = self._groups.get(traj.group_id)
         if group is None:
@@ -98,6 +110,16 @@ class Intake:
         if len(group.members) + group.dropped == self.cfg.group_size:
             self._close(traj.group_id)
         return outcome
+
+    def _check(self, traj: Trajectory) -> str:
+        """What makes a well-formed trajectory untrainable by this model ("" if nothing): it would
+        otherwise fail the whole step. Such a trajectory is counted and never buffered."""
+        n = len(traj)
+        if self.max_tokens is not None and n > self.max_tokens:
+            return f"{n} tokens, more than the model's {self.max_tokens} positions"
+        if self.vocab_size is not None and n and int(traj.token_ids().max()) >= self.vocab_size:
+            return f"token id {int(traj.token_ids().max())} is outside the vocabulary (size {self.vocab_size})"
+        return ""
 
     @property
     def size(self) -> int:
@@ -240,7 +262,8 @@ class IntakePump:
                 await self._changed.wait_for(lambda: not self.intake.full)
             delivery = await self.receiver.recv()
             self._uncommitted.append(delivery)
-            self.intake.offer(delivery.traj, self._version())
+            if self.intake.offer(delivery.traj, self._version()) == "rejected":
+                log.warning("intake rejected %s", self.intake.last_rejection)
             async with self._changed:
                 self._changed.notify_all()
 

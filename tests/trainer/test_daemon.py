@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from protocol.channels import StatusSubscriber, TrajectorySender
-from protocol.messages import TrainerStatus, WeightsPublished
+from protocol.messages import TrainerStatus, Trajectory, WeightsPublished
 from tests.trainer.proc import records, trainer_toml
 from tests.trainer.producer import Producer
 
@@ -72,6 +72,13 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
         watch = Watcher(sub)
         for k in range(3):
             await watch.version(k)
+            if k == 1:  # token ids outside the vocabulary: rejected and counted, the step goes on
+                bad = producer.group("bad", version=1, size=2)[0]
+                await tx.send(Trajectory.build(
+                    id="bad-0", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(bad),
+                    loss_mask=bad.mask(), behav_logp=bad.behav_logps(), versions=bad.token_versions(), turns=[],
+                    reward=0.0,
+                ))
             if k == 2:  # version 0 trained at version 2: staleness 2 > max_staleness 1
                 for t in producer.group(f"old{k}", version=0, size=2):
                     stale_ids.append(t.id)
@@ -99,7 +106,8 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     steps = [r for r in recs if r["event"] == "step"]
     used = [i for r in steps for i in r["ids"].split(",")]
     assert sorted(used) == sorted(fresh_ids) and not set(used) & set(stale_ids)
-    assert steps[-1]["trainer/intake/stale_dropped"] == 2
+    assert steps[-1]["trainer/intake/stale_dropped"] == 2 and steps[-1]["trainer/intake/rejected"] == 1
+    assert "bad-0" not in used
     for r in steps:  # groups kept whole; every metric finite (telemetry writes null otherwise)
         assert set(Counter(i.rsplit("-", 1)[0] for i in r["ids"].split(",")).values()) == {2}
         assert None not in r.values()

@@ -100,3 +100,13 @@ def test_snapshot_restores_buffer_groups_and_seen_ids():
 def test_config_rules_name_both_fields():
     with pytest.raises(ConfigError, match="intake.batch_size.*intake.group_size"):
         load_config(IntakeConfig, overrides=["batch_size=6", "group_size=4"])
+
+
+def test_untrainable_trajectories_are_rejected_with_the_reason():
+    intake = Intake(IntakeConfig(batch_size=1), vocab_size=4, max_tokens=6)
+    assert intake.offer(traj("big", "g", 0), 0) == "rejected"  # token ids 0..4, vocabulary of 4
+    assert "token id 4 is outside the vocabulary (size 4)" in intake.last_rejection
+    assert intake.offer(traj("long", "g", 0, n_gen=6), 0) == "rejected"
+    assert "8 tokens, more than the model's 6 positions" in intake.last_rejection
+    assert intake.offer(traj("ok", "g", 0, n_gen=2), 0) == "buffered"
+    assert intake.counters["rejected"] == 2 and intake.take_batch(0).ids == ["ok"]
