@@ -31,6 +31,7 @@ so it is never offloaded. `aclose` always posts /close: the servers keep every e
 import asyncio
 import random
 import re
+from collections import Counter
 from typing import Any, ClassVar
 
 import aiohttp
@@ -41,6 +42,7 @@ from envs.core import Env, EnvError, EnvNotFound, StepResult
 from envs.registry import register_prefix
 
 __all__ = [
+    "AGENTGYM_COUNTS",
     "AgentGymEnv",
     "AgentGymError",
     "BabyAIEnv",
@@ -51,6 +53,10 @@ __all__ = [
     "FAMILIES",
     "make_agentgym",
 ]
+
+AGENTGYM_COUNTS: Counter[str] = Counter()
+"""Running totals for metrics (`envs/agentgym/...`): `requests`, `server_errors` (error key, non-200,
+wrong shape, timeout, connection), `local_errors` (turns the client rejected without a request)."""
 
 OK_REPLY = "OK. I'll follow your instructions and try my best to solve the task."
 _ACTION_LINE = re.compile(r"Action:\s*(.*?)(?=\n|$)", re.DOTALL)
@@ -114,6 +120,10 @@ class AgentGymEnv(Env):
     id_field: ClassVar[str] = "id"
     instructions: str = ""
     """The human turn of AgentGym's conversation bootstrap (paraphrased, same format rules)."""
+    sample_actions: ClassVar[tuple[str, ...]] = ()
+    """Well-formed actions for random-policy checks and benchmarks."""
+    reply: ClassVar[str] = OK_REPLY
+    """The assistant turn of the bootstrap, as the family's AgentGym client has it."""
 
     def __init__(self, url: str, timeout_s: float = 300.0, create_retries: int = 3, retry_delay_s: float = 5.0,
                  session: aiohttp.ClientSession | None = None):
@@ -126,11 +136,6 @@ class AgentGymEnv(Env):
         self.env_id: int | None = None
         self.observation = ""
         self._sync_loop: asyncio.AbstractEventLoop | None = None
-
-    sample_actions: ClassVar[tuple[str, ...]] = ()
-    """Well-formed actions for random-policy checks and benchmarks."""
-    reply: ClassVar[str] = OK_REPLY
-    """The assistant turn of the bootstrap, as the family's AgentGym client has it."""
 
     @property
     def conversation_start(self) -> tuple[str, str]:
@@ -148,6 +153,14 @@ class AgentGymEnv(Env):
     async def _request(self, method: str, route: str, body: Any = None) -> Any:
         """One call; the decoded JSON body, or AgentGymError saying which server, route and id failed."""
         where = f"{self.url}/{route} (agentgym:{self.family}, env {self.env_id})"
+        AGENTGYM_COUNTS["requests"] += 1
+        try:
+            return await self._request_once(method, route, body, where)
+        except AgentGymError:
+            AGENTGYM_COUNTS["server_errors"] += 1
+            raise
+
+    async def _request_once(self, method: str, route: str, body: Any, where: str) -> Any:
         params = {self.id_field: str(self.env_id)} if method == "GET" else None
         try:
             async with self._http().request(method, f"{self.url}/{route}", json=body, params=params) as resp:
@@ -174,6 +187,7 @@ class AgentGymEnv(Env):
         try:
             return msgspec.convert(data, shape)
         except msgspec.ValidationError as exc:
+            AGENTGYM_COUNTS["server_errors"] += 1
             raise AgentGymError(
                 f"{self.url}/{route} (agentgym:{self.family}, env {self.env_id}): unexpected body {data!r:.200}: {exc}"
             ) from None
@@ -237,6 +251,7 @@ class AgentGymEnv(Env):
                                   f"{MAX_ACTION_CHARS} and end it with one action.")
             sent = self.parse_action(action)
         except _LocalError as exc:
+            AGENTGYM_COUNTS["local_errors"] += 1
             return str(exc), 0.0, False, False, {"local_error": True}
         obs, reward, terminated, truncated = self.parse_step(await self._post("step", {"action": sent}))
         self.observation = obs

@@ -6,7 +6,7 @@ import pytest
 from agentgym_servers import start_server
 
 import envs
-from envs.adapters.agentgym import FAMILIES, AgentGymError, BabyAIEnv
+from envs.adapters.agentgym import AGENTGYM_COUNTS, FAMILIES, AgentGymError, BabyAIEnv
 from envs.check import acheck_env
 
 # family -> (actions of a scripted episode, expected rewards per step, kwargs for make)
@@ -67,7 +67,7 @@ async def test_local_error_turns_make_no_request(served):
     _, fake, url = served
     env = envs.make("agentgym:babyai", url=url)
     await env.areset(seed=0)
-    before = len(fake.calls)
+    before, local_errors = len(fake.calls), AGENTGYM_COUNTS["local_errors"]
     obs, reward, terminated, _, info = await env.astep("Action: turn left\nAction: turn right")
     assert "only one 'Action:'" in obs and (reward, terminated, info["local_error"]) == (0.0, False, True)
     obs, *_ = await env.astep("I will just think about it.")
@@ -76,7 +76,7 @@ async def test_local_error_turns_make_no_request(served):
     assert "no action found" in obs
     obs, *_ = await env.astep("Action: turn left\n" + "x" * 1_000_000)
     assert "characters long" in obs
-    assert len(fake.calls) == before
+    assert len(fake.calls) == before and AGENTGYM_COUNTS["local_errors"] == local_errors + 4
     await env.aclose()
 
 
@@ -117,11 +117,13 @@ async def test_broken_response_shapes_and_statuses_are_clear_errors(served):
     await env.areset(seed=0)
     action = EPISODES[family][0][0]
     fake.broken = "shape"
+    errors = AGENTGYM_COUNTS["server_errors"]
     with pytest.raises(AgentGymError, match="unexpected body"):
         await env.astep(action)
     fake.broken = "status"
     with pytest.raises(AgentGymError, match="HTTP 500"):
         await env.astep(action)
+    assert AGENTGYM_COUNTS["server_errors"] == errors + 2
     fake.broken = None
     assert (await env.astep(action))[1] == EPISODES[family][1][0]
     await env.aclose()
