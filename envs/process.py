@@ -78,7 +78,7 @@ class ProcessEnv(Env):
                 raise EnvError(f"env worker {self.id}: reply frame of {size} bytes exceeds {MAX_FRAME}")
             reply = _decoder.decode(await proc.stdout.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            code = await self._reap()
+            code = await self._reap(grace_s=1.0)  # it closed its pipe: it is exiting, learn how
             raise EnvError(f"env worker {self.id} died during {op} (exit code {code})") from exc
         except asyncio.CancelledError:
             self.abandon(f"{op} cancelled mid-frame")  # its reply would be read as the next call's
@@ -88,10 +88,17 @@ class ProcessEnv(Env):
             raise RemoteEnvError(f"{kind}: {message}\n--- in the env worker ---\n{tb}")
         return reply[1]
 
-    async def _reap(self) -> int | None:
+    async def _reap(self, grace_s: float = 0.0) -> int | None:
+        """Wait up to `grace_s` for the worker to exit by itself, then kill it; its exit code."""
         proc, self.proc = self.proc, None
         if proc is None:
             return None
+        if proc.returncode is None and grace_s > 0:
+            try:
+                async with asyncio.timeout(grace_s):
+                    return await proc.wait()
+            except TimeoutError:
+                pass
         if proc.returncode is None:
             proc.kill()
         return await proc.wait()
