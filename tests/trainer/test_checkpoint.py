@@ -1,0 +1,79 @@
+"""Checkpoints: a resumed learner takes exactly the step the original would; writes are atomic; keep-last."""
+
+import time
+
+import msgspec
+import pytest
+import torch
+
+from protocol.config import load_config
+from tests.trainer.producer import Producer
+from trainer.checkpoint import Checkpointer, CheckpointMeta
+from trainer.config import CheckpointConfig, TrainerConfig
+from trainer.intake import Intake, IntakeState
+from trainer.learner import Learner
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_model_dir):
+    producer = Producer(tiny_model_dir, seed=5, turns=1)
+    return [[t for g in range(2) for t in producer.group(f"b{i}g{g}", version=i, size=2)] for i in range(2)]
+
+
+def learner(tiny_model_dir) -> Learner:
+    cfg = load_config(TrainerConfig, overrides=[f"learner.model.path='{tiny_model_dir}'", "learner.model.dtype='float32'",
+                                                 "learner.optim.lr=1e-3"])
+    return Learner(cfg.learner)
+
+
+def test_resumed_learner_takes_the_same_step(tmp_path, tiny_model_dir, batches):
+    first = learner(tiny_model_dir)
+    first.train_step(batches[0])
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    intake = Intake(load_config(TrainerConfig, overrides=[f"learner.model.path='{tiny_model_dir}'"]).intake)
+    for t in batches[1][:3]:
+        intake.offer(t, 1)
+    meta = CheckpointMeta(version=first.version, saved_at=time.time(), intake=intake.snapshot(), dedup=b"\x90")
+    path = ckpt.save(first.state_dict(), meta)
+    assert path.name == "step-00000001" and {p.name for p in path.iterdir()} == {
+        "model.safetensors", "trainer.pt", "intake.msgpack"}
+    expected = first.train_step(batches[1])
+
+    second = learner(tiny_model_dir)
+    restored = ckpt.load()
+    second.load_state_dict(restored.learner_state)
+    assert second.version == 1 and restored.meta.dedup == b"\x90"
+    again = Intake(intake.cfg, restored.meta.intake)
+    assert again.buffered_ids() == {t.id for t in batches[1][:3]}
+    got = second.train_step(batches[1])
+    assert got["trainer/loss"] == pytest.approx(expected["trainer/loss"], rel=1e-6, abs=1e-9)
+    for (name, a), (_, b) in zip(first.named_weights(), second.named_weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_partial_writes_are_never_loaded_and_old_ones_are_pruned(tmp_path):
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep_last=2))
+    state = {"model": {"w": torch.ones(3)}, "version": 0}
+    for v in range(1, 4):
+        ckpt.save({**state, "version": v}, CheckpointMeta(version=v, saved_at=0.0, intake=IntakeState()))
+    partial = tmp_path / ".tmp-step-00000009-123"  # a writer killed mid-way leaves this
+    partial.mkdir()
+    (partial / "trainer.pt").write_bytes(b"truncated")
+    assert [p.name for p in ckpt.checkpoints()] == ["step-00000002", "step-00000003"]
+    restored = ckpt.load()
+    assert restored.meta.version == 3 and restored.learner_state["version"] == 3
+    assert torch.equal(restored.learner_state["model"]["w"], torch.ones(3))
+    ckpt.discard_partial()
+    assert not partial.exists()
+    # the same version saved again (after a resume) replaces the old one whole
+    ckpt.save({**state, "model": {"w": torch.zeros(3)}, "version": 3},
+              CheckpointMeta(version=3, saved_at=1.0, intake=IntakeState(), counters={"steps": 3.0}))
+    again = ckpt.load()
+    assert torch.equal(again.learner_state["model"]["w"], torch.zeros(3)) and again.meta.counters == {"steps": 3.0}
+
+
+def test_meta_is_plain_msgpack(tmp_path):
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    path = ckpt.save({"version": 0}, CheckpointMeta(version=0, saved_at=0.0, intake=IntakeState(seen_ids=["a"])))
+    raw = msgspec.msgpack.decode((path / "intake.msgpack").read_bytes())
+    assert raw["version"] == 0 and raw["intake"]["seen_ids"] == ["a"]
