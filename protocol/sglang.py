@@ -3,8 +3,9 @@
 Restated field by field from /work/shared/protocols/sglang-http.md (baseline sglang 0.5.23); section
 numbers below (§1.2 ...) point there. Rules this module keeps:
 
-- Requests are encoded with `omit_defaults`, so a body carries only the keys its sender set, and
-  `SamplingParams` is the closed set of §1.2 (`forbid_unknown_fields`: an unknown key is a 400 upstream).
+- Requests are encoded with `omit_defaults`, so a body carries only the keys its sender set (defaults
+  are None or booleans: msgspec compares defaults by identity), and `SamplingParams` is the closed
+  set of §1.2 (`forbid_unknown_fields`: an unknown key is a 400 upstream).
 - Responses are read leniently: unknown keys are skipped (wire Structs never forbid them, STYLE.md),
   and keys that only some responses carry default to `UNSET`, which encodes as "absent" and is falsy.
 - `finish_reason` is a tagged union on `type` (§1.4); a logprob entry is the 3-array
@@ -84,22 +85,27 @@ SSE_DONE = b"[DONE]"
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
-    """`sampling_params` of /generate: the closed set of 0.5.23 (§1.2); defaults are the server's."""
+    """`sampling_params` of /generate: the closed set of 0.5.23 (§1.2).
 
-    max_new_tokens: int | None = 128
-    """Generation budget; 0 is legal and finishes at once with `length`."""
-    min_new_tokens: int = 0
-    """EOS and stop conditions are suppressed until this many tokens exist."""
-    temperature: float = 1.0
-    """0 (or below 1e-6) is greedy; logprobs then use T=1 (§1.4)."""
-    top_p: float = 1.0
-    """Nucleus mass in (0, 1]."""
-    top_k: int = -1
-    """-1 (or the server's 2^30) means the whole vocabulary."""
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    None means "not sent": the server's default applies (given in each docstring; a server may also
+    apply its model's `preferred_sampling_params`, so an RL client sends what its policy uses).
+    msgspec omits a default by identity, so only None and booleans serve as defaults here.
+    """
+
+    max_new_tokens: int | None = None
+    """Generation budget (server default 128); 0 is legal and finishes at once with `length`."""
+    min_new_tokens: int | None = None
+    """EOS and stop conditions are suppressed until this many tokens exist (0)."""
+    temperature: float | None = None
+    """1.0; 0 (or below 1e-6) is greedy, and logprobs then use T=1 (§1.4)."""
+    top_p: float | None = None
+    """Nucleus mass in (0, 1] (1.0)."""
+    top_k: int | None = None
+    """-1 or the server's 2^30 (its default) mean the whole vocabulary."""
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
     stop: str | list[str] | None = None
     """Stop strings (at most 32); matched on the detokenized text."""
     stop_token_ids: list[int] | None = None
@@ -111,10 +117,10 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     """False: a matched stop string is cut from `text`; stop tokens are always kept in the ids."""
-    n: int = 1
-    """Parallel samples; tidal sends n separate requests instead (§1.5: the server replaces rids)."""
+    n: int | None = None
+    """Parallel samples (1); tidal sends n separate requests instead (§1.5: the server replaces rids)."""
     stream_interval: int | None = None
-    """Tokens per SSE event; None = the server's `--stream-interval`."""
+    """Tokens per SSE event (the server's `--stream-interval`)."""
     sampling_seed: int | None = None
     logit_bias: dict[str, float] | None = None
     """Token id (as a string) -> additive bias."""
@@ -131,9 +137,9 @@ class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Request id, echoed as `meta_info.id`; needed by /abort_request; must not prefix another rid."""
     stream: bool = False
     return_logprob: bool | list[bool] = False
-    logprob_start_len: int = -1
-    """-1: output logprobs only; k >= 0: also prompt positions k..end (first entry's logprob null)."""
-    top_logprobs_num: int = 0
+    logprob_start_len: int | None = None
+    """-1 (default): output logprobs only; k >= 0: also prompt positions k..end (first logprob null)."""
+    top_logprobs_num: int | None = None
     token_ids_logprob: list[int | list[int]] | None = None
     return_text_in_logprobs: bool = False
     lora_path: str | list[str | None] | None = None
@@ -234,7 +240,7 @@ class GenerateResponse(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int] | UnsetType = UNSET
 
 
-class StreamErrorDetail(msgspec.Struct, omit_defaults=True):
+class StreamErrorDetail(msgspec.Struct):
     message: str
     type: str = "invalid_request_error"
     code: int = 400
@@ -291,8 +297,10 @@ class InitWeightsUpdateGroupRequest(msgspec.Struct, omit_defaults=True, kw_only=
     """Upstream tests send a numeric string; both are accepted."""
     rank_offset: int
     world_size: int
-    group_name: str = "weight_update_group"
-    backend: str = "nccl"
+    group_name: str
+    """SGLang's default is "weight_update_group"; always sent."""
+    backend: str
+    """"nccl" on GPUs (SGLang's default), "gloo" on CPU; always sent."""
 
 
 class DestroyWeightsUpdateGroupRequest(msgspec.Struct):
@@ -306,12 +314,13 @@ class UpdateWeightsFromDistributedRequest(msgspec.Struct, omit_defaults=True, kw
     dtypes: list[str]
     """torch dtype names without the `torch.` prefix, e.g. "bfloat16"."""
     shapes: list[list[int]]
-    group_name: str = "weight_update_group"
+    group_name: str
     flush_cache: bool = True
     abort_all_requests: bool = False
     weight_version: str | None = None
     load_format: str | None = None
-    selector: Literal["all", "target", "draft"] = "all"
+    selector: Literal["all", "target", "draft"] | None = None
+    """None: the server's default, "all"."""
     torch_empty_cache: bool = False
 
 
@@ -397,13 +406,14 @@ class ModelList(msgspec.Struct):
 class CompletionRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     """`POST /v1/completions`: OpenAI's fields plus the SGLang/vLLM extras an RL client needs."""
 
-    model: str = "default"
+    model: str
     prompt: str | list[int | str | list[int]]
     """Text, a batch of texts, token ids, or a batch of token-id lists."""
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
+    max_tokens: int | None = None
+    """None: the server's default (16)."""
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     logprobs: int | None = None

@@ -26,7 +26,8 @@ def token_at(prompt: list[int], i: int) -> int:
 class FakeSGLang:
     """`async with FakeSGLang() as s:` serves on 127.0.0.1, port 0; `s.url` is read back after bind."""
 
-    def __init__(self, *, incremental: bool = False, token_delay_s: float = 0.0, version: str = "0"):
+    def __init__(self, *, incremental: bool = False, token_delay_s: float = 0.0, version: str = "0",
+                 weight_sessions: bool = False):
         self.incremental = incremental
         self.token_delay_s = token_delay_s
         self.version = version
@@ -46,6 +47,10 @@ class FakeSGLang:
                      "/init_weights_update_group", "/update_weights_from_distributed",
                      "/destroy_weights_update_group"):
             app.router.add_post(path, self._control)
+        if weight_sessions:  # 0.5.23 has them; older servers answer 404 (contract §3.5)
+            app.router.add_post("/begin_weight_update", self._control)
+            app.router.add_post("/end_weight_update", self._control)
+        app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/health", self._health)
         app.router.add_get("/model_info", self._model_info)
         self._runner = web.AppRunner(app, shutdown_timeout=0.2)  # a "hang" handler never ends by itself
@@ -116,6 +121,8 @@ class FakeSGLang:
         if fault == "http_400":
             return web.json_response({"error": "unknown field `max_tokens`"}, status=400)
         await self._resumed.wait()
+        if not req.get("stream"):
+            return await self._whole(rid, prompt, params)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         budget, stops = params.get("max_new_tokens", 128), set(params.get("stop_token_ids") or ())
@@ -143,6 +150,37 @@ class FakeSGLang:
         finally:
             self._inflight.discard(rid)
             self._aborted.discard(rid)
+        return resp
+
+    async def _whole(self, rid: str, prompt: list[int], params: dict) -> web.Response:
+        """A non-streaming response (§1.3): the whole generation at once."""
+        ids = [token_at(prompt, i) for i in range(params.get("max_new_tokens", 128))]
+        finish = {"type": "length", "length": len(ids)}
+        return web.Response(body=self._event(rid, ids, 0, len(ids), finish)[6:-2], content_type="application/json")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI-style deltas with `token_ids` (contract §5); fault `no_token_ids` leaves them out."""
+        body = await request.read()
+        self.bodies.append((request.path, body))
+        req = json.loads(body)
+        prompt, budget, rid = req["prompt"], req.get("max_tokens", 16), req.get("rid", "")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(budget):
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            t = token_at(prompt, i)
+            choice = {"index": 0, "text": "x", "finish_reason": "length" if i == budget - 1 else None,
+                      "logprobs": {"tokens": ["x"], "token_logprobs": [-(i + 1) / 100], "top_logprobs": None,
+                                   "text_offset": [-1]}}
+            if self.faults.get(rid) != "no_token_ids":
+                choice["token_ids"] = [t]
+            chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fake",
+                     "choices": [choice]}
+            if i == budget - 1:
+                chunk["metadata"] = {"weight_version": self.version}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
         return resp
 
     async def _misbehave(self, fault: str, resp: web.StreamResponse, rid: str, ids: list[int], sent: int) -> bool:
