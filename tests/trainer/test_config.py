@@ -1,0 +1,28 @@
+"""`tidal trainer` configuration: defaults < TOML < --set, strict keys, cross-field rules, exit codes."""
+
+import tomllib
+
+from engine.cli import main as tidal
+from protocol.config import load_config
+from trainer.config import DistributedPublish, TrainerConfig
+
+
+def test_print_config_resolves_layers(tmp_path, capsys):
+    path = tmp_path / "t.toml"
+    path.write_text('[learner.model]\npath = "/m"\n[intake]\nbatch_size = 16\ngroup_size = 4\n'
+                    '[publish]\ntype = "distributed"\nservers = ["http://127.0.0.1:1"]\n')
+    assert tidal(["trainer", str(path), "--set", "intake.max_staleness=3", "--print-config"]) == 0
+    resolved = tomllib.loads(capsys.readouterr().out)
+    assert resolved["intake"]["batch_size"] == 16 and resolved["intake"]["max_staleness"] == 3
+    assert resolved["publish"]["type"] == "distributed" and resolved["publish"]["backend"] == "gloo"
+    cfg = load_config(TrainerConfig, path)
+    assert isinstance(cfg.publish, DistributedPublish) and cfg.publish.servers == ["http://127.0.0.1:1"]
+
+
+def test_bad_configuration_exits_2_naming_the_key(tmp_path, capsys):
+    path = tmp_path / "t.toml"
+    path.write_text('[learner.model]\npath = "/m"\n[intake]\nbatch_size = 6\ngroup_size = 4\n')
+    assert tidal(["trainer", str(path)]) == 2
+    assert "intake.batch_size (6) must be a multiple of intake.group_size (4)" in capsys.readouterr().err
+    assert tidal(["trainer", str(path), "--set", "intake.batch_size=8", "--set", "checkpoint.every=3"]) == 2
+    assert "every" in capsys.readouterr().err
