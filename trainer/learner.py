@@ -42,10 +42,41 @@ from trainer.advantages import AdvantageConfig, GAEConfig, GRPOConfig, Reinforce
 from trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
 from trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
 
-__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "STALENESS_BUCKETS"]
+__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "STALENESS_BUCKETS", "METRICS"]
 
 STALENESS_BUCKETS = ("0", "1", "2", "3", "4-7", "8+")
 """Histogram buckets of per-token staleness, reported as `trainer/staleness/<bucket>` fractions."""
+
+METRICS = {
+    "trainer/loss": "the step's loss (policy + KL + entropy + value), per update, averaged over updates",
+    "trainer/pg_loss": "the policy-gradient term alone",
+    "trainer/is_weight_mean": "mean behaviour weight min(pi_prox/mu, C) over trained tokens",
+    "trainer/is_weight_max": "largest uncapped pi_prox/mu of the step",
+    "trainer/is_capped_frac": "fraction of trained tokens whose weight was truncated at C",
+    "trainer/clip_frac": "fraction of trained tokens where the PPO clip was active (ppo loss only)",
+    "trainer/kl_behav": "k3 estimate of KL(mu || pi_prox), nats per token: how off-policy the data is",
+    "trainer/kl_ref": "k3 estimate of KL(pi_theta || pi_ref), nats per token (with a KL penalty)",
+    "trainer/entropy": "mean policy entropy at the trained tokens, nats",
+    "trainer/value_err": "mean squared error of the value head against GAE returns (gae only)",
+    "trainer/adv_mean": "mean advantage over trained tokens",
+    "trainer/adv_std": "std of advantages over trained tokens",
+    "trainer/adv_zero_frac": "fraction of trained tokens with advantage exactly 0 (e.g. all-equal groups)",
+    "trainer/reward_mean": "mean final reward of the batch",
+    "trainer/rewards_unplaced": "turn rewards with no generated token to sit on (count; should be 0)",
+    "trainer/staleness/<bucket>": "fraction of trained tokens per staleness bucket (0, 1, 2, 3, 4-7, 8+)",
+    "trainer/staleness_mean": "mean token staleness, versions",
+    "trainer/staleness_max": "largest token staleness, versions",
+    "trainer/grad_norm": "global gradient norm before clipping (mean over the step's updates)",
+    "trainer/lr": "learning rate after the step",
+    "trainer/version": "policy version after the step",
+    "trainer/step_s": "wall time of the step, seconds",
+    "trainer/tokens": "real (non-padding) tokens through the model",
+    "trainer/trained_tokens": "tokens with loss mask 1 that carried loss",
+    "trainer/tokens_per_s": "real tokens per second of step time",
+    "trainer/padding_frac": "padding slots / all slots of the step's micro-batches",
+    "trainer/micro_batches": "forward/backward passes of the step (this rank)",
+}
+"""Every metric `train_step` returns, with its unit; metrics are this rank's."""
 
 
 class ModelConfig(Strict):
@@ -164,6 +195,16 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.optim))
         self.version = 0
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+
+    def reject_reason(self, traj: Trajectory) -> str | None:
+        """Why this model cannot train on `traj` (intake rejects and counts it), or None."""
+        if len(traj) < 2:
+            return f"trajectory {traj.id}: {len(traj)} tokens, training needs at least 2"
+        top = int(traj.token_ids().max())
+        if top >= self.vocab_size:
+            return f"trajectory {traj.id}: token id {top} is outside the model's vocabulary of {self.vocab_size}"
+        return None
 
     # --- forward ------------------------------------------------------------------------------------
 
@@ -211,6 +252,9 @@ class Learner:
         """One step on `batch` (every rank passes the same batch); returns `trainer/...` metrics."""
         if not batch:
             raise ValueError("train_step: empty batch")
+        reasons = [r for r in map(self.reject_reason, batch) if r]
+        if reasons:
+            raise ValueError(f"train_step: {len(reasons)} untrainable trajectories: {'; '.join(reasons[:3])}")
         t0 = time.perf_counter()
         self.model.train()
         cfg = self.cfg

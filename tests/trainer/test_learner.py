@@ -147,6 +147,30 @@ def test_state_dict_resumes_exactly(tiny_model_dir):
         torch.testing.assert_close(pa, pb, atol=0, rtol=0, msg=n)
 
 
-def test_empty_batch_is_a_clear_error(tiny_model_dir):
+def test_untrainable_input_is_a_clear_error_naming_the_trajectory(tiny_model_dir):
+    learner = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=tis"))
     with pytest.raises(ValueError, match="empty batch"):
-        Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=tis")).train_step([])
+        learner.train_step([])
+    rng = np.random.default_rng(0)
+    good = episode(0, rng)
+    bad = Trajectory.build(id="big-ids", group_id="g", env_id="test", task_seed=0, tokens=[1, 99999],
+                           loss_mask=[0, 1], behav_logp=[0, -1], versions=[-1, 0], turns=[Turn(1, 2, 1.0)],
+                           reward=1.0)
+    short = Trajectory.build(id="one", group_id="g", env_id="test", task_seed=0, tokens=[1], loss_mask=[1],
+                             behav_logp=[-1], versions=[0], turns=[Turn(0, 1, 1.0)], reward=1.0)
+    assert learner.reject_reason(good) is None
+    assert "big-ids" in learner.reject_reason(bad) and "vocabulary" in learner.reject_reason(bad)
+    assert "at least 2" in learner.reject_reason(short)
+    with pytest.raises(ValueError, match="big-ids"):
+        learner.train_step([good, bad])
+    assert learner.version == 0
+
+
+def test_every_returned_metric_is_documented(tiny_model_dir):
+    from trainer.learner import METRICS
+
+    learner = Learner(config(tiny_model_dir, "advantage.type=gae", "loss.type=ppo", "loss.kl_coef=0.1"))
+    metrics = learner.train_step(batch_of(4))
+    documented = {k.replace("<bucket>", "") for k in METRICS}
+    for name in metrics:
+        assert name in METRICS or any(d.endswith("/") and name.startswith(d) for d in documented), name
