@@ -4,11 +4,18 @@
     env = envs.make("games:GuessTheNumber-v0", difficulty="easy")
     obs, info = await env.areset(seed=0)
     obs, reward, terminated, truncated, info = await env.astep(r"\\boxed{5}")
+    envs.check_env(envs.make("my_suite:MyEnv-v0"))   # the API's promises, checked
+
+Modules: core (Env, Wrapper, offload pool), registry (ids, make, plugins), episode (run_episode,
+error records), wrappers (turn limit, timeout, formats, tools, shaping), process (env in a worker
+process), check (check_env), answers (lenient \\boxed{} parsing), games/, math/, code/, qa/,
+tools/, adapters/ (gem:, agentgym:).
 
 This package stands alone: it never imports engine/ or trainer/.
 """
 
 from envs.answers import extract_boxed, final_answer
+from envs.check import EnvCheckError, acheck_env, check_env
 from envs.core import (
     Env,
     EnvBroken,
@@ -21,6 +28,7 @@ from envs.core import (
     offload,
 )
 from envs.episode import ERRORS, Episode, EpisodeError, run_episode
+from envs.process import ProcessEnv, RemoteEnvError
 from envs.registry import EnvSpec, list, make, register, register_prefix, spec
 
 __all__ = [
@@ -45,4 +53,9 @@ __all__ = [
     "run_episode",
     "extract_boxed",
     "final_answer",
+    "check_env",
+    "acheck_env",
+    "EnvCheckError",
+    "ProcessEnv",
+    "RemoteEnvError",
 ]
