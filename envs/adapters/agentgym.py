@@ -343,12 +343,14 @@ class TextCraftEnv(AgentGymEnv):
         "Reply in this format:\nThought:\nyour thoughts.\n\nAction:\nyour next action"
     )
 
-    def __init__(self, url: str, commands: str | None = None, goal: str | None = None, **kwargs: Any):
+    def __init__(self, url: str, commands: str | None = None, goal: str | None = None,
+                 minecraft_dir: str = "agentenv_textcraft/", **kwargs: Any):
         super().__init__(url, **kwargs)
-        self.commands, self.goal = commands, goal
+        self.commands, self.goal, self.minecraft_dir = commands, goal, minecraft_dir
 
     def create_body(self) -> dict[str, Any] | None:
-        return {"commands": self.commands, "goal": self.goal}
+        """AgentGym's client sends `minecraft_dir` too; the server reads only `commands` and `goal`."""
+        return {"minecraft_dir": self.minecraft_dir, "commands": self.commands, "goal": self.goal}
 
     def parse_action(self, action: str) -> str:
         text = _one_action_line(action)

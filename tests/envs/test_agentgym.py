@@ -157,6 +157,17 @@ async def test_webarena_needs_backticks_and_reports_reset_timeouts(served):
 
 
 @pytest.mark.parametrize("served", ["textcraft"], indirect=True)
+async def test_textcraft_create_carries_custom_recipes(served):
+    _, fake, url = served
+    env = envs.make("agentgym:textcraft", url=url, goal="blue dye", commands="craft 1 blue dye using 1 lapis lazuli")
+    await env.areset(seed=0)
+    assert fake.calls[0] == ("/create", {"minecraft_dir": "agentenv_textcraft/", "goal": "blue dye",
+                                         "commands": "craft 1 blue dye using 1 lapis lazuli"})
+    assert env.observation.endswith("Goal: craft blue dye.")
+    await env.aclose()
+
+
+@pytest.mark.parametrize("served", ["textcraft"], indirect=True)
 async def test_sync_api_for_scripts(served):
     _, fake, url = served
 
