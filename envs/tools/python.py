@@ -8,7 +8,8 @@ What is enforced (see sandbox_boot.py for the child's half):
   `max_output_bytes` of each and says how much was cut;
 - network: the child runs in an empty network namespace (`unshare -rn`) when the kernel allows it,
   and always under an audit hook that refuses sockets and new processes;
-- filesystem: writes, deletes and renames outside the working directory are refused by the hook;
+- filesystem: writes, deletes and renames outside the working directory are refused by the hook,
+  and so are reads of the `envs` package (the tasks' tests and reference solutions live there);
 - environment: `python -I` (no user site, no PYTHON* variables), a minimal `env`, stdin closed.
 The audit hook is a Python-level guard: code that reaches native calls (ctypes) can step around it,
 which is why the network namespace is used wherever it exists. Running a step blocks for up to
@@ -34,6 +35,8 @@ from envs.tools.counters import TOOL_COUNTS
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
+_HIDDEN_DIRS = (str(Path(__file__).resolve().parents[1]),)
+"""The `envs` package (task data, tests, solutions): the sandboxed code may not read it."""
 _PYTHON_TAG = re.compile(r"<python>(.*?)</python>", re.DOTALL)
 _PYTHON_FENCE = re.compile(r"```[ \t]*python[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -121,6 +124,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
             "memory_bytes": limits.memory_mb << 20,
             "cpu_seconds": int(limits.timeout_s) + 1,
             "file_bytes": limits.max_file_bytes,
+            "hidden_dirs": _HIDDEN_DIRS,
         }
         argv = [sys.executable, "-I", str(_BOOT), json.dumps(boot_limits), "main.py"]
         if isolated:

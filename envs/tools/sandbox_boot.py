@@ -10,7 +10,9 @@ where the kernel allows, an empty network namespace):
 - bytes any one file may grow to (RLIMIT_FSIZE), which also caps captured stdout/stderr;
 - an audit hook that refuses sockets and new processes, so without a network namespace the code
   still cannot open a connection, and cannot start a process that would run without the hook;
-  the same hook refuses writes, deletes and renames outside the temporary working directory.
+  the same hook refuses writes, deletes and renames outside the temporary working directory, and
+  reads under `hidden_dirs` (the parent passes the tidal `envs` package, where tasks, their tests
+  and reference solutions live, so a policy cannot learn to read the answers).
 """
 
 import json
@@ -39,13 +41,21 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
                 "os.link", "os.truncate", "os.utime", "shutil.rmtree"}
 _workdir = os.path.realpath(os.getcwd())
+_hidden: list[str] = []
+"""Directories the code may not even read (the env's own package: its tasks, tests and solutions)."""
+
+
+def _under(path, root: str) -> bool:
+    full = os.path.realpath(os.fsdecode(path))
+    return os.path.commonpath([full, root]) == root
 
 
 def _outside(path) -> bool:
-    if not isinstance(path, str | bytes | os.PathLike):
-        return False
-    full = os.path.realpath(os.fsdecode(path))
-    return os.path.commonpath([full, _workdir]) != _workdir
+    return isinstance(path, str | bytes | os.PathLike) and not _under(path, _workdir)
+
+
+def _hidden_path(path) -> bool:
+    return isinstance(path, str | bytes | os.PathLike) and any(_under(path, root) for root in _hidden)
 
 
 def _refuse(event: str, args: tuple) -> None:
@@ -57,6 +67,8 @@ def _refuse(event: str, args: tuple) -> None:
         writes = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & _WRITE_FLAGS)
         if writes and _outside(path):
             raise PermissionError(f"sandbox: writing outside the working directory: {path!r}")
+        if _hidden_path(path):
+            raise PermissionError(f"sandbox: reading {path!r} is not allowed")
     elif event in _PATH_EVENTS and any(_outside(a) for a in args[:2]):
         raise PermissionError(f"sandbox: {event} outside the working directory: {args[:2]!r}")
 
@@ -89,6 +101,7 @@ def main() -> int:
     _limit(resource.RLIMIT_CPU, limits["cpu_seconds"])
     _limit(resource.RLIMIT_FSIZE, limits["file_bytes"])
     _limit(resource.RLIMIT_CORE, 0)
+    _hidden.extend(os.path.realpath(p) for p in limits["hidden_dirs"])
     sys.addaudithook(_refuse)
     sys.argv = ["main.py"]
     try:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import envs.code
 from envs.tools import TOOL_COUNTS, PythonTool, SandboxLimits, extract_code, network_isolation, run_python
 
 LIMITS = SandboxLimits(timeout_s=20.0, memory_mb=256, max_output_bytes=1000)
@@ -107,3 +108,11 @@ def test_tool_observation_reports_output_and_errors():
     assert tool.run(code) == "Code execution result: 45\n"
     assert "NameError" in tool.run("print(undefined_name)")
     assert "no code given" in tool.run("   ")
+
+
+def test_the_envs_package_with_task_solutions_cannot_be_read():
+    tasks = Path(envs.code.__file__).with_name("data") / "tasks.jsonl"
+    result = run_python(f"print(open({str(tasks)!r}).read())", LIMITS)
+    assert result.exit_code == 1 and "is not allowed" in result.stderr and "solution" not in result.stdout
+    result = run_python("import envs.code", LIMITS)
+    assert result.exit_code == 1 and "PermissionError" in result.stderr
