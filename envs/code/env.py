@@ -126,6 +126,7 @@ class CodeEnv(Env):
             raise ValueError(f"CodeEnv max_attempts: expected >= 1, got {max_attempts}")
         resolved = Path(path).resolve()
         self.tasks = _load_once(resolved, resolved.stat().st_mtime_ns)
+        self.hidden_dirs = (str(resolved.parent),)  # the agent's code may not read the tests and solutions
         self.max_attempts = max_attempts
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
         self.task: CodeTask | None = None
@@ -144,7 +145,7 @@ class CodeEnv(Env):
         nonce = secrets.token_hex(16)
         harness = _HARNESS.replace("NONCE", repr(nonce))
         files = {"solution.py": code, "tests.json": json.dumps(self.task.tests)}
-        result = run_python(harness, self.limits, files)
+        result = run_python(harness, self.limits, files, self.hidden_dirs)
         for line in reversed(result.stdout.splitlines()):
             try:
                 report = json.loads(line)

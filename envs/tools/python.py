@@ -109,10 +109,12 @@ def _read_capped(f: BinaryIO, limit: int) -> tuple[str, bool]:
     return text, False
 
 
-def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[str, str] | None = None) -> ExecResult:
+def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[str, str] | None = None,
+               hidden_dirs: tuple[str, ...] = ()) -> ExecResult:
     """Run `code` as `main.py` in a fresh temporary directory under `limits`; blocks until it ends.
 
-    `files` are written next to it first (e.g. a test file the code must satisfy).
+    `files` are written next to it first (e.g. a test file the code must satisfy); `hidden_dirs`
+    are directories the code may not read, besides the `envs` package (e.g. a user's task files).
     """
     isolated = network_isolation()
     with tempfile.TemporaryDirectory(prefix="tidal-py-") as tmp:
@@ -124,7 +126,7 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
             "memory_bytes": limits.memory_mb << 20,
             "cpu_seconds": int(limits.timeout_s) + 1,
             "file_bytes": limits.max_file_bytes,
-            "hidden_dirs": _HIDDEN_DIRS,
+            "hidden_dirs": _HIDDEN_DIRS + tuple(hidden_dirs),
         }
         argv = [sys.executable, "-I", str(_BOOT), json.dumps(boot_limits), "main.py"]
         if isolated:

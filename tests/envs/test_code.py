@@ -87,3 +87,13 @@ def test_extract_solution_takes_the_last_block():
 def test_reset_is_deterministic_under_a_seed():
     a, b = CodeEnv(), CodeEnv()
     assert a.reset(seed=5) == b.reset(seed=5)
+
+
+def test_a_user_task_file_is_hidden_from_the_agents_code(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"id": "t", "prompt": "define f", "tests": ["assert f() == 1"], "solution": "def f():\\n    return 1\\n"}\n')
+    env = CodeEnv(path=path, timeout_s=20.0)
+    env.reset(seed=0)
+    cheat = f"def f():\n    return 1 if open({str(path)!r}).read() else 0"
+    obs, reward, *_ = env.step(_fenced(cheat))
+    assert reward == 0.0 and "is not allowed" in obs
