@@ -54,8 +54,17 @@ def _outside(path) -> bool:
     return isinstance(path, str | bytes | os.PathLike) and not _under(path, _workdir)
 
 
+_readable = [os.path.realpath(p) for p in (_workdir, sys.prefix, sys.base_prefix, sys.exec_prefix)]
+"""Stay readable when a hidden directory contains them (a task file in /tmp, a venv in the repo);
+a hidden directory inside one of them (the envs package in site-packages) stays hidden."""
+
+
 def _hidden_path(path) -> bool:
-    return isinstance(path, str | bytes | os.PathLike) and any(_under(path, root) for root in _hidden)
+    if not isinstance(path, str | bytes | os.PathLike):
+        return False
+    return any(
+        _under(path, root) and not any(_under(path, ok) and _under(ok, root) for ok in _readable) for root in _hidden
+    )
 
 
 def _refuse(event: str, args: tuple) -> None:

@@ -1,6 +1,7 @@
 """The Python sandbox enforces its limits for real: each test runs a child that tries to break one."""
 
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,11 @@ def test_the_envs_package_with_task_solutions_cannot_be_read():
     assert result.exit_code == 1 and "is not allowed" in result.stderr and "solution" not in result.stdout
     result = run_python("import envs.code", LIMITS)
     assert result.exit_code == 1 and "PermissionError" in result.stderr
+
+
+def test_a_hidden_directory_around_the_workdir_leaves_the_workdir_readable(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("answer")
+    code = f"open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())\nopen({str(secret)!r})"
+    result = run_python(code, LIMITS, hidden_dirs=(tempfile.gettempdir(),))
+    assert result.stdout == "ok\n" and "is not allowed" in result.stderr
