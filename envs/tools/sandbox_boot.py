@@ -1,7 +1,8 @@
 """First code to run inside the Python sandbox child: apply limits, then run the agent's file.
 
-Run as `python -I sandbox_boot.py LIMITS_JSON CODE_PATH` by `envs.tools.python.run_python`; stdlib
-only, because `-I` hides site-packages that the child has no business importing anyway.
+Run as `python -I sandbox_boot.py LIMITS_JSON CODE_PATH` by `envs.tools.python.run_python`. It uses
+the stdlib only and is the first code the child runs, so the limits hold before any import the
+agent's code triggers.
 
 What it enforces on itself before the agent's code runs (the parent adds the wall-clock kill and,
 where the kernel allows, an empty network namespace):
@@ -35,7 +36,6 @@ _BLOCKED_EVENTS = {
     "os.forkpty": "starting processes",
     "pty.spawn": "starting processes",
 }
-
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
