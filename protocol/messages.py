@@ -73,6 +73,19 @@ class Turn(msgspec.Struct, array_like=True, frozen=True):
     reward: float = 0.0
 
 
+def _generated_version_span(versions: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
+    """(min, max) policy version over tokens with mask 1, (NO_VERSION, NO_VERSION) if none; lo < 0
+    if one of them has a negative version. Whole-array passes, no boolean indexing: this runs on
+    every received trajectory (32k tokens in tens of microseconds)."""
+    generated = int(np.count_nonzero(mask))
+    if not generated:
+        return NO_VERSION, NO_VERSION
+    masked = versions | (mask.astype(np.int32) - 1)  # the version where mask is 1, else -1
+    if masked.min() < NO_VERSION or np.count_nonzero(masked + 1) != generated:
+        return -2, 0  # a generated token at a negative version (-1 included)
+    return int(masked.view(np.uint32).min()), int(masked.max())  # -1 as uint32 is the largest
+
+
 class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
     """One finished episode as a single token sequence (DESIGN.md invariants 1 and 2).
 
@@ -125,7 +138,7 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
         if n and mask.max(initial=0) > 1:
             raise ValueError(f"trajectory {self.id}: loss_mask holds values other than 0 and 1")
         logp = view(self.behav_logp, LOGP_DTYPE)
-        if n and not (np.isfinite(logp).all() and logp.max(initial=0.0) <= 1e-3):
+        if n and not (logp.min() > -np.inf and logp.max() <= 1e-3):  # NaN fails both comparisons
             raise ValueError(f"trajectory {self.id}: behav_logp must be finite log-probabilities <= 0")
         prev_end = 0
         for i, turn in enumerate(self.turns):
@@ -139,10 +152,9 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
             prev_end = turn.end
         if not math.isfinite(self.reward):
             raise ValueError(f"trajectory {self.id}: reward {self.reward} is not finite")
-        gen = view(self.versions, VERSION_DTYPE)[mask.view(bool)] if n else view(self.versions, VERSION_DTYPE)
-        lo, hi = (int(gen.min()), int(gen.max())) if gen.size else (NO_VERSION, NO_VERSION)
-        if lo < 0 and gen.size:
-            raise ValueError(f"trajectory {self.id}: a generated token has policy version {lo} (expected >= 0)")
+        lo, hi = _generated_version_span(view(self.versions, VERSION_DTYPE), mask)
+        if lo < 0 and hi != NO_VERSION:
+            raise ValueError(f"trajectory {self.id}: a generated token has a negative policy version")
         if (self.min_version, self.max_version) != (lo, hi):
             raise ValueError(
                 f"trajectory {self.id}: min_version/max_version are {self.min_version}/{self.max_version}, "

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterable
 
@@ -46,7 +47,7 @@ from protocol.channels.frames import (
     encode_frame,
 )
 from protocol.errors import ProtocolError
-from protocol.messages import Trajectory, decode_trajectory, encode
+from protocol.messages import Trajectory, decode_trajectory, encode_into
 
 __all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS"]
 
@@ -69,7 +70,7 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
 class _Pending:
     __slots__ = ("envelope", "payload", "sent_at")
 
-    def __init__(self, envelope: bytes, payload: bytes, sent_at: float) -> None:
+    def __init__(self, envelope: bytes, payload: bytearray, sent_at: float) -> None:
         self.envelope = envelope
         self.payload = payload
         self.sent_at = sent_at
@@ -105,6 +106,8 @@ class TrajectorySender:
         self._context = context
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
+        self._pool: list[bytearray] = []  # payload buffers of acknowledged trajectories, for reuse
+        self._size_hint = 0
         self._room = asyncio.Event()  # set while len(_unacked) < window; send() waits on it
         self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
         self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
@@ -148,12 +151,28 @@ class TrajectorySender:
             await self._room.wait()
         seq = self._next_seq
         self._next_seq += 1
-        pending = _Pending(encode_frame(Data(self.engine_id, self.epoch, seq)), encode(traj), time.monotonic())
+        payload = self._buffer()
+        encode_into(traj, payload)
+        self._size_hint = len(payload)
+        pending = _Pending(encode_frame(Data(self.engine_id, self.epoch, seq)), payload, time.monotonic())
         self._unacked[seq] = pending
         self._empty.clear()
         self.stats.sent += 1
         await self._sock.send_multipart([pending.envelope, pending.payload], copy=False)
         return seq
+
+    def _buffer(self) -> bytearray:
+        """A payload buffer from the pool of acknowledged ones, or a new one.
+
+        Encoding into memory touched moments ago instead of fresh allocations (page faults, cold
+        cache) is what keeps large trajectories near raw-zmq speed. A buffer that ZeroMQ still
+        holds (a resend queued before the ack came) has another reference, and is left to it.
+        """
+        while self._pool:
+            buf = self._pool.pop()
+            if sys.getrefcount(buf) == 2:  # `buf` and getrefcount's argument: nobody else
+                return buf
+        return bytearray(self._size_hint)  # sized like the last payload: no regrowth while encoding
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until the trainer has committed everything sent; False if `timeout` ran out first."""
@@ -196,7 +215,9 @@ class TrajectorySender:
             done.append(seq)
         done.extend(seq for seq in ack.committed_above if seq in self._unacked)
         for seq in done:
-            del self._unacked[seq]
+            pending = self._unacked.pop(seq)
+            if len(self._pool) < self._window:
+                self._pool.append(pending.payload)
         self.stats.acked += len(done)
         if len(self._unacked) < self._window:
             self._room.set()

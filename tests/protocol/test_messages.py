@@ -6,6 +6,7 @@ import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from wire_strategies import messages, status_messages, trajectories
 
 from protocol.errors import ProtocolError
@@ -15,6 +16,7 @@ from protocol.messages import (
     TrainerStatus,
     Trajectory,
     Turn,
+    _generated_version_span,
     decode,
     decode_status,
     decode_trajectory,
@@ -84,7 +86,7 @@ BAD_FRAMES = {
     "nan reward": (_frame(reward=float("nan")), "reward nan is not finite"),
     "min/max version mismatch": (_frame(min_version=3), "min_version/max_version are 3/8"),
     "generated token without version": (_frame(versions=np.int32([-1, -1, -1, 8]).tobytes(), min_version=-1),
-                                        "policy version -1"),
+                                        "negative policy version"),
     "unknown tag": (msgspec.msgpack.encode({"type": "nope"}), "Invalid value 'nope'"),
 }
 
@@ -113,3 +115,18 @@ def test_status_channel_refuses_a_trajectory_and_bad_ranges():
 def test_deep_nesting_is_a_protocol_error():
     with pytest.raises(ProtocolError):
         decode(b"\x91" * 100_000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(-3, 2**31 - 1)), max_size=40))
+def test_generated_version_span_matches_a_plain_loop(pairs):
+    mask = np.array([m for m, _ in pairs], dtype=np.uint8)
+    versions = np.array([v for _, v in pairs], dtype=np.int32)
+    lo, hi = _generated_version_span(versions, mask)
+    generated = [v for m, v in pairs if m]
+    if not generated:
+        assert (lo, hi) == (-1, -1)
+    elif min(generated) < 0:
+        assert lo < 0
+    else:
+        assert (lo, hi) == (min(generated), max(generated))

@@ -13,7 +13,7 @@ from _actors import make_trajectory
 
 from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
 from protocol.channels.frames import Ack, Data, decode_envelope, encode_frame
-from protocol.messages import decode_trajectory, encode
+from protocol.messages import Trajectory, decode_trajectory, encode
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -169,3 +169,26 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
                     pass
         finally:
             dealer.close(linger=0)
+
+
+async def test_reused_payload_buffers_never_corrupt_large_trajectories():
+    """Frames over pyzmq's copy threshold go zero-copy, and acknowledged buffers are reused."""
+    n = 8192  # ~106 kB per frame
+
+    def big(i: int):
+        return Trajectory.build(
+            id=f"t{i}", group_id="g", env_id="e", task_seed=i, tokens=[i] * n, loss_mask=[1] * n,
+            behav_logp=[-0.5] * n, versions=[i] * n, turns=[], reward=float(i),
+        )
+
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        async with TrajectorySender(rx.endpoint, "e0", window=4) as tx:
+            consumer = asyncio.create_task(_drain(rx, 40))
+            for i in range(40):
+                await tx.send(big(i))
+            got = await consumer
+            assert await tx.flush(5)
+    for i, d in enumerate(got):
+        assert d.traj.id == f"t{i}" and d.traj.reward == i
+        assert (d.traj.token_ids() == i).all() and (d.traj.token_versions() == i).all()
+    assert tx.stats.resent == 0

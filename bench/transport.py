@@ -1,0 +1,262 @@
+"""`tidal bench transport`: engine -> trainer trajectory transport against its limits.
+
+Trajectories of 4k and 32k tokens go from a sender (this process, the engine's role) to a receiver
+in a child process (the trainer's role) over tcp loopback, the way the daemons run. Our channel
+(`protocol.channels`: msgpack + zero-copy arrays, envelopes, commit-driven acks, windowed flow
+control) is compared in the same run with the same trajectories sent as (a) pickle over zmq, (b)
+json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
+pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
+
+Each method has two phases: throughput (send N as fast as flow control allows, until the receiver
+has acknowledged the last) and latency (one at a time; one-way time from the send call to the
+decoded arrays in the receiver, on the shared monotonic clock). Every message is encoded at send
+time and decoded into numpy arrays at the receiver, as in real use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import pickle
+import time
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from rich.console import Console
+
+from bench.report import bench_parser, emit
+from protocol.channels import TrajectoryReceiver, TrajectorySender
+from protocol.messages import Trajectory, Turn, encode
+
+__all__ = ["main"]
+
+METHODS = ("tidal", "pickle", "json", "raw_zmq")
+SIZES = (4096, 32768)
+FULL = {"count": {4096: 3000, 32768: 600}, "latency_count": 300, "slow_fraction": 0.1}
+QUICK = {"count": {4096: 400, 32768: 100}, "latency_count": 60, "slow_fraction": 0.2}
+"""json is ~50x slower than the rest: it sends `slow_fraction` of the count (a rate needs no more)."""
+
+
+def make_trajectory(tokens: int, sent_at: float = 0.0) -> Trajectory:
+    """A realistic multi-turn trajectory: prompt, then 4 turns of model tokens and observations."""
+    rng = np.random.default_rng(tokens)
+    mask = np.zeros(tokens, np.uint8)
+    turns, span = [], tokens // 5
+    for k in range(1, 5):
+        start = k * span
+        mask[start : start + span // 2] = 1
+        turns.append(Turn(start, start + span // 2, 0.25))
+    logp = np.where(mask == 1, -rng.random(tokens, dtype=np.float32), 0).astype(np.float32)
+    return Trajectory.build(
+        id="bench-0", group_id="g", env_id="bench:Transport-v0", task_seed=0,
+        tokens=rng.integers(0, 150_000, tokens, dtype=np.uint32), loss_mask=mask, behav_logp=logp,
+        versions=np.where(mask == 1, 7, -1), turns=turns, reward=1.0, terminated=True,
+        timing={"sent_at": sent_at},
+    )
+
+
+def _as_dict(traj: Trajectory, sent_at: float, lists: bool) -> dict:
+    arrays = {
+        "tokens": traj.token_ids(), "loss_mask": traj.mask(),
+        "behav_logp": traj.behav_logps(), "versions": traj.token_versions(),
+    }
+    if lists:
+        arrays = {k: v.tolist() for k, v in arrays.items()}
+    head = {"id": traj.id, "group_id": traj.group_id, "env_id": traj.env_id, "reward": traj.reward}
+    turns = [[t.start, t.end, t.reward] for t in traj.turns]
+    return {**head, **arrays, "turns": turns, "sent_at": sent_at}
+
+
+# --- receiver (child process: the trainer's role)
+
+
+async def _receive_tidal(conn, count: int, latency_count: int) -> list[float]:
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", capacity=512, auto_commit=True) as rx:
+        conn.send(rx.endpoint)
+        for _ in range(count):
+            await rx.recv()
+        latencies = []
+        for _ in range(latency_count):
+            d = await rx.recv()
+            latencies.append(time.perf_counter() - d.traj.timing["sent_at"])
+        await asyncio.sleep(0.2)  # let the last acks leave before the socket closes
+        return latencies
+
+
+def _decode_baseline(method: str, frames: list) -> float:
+    """Decode one baseline message into arrays; returns its send time."""
+    if method == "raw_zmq":
+        return float(np.frombuffer(frames[0], np.float64)[0])
+    if method == "pickle":
+        obj = pickle.loads(frames[0])
+    else:
+        obj = json.loads(bytes(frames[0]))
+        for key, dtype in (("tokens", "<u4"), ("loss_mask", "u1"), ("behav_logp", "<f4"), ("versions", "<i4")):
+            obj[key] = np.asarray(obj[key], dtype=dtype)
+    return obj["sent_at"]
+
+
+def _receive_baseline(conn, method: str, count: int, latency_count: int) -> list[float]:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(f"tcp://127.0.0.1:{port}")
+    try:
+        for i in range(count):
+            peer, *frames = sock.recv_multipart(copy=False)
+            _decode_baseline(method, [f.buffer for f in frames])
+            if i == count - 1:
+                sock.send_multipart([peer, b"done"])
+        latencies = []
+        for _ in range(latency_count):
+            peer, *frames = sock.recv_multipart(copy=False)
+            latencies.append(time.perf_counter() - _decode_baseline(method, [f.buffer for f in frames]))
+            sock.send_multipart([peer, b"ack"])
+        return latencies
+    finally:
+        sock.close(linger=100)
+
+
+def _receiver(conn) -> None:
+    """Child process: run one receiving case per command until told to stop."""
+    while (cmd := conn.recv()) is not None:
+        method, count, latency_count = cmd
+        if method == "tidal":
+            latencies = asyncio.run(_receive_tidal(conn, count, latency_count))
+        else:
+            latencies = _receive_baseline(conn, method, count, latency_count)
+        conn.send(latencies)
+
+
+# --- sender (this process: the engine's role)
+
+
+async def _send_tidal(endpoint: str, tokens: int, count: int, latency_count: int) -> float:
+    traj = make_trajectory(tokens)
+    async with TrajectorySender(endpoint, "bench", window=256) as tx:
+        await tx.send(traj)  # connect and warm up
+        await tx.flush()
+        t0 = time.perf_counter()
+        for _ in range(count - 1):
+            await tx.send(make_trajectory_like(traj, time.perf_counter()))
+        await tx.flush()
+        elapsed = time.perf_counter() - t0
+        for _ in range(latency_count):
+            await tx.send(make_trajectory_like(traj, time.perf_counter()))
+            await tx.flush()
+    return (count - 1) / elapsed
+
+
+def make_trajectory_like(traj: Trajectory, sent_at: float) -> Trajectory:
+    """The same trajectory stamped with its send time (rebuilt and re-validated, as the engine builds one)."""
+    import msgspec
+
+    return msgspec.structs.replace(traj, timing={"sent_at": sent_at})
+
+
+def _send_baseline(method: str, endpoint: str, tokens: int, count: int, latency_count: int, nbytes: int) -> float:
+    traj = make_trajectory(tokens)
+    raw = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
+
+    def frames() -> list:
+        now = time.perf_counter()
+        if method == "raw_zmq":
+            return [np.float64(now).tobytes(), raw]
+        if method == "pickle":
+            return [pickle.dumps(_as_dict(traj, now, lists=False), protocol=5)]
+        return [json.dumps(_as_dict(traj, now, lists=True)).encode()]
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            sock.send_multipart(frames(), copy=False)
+        sock.recv()  # the receiver has decoded the last one
+        elapsed = time.perf_counter() - t0
+        for _ in range(latency_count):
+            sock.send_multipart(frames(), copy=False)
+            sock.recv()
+        return count / elapsed
+    finally:
+        sock.close(linger=0)
+
+
+def _memcpy_rate(nbytes: int, seconds: float = 0.3) -> float:
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    n, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        np.copyto(dst, src)
+        n += 1
+    return n / elapsed
+
+
+def _run_case(conn, method: str, tokens: int, count: int, latency_count: int, nbytes: int) -> dict:
+    conn.send((method, count, latency_count))
+    endpoint = conn.recv()
+    if method == "tidal":
+        rate = asyncio.run(_send_tidal(endpoint, tokens, count, latency_count))
+    else:
+        rate = _send_baseline(method, endpoint, tokens, count, latency_count, nbytes)
+    lat_ms = np.asarray(conn.recv()) * 1e3
+    return {
+        "tokens": tokens, "method": method, "messages": count, "frame_bytes": nbytes,
+        "msgs_per_s": rate, "mb_per_s": rate * nbytes / 1e6,
+        "p50_latency_ms": float(np.percentile(lat_ms, 50)), "p99_latency_ms": float(np.percentile(lat_ms, 99)),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = bench_parser("transport", __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    console = Console(stderr=True)
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=_receiver, args=(child_conn,), daemon=True)
+    child.start()
+    results = []
+    try:
+        for tokens in SIZES:
+            nbytes = len(encode(make_trajectory(tokens)))
+            rows = {}
+            for method in METHODS:
+                count = size["count"][tokens]
+                if method == "json":
+                    count = max(10, int(count * size["slow_fraction"]))
+                console.log(f"{tokens} tokens: {method} x {count}")
+                rows[method] = _run_case(conn, method, tokens, count, size["latency_count"], nbytes)
+            memcpy = _memcpy_rate(nbytes)
+            rows["memcpy"] = {"tokens": tokens, "method": "memcpy", "frame_bytes": nbytes,
+                              "msgs_per_s": memcpy, "mb_per_s": memcpy * nbytes / 1e6}
+            ours = rows["tidal"]
+            ours["vs_pickle"] = ours["msgs_per_s"] / rows["pickle"]["msgs_per_s"]
+            ours["vs_json"] = ours["msgs_per_s"] / rows["json"]["msgs_per_s"]
+            ours["vs_raw_zmq"] = ours["msgs_per_s"] / rows["raw_zmq"]["msgs_per_s"]
+            ours["fraction_of_memcpy"] = ours["msgs_per_s"] / memcpy
+            results.extend(rows.values())
+    finally:
+        conn.send(None)
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    by = {(r["tokens"], r["method"]): r for r in results}
+    summary = {
+        "vs_raw_zmq_32k": by[(32768, "tidal")]["vs_raw_zmq"],
+        "mb_per_s_32k": by[(32768, "tidal")]["mb_per_s"],
+        "vs_pickle_32k": by[(32768, "tidal")]["vs_pickle"],
+        "p99_latency_ms_4k": by[(4096, "tidal")]["p99_latency_ms"],
+    }
+    config = {
+        "quick": args.quick, "sizes_tokens": list(SIZES), "transport": "tcp://127.0.0.1", **size,
+        "count": {str(k): v for k, v in size["count"].items()},
+        "mb_per_s": "frame_bytes (our encoded trajectory) x msgs_per_s, for every method",
+        "window": 256,
+    }
+    emit("transport", config, results, summary, args.json_out)
+    return 0
