@@ -57,6 +57,10 @@ class ModelSection(Strict):
     """Most sequences in one decode batch; further requests queue."""
     seed: int = 0
     """Seed of sampling for requests without sampling_seed."""
+    prefix_cache_tokens: Annotated[int, Meta(ge=0)] = 0
+    """Keep finished sequences' KV for reuse by later prompts sharing their prefix, up to this many
+    tokens (0 = off). Off by default: as in SGLang, a weight update with flush_cache false then
+    leaves KV of the old weights in use."""
 
 
 class ServeConfig(Strict):

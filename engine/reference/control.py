@@ -120,6 +120,12 @@ def _flushable(state: ServerState) -> bool:
     return not s.running and (s.paused or not s.waiting)
 
 
+def _flush(state: ServerState) -> None:
+    if state.stepper.cache is not None:
+        state.stepper.cache.clear()
+    state.count("cache_flushes")
+
+
 # --- pause, continue, abort, flush (§4) ---------------------------------------------------------
 
 
@@ -163,6 +169,7 @@ async def flush_cache(request: web.Request) -> web.Response:
             raise framework_error(f"timeout must be a number of seconds, got {timeout!r}") from None
     if not _flushable(state):
         return web.Response(status=400, text="Cache not flushed because there are pending requests.\n")
+    _flush(state)
     return web.Response(
         text="Cache flushed.\nPlease check backend logs for more details. "
              "(When there are running or waiting requests, the operation will not be performed.)\n"
@@ -196,7 +203,9 @@ def _finish_update(state: ServerState, version: str | None, flush: bool, message
         state.scheduler.version = version
         message += f" Weight version updated to {version}."
     state.count("weight_updates")
-    if flush and not _flushable(state):
+    if flush and _flushable(state):
+        _flush(state)
+    elif flush:
         raise control_error("Weights were updated, but the cache was not flushed because there are "
                             "running or waiting requests; use flush_cache: false while paused in_place.")
     return message

@@ -119,7 +119,7 @@ class Emitter:
         meta["reasoning_tokens"] = 0
         meta["completion_tokens"] = n
         if not queued_abort:
-            meta["cached_tokens"] = 0
+            meta["cached_tokens"] = seq.cached_tokens
         if final:
             meta["weight_versions"] = [{"version": v, "start": a, "end": b} for v, a, b in seq.spans]
             meta["e2e_latency"] = time.monotonic() - seq.created

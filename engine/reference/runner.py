@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from engine.reference.prefix_cache import PrefixCache
 from engine.reference.scheduler import Seq
 
 __all__ = ["ModelRunner", "sample_row"]
@@ -75,7 +76,8 @@ def sample_row(logits: torch.Tensor, seq: Seq, generator: torch.Generator | None
 class ModelRunner:
     """A causal LM loaded with `from_pretrained(path)`; implements the scheduler's `Stepper`."""
 
-    def __init__(self, path: str | Path, *, device: str = "auto", dtype: str = "float32", seed: int = 0):
+    def __init__(self, path: str | Path, *, device: str = "auto", dtype: str = "float32", seed: int = 0,
+                 prefix_cache_tokens: int = 0):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         self.dtype = getattr(torch, dtype)
@@ -93,6 +95,7 @@ class ModelRunner:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.generator = torch.Generator().manual_seed(seed)
+        self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def _load(self, path: str):
@@ -105,6 +108,12 @@ class ModelRunner:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._step, batch)
 
     def release(self, seq: Seq) -> None:
+        """Keep the sequence's KV in the prefix cache when its length still matches its tokens
+        (a sequence aborted during a step may hold KV one token ahead)."""
+        kv = seq.kv
+        tokens = (seq.prompt + seq.output_ids)[:-1]
+        if self.cache is not None and kv is not None and kv[0][0].shape[2] == len(tokens):
+            self.cache.insert(tokens, kv)
         seq.kv = None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -147,9 +156,20 @@ class ModelRunner:
         return out
 
     def _prefill(self, seq: Seq) -> torch.Tensor:
-        """Forward the whole context (prompt + output so far, after a retraction); keep its KV."""
-        ids = torch.tensor([seq.prompt + seq.output_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
+        """Forward the context (prompt + output so far, after a retraction) past its longest cached
+        prefix; keep its KV. Prompt logprobs need every position, so they bypass the cache."""
+        context = seq.prompt + seq.output_ids
+        n, cached = 0, None
+        if self.cache is not None and (seq.item is None or seq.item.logprob_start_len < 0):
+            n, cached = self.cache.match(context[:-1])
+        if not seq.started_prefill:
+            seq.cached_tokens = n
+            seq.started_prefill = True
+        past = None
+        if n:
+            past = DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in cached])
+        ids = torch.tensor([context[n:]], device=self.device)
+        out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
         seq.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         if seq.input_logprobs is None and seq.item is not None and seq.item.logprob_start_len >= 0:
             seq.input_logprobs = self._input_logprobs(out.logits[0], seq)

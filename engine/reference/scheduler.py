@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.reference.api import Item, Sampling
+from engine.reference.prefix_cache import PrefixCache
 
 __all__ = ["Seq", "Stepper", "Scheduler", "RWLock", "ABORTED", "ABORTED_WAITING"]
 
@@ -45,6 +46,9 @@ class Seq:
     finish: dict | None = None
     started: bool = False
     num_retractions: int = 0
+    cached_tokens: int = 0
+    started_prefill: bool = False
+    """Prompt tokens whose KV came from the prefix cache at the first prefill."""
     created: float = field(default_factory=time.monotonic)
     kv: Any = None
     """The stepper's per-sequence state (KV cache); None means "needs prefill"."""
@@ -82,6 +86,8 @@ class Stepper(Protocol):
     vocab_size: int
     eos_token_ids: frozenset[int]
     context_length: int
+    cache: PrefixCache | None
+    """Prefix cache, if enabled: flushed by /flush_cache and by weight updates that flush."""
 
     async def step(self, batch: list[Seq]) -> list[tuple[int, float, list[tuple[float, int]] | None]]:
         """One token per sequence, in batch order: (token id, logprob, top logprobs or None).
@@ -307,4 +313,4 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "num_step_failures": self.step_failures,
             "weight_version": self.version,
-        }
+        } | (self.stepper.cache.stats() if self.stepper.cache is not None else {})

@@ -175,7 +175,8 @@ def build_stepper(cfg: ServeConfig):
         return Simulator(cfg.simulate)
     from engine.reference.runner import ModelRunner
 
-    return ModelRunner(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed)
+    return ModelRunner(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed,
+                       prefix_cache_tokens=cfg.model.prefix_cache_tokens)
 
 
 def build_state(cfg: ServeConfig, stepper) -> ServerState:

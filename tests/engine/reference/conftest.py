@@ -11,8 +11,9 @@ from engine.reference.launch import ReferenceServer
 
 @pytest.fixture(scope="module")
 def model_server(tiny_model_dir):
-    """The tiny model served with SGLang's default (cumulative) streaming."""
-    with ReferenceServer(tiny_model_dir, args=["--set", "server.health_timeout_s=2"]) as srv:
+    """The tiny model served with SGLang's default (cumulative) streaming and a prefix cache."""
+    args = ["--set", "server.health_timeout_s=2", "--set", "model.prefix_cache_tokens=100000"]
+    with ReferenceServer(tiny_model_dir, args=args) as srv:
         yield srv
 
 

@@ -309,3 +309,27 @@ async def test_openai_errors(model_server):
     assert status == 400 and body["code"] == 400
     status, body = await post(model_server.url + "/v1/completions", {"prompt": [], "max_tokens": 2})
     assert status == 400
+
+
+async def test_multi_turn_prompt_reuses_the_previous_turn(model_server, tiny_model):
+    model, _ = tiny_model
+    prompt = [20 + i for i in range(21)]
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    _, first = await post(model_server.url + "/generate", {"input_ids": prompt, "sampling_params": params})
+    assert first["meta_info"]["cached_tokens"] == 0
+    turn2 = prompt + first["output_ids"] + [70, 71, 72]
+    _, second = await post(model_server.url + "/generate", {"input_ids": turn2, "return_logprob": True,
+                                                            "sampling_params": params})
+    assert second["meta_info"]["cached_tokens"] == 32, "21 + 12 - 1 tokens held: two whole blocks of 16"
+    with torch.no_grad():
+        logits = model(torch.tensor([turn2 + second["output_ids"]])).logits[0].float()
+    steps = torch.log_softmax(logits[len(turn2) - 1: -1], -1)
+    out = second["output_ids"]
+    assert out == steps.argmax(-1).tolist()
+    expected = steps[torch.arange(len(out)), torch.tensor(out)].tolist()
+    assert [t[0] for t in second["meta_info"]["output_token_logprobs"]] == pytest.approx(expected, abs=1e-4)
+    _, info = await get(model_server.url + "/server_info")
+    assert info["internal_states"][0]["prefix_cache_hit_tokens"] >= 32
+    assert (await get(model_server.url + "/flush_cache"))[0] == 200
+    _, third = await post(model_server.url + "/generate", {"input_ids": turn2, "sampling_params": params})
+    assert third["meta_info"]["cached_tokens"] == 0 and third["output_ids"] == out

@@ -154,3 +154,12 @@ async def test_weight_update_sessions():
         assert (await post(srv.url + "/end_weight_update", {}))[0] == 200
         assert (await post(srv.url + "/end_weight_update", {}))[0] == 400
         assert (await get(srv.url + "/model_info"))[1]["weight_version"] == "9"
+
+
+async def test_prefix_cache_counts_the_previous_turn(sim_server):
+    prompt = list(range(300, 340))
+    params = {"max_new_tokens": 9, "ignore_eos": True}
+    _, first = await post(sim_server.url + "/generate", {"input_ids": prompt, "sampling_params": params})
+    turn2 = prompt + first["output_ids"] + [500]
+    _, second = await post(sim_server.url + "/generate", {"input_ids": turn2, "sampling_params": params})
+    assert (first["meta_info"]["cached_tokens"], second["meta_info"]["cached_tokens"]) == (0, 48)
