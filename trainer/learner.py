@@ -176,8 +176,8 @@ class Learner:
                 attn_implementation=cfg.model.attn_implementation,
             )
         model.to(self.device)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if cfg.model.gradient_checkpointing:     # renamed in transformers 5; the old name warns
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         if isinstance(cfg.advantage, GAEConfig):
             hidden = model.config.hidden_size
             model.value_head = torch.nn.Linear(hidden, 1, device=self.device, dtype=model.dtype)
@@ -261,7 +261,11 @@ class Learner:
         masks = [_trained_mask(t) for t in batch]
         lengths = [len(t) for t in batch]
         slices = [list(range(m, len(batch), cfg.optim.minibatches)) for m in range(cfg.optim.minibatches)]
-        slices = [s for s in slices if s]
+        if len(slices[-1]) < self.world_size:
+            raise ValueError(
+                f"train_step: {len(batch)} trajectories cannot give each of {self.world_size} ranks one per "
+                f"update in {cfg.optim.minibatches} updates; send at least {cfg.optim.minibatches * self.world_size}"
+            )
         updates: list[list[MicroBatch]] = []
         for sl in slices:
             mine = [sl[i] for i in _balanced_shares([lengths[j] for j in sl], self.world_size)[self.rank]]
@@ -270,8 +274,7 @@ class Learner:
         self._record(mbs)
         adv_metrics = self._advantages(batch, masks, mbs)
 
-        metrics: dict[str, float] = {}
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {"loss": 0.0}
         grad_norms = []
         for update in updates:
             self.optimizer.zero_grad(set_to_none=True)
@@ -279,21 +282,27 @@ class Learner:
                 with self._sync(last=k == len(update) - 1):
                     loss, mb_metrics = self._loss(mb)
                     (loss * self.world_size).backward()
+                mb_metrics["loss"] = loss.detach()
                 for name, value in mb_metrics.items():
                     v = float(value)
                     if name.endswith("_max"):
                         totals[name] = max(totals.get(name, v), v)
-                    else:
+                    elif name.endswith("loss"):             # shares of the update's loss: they add up
+                        totals[name] = totals.get(name, 0.0) + v
+                    else:                                   # per-token means: weight by tokens
                         totals[name] = totals.get(name, 0.0) + v * mb.n_tokens
-                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             grad_norms.append(self._clip_and_step())
         self.version += 1
 
         trained = sum(mb.n_tokens for mb in mbs)
+        metrics: dict[str, float] = {}
         for name, value in totals.items():
-            is_sum = name.endswith("_max") or name == "loss"
-            metrics[f"trainer/{name}"] = value if is_sum else value / max(trained, 1)
-        metrics["trainer/loss"] = totals.get("loss", 0.0) / len(updates)
+            if name.endswith("_max"):
+                metrics[f"trainer/{name}"] = value
+            elif name.endswith("loss"):
+                metrics[f"trainer/{name}"] = value / len(updates)
+            else:
+                metrics[f"trainer/{name}"] = value / max(trained, 1)
         elapsed = time.perf_counter() - t0
         real = sum(mb.n_real for mb in mbs)
         metrics.update(adv_metrics)

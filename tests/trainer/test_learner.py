@@ -75,13 +75,14 @@ def test_packed_and_accumulated_step_equals_one_unpacked_forward(tiny_model_dir,
     runs = {}
     for name, packing in {"one": ("packing.token_budget=100000",),
                           "packed": ("packing.token_budget=64",),
-                          "padded": ("packing.token_budget=80", "packing.strategy=pad")}.items():
+                          "padded": ("packing.token_budget=80", "packing.strategy=pad"),
+                          "checkpointed": ("packing.token_budget=64", "model.gradient_checkpointing=true")}.items():
         learner = Learner(config(tiny_model_dir, *common, *packing))
         metrics = learner.train_step(batch)
         runs[name] = (metrics, grads(learner))
     assert runs["one"][0]["trainer/micro_batches"] == 1 and runs["packed"][0]["trainer/micro_batches"] > 3
     assert runs["padded"][0]["trainer/padding_frac"] > runs["packed"][0]["trainer/padding_frac"]
-    for name in ("packed", "padded"):
+    for name in ("packed", "padded", "checkpointed"):
         assert runs[name][0]["trainer/loss"] == pytest.approx(runs["one"][0]["trainer/loss"], abs=1e-6)
         for pname, g in runs["one"][1].items():
             torch.testing.assert_close(runs[name][1][pname], g, atol=1e-6, rtol=1e-4)
@@ -164,6 +165,9 @@ def test_untrainable_input_is_a_clear_error_naming_the_trajectory(tiny_model_dir
     with pytest.raises(ValueError, match="big-ids"):
         learner.train_step([good, bad])
     assert learner.version == 0
+    ranked = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=tis"), rank=1, world_size=2)
+    with pytest.raises(ValueError, match="each of 2 ranks"):      # a rank without data would hang DDP
+        ranked.train_step([good])
 
 
 def test_every_returned_metric_is_documented(tiny_model_dir):
