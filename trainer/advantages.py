@@ -107,8 +107,11 @@ class GAEConfig(Strict, tag="gae", tag_field="type"):
     Time steps are the generated tokens; V_t is the value head at the position that predicts the
     token (the state before it is emitted). The value after the last token is 0 when the episode
     terminated, and the value of the final state when it was truncated (Gymnasium's distinction).
-    Departure from RLHF PPO (verl, OpenRLHF): no bootstrapping-free truncation; advantages whitened
-    over the batch by default as they do.
+    Departures from RLHF PPO (verl, OpenRLHF): a truncated episode bootstraps instead of ending at 0,
+    and observation tokens are not time steps (verl's multi-turn fork carries values through them by
+    mask arithmetic; same result). Advantages are whitened over the batch by default, as they do.
+    The critic is a linear head on the policy's last hidden state (shared backbone), so the value
+    loss also trains the backbone, scaled by `value_coef`.
     """
 
     gamma: Gamma = 1.0
