@@ -10,14 +10,14 @@ What is enforced (see sandbox_boot.py for the child's half):
   and always under an audit hook that refuses sockets and new processes;
 - filesystem: writes, deletes and renames outside the working directory are refused by the hook,
   and so are reads of the `envs` package (the tasks' tests and reference solutions live there);
-- environment: `python -I` (no user site, no PYTHON* variables), a minimal `env`, stdin closed.
+- environment: `python -I -S` (no user site, no PYTHON* variables, no .pth hooks; site-packages
+  stay importable), a minimal `env`, stdin closed.
 The audit hook is a Python-level guard: code that reaches native calls (ctypes) can step around it,
 which is why the network namespace is used wherever it exists. Running a step blocks for up to
 `timeout_s`, so the tool declares itself blocking and the env that uses it is offloaded.
 """
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -122,13 +122,8 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits(), files: dict[s
         for name, text in (files or {}).items():
             (work / name).write_text(text, encoding="utf-8")
         (work / "main.py").write_text(code, encoding="utf-8")
-        boot_limits = {
-            "memory_bytes": limits.memory_mb << 20,
-            "cpu_seconds": int(limits.timeout_s) + 1,
-            "file_bytes": limits.max_file_bytes,
-            "hidden_dirs": _HIDDEN_DIRS + tuple(hidden_dirs),
-        }
-        argv = [sys.executable, "-I", str(_BOOT), json.dumps(boot_limits), "main.py"]
+        argv = [sys.executable, "-I", "-S", str(_BOOT), str(limits.memory_mb << 20), str(int(limits.timeout_s) + 1),
+                str(limits.max_file_bytes), "main.py", *_HIDDEN_DIRS, *hidden_dirs]
         if isolated:
             argv = ["unshare", "-rn", "--", *argv]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
