@@ -42,9 +42,10 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
             if open_streams is not None:
                 open_streams[rid] = resp
             buf = b""
+            done = False
             async for data in resp.content.iter_any():
                 buf += data
-                if b"\n\n" not in data:
+                if done or b"\n\n" not in data:
                     continue
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
@@ -52,9 +53,11 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
                         raise BadResponse(f"SSE event without 'data: ': {event[:80]!r}", url=url, request_id=rid)
                     payload = event[_SKIP:]
                     if payload == SSE_DONE:
-                        return
+                        done = True  # read on to the end of the body, so the connection is reused
+                        break
                     yield payload
-            raise ServerUnavailable("stream closed before data: [DONE]", url=url, request_id=rid)
+            if not done:
+                raise ServerUnavailable("stream closed before data: [DONE]", url=url, request_id=rid)
     except BackendError:
         raise
     except TimeoutError:

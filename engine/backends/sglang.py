@@ -175,9 +175,12 @@ class SGLangBackend(Backend):
                 self._inflight[rid] = (server, wire_rid)
                 url = server.url
                 seen = 0
+                final: Chunk | None = None
                 try:
                     async with aclosing(self._payloads(url, body, wire_rid)) as events:
                         async for payload in events:
+                            if final is not None:
+                                continue  # only [DONE] is due; reading it lets the connection be reused
                             try:
                                 ev = _chunk.decode(payload)
                             except msgspec.DecodeError as exc:
@@ -189,28 +192,32 @@ class SGLangBackend(Backend):
                             counters["tokens"] += len(ids)
                             meta = ev.meta_info
                             fr = meta.finish_reason
-                            if fr is None and rid not in self._aborted:
-                                if ids:
-                                    yield Chunk(ids, logprobs, meta.weight_version)
-                                continue
-                            cached += meta.cached_tokens
-                            finish = self._finish(fr or wire.Abort(), rid, wire_rid, url)
-                            if finish is None:
-                                if ids:
-                                    yield Chunk(ids, logprobs, meta.weight_version)
-                                counters["resubmits"] += 1
+                            if fr is None:
+                                if rid not in self._aborted:
+                                    if ids:
+                                        yield Chunk(ids, logprobs, meta.weight_version)
+                                    continue
+                                counters["aborts"] += 1  # asked for, not yet seen by the server: hang up
+                                final = Chunk(ids, logprobs, meta.weight_version, Finish(reason="abort"))
                                 break
-                            finish.prompt_tokens = len(prompt)
-                            finish.completion_tokens = len(received)
-                            finish.cached_tokens = cached
-                            finish.retries = retries
-                            finish.server = url
-                            self.router.succeeded(server)
-                            yield Chunk(ids, logprobs, meta.weight_version, finish)
-                            return
-                        else:
-                            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url,
-                                              request_id=wire_rid)
+                            cached += meta.cached_tokens
+                            final = Chunk(ids, logprobs, meta.weight_version, self._finish(fr, rid, wire_rid, url))
+                    if final is None:
+                        raise BadResponse("stream ended with [DONE] but no finish_reason", url=url,
+                                          request_id=wire_rid)
+                    finish = final.finish
+                    if finish is not None:
+                        finish.prompt_tokens = len(prompt)
+                        finish.completion_tokens = len(received)
+                        finish.cached_tokens = cached
+                        finish.retries = retries
+                        finish.server = url
+                        self.router.succeeded(server)
+                        yield final
+                        return
+                    if final.token_ids:  # aborted by a pause or a weight update: resubmit the rest
+                        yield final
+                    counters["resubmits"] += 1
                 except BackendError as exc:
                     counters[f"errors_{exc.kind}"] += 1
                     if not exc.retryable or retries >= self.cfg.max_retries:
