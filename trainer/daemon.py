@@ -123,6 +123,7 @@ class Daemon:
         self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0}
         self.dedup = None
         restored = self.checkpointer.load()
+        self.resumed_from = None if restored is None else restored.path
         model_cfg = self.learner.base_model.config
         limits = {"vocab_size": model_cfg.vocab_size, "max_tokens": getattr(model_cfg, "max_position_embeddings", None)}
         if restored is not None:
@@ -165,6 +166,10 @@ class Daemon:
             if self.publisher is not None:
                 await self.publisher.start()
             await status.publish(self.status())
+            if self.resumed_from is not None:
+                # Servers may serve versions this trainer published after its checkpoint and then lost;
+                # the checkpoint's weights, published again, put them back in step with the trainer.
+                await self._maybe_publish(force=True)
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint, **urls)
             try:
@@ -228,8 +233,8 @@ class Daemon:
             self.world.send(STEP, batch)
         return self.world.reduce_metrics(self.learner.train_step(batch))
 
-    async def _maybe_publish(self) -> None:
-        if self.publisher is None or self.version % self.cfg.publish.every_steps:
+    async def _maybe_publish(self, *, force: bool = False) -> None:
+        if self.publisher is None or (self.version % self.cfg.publish.every_steps and not force):
             return
         tensors = dict(self.learner.named_weights())
         try:

@@ -86,8 +86,14 @@ class DiskPublisher:
         with open(tmp / "model.safetensors", "rb") as f:
             checksum = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
         nbytes = (tmp / "model.safetensors").stat().st_size
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if final.exists():  # republished after a resume: swap, so the name always holds a whole version
+            old = self.dir / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
         for old in sorted(self.dir.glob("v[0-9]*"))[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_bytes, self.last_seconds = nbytes, time.perf_counter() - t0

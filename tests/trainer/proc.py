@@ -51,7 +51,12 @@ class TrainerProcess:
         self.starts = 0
 
     def start(self, timeout: float = 120.0) -> dict:
-        seen = len([r for r in records(self.jsonl) if r.get("event") == "ready"])
+        self.launch()
+        return self.ready(timeout)
+
+    def launch(self) -> None:
+        """Start the child without waiting (overlap its start-up with the test's own work)."""
+        self._seen_ready = len([r for r in records(self.jsonl) if r.get("event") == "ready"])
         self.starts += 1
         log = open(self.tmp / f"trainer-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
@@ -59,10 +64,13 @@ class TrainerProcess:
             env={**os.environ, **(self.env or {})},
         )
         log.close()
+
+    def ready(self, timeout: float = 120.0) -> dict:
+        """Wait for the `ready` record of the child `launch` started; returns it (endpoints, version)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ready = [r for r in records(self.jsonl) if r.get("event") == "ready"]
-            if len(ready) > seen:
+            if len(ready) > self._seen_ready:
                 return ready[-1]
             if self.proc.poll() is not None:
                 raise AssertionError(f"trainer exited with {self.proc.returncode}:\n{self.log()}")

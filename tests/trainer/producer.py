@@ -39,6 +39,16 @@ class Producer:
 
         self.model.load_state_dict(load_file(f"{path}/model.safetensors"))
 
+    @staticmethod
+    def retag(traj: Trajectory, version: int) -> Trajectory:
+        """The same tokens and log-probabilities, as if sampled by policy `version` (sample ahead, send later)."""
+        m = traj.mask()
+        return Trajectory.build(
+            id=traj.id, group_id=traj.group_id, env_id=traj.env_id, task_seed=traj.task_seed,
+            tokens=traj.token_ids(), loss_mask=m, behav_logp=traj.behav_logps(),
+            versions=np.where(m == 1, version, -1), turns=traj.turns, reward=traj.reward, terminated=traj.terminated,
+        )
+
     @torch.no_grad()
     def group(self, group_id: str, version: int, size: int) -> list[Trajectory]:
         """`size` trajectories of one prompt, sampled together; ids are `{group_id}-{i}`."""

@@ -62,9 +62,16 @@ def timeline(recs: list[dict]) -> dict[int, list[str]]:
 
 async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_model_dir, trainer_process):
     trainer = trainer_process(trainer_toml(tmp_path, tiny_model_dir, metrics={"prometheus_port": 0}))
-    ready = trainer.start()
-    producer = Producer(tiny_model_dir)
-    stale_ids, fresh_ids = [], []
+    trainer.launch()
+    producer = Producer(tiny_model_dir)  # sample while the trainer starts; tag versions when sending
+    fresh = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(3)}
+    stale = producer.group("old", version=0, size=2)  # sent at version 2: staleness 2 > max_staleness 1
+    bad = Trajectory.build(  # token ids outside the vocabulary: rejected and counted, the step goes on
+        id="bad-0", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(stale[0]),
+        loss_mask=stale[0].mask(), behav_logp=stale[0].behav_logps(), versions=stale[0].token_versions(),
+        turns=[], reward=0.0,
+    )
+    ready = trainer.ready()
     async with (
         StatusSubscriber(ready["status_endpoint"]) as sub,
         TrajectorySender(ready["endpoint"], "engine-test") as tx,
@@ -72,21 +79,8 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
         watch = Watcher(sub)
         for k in range(3):
             await watch.version(k)
-            if k == 1:  # token ids outside the vocabulary: rejected and counted, the step goes on
-                bad = producer.group("bad", version=1, size=2)[0]
-                await tx.send(Trajectory.build(
-                    id="bad-0", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(bad),
-                    loss_mask=bad.mask(), behav_logp=bad.behav_logps(), versions=bad.token_versions(), turns=[],
-                    reward=0.0,
-                ))
-            if k == 2:  # version 0 trained at version 2: staleness 2 > max_staleness 1
-                for t in producer.group(f"old{k}", version=0, size=2):
-                    stale_ids.append(t.id)
-                    await tx.send(t)
-            for g in range(2):
-                for t in producer.group(f"s{k}g{g}", version=k, size=2):
-                    fresh_ids.append(t.id)
-                    await tx.send(t)
+            for t in [bad] * (k == 1) + stale * (k == 2) + [Producer.retag(t, k) for t in fresh[k]]:
+                await tx.send(t)
         final = await watch.version(3)
         scrape = urllib.request.urlopen(ready["prometheus_url"], timeout=10).read()
         assert b"tidal_trainer_loss " in scrape and b"tidal_trainer_intake_stale_dropped 2.0" in scrape
@@ -105,7 +99,8 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     recs = records(trainer.jsonl)
     steps = [r for r in recs if r["event"] == "step"]
     used = [i for r in steps for i in r["ids"].split(",")]
-    assert sorted(used) == sorted(fresh_ids) and not set(used) & set(stale_ids)
+    assert sorted(used) == sorted(t.id for k in fresh for t in fresh[k])
+    assert not set(used) & {t.id for t in stale}
     assert steps[-1]["trainer/intake/stale_dropped"] == 2 and steps[-1]["trainer/intake/rejected"] == 1
     assert "bad-0" not in used
     for r in steps:  # groups kept whole; every metric finite (telemetry writes null otherwise)
@@ -132,37 +127,32 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
     cfg = trainer_toml(
         tmp_path, tiny_model_dir,
         intake={"endpoint": f"ipc://{tmp_path}/traj", "status_endpoint": f"ipc://{tmp_path}/status"},
-        checkpoint={"every_steps": 2}, publish={"type": "none"},
+        checkpoint={"every_steps": 2}, publish={"type": "disk", "dir": str(tmp_path / "weights"), "every_steps": 2},
     )
     trainer = trainer_process(cfg)
-    trainer.start()
+    trainer.launch()
     producer = Producer(tiny_model_dir, seed=1)
-    sent: list[str] = []
     steps = 5
+    groups = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(steps)}
+    sent = [t.id for k in groups for t in groups[k]]
+    trainer.ready()
     async with TrajectorySender(cfg["intake"]["endpoint"], "engine-test", resend_after_s=1.0) as tx:
         async with StatusSubscriber(cfg["intake"]["status_endpoint"]) as sub:
             watch = Watcher(sub)
             for k in range(4):
                 await watch.version(k)
-                for g in range(2):
-                    for t in producer.group(f"s{k}g{g}", version=k, size=2):
-                        sent.append(t.id)
-                        await tx.send(t)
+                for t in groups[k]:
+                    await tx.send(Producer.retag(t, k))
             await watch.version(3)  # step 3's data is sent; the checkpoint at version 2 is durable
             watch.close()
         trainer.signal(signal.SIGKILL)
         await asyncio.to_thread(trainer.wait)
-        trainer.start()  # resumes from step-00000002; the sender resends what was not committed
+        await asyncio.to_thread(trainer.start)  # resumes from step-00000002; the sender resends the rest
         async with StatusSubscriber(cfg["intake"]["status_endpoint"]) as sub:
             watch = Watcher(sub)
-            status = await watch.version(2)
-            for k in range(status.version, steps):
-                await watch.version(k)
-                if k >= 4:
-                    for g in range(2):
-                        for t in producer.group(f"s{k}g{g}", version=k, size=2):
-                            sent.append(t.id)
-                            await tx.send(t)
+            await watch.version(4)
+            for t in groups[4]:
+                await tx.send(Producer.retag(t, 4))
             await watch.version(steps)
             watch.close()
         trainer.signal(signal.SIGTERM)
@@ -172,6 +162,10 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
     recs = records(trainer.jsonl)
     resumes = [r for r in recs if r["event"] == "resume"]
     assert [r["step"] for r in resumes] == [2]
+    after = recs[recs.index(resumes[0]):]
+    first_publish = next(r for r in after if r["event"] == "publish")  # the checkpoint's weights, again
+    assert first_publish["step"] == 2 and after.index(first_publish) < after.index(next(
+        r for r in after if r["event"] == "step"))
     used = timeline(recs)
     assert sorted(used) == list(range(steps))
     ids = [i for v in sorted(used) for i in used[v]]
