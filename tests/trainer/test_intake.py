@@ -1,5 +1,7 @@
 """The intake state machine: staleness drops, whole groups, bounded buffer, dedup, snapshot/restore."""
 
+import asyncio
+
 import pytest
 
 from protocol.config import load_config
@@ -110,3 +112,29 @@ def test_untrainable_trajectories_are_rejected_with_the_reason():
     assert "8 tokens, more than the model's 6 positions" in intake.last_rejection
     assert intake.offer(traj("ok", "g", 0, n_gen=2), 0) == "buffered"
     assert intake.counters["rejected"] == 2 and intake.take_batch(0).ids == ["ok"]
+
+
+async def test_pump_acknowledges_used_ones_per_step_and_the_rest_at_checkpoint():
+    from protocol.channels import TrajectoryReceiver, TrajectorySender
+    from trainer.intake import IntakePump
+
+    cfg = IntakeConfig(batch_size=2, group_size=2, commit="step")
+    async with TrajectoryReceiver("tcp://127.0.0.1:0") as rx, TrajectorySender(rx.endpoint, "e0") as tx:
+        intake = Intake(cfg)
+        pump = IntakePump(rx, intake, lambda: 0)
+        task = asyncio.create_task(pump.run())
+        try:
+            for t in [traj("a1", "A", 0), traj("b1", "B", 0), traj("a2", "A", 0), traj("a1", "A", 0)]:
+                await tx.send(t)  # the last is a duplicate id under a new seq
+            batch = await asyncio.wait_for(pump.next_batch(), 10)
+            assert batch.ids == ["a1", "a2"]
+            async with asyncio.timeout(10):
+                while pump.uncommitted < 4:
+                    await asyncio.sleep(0.01)
+            pump.stepped()  # commit = "step": everything but the buffered b1
+            assert pump.uncommitted == 1 and not await tx.flush(timeout=0.5) and tx.unacked == 1
+            pump.covered_by_checkpoint(len(pump.pending()))
+            assert await tx.flush(timeout=5) and intake.counters["duplicate"] == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
