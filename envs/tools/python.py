@@ -12,8 +12,10 @@ What is enforced (see sandbox_boot.py for the child's half):
   and so are reads of the `envs` package (the tasks' tests and reference solutions live there);
 - environment: `python -I -S` (no user site, no PYTHON* variables, no .pth hooks; site-packages
   stay importable), a minimal `env`, stdin closed.
-The audit hook is a Python-level guard: code that reaches native calls (ctypes) can step around it,
-which is why the network namespace is used wherever it exists. Running a step blocks for up to
+Not enforced: reads elsewhere on the machine (only the `envs` package and `hidden_dirs` are hidden)
+and total disk use (each file is capped, not their number). The audit hook is a Python-level guard:
+code that reaches native calls (ctypes) can step around it, which is why the network namespace is
+used wherever it exists. Running a step blocks for up to
 `timeout_s`, so the tool declares itself blocking and the env that uses it is offloaded.
 """
 
