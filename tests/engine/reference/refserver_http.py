@@ -100,3 +100,13 @@ class LiveStream:
                 await self.task
             except asyncio.CancelledError:
                 pass
+
+
+async def wait_running(url: str, n: int = 1, timeout: float = 30) -> None:
+    """Poll /server_info until at least n requests are running (not queued)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            _, info = await get(url + "/server_info")
+            if info["internal_states"][0]["num_running_reqs"] >= n:
+                return
+            await asyncio.sleep(0.02)

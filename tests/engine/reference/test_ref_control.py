@@ -9,7 +9,7 @@ import asyncio
 import pytest
 import torch
 import torch.distributed as dist
-from refserver_http import LiveStream, get, post
+from refserver_http import LiveStream, get, post, wait_running
 
 from engine.reference.launch import ReferenceServer
 from engine.reference.tiny import build_tiny_model
@@ -89,7 +89,7 @@ async def test_abort_mid_stream_returns_partial_output(server):
 
 async def test_abort_all_non_stream(server):
     task = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": LONG}))
-    await asyncio.sleep(0.5)
+    await wait_running(server.url)
     assert (await post(server.url + "/abort_request", {"abort_all": True}))[0] == 200
     status, body = await task
     assert status == 200 and body["meta_info"]["finish_reason"] == ABORTED
@@ -166,7 +166,7 @@ async def test_in_place_update_from_disk_splits_version_spans(server, tiny_model
 
 async def test_update_waits_for_generation_unless_aborting(server, tiny_model_dir):
     long = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 60}}))
-    await asyncio.sleep(0.3)
+    await wait_running(server.url)
     status, reply = await post(server.url + "/update_weights_from_disk",
                                {"model_path": str(tiny_model_dir), "weight_version": "3"})
     assert status == 200
@@ -175,7 +175,7 @@ async def test_update_waits_for_generation_unless_aborting(server, tiny_model_di
     assert body["meta_info"]["finish_reason"]["type"] == "length"
     assert {s["version"] for s in body["meta_info"]["weight_versions"]} == {"2"}
     long = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": LONG}))
-    await asyncio.sleep(0.3)
+    await wait_running(server.url)
     status, reply = await post(server.url + "/update_weights_from_disk", {
         "model_path": str(tiny_model_dir), "weight_version": "4", "abort_all_requests": True})
     assert status == 200

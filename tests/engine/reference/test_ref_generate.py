@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 import torch
-from refserver_http import get, post, stream
+from refserver_http import LiveStream, get, post, stream
 
 META_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
              "e2e_latency", "num_retractions", "reasoning_tokens", "weight_versions",
@@ -235,13 +235,13 @@ async def test_range_error_and_duplicate_rid(model_server):
     assert status == 200 and done and events == [{"error": {
         "message": "top_p must be in (0, 1], got 1.5.", "type": "invalid_request_error", "code": 400,
         "retryable": False}}]
-    long = {"input_ids": PROMPT, "rid": "dup", "sampling_params": {"max_new_tokens": 60, "ignore_eos": True}}
-    first = asyncio.create_task(gen(model_server, long))
-    await asyncio.sleep(0.3)
-    status, reply = await gen(model_server, long)
-    assert status == 400 and reply == {"error": {"message": "Duplicate request ID detected: dup"}}
-    status, body = await first
-    assert status == 200 and body["meta_info"]["id"] == "dup"
+    long = {"input_ids": PROMPT, "rid": "dup", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    async with LiveStream(model_server.url, long) as first:  # in flight once its first event arrived
+        status, reply = await gen(model_server, long)
+        assert status == 400 and reply == {"error": {"message": "Duplicate request ID detected: dup"}}
+        await post(model_server.url + "/abort_request", {"rid": "dup"})
+        events = await first.finish()
+    assert events[-1]["meta_info"]["id"] == "dup" and events[-1]["meta_info"]["finish_reason"]["type"] == "abort"
     status, body = await gen(model_server, {**long, "sampling_params": {"max_new_tokens": 1}})
     assert status == 200, "a rid is free again once its response arrived"
 
