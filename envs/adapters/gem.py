@@ -25,7 +25,7 @@ from typing import Any
 from envs.core import Env, StepResult
 from envs.registry import register_prefix
 
-__all__ = ["GemEnv", "gem_ids", "INSTALL_HINT"]
+__all__ = ["GemEnv", "gem_ids", "restore_gem_modules", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install -e '.[gem]'  (gem-llm==0.1.0)"
 
@@ -41,6 +41,7 @@ _GLOBAL_RNG_FUNCTIONS = frozenset(
 _local = threading.local()
 _patched: set[str] = set()
 _original_set_seed = None
+_modules_seen = 0
 
 
 class _RandomProxy:
@@ -87,7 +88,10 @@ def _import_gem():
 
 def _patch_gem_modules() -> None:
     """Point `random` in every loaded GEM module at the proxy (GEM imports env modules lazily)."""
-    global _original_set_seed
+    global _original_set_seed, _modules_seen
+    if len(sys.modules) == _modules_seen:
+        return
+    _modules_seen = len(sys.modules)
     for name, module in list(sys.modules.items()):
         if name in _patched or not (name == "gem" or name.startswith("gem.")) or module is None:
             continue
@@ -97,6 +101,22 @@ def _patch_gem_modules() -> None:
         if name == "gem.utils.seeding" and _original_set_seed is None:
             _original_set_seed = module.set_seed
             module.set_seed = _isolated_set_seed
+
+
+def restore_gem_modules() -> None:
+    """Undo the patch: GEM's modules see the real `random` again until the next `GemEnv` is built.
+
+    For measuring plain GEM in a process that also ran the adapter (bench/envs.py).
+    """
+    global _original_set_seed, _modules_seen
+    for name in _patched:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "random", None) is _proxy:
+            module.random = random
+    if _original_set_seed is not None:
+        sys.modules["gem.utils.seeding"].set_seed = _original_set_seed
+    _patched.clear()
+    _original_set_seed, _modules_seen = None, 0
 
 
 class GemEnv(Env):
