@@ -24,6 +24,7 @@ _THOUSANDS = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _TIMES_TEN = re.compile(r"^([+-]?\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|x|\*)\s*10\s*\^\s*\{?\s*([+-]?\d+)\s*\}?$")
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?$", re.IGNORECASE)
 _UNIT_SUFFIX = re.compile(r"^(.*?\d)\s*[a-zA-Z][a-zA-Z ]*$")
+_PLAIN_INT = re.compile(r"\s*-?\d{1,50}\s*")
 _MAX_ANSWER_CHARS = 200
 """Longer "answers" are essays, not answers: they are never parsed as one."""
 
@@ -110,6 +111,8 @@ def is_correct(given: str | None, expected: str) -> bool:
     """Whether the extracted answer `given` matches the reference answer `expected`."""
     if given is None or not given.strip() or len(given) > _MAX_ANSWER_CHARS:
         return False
+    if _PLAIN_INT.fullmatch(given) and _PLAIN_INT.fullmatch(expected):  # the common case, without Fraction
+        return int(given) == int(expected)
     want, got = parse_number(expected), parse_number(given)
     if want is not None:
         return got == want
