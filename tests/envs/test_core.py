@@ -110,3 +110,14 @@ def test_answer_parsing_is_lenient(text, boxed, final):
 def test_huge_action_parses_in_linear_time():
     assert envs.extract_boxed("{" * 2_000_000 + r"\boxed{3}") == "3"
     assert envs.extract_boxed(r"\boxed{" * 100_000) is None
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import envs.core
+    import envs.wrappers
+
+    for module in (envs.core, envs.wrappers):
+        failed, tried = doctest.testmod(module)
+        assert tried > 0 and failed == 0, module.__name__
