@@ -17,6 +17,7 @@ Departure: GEM's `set_seed` also reseeds numpy's global RNG; no GEM env draws fr
 its own Generator), so the adapter leaves numpy's global state alone.
 """
 
+import functools
 import random
 import sys
 import threading
@@ -150,6 +151,16 @@ class GemEnv(Env):
         self.gem_env = inner
         cheap = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
         self.blocking = (not cheap) if blocking is None else blocking
+
+    @functools.cached_property
+    def instructions(self) -> str:  # type: ignore[override]
+        """GEM games' own rules text (drawn with a throwaway RNG, so episodes are untouched); GEM puts
+        it in the first observation too. "" for envs without one (rg:*, math: the question is all)."""
+        describe = getattr(self.gem_env.unwrapped, "_get_instructions", None)
+        if describe is None:
+            return ""
+        with self._own_rng(random.Random(0)):
+            return describe()
 
     def _own_rng(self, rng: random.Random | None = None) -> "_Active":
         return _Active(rng or self.rng)
