@@ -102,6 +102,9 @@ class DistributedPublish(Strict, tag="distributed", tag_field="type"):
     """gloo on CPU, nccl between GPUs."""
     bucket_mb: Annotated[float, Meta(gt=0)] = 64.0
     """Parameters are broadcast in buckets of about this many MiB, one HTTP call per bucket."""
+    flatten: bool = False
+    """Send each bucket as one flat tensor (SGLang's load_format "flattened_bucket"): one collective per
+    bucket instead of one per parameter, at the cost of a pack copy here and an unpack on the server."""
     every_steps: PosInt = 1
     """Publish after every this many steps."""
     timeout_s: Annotated[float, Meta(gt=0)] = 120.0

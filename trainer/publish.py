@@ -174,12 +174,14 @@ class DistributedPublisher:
         self._store = None
 
     def _buckets(self, tensors: Mapping) -> list[list[tuple[str, object]]]:
+        """Tensors in order, cut into buckets of about `bucket_mb`; with `flatten`, one dtype per bucket."""
         limit = self.cfg.bucket_mb * 2**20
         buckets: list[list] = [[]]
         size = 0
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
-            if buckets[-1] and size + nbytes > limit:
+            other_dtype = self.cfg.flatten and buckets[-1] and buckets[-1][-1][1].dtype != t.dtype
+            if buckets[-1] and (size + nbytes > limit or other_dtype):
                 buckets.append([])
                 size = 0
             buckets[-1].append((name, t))
@@ -187,6 +189,12 @@ class DistributedPublisher:
         return buckets
 
     def _broadcast(self, bucket) -> None:
+        if self.cfg.flatten:  # one collective per bucket: latency once, one memcpy to pack
+            import torch
+
+            flat = torch.cat([t.detach().reshape(-1) for _, t in bucket])
+            self._group.broadcast(flat, 0).wait()
+            return
         for _, t in bucket:
             self._group.broadcast(t.detach().contiguous(), 0).wait()
 
@@ -204,6 +212,7 @@ class DistributedPublisher:
                     names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
                     shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
                     flush_cache=last, weight_version=str(version) if last else None,
+                    load_format="flattened_bucket" if self.cfg.flatten else None,
                 )
                 # A server that refuses the call posts no receive: the broadcast then fails after
                 # `timeout_s` (gloo cannot be cancelled), and the error names the server.
