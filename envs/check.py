@@ -126,8 +126,8 @@ async def acheck_env(env: Env, seed: int = 0, steps: int = 8) -> list[str]:
             warnings.append(
                 f"step took {slowest * 1e3:.1f} ms inline; declare `blocking = True` so it runs off the event loop"
             )
-    env.close()
-    env.close()
+    await env.aclose()
+    env.close()  # a second close must be harmless
     if problems:
         raise EnvCheckError(f"env {env.id} fails {len(problems)} check(s):\n- " + "\n- ".join(problems))
     return warnings

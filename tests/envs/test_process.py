@@ -66,3 +66,9 @@ async def test_remote_exception_carries_its_traceback_and_stdout_noise_is_harmle
 def test_bad_offload_choice_is_refused():
     with pytest.raises(ValueError, match="offload must be 'auto' or 'process'"):
         envs.make("games:Wordle-v0", offload="gpu")
+
+
+async def test_process_env_passes_check_env():
+    env = envs.make("games:Mastermind-v0", offload="process")
+    assert await envs.acheck_env(env) == []
+    assert env.proc is None  # aclose reaped the worker
