@@ -17,7 +17,7 @@ from engine.reference.api import ApiError, Item, json_encode, parse_generate, re
 from engine.reference.config import ServerState
 from engine.reference.scheduler import Seq
 
-__all__ = ["handle_generate", "admit", "Emitter", "sse_headers"]
+__all__ = ["handle_generate", "admit", "Emitter", "OutputText", "sse_headers"]
 
 sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
@@ -55,6 +55,42 @@ def admit(state: ServerState, items: list[Item]) -> list[Seq]:
     return seqs
 
 
+class OutputText:
+    """The response text of a sequence (§1.3): a matched stop token is left out and a matched stop
+    string cut off (unless `no_stop_trim`). Steppers whose decoding is prefix-stable (the
+    simulator) are decoded incrementally, so a long stream costs O(n), not O(n^2)."""
+
+    def __init__(self, stepper, seq: Seq):
+        self.stepper = stepper
+        self.seq = seq
+        self._stable = getattr(stepper, "prefix_stable_decode", False)
+        self._text = ""
+        self._n = 0
+
+    def _decode(self, upto: int) -> str:
+        ids, skip = self.seq.output_ids, self.seq.sampling.skip_special_tokens
+        if not self._stable or upto < self._n:
+            return self.stepper.decode(ids[:upto], skip)
+        self._text += self.stepper.decode(ids[self._n:upto], skip)
+        self._n = upto
+        return self._text
+
+    def text(self, *, hold: int = 0, sent: int = 0) -> str:
+        """The text so far; while unfinished, the last `hold` characters (a possible stop-string
+        prefix) are held back, never below the `sent` characters already streamed."""
+        seq, s, fin = self.seq, self.seq.sampling, self.seq.finish
+        n = len(seq.output_ids)
+        if fin and fin["type"] == "stop" and isinstance(fin["matched"], int) and not s.no_stop_trim:
+            n -= 1
+        text = self._decode(n)
+        if fin and fin["type"] == "stop" and isinstance(fin["matched"], str) and not s.no_stop_trim:
+            cut = text.find(fin["matched"])
+            return text[:cut] if cut >= 0 else text
+        if not fin and hold:
+            return text[: max(sent, len(text) - hold)]
+        return text
+
+
 class Emitter:
     """Builds the §1.3 body of one sequence, for one final response or successive stream chunks."""
 
@@ -66,21 +102,8 @@ class Emitter:
         self.sent_tokens = 0
         self.sent_text = 0
         self.chunks = 0
-        s = seq.sampling
-        self._hold = max((len(x) for x in s.stop), default=1) - 1
-
-    def text(self, final: bool) -> str:
-        seq, s, fin = self.seq, self.seq.sampling, self.seq.finish
-        ids = seq.output_ids
-        if fin and fin["type"] == "stop" and isinstance(fin["matched"], int) and not s.no_stop_trim:
-            ids = ids[:-1]
-        text = self.state.stepper.decode(ids, s.skip_special_tokens)
-        if fin and fin["type"] == "stop" and isinstance(fin["matched"], str) and not s.no_stop_trim:
-            cut = text.find(fin["matched"])
-            text = text[:cut] if cut >= 0 else text
-        elif not final and self._hold:
-            text = text[: max(self.sent_text, len(text) - self._hold)]
-        return text
+        self._text = OutputText(state.stepper, seq)
+        self._hold = max((len(x) for x in seq.sampling.stop), default=1) - 1
 
     def _triples(self, logprobs, ids, with_text: bool) -> list:
         token_text = self.state.stepper.token_text
@@ -92,7 +115,7 @@ class Emitter:
         final = seq.finished
         n = len(seq.output_ids)
         lo = self.sent_tokens if (stream and self.incremental) else 0
-        text = self.text(final)
+        text = self._text.text(hold=self._hold, sent=self.sent_text)
         queued_abort = final and not seq.started and seq.finish.get("message") == "Abort in waiting queue"
         meta: dict = {"id": seq.rid, "finish_reason": seq.finish}
         if not queued_abort:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from engine.reference.api import ApiError, Item, json_encode, resolve_sampling
 from engine.reference.config import ServerState
-from engine.reference.generate import admit, sse_headers
+from engine.reference.generate import OutputText, admit, sse_headers
 from engine.reference.scheduler import Seq
 
 __all__ = ["routes", "CompletionRequest"]
@@ -117,24 +117,13 @@ class _Choice:
         self.state, self.seq, self.req = state, seq, req
         self.sent_tokens = 0
         self.sent_text = 0
-
-    def _text(self) -> str:
-        seq, s = self.seq, self.seq.sampling
-        ids = seq.output_ids
-        kind, matched = _finish(seq)
-        if kind == "stop" and isinstance(matched, int) and not s.no_stop_trim:
-            ids = ids[:-1]
-        text = self.state.stepper.decode(ids, s.skip_special_tokens)
-        if kind == "stop" and isinstance(matched, str) and not s.no_stop_trim:
-            cut = text.find(matched)
-            text = text[:cut] if cut >= 0 else text
-        return text
+        self._text = OutputText(state.stepper, seq)
 
     def delta(self) -> dict:
         seq, req = self.seq, self.req
         n = len(seq.output_ids)
         lo = self.sent_tokens
-        text = self._text()
+        text = self._text.text()
         piece = text[self.sent_text:]
         if req.echo and lo == 0:
             piece = (seq.item.text or self.state.stepper.decode(seq.prompt)) + piece

@@ -36,20 +36,22 @@ def sample_row(logits: torch.Tensor, seq: Seq, generator: torch.Generator | None
     Returns (token, logprob as the module docstring defines it, top-`top_n` (logprob, id) or None)."""
     s = seq.sampling
     z = logits.float().clone()
+    dev = z.device
     for tok, bias in s.logit_bias:
         if 0 <= tok < z.numel():
             z[tok] += bias
     if s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-        out = torch.tensor(seq.output_ids, dtype=torch.long)
+        out = torch.tensor(seq.output_ids, dtype=torch.long, device=dev)
         if s.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.prompt) | set(seq.output_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.prompt) | set(seq.output_ids)), dtype=torch.long, device=dev)
             vals = z[seen]
             z[seen] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
         if out.numel():
             counts = torch.bincount(out, minlength=z.numel()).float()
             z -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
-    if len(seq.output_ids) < s.min_new_tokens and seq.stop_ids:
-        z[torch.tensor(sorted(seq.stop_ids), dtype=torch.long)] = float("-inf")
+    banned = [t for t in seq.stop_ids if 0 <= t < z.numel()] if len(seq.output_ids) < s.min_new_tokens else []
+    if banned:
+        z[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
     logp = F.log_softmax(z / (1.0 if s.greedy else s.temperature), dim=-1)
     if s.greedy:
         token = int(torch.argmax(logp))
@@ -94,7 +96,7 @@ class ModelRunner:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -150,7 +152,7 @@ class ModelRunner:
         out = []
         for i, seq in enumerate(batch):
             if seq.rng is None and seq.sampling.sampling_seed is not None:
-                seq.rng = torch.Generator().manual_seed(seq.sampling.sampling_seed)
+                seq.rng = torch.Generator(device=self.device).manual_seed(seq.sampling.sampling_seed)
             top_n = seq.item.top_logprobs_num if seq.item is not None and seq.item.return_logprob else 0
             out.append(sample_row(logits[i], seq, seq.rng or self.generator, top_n))
         return out

@@ -90,6 +90,8 @@ class Simulator:
         self.context_length = cfg.context_length
         self.eos_token_ids = frozenset([cfg.eos_token_id])
         self.model_type = "simulated"
+        self.prefix_stable_decode = True
+        """decode(a + b) == decode(a) + decode(b): one character per token."""
         self.architectures = ["SimulatedForCausalLM"]
         self._rng = np.random.default_rng(cfg.seed)
         self.cache = PrefixCache(cfg.prefix_cache_tokens) if cfg.prefix_cache_tokens else None
