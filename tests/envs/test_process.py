@@ -34,7 +34,7 @@ async def test_same_episode_as_in_process():
 
 async def test_timeout_kills_worker_and_next_reset_starts_a_new_one(misbehaving):
     env = StepTimeout(misbehaving, timeout_s=0.5)
-    _, info = await env.areset(0)
+    _, info = await misbehaving.areset(0)  # unbounded: starting a worker on a loaded machine can take a while
     first_pid = info["pid"]
     obs, reward, terminated, truncated, info = await env.astep("hang")
     assert truncated and not terminated and info["truncated_reason"] == "step_timeout"
@@ -42,7 +42,7 @@ async def test_timeout_kills_worker_and_next_reset_starts_a_new_one(misbehaving)
     assert misbehaving.proc.returncode is not None  # killed, not left sleeping
     with pytest.raises(EnvError, match="step before reset"):
         await env.astep("ok")
-    _, info = await env.areset(0)
+    _, info = await misbehaving.areset(0)
     assert info["pid"] != first_pid and misbehaving.restarts == 1 and misbehaving.broken is None
     assert (await env.astep("stop"))[:3] == ("did stop", 1.0, True)
 
