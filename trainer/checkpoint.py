@@ -64,12 +64,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def untie(tensors: dict) -> dict:
-    """safetensors refuses tensors sharing storage (tied embeddings): give repeats their own copy."""
+    """CPU tensors for safetensors, which refuses tensors sharing storage (tied embeddings): repeats get
+    their own copy."""
     seen: set[int] = set()
     out = {}
     for name, t in tensors.items():
-        t = t.detach().contiguous()
         ptr = t.untyped_storage().data_ptr()
+        t = t.detach().to("cpu").contiguous()
         out[name] = t.clone() if ptr in seen else t
         seen.add(ptr)
     return out
@@ -135,7 +136,7 @@ class Checkpointer:
         if path is None:
             return None
         with torch.serialization.safe_globals(_NUMPY_SAFE):  # plain arrays only (numpy's RNG state)
-            state = torch.load(path / "trainer.pt", weights_only=True)
+            state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
         if (path / "model.safetensors").exists():
             state["model"] = load_file(path / "model.safetensors")
         meta = msgspec.msgpack.decode((path / "intake.msgpack").read_bytes(), type=CheckpointMeta)

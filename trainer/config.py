@@ -125,10 +125,12 @@ class MetricsConfig(Strict):
 
 
 class DistributedConfig(Strict):
-    """Scale-out across torchrun ranks (ignored in a single process)."""
+    """The training device, and scale-out across torchrun ranks."""
 
     backend: Literal["gloo", "nccl"] = "gloo"
-    """Collective backend between trainer ranks."""
+    """Collective backend between trainer ranks (nccl between GPUs)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: "auto" (each rank's GPU when there is one, else the CPU), "cpu" or "cuda"."""
 
 
 class TrainerConfig(Strict):

@@ -53,7 +53,7 @@ def _build_learner(cfg: TrainerConfig, world: World):
     from trainer.learner import Learner
 
     learner = Learner(
-        cfg.learner, rank=world.rank, world_size=world.size,
+        cfg.learner, device=world.device, rank=world.rank, world_size=world.size,
         all_reduce=world.all_reduce if world.distributed else None,
     )
     learner.model = world.wrap(learner.model)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     world = World.from_env()
-    world.init(cfg.distributed.backend)
+    world.init(cfg.distributed.backend, cfg.distributed.device)
     _seed(cfg.seed)
     try:
         if world.rank:

@@ -40,6 +40,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    device: str = "cpu"
+    """Where this rank trains and where its collectives' tensors live (NCCL needs them on the GPU)."""
 
     @classmethod
     def from_env(cls) -> "World":
@@ -53,8 +55,16 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def init(self, backend: str) -> None:
-        """Join the default process group (torchrun's env:// rendezvous)."""
+    def init(self, backend: str, device: str = "auto") -> None:
+        """Pick this rank's device ("auto": its GPU when there is one) and join torchrun's group."""
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        self.device = device
         if self.distributed:
             import torch.distributed as dist
 
@@ -74,7 +84,8 @@ class World:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model)
+        on_gpu = self.device.startswith("cuda")
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if on_gpu else None)
 
     def all_reduce(self, values):
         """Sum a numpy array across ranks (the learner whitens advantages with it)."""
@@ -82,9 +93,9 @@ class World:
         import torch
         import torch.distributed as dist
 
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(self.device)
         dist.all_reduce(t)
-        return t.numpy()
+        return t.cpu().numpy()
 
     # --- the batch, rank 0 -> all ---
 
@@ -94,23 +105,23 @@ class World:
         import torch.distributed as dist
 
         payload = _batch_encoder.encode(list(batch)) if command == STEP else b""
-        dist.broadcast(torch.tensor([command, len(payload)], dtype=torch.int64), src=0)
+        dist.broadcast(torch.tensor([command, len(payload)], dtype=torch.int64, device=self.device), src=0)
         if payload:
-            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0)
+            dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), src=0)
 
     def receive(self) -> tuple[int, list[Trajectory]]:
         """Ranks > 0: wait for rank 0's next command and batch."""
         import torch
         import torch.distributed as dist
 
-        header = torch.zeros(2, dtype=torch.int64)
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
         command, nbytes = (int(x) for x in header)
         if command != STEP:
             return command, []
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, src=0)
-        return command, _batch_decoder.decode(buf.numpy().tobytes())
+        return command, _batch_decoder.decode(buf.cpu().numpy().tobytes())
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Every rank calls this after a step: SUMMED_METRICS become the whole step's values."""
