@@ -223,7 +223,12 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
             return web.Response(body=json_encode(bodies if batch else bodies[0]), content_type="application/json")
         resp = web.StreamResponse(status=200, headers=sse_headers)
         await resp.prepare(request)
-        await asyncio.gather(*(_stream_one(resp, em, em.seq.sampling.stream_interval) for em in emitters))
+        if len(emitters) == 1:
+            await _stream_one(resp, emitters[0], emitters[0].seq.sampling.stream_interval)
+        else:  # a batch: interleaved events; one failed write cancels its siblings
+            async with asyncio.TaskGroup() as tg:
+                for em in emitters:
+                    tg.create_task(_stream_one(resp, em, em.seq.sampling.stream_interval))
         await resp.write(_DONE)
         return resp
     except (ConnectionResetError, asyncio.CancelledError):

@@ -201,7 +201,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 if seq.finished:
                     return
 
-        await asyncio.gather(*(stream_one(c) for c in choices))
+        async with asyncio.TaskGroup() as tg:  # one failed write cancels its siblings
+            for choice in choices:
+                tg.create_task(stream_one(choice))
         if (req.stream_options or {}).get("include_usage"):
             prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n])
             completion_tokens = sum(len(s.output_ids) for s in seqs)

@@ -14,6 +14,7 @@ overlap (both hold `model_lock`).
 
 import asyncio
 import collections
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ from engine.reference.api import Item, Sampling
 from engine.reference.prefix_cache import PrefixCache
 
 __all__ = ["Seq", "Stepper", "Scheduler", "RWLock", "ABORTED", "ABORTED_WAITING"]
+
+log = logging.getLogger(__name__)
 
 ABORTED = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 """finish_reason of a request aborted while running (§1.4)."""
@@ -88,6 +91,8 @@ class Stepper(Protocol):
     context_length: int
     cache: PrefixCache | None
     """Prefix cache, if enabled: flushed by /flush_cache and by weight updates that flush."""
+    model_type: str | None
+    architectures: list[str]
 
     async def step(self, batch: list[Seq]) -> list[tuple[int, float, list[tuple[float, int]] | None]]:
         """One token per sequence, in batch order: (token id, logprob, top logprobs or None).
@@ -99,6 +104,9 @@ class Stepper(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def token_text(self, token: int) -> str:
+        """One token's text, for `return_text_in_logprobs` and OpenAI `logprobs.tokens`."""
 
 
 class RWLock:
@@ -259,6 +267,7 @@ class Scheduler:
                 try:
                     out = await self.stepper.step(batch)
                 except Exception as exc:  # a failed step fails its batch, never the server
+                    log.exception("generation step over %d sequences failed", len(batch))
                     self.step_failures += 1
                     failed = {"type": "abort", "message": f"generation step failed: {exc!r}",
                               "status_code": 500, "err_type": "InternalServerError"}

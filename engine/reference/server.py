@@ -11,8 +11,10 @@ line, `tidal serve ready http://HOST:PORT`, which launch.py waits for (port 0 pi
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
+import uuid
 
 import msgspec
 from aiohttp import web
@@ -68,7 +70,7 @@ def _json(data) -> web.Response:
 async def _probe(state: ServerState) -> bool:
     """A one-token generation that must finish within health_timeout_s (it waits while paused)."""
     sched = state.scheduler
-    seq = Seq(rid=f"HEALTH_CHECK_{id(object())}", prompt=[1], sampling=Sampling(max_new_tokens=1),
+    seq = Seq(rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", prompt=[1], sampling=Sampling(max_new_tokens=1),
               stop_ids=frozenset())
     sched.submit(seq)
     try:
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg is None:
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
 

@@ -333,3 +333,25 @@ async def test_multi_turn_prompt_reuses_the_previous_turn(model_server, tiny_mod
     assert (await get(model_server.url + "/flush_cache"))[0] == 200
     _, third = await post(model_server.url + "/generate", {"input_ids": turn2, "sampling_params": params})
     assert third["meta_info"]["cached_tokens"] == 0 and third["output_ids"] == out
+
+
+async def test_penalties_shape_the_logprobs(model_server, tiny_model):
+    """SGLang applies penalties to the logits before the temperature, and the logprob is taken after
+    them: repetition divides positive (multiplies negative) logits of every token seen so far;
+    frequency subtracts 0.5 per earlier output occurrence, presence 0.25 once per output token."""
+    model, _ = tiny_model
+    params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "repetition_penalty": 1.5,
+              "frequency_penalty": 0.5, "presence_penalty": 0.25}
+    _, body = await gen(model_server, {"input_ids": PROMPT, "return_logprob": True, "sampling_params": params})
+    out = body["output_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + out])).logits[0].float()
+    for i, token in enumerate(out):
+        z = logits[len(PROMPT) - 1 + i].clone()
+        seen = sorted(set(PROMPT) | set(out[:i]))
+        z[seen] = torch.where(z[seen] > 0, z[seen] / 1.5, z[seen] * 1.5)
+        for t in set(out[:i]):
+            z[t] -= 0.5 * out[:i].count(t) + 0.25
+        assert token == int(z.argmax())
+        lp = body["meta_info"]["output_token_logprobs"][i][0]
+        assert lp == pytest.approx(float(torch.log_softmax(z, -1)[token]), abs=1e-4)
