@@ -10,7 +10,9 @@ handled, at 1, 64 and 1024 concurrent streams. Clients, in the same run against 
 - `openai-pkg`: the `openai` package's `AsyncOpenAI` streaming the same /v1/completions (token ids
   and logprobs requested the same way), its connection limit raised to the concurrency.
 
-Per token: streams of `tokens` tokens; per request: one-token requests. `tokens_per_cpu_s` is the
+Per token: all the client's CPU in streams of `tokens` tokens over the tokens; per request: the same
+for one-token requests; per chunk: the marginal cost of one more streamed token (per token, less the
+per-request cost spread over the stream). `tokens_per_cpu_s` is the
 rate one core sustains when the client alone is the limit (1e6 / cpu_us_per_token); `tokens_per_s`
 is the wall rate of this run, bounded by the server sharing the machine. Every client's output is
 checked (token count, one logprob per token) so a fast wrong client cannot win.
@@ -33,7 +35,7 @@ __all__ = ["main"]
 CLIENTS = ("tidal-sglang", "tidal-openai", "openai-pkg")
 CONCURRENCY = (1, 64, 1024)
 FULL = {"tokens": 128, "streams": {1: 200, 64: 1024, 1024: 4096}, "requests": {1: 500, 64: 2048, 1024: 4096}}
-QUICK = {"tokens": 16, "streams": {1: 30, 64: 128, 1024: 1024}, "requests": {1: 50, 64: 256, 1024: 1024}}
+QUICK = {"tokens": 4, "streams": {1: 16, 64: 64, 1024: 1024}, "requests": {1: 16, 64: 64, 1024: 1024}}
 """Streams of `tokens` tokens, and one-token requests, per concurrency level."""
 PROMPT = list(range(300, 332))
 
@@ -109,15 +111,16 @@ async def _bench(sizes: dict, url: str) -> list[dict]:
             client = _client(name, url, max(concurrency, 16))
             try:
                 await _run(client, min(concurrency, 16), concurrency, 2)  # connections up, code warm
-                cpu, wall, tokens = await _run(client, sizes["streams"][concurrency], concurrency,
-                                               sizes["tokens"])
+                cpu, wall, tokens = await _run(client, sizes["streams"][concurrency], concurrency, sizes["tokens"])
                 count = sizes["requests"][concurrency]
                 rcpu, _, _ = await _run(client, count, concurrency, 1)
             finally:
                 await client.close()
+            streams, per_request = sizes["streams"][concurrency], rcpu / count
             results.append({
                 "client": name, "concurrency": concurrency, "tokens": tokens,
-                "cpu_us_per_token": 1e6 * cpu / tokens, "cpu_us_per_request": 1e6 * rcpu / count,
+                "cpu_us_per_token": 1e6 * cpu / tokens, "cpu_us_per_request": 1e6 * per_request,
+                "cpu_us_per_chunk": 1e6 * (cpu - streams * per_request) / (tokens - streams),
                 "tokens_per_cpu_s": tokens / cpu, "tokens_per_s": tokens / wall,
             })
     return results
