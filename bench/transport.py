@@ -7,10 +7,13 @@ control) is compared in the same run with the same trajectories sent as (a) pick
 json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
 pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
 
-Each method has two phases: throughput (send N as fast as flow control allows, until the receiver
-has acknowledged the last) and latency (one at a time; one-way time from the send call to the
-decoded arrays in the receiver, on the shared monotonic clock). Every message is encoded at send
-time and decoded into numpy arrays at the receiver, as in real use.
+Each method has two phases after an untimed warm-up: throughput (send N as fast as flow control
+allows, until the receiver has acknowledged the last) and latency (one at a time; one-way time from
+the send call to the decoded arrays in the receiver, on the shared monotonic clock). Every message
+is encoded at send time and decoded into numpy arrays at the receiver, as in real use.
+`cpu_us_per_msg` is the CPU time of both processes (zmq I/O threads included) per message in the
+throughput phase, and `cpu_vs_raw_zmq` its ratio to raw zmq: on a loaded machine these move far
+less than wall-clock rates do.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from protocol.messages import Trajectory, Turn, encode
 __all__ = ["main"]
 
 METHODS = ("tidal", "pickle", "json", "raw_zmq")
+WINDOW = 256
+"""The sender's window (trajectories in flight, unacknowledged)."""
+WARMUP = WINDOW
+"""Untimed messages first: connections made, buffers allocated; the timed part is the steady state."""
 SIZES = (4096, 32768)
 FULL = {"count": {4096: 3000, 32768: 600}, "latency_count": 300, "slow_fraction": 0.1}
 QUICK = {"count": {4096: 400, 32768: 100}, "latency_count": 60, "slow_fraction": 0.2}
-"""json is ~50x slower than the rest: it sends `slow_fraction` of the count (a rate needs no more)."""
+"""json is ~50x slower than the rest: it sends `slow_fraction` of the counts (a rate needs no more)."""
 
 
 def make_trajectory(tokens: int, sent_at: float = 0.0) -> Trajectory:
@@ -72,17 +79,21 @@ def _as_dict(traj: Trajectory, sent_at: float, lists: bool) -> dict:
 # --- receiver (child process: the trainer's role)
 
 
-async def _receive_tidal(conn, count: int, latency_count: int) -> list[float]:
+async def _receive_tidal(conn, count: int, latency_count: int) -> tuple[list[float], float]:
     async with TrajectoryReceiver("tcp://127.0.0.1:0", capacity=512, auto_commit=True) as rx:
         conn.send(rx.endpoint)
+        for _ in range(WARMUP):
+            await rx.recv()
+        cpu = time.process_time()
         for _ in range(count):
             await rx.recv()
+        cpu = time.process_time() - cpu
         latencies = []
         for _ in range(latency_count):
             d = await rx.recv()
             latencies.append(time.perf_counter() - d.traj.timing["sent_at"])
         await asyncio.sleep(0.2)  # let the last acks leave before the socket closes
-        return latencies
+        return latencies, cpu
 
 
 def _decode_baseline(method: str, frames: list) -> float:
@@ -98,24 +109,29 @@ def _decode_baseline(method: str, frames: list) -> float:
     return obj["sent_at"]
 
 
-def _receive_baseline(conn, method: str, count: int, latency_count: int) -> list[float]:
+def _receive_baseline(
+    conn, method: str, warmup: int, count: int, latency_count: int
+) -> tuple[list[float], float]:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     conn.send(f"tcp://127.0.0.1:{port}")
     try:
-        for i in range(count):
+        for i in range(warmup + count):
             peer, *frames = sock.recv_multipart(copy=False)
             _decode_baseline(method, [f.buffer for f in frames])
-            if i == count - 1:
+            if i == warmup - 1:
                 sock.send_multipart([peer, b"done"])
+                cpu = time.process_time()
+        cpu = time.process_time() - cpu
+        sock.send_multipart([peer, b"done"])
         latencies = []
         for _ in range(latency_count):
             peer, *frames = sock.recv_multipart(copy=False)
             latencies.append(time.perf_counter() - _decode_baseline(method, [f.buffer for f in frames]))
             sock.send_multipart([peer, b"ack"])
-        return latencies
+        return latencies, cpu
     finally:
         sock.close(linger=100)
 
@@ -123,31 +139,31 @@ def _receive_baseline(conn, method: str, count: int, latency_count: int) -> list
 def _receiver(conn) -> None:
     """Child process: run one receiving case per command until told to stop."""
     while (cmd := conn.recv()) is not None:
-        method, count, latency_count = cmd
+        method, warmup, count, latency_count = cmd
         if method == "tidal":
-            latencies = asyncio.run(_receive_tidal(conn, count, latency_count))
+            conn.send(asyncio.run(_receive_tidal(conn, count, latency_count)))
         else:
-            latencies = _receive_baseline(conn, method, count, latency_count)
-        conn.send(latencies)
+            conn.send(_receive_baseline(conn, method, warmup, count, latency_count))
 
 
 # --- sender (this process: the engine's role)
 
 
-async def _send_tidal(endpoint: str, tokens: int, count: int, latency_count: int) -> float:
+async def _send_tidal(endpoint: str, tokens: int, count: int, latency_count: int) -> tuple[float, float]:
     traj = make_trajectory(tokens)
-    async with TrajectorySender(endpoint, "bench", window=256) as tx:
-        await tx.send(traj)  # connect and warm up
-        await tx.flush()
-        t0 = time.perf_counter()
-        for _ in range(count - 1):
+    async with TrajectorySender(endpoint, "bench", window=WINDOW) as tx:
+        for _ in range(WARMUP):  # connect, and fill the pool of payload buffers (the steady state)
             await tx.send(make_trajectory_like(traj, time.perf_counter()))
         await tx.flush()
-        elapsed = time.perf_counter() - t0
+        t0, cpu = time.perf_counter(), time.process_time()
+        for _ in range(count):
+            await tx.send(make_trajectory_like(traj, time.perf_counter()))
+        await tx.flush()
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu
         for _ in range(latency_count):
             await tx.send(make_trajectory_like(traj, time.perf_counter()))
             await tx.flush()
-    return (count - 1) / elapsed
+    return count / elapsed, cpu
 
 
 def make_trajectory_like(traj: Trajectory, sent_at: float) -> Trajectory:
@@ -157,7 +173,9 @@ def make_trajectory_like(traj: Trajectory, sent_at: float) -> Trajectory:
     return msgspec.structs.replace(traj, timing={"sent_at": sent_at})
 
 
-def _send_baseline(method: str, endpoint: str, tokens: int, count: int, latency_count: int, nbytes: int) -> float:
+def _send_baseline(
+    method: str, endpoint: str, tokens: int, warmup: int, count: int, latency_count: int, nbytes: int
+) -> tuple[float, float]:
     traj = make_trajectory(tokens)
     raw = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
 
@@ -173,15 +191,18 @@ def _send_baseline(method: str, endpoint: str, tokens: int, count: int, latency_
     sock.linger = 0
     sock.connect(endpoint)
     try:
-        t0 = time.perf_counter()
+        for _ in range(warmup):
+            sock.send_multipart(frames(), copy=False)
+        sock.recv()
+        t0, cpu = time.perf_counter(), time.process_time()
         for _ in range(count):
             sock.send_multipart(frames(), copy=False)
         sock.recv()  # the receiver has decoded the last one
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu
         for _ in range(latency_count):
             sock.send_multipart(frames(), copy=False)
             sock.recv()
-        return count / elapsed
+        return count / elapsed, cpu
     finally:
         sock.close(linger=0)
 
@@ -197,17 +218,20 @@ def _memcpy_rate(nbytes: int, seconds: float = 0.3) -> float:
 
 
 def _run_case(conn, method: str, tokens: int, count: int, latency_count: int, nbytes: int) -> dict:
-    conn.send((method, count, latency_count))
+    warmup = 1 if method == "json" else WARMUP  # json only connects: its rate is far from any cache effect
+    conn.send((method, warmup, count, latency_count))
     endpoint = conn.recv()
     if method == "tidal":
-        rate = asyncio.run(_send_tidal(endpoint, tokens, count, latency_count))
+        rate, send_cpu = asyncio.run(_send_tidal(endpoint, tokens, count, latency_count))
     else:
-        rate = _send_baseline(method, endpoint, tokens, count, latency_count, nbytes)
-    lat_ms = np.asarray(conn.recv()) * 1e3
+        rate, send_cpu = _send_baseline(method, endpoint, tokens, warmup, count, latency_count, nbytes)
+    latencies, recv_cpu = conn.recv()
+    lat_ms = np.asarray(latencies) * 1e3
     return {
         "tokens": tokens, "method": method, "messages": count, "frame_bytes": nbytes,
         "msgs_per_s": rate, "mb_per_s": rate * nbytes / 1e6,
         "p50_latency_ms": float(np.percentile(lat_ms, 50)), "p99_latency_ms": float(np.percentile(lat_ms, 99)),
+        "cpu_us_per_msg": (send_cpu + recv_cpu) / count * 1e6,
     }
 
 
@@ -226,11 +250,12 @@ def main(argv: list[str]) -> int:
             nbytes = len(encode(make_trajectory(tokens)))
             rows = {}
             for method in METHODS:
-                count = size["count"][tokens]
+                count, latency_count = size["count"][tokens], size["latency_count"]
                 if method == "json":
                     count = max(10, int(count * size["slow_fraction"]))
+                    latency_count = max(10, int(latency_count * size["slow_fraction"]))
                 console.log(f"{tokens} tokens: {method} x {count}")
-                rows[method] = _run_case(conn, method, tokens, count, size["latency_count"], nbytes)
+                rows[method] = _run_case(conn, method, tokens, count, latency_count, nbytes)
             memcpy = _memcpy_rate(nbytes)
             rows["memcpy"] = {"tokens": tokens, "method": "memcpy", "frame_bytes": nbytes,
                               "msgs_per_s": memcpy, "mb_per_s": memcpy * nbytes / 1e6}
@@ -239,6 +264,7 @@ def main(argv: list[str]) -> int:
             ours["vs_json"] = ours["msgs_per_s"] / rows["json"]["msgs_per_s"]
             ours["vs_raw_zmq"] = ours["msgs_per_s"] / rows["raw_zmq"]["msgs_per_s"]
             ours["fraction_of_memcpy"] = ours["msgs_per_s"] / memcpy
+            ours["cpu_vs_raw_zmq"] = rows["raw_zmq"]["cpu_us_per_msg"] / ours["cpu_us_per_msg"]
             results.extend(rows.values())
     finally:
         conn.send(None)
@@ -256,7 +282,7 @@ def main(argv: list[str]) -> int:
         "quick": args.quick, "sizes_tokens": list(SIZES), "transport": "tcp://127.0.0.1", **size,
         "count": {str(k): v for k, v in size["count"].items()},
         "mb_per_s": "frame_bytes (our encoded trajectory) x msgs_per_s, for every method",
-        "window": 256,
+        "window": WINDOW, "warmup_messages": WARMUP,
     }
     emit("transport", config, results, summary, args.json_out)
     return 0

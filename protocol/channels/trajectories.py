@@ -35,6 +35,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.channels.dedup import DedupState, SeqSet, StreamTable
+from protocol.channels.fastio import FastSocket
 from protocol.channels.frames import (
     Ack,
     ChannelStats,
@@ -131,6 +132,7 @@ class TrajectorySender:
         sock.heartbeat_timeout = 5000
         sock.connect(self.endpoint)
         self._sock = sock
+        self._io = FastSocket(sock)
         self._room.set()
         self._empty.set()
         self._tasks = [asyncio.create_task(self._read_acks()), asyncio.create_task(self._tick())]
@@ -158,7 +160,7 @@ class TrajectorySender:
         self._unacked[seq] = pending
         self._empty.clear()
         self.stats.sent += 1
-        await self._sock.send_multipart([pending.envelope, pending.payload], copy=False)
+        await self._io.send([pending.envelope, pending.payload], copy=False)
         return seq
 
     def _buffer(self) -> bytearray:
@@ -187,17 +189,17 @@ class TrajectorySender:
 
     async def _read_acks(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                if len(frames) != 1:
-                    raise ProtocolError(f"ack: expected 1 frame, got {len(frames)}")
-                ack = decode_ack(frames[0].buffer)
-            except ProtocolError as exc:
-                self.stats.rejected += 1
-                self.stats.last_error = str(exc)
-                log.warning("engine %s: rejected a frame from the trainer: %s", self.engine_id, exc)
-                continue
-            self._on_ack(ack)
+            for frames in await self._io.recv_batch():
+                try:
+                    if len(frames) != 1:
+                        raise ProtocolError(f"ack: expected 1 frame, got {len(frames)}")
+                    ack = decode_ack(frames[0].buffer)
+                except ProtocolError as exc:
+                    self.stats.rejected += 1
+                    self.stats.last_error = str(exc)
+                    log.warning("engine %s: rejected a frame from the trainer: %s", self.engine_id, exc)
+                    continue
+                self._on_ack(ack)
 
     def _on_ack(self, ack: Ack) -> None:
         if ack.epoch != self.epoch:
@@ -233,8 +235,7 @@ class TrajectorySender:
                 async with asyncio.timeout(self._heartbeat_s):
                     await self._kick.wait()
             self._kick.clear()
-            with contextlib.suppress(zmq.Again):
-                await self._sock.send(hello, flags=zmq.NOBLOCK)
+            self._io.try_send([hello])  # no trainer connected: nobody to greet
             await self._resend_due()
 
     async def _resend_due(self) -> None:
@@ -251,7 +252,7 @@ class TrajectorySender:
                 continue
             pending.sent_at = time.monotonic()
             self.stats.resent += 1
-            await self._sock.send_multipart([pending.envelope, pending.payload], copy=False)
+            await self._io.send([pending.envelope, pending.payload], copy=False)
 
 
 class TrajectoryReceiver:
@@ -304,6 +305,7 @@ class TrajectoryReceiver:
             sock.close(linger=0)
             raise
         self._sock = sock
+        self._io = FastSocket(sock)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send_acks())]
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
@@ -311,7 +313,7 @@ class TrajectoryReceiver:
 
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
-        await self._flush_acks()  # what was committed is acknowledged before the socket goes
+        self._flush_acks()  # what was committed is acknowledged before the socket goes
         self._sock.close(linger=ACK_LINGER_MS)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
@@ -354,21 +356,21 @@ class TrajectoryReceiver:
 
     async def _read(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                delivery = self._accept(frames)
-            except ProtocolError as exc:
-                self.stats.rejected += 1
-                self.stats.last_error = str(exc)
-                log.warning("trajectory receiver %s: rejected a frame: %s", self.endpoint, exc)
-                continue
-            if delivery is None:
-                continue
-            while len(self._items) >= self._capacity:
-                self._not_full.clear()
-                await self._not_full.wait()
-            self._items.append(delivery)
-            self._not_empty.set()
+            for frames in await self._io.recv_batch():
+                try:
+                    delivery = self._accept(frames)
+                except ProtocolError as exc:
+                    self.stats.rejected += 1
+                    self.stats.last_error = str(exc)
+                    log.warning("trajectory receiver %s: rejected a frame: %s", self.endpoint, exc)
+                    continue
+                if delivery is None:
+                    continue
+                while len(self._items) >= self._capacity:
+                    self._not_full.clear()
+                    await self._not_full.wait()
+                self._items.append(delivery)
+                self._not_empty.set()
 
     def _accept(self, frames: list[zmq.Frame]) -> Delivery | None:
         """One multipart message from an engine: a new Delivery, or None (heartbeat, duplicate)."""
@@ -417,9 +419,9 @@ class TrajectoryReceiver:
         while True:
             await self._ack_wake.wait()
             self._ack_wake.clear()
-            await self._flush_acks()
+            self._flush_acks()
 
-    async def _flush_acks(self) -> None:
+    def _flush_acks(self) -> None:
         for key in list(self._ack_due):
             del self._ack_due[key]
             engine_id, epoch = key
@@ -429,9 +431,5 @@ class TrajectoryReceiver:
             c = self._committed.get(engine_id, epoch)
             s = self._seen.get(engine_id, epoch)
             ack = Ack(self.trainer, epoch, c.upto, sorted(c.above), s.upto, sorted(s.above))
-            try:
-                # ROUTER never blocks: to a vanished or full peer it drops, and the next Ack repeats it all.
-                await self._sock.send_multipart([peer, encode_frame(ack)])
-            except asyncio.CancelledError:
-                self._ack_due[key] = None  # still due: __aexit__ sends it
-                raise
+            # ROUTER never blocks: to a vanished or full peer it drops, and the next Ack repeats it all.
+            self._io.try_send([peer, encode_frame(ack)])

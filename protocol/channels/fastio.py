@@ -1,0 +1,59 @@
+"""Batched, Future-free I/O on a zmq.asyncio socket: the hot path of the trajectory channel.
+
+pyzmq's asyncio API costs a Future and an event-loop round per message. Here a reader awaits
+readability once and then drains every queued message with non-blocking calls on a shadow (plain)
+socket; a send goes straight through, and only awaits when the socket would block (high-water mark
+reached, or no peer yet). ZeroMQ's descriptor is edge-triggered, so after every direct call the
+asyncio socket reads EVENTS, which re-arms its pending waits: a consumed edge would otherwise leave
+a reader asleep beside a full queue.
+"""
+
+from __future__ import annotations
+
+import zmq
+import zmq.asyncio
+
+__all__ = ["FastSocket", "BATCH"]
+
+BATCH = 256
+"""Messages drained per wake-up at most, so one busy socket cannot starve the loop's other tasks."""
+
+
+class FastSocket:
+    """Wraps a zmq.asyncio socket (which still owns it: closing stays with the caller)."""
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self.sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
+
+    def _rearm(self) -> None:
+        self.sock.get(zmq.EVENTS)
+
+    async def recv_batch(self) -> list[list[zmq.Frame]]:
+        """Wait for at least one message; return every queued one (up to BATCH), as zero-copy frames."""
+        while True:
+            batch = []
+            try:
+                while len(batch) < BATCH:
+                    batch.append(self._raw.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                pass
+            self._rearm()
+            if batch:
+                return batch
+            await self.sock.poll(flags=zmq.POLLIN)
+
+    async def send(self, frames: list, copy: bool = True) -> None:
+        """Send one multipart message; waits only while the socket cannot take it."""
+        if not self.try_send(frames, copy):
+            await self.sock.send_multipart(frames, copy=copy)
+
+    def try_send(self, frames: list, copy: bool = True) -> bool:
+        """Send if the socket can take it now; False if it would block (nothing was sent)."""
+        try:
+            self._raw.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return False
+        finally:
+            self._rearm()
+        return True
