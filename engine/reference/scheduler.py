@@ -119,6 +119,10 @@ class RWLock:
         self._writer = False
         self._writers_waiting = 0
 
+    @property
+    def writers_waiting(self) -> int:
+        return self._writers_waiting
+
     async def acquire_read(self) -> None:
         async with self._cond:
             await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
@@ -312,6 +316,7 @@ class Scheduler:
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
             "paused": self.paused,
+            "num_weight_updates_waiting": self.gen_lock.writers_waiting,
             "max_running_requests": self.max_running,
             "num_decode_steps": self.steps,
             "max_batch_size_seen": max(self.batch_sizes, default=0),

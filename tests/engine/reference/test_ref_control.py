@@ -248,3 +248,21 @@ async def test_bad_pause_mode_and_idle_flush(server):
     assert (await get(server.url + "/ready"))[0] == 200
     status, text = await get(server.url + "/flush_cache")
     assert status == 200 and text.startswith("Cache flushed.")
+
+
+async def test_waiting_update_goes_before_new_generations(server, tiny_model_dir):
+    """Writer preference (§2): a /generate sent while an update waits runs after it, on new weights."""
+    _, info = await get(server.url + "/model_info")
+    old = info["weight_version"]
+    first = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 40}}))
+    await wait_running(server.url)
+    update = asyncio.create_task(post(server.url + "/update_weights_from_disk",
+                                      {"model_path": str(tiny_model_dir), "weight_version": "after"}))
+    async with asyncio.timeout(30):
+        while (await get(server.url + "/server_info"))[1]["internal_states"][0]["num_weight_updates_waiting"] < 1:
+            await asyncio.sleep(0.02)
+    second = await generate(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}})
+    assert update.done() and (await update)[0] == 200
+    _, body = await first
+    assert [s["version"] for s in body["meta_info"]["weight_versions"]] == [old]
+    assert [s["version"] for s in second[1]["meta_info"]["weight_versions"]] == ["after"]
