@@ -47,12 +47,15 @@ class Minesweeper(TextGame):
                     yield r + dr, c + dc
 
     def _count(self, r: int, c: int) -> int:
-        return sum(n in self.mine_cells for n in self._neighbours(r, c))
+        return self.counts[r * self.cols + c]
 
     def _place_mines(self, r: int, c: int) -> None:
         keep_clear = {(r, c), *self._neighbours(r, c)}
         cells = [(i, j) for i in range(self.rows) for j in range(self.cols) if (i, j) not in keep_clear]
         self.mine_cells = set(self.rng.sample(cells, self.mines))
+        self.counts = [
+            sum(n in self.mine_cells for n in self._neighbours(i, j)) for i in range(self.rows) for j in range(self.cols)
+        ]
 
     def _flood(self, r: int, c: int) -> None:
         stack = [(r, c)]
