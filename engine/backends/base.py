@@ -25,7 +25,8 @@ __all__ = ["Sampling", "Request", "Finish", "Chunk", "Backend"]
 
 
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
-    """What every backend must honour. `temperature=0` is greedy; `top_k=-1` is the whole vocabulary."""
+    """What every backend must honour. `temperature=0` is greedy; `top_k=-1` is the whole vocabulary.
+    There is no `n`: n samples are n `Request`s with their own ids (each can be aborted and routed)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0

@@ -25,7 +25,8 @@ _SKIP = len(SSE_PREFIX)
 
 
 async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: bytes, rid: str,
-                   read_timeout_s: float, open_streams: dict | None = None) -> AsyncIterator[bytes]:
+                   read_timeout_s: float, open_streams: dict | None = None,
+                   headers: dict[str, str] | None = None) -> AsyncIterator[bytes]:
     """POST `body` to `url + path` and yield each event's JSON payload until `[DONE]`.
 
     While the stream is open its response is in `open_streams[rid]` (when given): closing it from
@@ -36,7 +37,7 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
     refused or lost, or the stream ended without `[DONE]`), each naming `url` and `rid`.
     """
     try:
-        async with session.post(url + path, data=body) as resp:
+        async with session.post(url + path, data=body, headers=headers) as resp:
             if resp.status != 200:
                 raise HTTPStatusError(resp.status, error_message(await resp.read()), url=url, request_id=rid)
             if open_streams is not None:
@@ -70,10 +71,10 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
 
 
 async def call(session: aiohttp.ClientSession, method: str, url: str, path: str, data: bytes | None,
-               timeout_s: float, rid: str = "") -> bytes:
+               timeout_s: float, rid: str = "", headers: dict[str, str] | None = None) -> bytes:
     """One request/response exchange; the body of a 2xx, else a `BackendError` naming the server."""
     try:
-        async with session.request(method, url + path, data=data,
+        async with session.request(method, url + path, data=data, headers=headers,
                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             body = await resp.read()
     except TimeoutError:

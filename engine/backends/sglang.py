@@ -40,6 +40,11 @@ __all__ = ["SGLangBackend"]
 log = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
+_ROUTING_KEY = "X-SMG-Routing-Key"
+"""sglang-router's consistent-hashing key (contract §6): affinity behind a router URL too."""
+_MAX_IDLE_RESUBMITS = 100
+"""Server-side aborts in a row that returned no token before a request is given up: a pause resubmit
+waits at the server, so only a server that aborts everything it receives gets here."""
 _chunk = msgspec.json.Decoder(wire.GenerateResponse)
 _model_info = msgspec.json.Decoder(wire.ModelInfo)
 _control = msgspec.json.Decoder(wire.ControlResponse)
@@ -151,7 +156,7 @@ class SGLangBackend(Backend):
         received: list[int] = []
         failed: set[Server] = set()
         error: BackendError | None = None
-        attempt = retries = cached = 0
+        attempt = retries = cached = idle = 0
         counters = self.counters
         counters["requests"] += 1
         try:
@@ -177,7 +182,7 @@ class SGLangBackend(Backend):
                 seen = 0
                 final: Chunk | None = None
                 try:
-                    async with aclosing(self._payloads(url, body, wire_rid)) as events:
+                    async with aclosing(self._payloads(url, body, wire_rid, request.session_key)) as events:
                         async for payload in events:
                             if final is not None:
                                 continue  # only [DONE] is due; reading it lets the connection be reused
@@ -217,7 +222,12 @@ class SGLangBackend(Backend):
                         return
                     if final.token_ids:  # aborted by a pause or a weight update: resubmit the rest
                         yield final
+                        idle = 0
                     counters["resubmits"] += 1
+                    idle += 1
+                    if idle > _MAX_IDLE_RESUBMITS:
+                        raise BackendError(f"aborted by the server {idle} times in a row without a token",
+                                           url=url, request_id=rid)
                 except BackendError as exc:
                     counters[f"errors_{exc.kind}"] += 1
                     if not exc.retryable or retries >= self.cfg.max_retries:
@@ -237,14 +247,17 @@ class SGLangBackend(Backend):
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
 
-    def _payloads(self, url: str, body: bytes, rid: str) -> AsyncIterator[bytes]:
+    def _payloads(self, url: str, body: bytes, rid: str, key: str | None) -> AsyncIterator[bytes]:
         """The JSON payloads of one /generate: each SSE event, or the one body when not streaming."""
+        headers = None if key is None else {_ROUTING_KEY: key}
         if self.cfg.stream:
-            return http.sse_post(self._session, url, "/generate", body, rid, self.cfg.read_timeout_s)
-        return self._whole(url, body, rid)
+            return http.sse_post(self._session, url, "/generate", body, rid, self.cfg.read_timeout_s,
+                                 headers=headers)
+        return self._whole(url, body, rid, headers)
 
-    async def _whole(self, url: str, body: bytes, rid: str) -> AsyncIterator[bytes]:
-        yield await http.call(self._session, "POST", url, "/generate", body, self.cfg.read_timeout_s, rid)
+    async def _whole(self, url: str, body: bytes, rid: str, headers: dict | None) -> AsyncIterator[bytes]:
+        yield await http.call(self._session, "POST", url, "/generate", body, self.cfg.read_timeout_s, rid,
+                              headers)
 
     def _finish(self, fr: wire.FinishReason, rid: str, wire_rid: str, url: str) -> Finish | None:
         """The caller's `Finish`, or None for an abort the caller did not ask for (resubmit it)."""

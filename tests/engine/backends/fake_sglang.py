@@ -34,6 +34,8 @@ class FakeSGLang:
         self.faults: dict[str, str] = {}
         self.bodies: list[tuple[str, bytes]] = []
         """(path, raw body) of every request, in arrival order."""
+        self.routing_keys: list[str | None] = []
+        """The `X-SMG-Routing-Key` header of every /generate (sglang-router's affinity key)."""
         self.healthy = True
         self.paused = False
         self._resumed = asyncio.Event()
@@ -112,6 +114,7 @@ class FakeSGLang:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.bodies.append((request.path, body))
+        self.routing_keys.append(request.headers.get("X-SMG-Routing-Key"))
         req = json.loads(body)
         rid, prompt, params = req["rid"], req["input_ids"], req.get("sampling_params", {})
         fault = self.faults.get(rid)

@@ -57,6 +57,7 @@ async def test_generate_body(stream):
         await drain(b, Request(input_ids=[1, 2, 3], request_id="traj7-turn2", sampling=sampling,
                                session_key="traj7"))
     (body,) = s.requests("/generate")
+    assert s.routing_keys == ["traj7"]  # a router keeps the session together (§6)
     assert set(body) <= GENERATE_KEYS and set(body["sampling_params"]) <= SAMPLING_KEYS
     # token in (input_ids, never text), own rid, logprobs on, one sample: n is never sent (§1.5)
     assert body == {"input_ids": [1, 2, 3], "rid": "traj7-turn2", "return_logprob": True,
