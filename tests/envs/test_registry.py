@@ -71,3 +71,16 @@ def test_entry_point_plugins_register_suites(clean_registry, monkeypatch):
     monkeypatch.setattr(registry, "_loaded", False)
     assert "plugin:Const-v0" in envs.list() and calls == [1]
     assert envs.make("plugin:Const-v0").reset()[0] == "a"
+
+
+def test_envs_stands_alone_without_torch_engine_or_trainer():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, envs; envs.list(); envs.make('games:Wordle-v0');"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'engine', 'trainer', 'transformers'});"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
