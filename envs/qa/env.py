@@ -21,6 +21,7 @@ import msgspec
 
 from envs.core import Env, EnvError, Solver, StepResult
 from envs.tools.search import SearchIndex, SearchTool, load_corpus
+from envs.tools.tags import first_tagged
 
 __all__ = ["QAEnv", "Question", "load_questions", "normalize_answer", "FORMAT_PENALTY", "DATA"]
 
@@ -37,7 +38,6 @@ INSTRUCTIONS = (
     "Questions may need several searches, one fact at a time."
 )
 
-_ACTION = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
 class Question(msgspec.Struct, frozen=True):
@@ -125,12 +125,13 @@ class QAEnv(Env):
             return "The episode is over; call reset.", 0.0, True, False, {}
         self.turns += 1
         out_of_turns = self.turns >= self.max_turns
-        m = _ACTION.search(action)
-        if m is None:
+        found = [(t[1], kind, t[0]) for kind in ("search", "answer") if (t := first_tagged(action, kind)) is not None]
+        if not found:
             self.done = out_of_turns
             obs = "No action found: write <search>query</search> to search or <answer>text</answer> to answer."
             return obs, FORMAT_PENALTY, False, out_of_turns, {"format_error": True, "searches": self.searches}
-        kind, text = m.group(1), m.group(2).strip()
+        _, kind, text = min(found)
+        text = text.strip()
         if kind == "search":
             self.searches += 1
             self.done = out_of_turns

@@ -22,15 +22,14 @@ from typing import Any, TypeVar
 import msgspec
 
 from envs.tools.counters import TOOL_COUNTS
+from envs.tools.tags import first_tagged
 from protocol.errors import TidalError
 
 __all__ = ["MCPTool", "MCPStartError", "ToolCall", "ToolSpec", "parse_tool_call"]
 
 _T = TypeVar("_T")
-_GEM_CALL = re.compile(
-    r"<tool_call>\s*<tool_name>([^<]+)</tool_name>\s*<arguments>(.*?)</arguments>\s*</tool_call>", re.DOTALL
-)
-_JSON_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+_GEM_CALL = re.compile(r"\s*<tool_name>([^<]+)</tool_name>\s*<arguments>(.*?)</arguments>\s*", re.DOTALL)
+"""The inside of GEM's `<tool_call>` element."""
 
 
 class ToolSpec(msgspec.Struct, frozen=True):
@@ -50,30 +49,37 @@ class ToolCall(msgspec.Struct, frozen=True):
 
 
 def parse_tool_call(action: str) -> tuple[ToolCall, str] | None:
-    """The first tool call in `action` and the action cut just after it, or None if there is none."""
-    found = [m for m in (_GEM_CALL.search(action), _JSON_CALL.search(action)) if m is not None]
-    if not found:
+    """The first tool call in `action` and the action cut just after it, or None if there is none.
+
+    The first complete `<tool_call>...</tool_call>` element is the call (found in linear time, see
+    tags.py); one that is neither format comes back as a ToolCall with `error` set.
+    """
+    tagged = first_tagged(action, "tool_call")
+    if tagged is None:
         return None
-    m = min(found, key=lambda m: m.end())
-    if m.re is _GEM_CALL:
-        name, raw = m.group(1).strip(), m.group(2).strip() or "{}"
-    else:
+    inner, cut = tagged[0], action[: tagged[2]]
+    gem = _GEM_CALL.fullmatch(inner)
+    if gem is not None:
+        name, raw = gem.group(1).strip(), gem.group(2).strip() or "{}"
+    elif inner.strip().startswith("{"):
         try:
-            body = json.loads(m.group(1))
+            body = json.loads(inner)
         except json.JSONDecodeError as exc:
-            return ToolCall("", {}, f"tool call is not valid JSON: {exc}"), action[: m.end()]
+            return ToolCall("", {}, f"tool call is not valid JSON: {exc}"), cut
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            return ToolCall("", {}, 'tool call needs a "name" string'), action[: m.end()]
+            return ToolCall("", {}, 'tool call needs a "name" string'), cut
         name, raw = body["name"], body.get("arguments", {})
+    else:
+        return ToolCall("", {}, "write <tool_name>NAME</tool_name><arguments>{...}</arguments> inside "
+                                "<tool_call>, or a JSON object with \"name\" and \"arguments\""), cut
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            return ToolCall(name, {}, f"arguments of {name!r} are not valid JSON: {exc}"), action[: m.end()]
+            return ToolCall(name, {}, f"arguments of {name!r} are not valid JSON: {exc}"), cut
     if not isinstance(raw, dict):
-        return ToolCall(name, {}, f"arguments of {name!r} must be a JSON object, got {type(raw).__name__}"), \
-            action[: m.end()]
-    return ToolCall(name, raw), action[: m.end()]
+        return ToolCall(name, {}, f"arguments of {name!r} must be a JSON object, got {type(raw).__name__}"), cut
+    return ToolCall(name, raw), cut
 
 
 class MCPStartError(TidalError, ConnectionError):

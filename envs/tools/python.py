@@ -33,13 +33,13 @@ from typing import BinaryIO
 import msgspec
 
 from envs.tools.counters import TOOL_COUNTS
+from envs.tools.tags import first_tagged
 
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 
 _BOOT = Path(__file__).with_name("sandbox_boot.py")
 _HIDDEN_DIRS = (str(Path(__file__).resolve().parents[1]),)
 """The `envs` package (task data, tests, solutions): the sandboxed code may not read it."""
-_PYTHON_TAG = re.compile(r"<python>(.*?)</python>", re.DOTALL)
 _PYTHON_FENCE = re.compile(r"```[ \t]*python[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -162,12 +162,19 @@ def extract_code(action: str) -> tuple[str, str] | None:
 
     Accepts `<python>...</python>` and a ```python fenced block, whichever ends first (as GEM's
     PythonCodeTool does), so anything the model wrote after its call is not part of the turn.
+    Linear in the action's length (see tags.py); a fence's opening ``` closes any earlier fence.
     """
-    found = [m for m in (_PYTHON_TAG.search(action), _PYTHON_FENCE.search(action)) if m is not None]
+    found = []
+    tagged = first_tagged(action, "python")
+    if tagged is not None:
+        found.append((tagged[2], tagged[0]))
+    fenced = _PYTHON_FENCE.search(action)
+    if fenced is not None:
+        found.append((fenced.end(), fenced.group(1)))
     if not found:
         return None
-    first = min(found, key=lambda m: m.end())
-    return first.group(1).strip("\n"), action[: first.end()]
+    end, code = min(found)
+    return code.strip("\n"), action[:end]
 
 
 class PythonTool:
@@ -193,8 +200,8 @@ class PythonTool:
 
     def parse(self, action: str) -> tuple[str, str] | None:
         if not self.fenced:
-            m = _PYTHON_TAG.search(action)
-            return None if m is None else (m.group(1).strip("\n"), action[: m.end()])
+            tagged = first_tagged(action, "python")
+            return None if tagged is None else (tagged[0].strip("\n"), action[: tagged[2]])
         return extract_code(action)
 
     def run(self, code: str) -> str:

@@ -19,11 +19,11 @@ import msgspec
 import numpy as np
 
 from envs.tools.counters import TOOL_COUNTS
+from envs.tools.tags import first_tagged
 from protocol.errors import TidalError
 
 __all__ = ["Document", "Index", "SearchIndex", "RemoteSearchIndex", "SearchError", "SearchTool", "load_corpus"]
 
-_SEARCH_TAG = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
@@ -164,10 +164,10 @@ class SearchTool:
         )
 
     def parse(self, action: str) -> tuple[str, str] | None:
-        m = _SEARCH_TAG.search(action)
-        if m is None:
+        tagged = first_tagged(action, "search")
+        if tagged is None:
             return None
-        return m.group(1).strip(), action[: m.end()]
+        return tagged[0].strip(), action[: tagged[2]]
 
     def run(self, query: str) -> str:
         if not query:
