@@ -38,7 +38,6 @@ INSTRUCTIONS = (
 )
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_TAG = re.compile(r"<python>(.*?)</python>", re.DOTALL)
 
 _HARNESS = '''\
 import json, os, sys, traceback
@@ -95,11 +94,19 @@ def load_code_tasks(path: str | Path = DEFAULT_TASKS) -> list[CodeTask]:
 
 
 def extract_solution(action: str) -> str | None:
-    """The last fenced code block (or `<python>` block) of the action; None if there is none."""
-    blocks = _FENCE.findall(action) or _TAG.findall(action)
-    if not blocks or not blocks[-1].strip():
-        return None
-    return blocks[-1]
+    """The last fenced code block (else the last `<python>` block) of the action; None if there is none.
+
+    Linear in the action's length: a fence's opening ``` closes any earlier fence, and the last
+    `<python>` block is found from the right with `rfind`.
+    """
+    blocks = _FENCE.findall(action)
+    if blocks:
+        code = blocks[-1]
+    else:
+        end = action.rfind("</python>")
+        start = action.rfind("<python>", 0, end) if end >= 0 else -1
+        code = action[start + len("<python>") : end] if start >= 0 else ""
+    return code if code.strip() else None
 
 
 @functools.lru_cache(maxsize=16)

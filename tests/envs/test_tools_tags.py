@@ -6,6 +6,7 @@ inputs here are five times larger; the timeout only turns a regression into a fa
 
 import pytest
 
+from envs.code import extract_solution
 from envs.qa import FORMAT_PENALTY, QAEnv
 from envs.tools import PythonTool, SearchTool, parse_tool_call
 from envs.tools.python import extract_code
@@ -28,6 +29,7 @@ def test_degenerate_outputs_are_no_calls():
     assert SearchTool(index=None).parse("<search>" * N) is None
     assert parse_tool_call("<tool_call>{" * N) is None
     assert parse_tool_call("<tool_call><tool_name>a</tool_name><arguments>" * N) is None
+    assert extract_solution("<python>" * N) is None
     env = QAEnv()
     env.reset(seed=0)
     assert env.step("<answer>" * N)[1] == FORMAT_PENALTY
