@@ -1,5 +1,7 @@
 """A tiny MCP server spoken to over stdio by tests/envs/test_tools_mcp.py."""
 
+import os
+
 import anyio
 from mcp.server.mcpserver import MCPServer
 
@@ -23,6 +25,12 @@ async def slow(seconds: float) -> str:
     """Sleeps, to show a call that outlives its timeout is reported, not waited on."""
     await anyio.sleep(seconds)
     return "woke up"
+
+
+@app.tool()
+def crash() -> str:
+    """Kills the server process, to show a dead server is an observation, not a hang."""
+    os._exit(3)
 
 
 @app.tool()

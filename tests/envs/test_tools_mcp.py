@@ -17,7 +17,7 @@ def tool():
 
 
 def test_lists_the_servers_tools(tool):
-    assert sorted(t.name for t in tool.tools) == ["add", "fail", "shout", "slow"]
+    assert sorted(t.name for t in tool.tools) == ["add", "crash", "fail", "shout", "slow"]
     add = next(t for t in tool.tools if t.name == "add")
     assert add.description == "Add two integers."
     assert add.input_schema["required"] == ["a", "b"]
@@ -39,7 +39,7 @@ def test_errors_come_back_as_observations(tool):
     before = TOOL_COUNTS.copy()
     assert "reported an error" in tool.run(ToolCall("fail", {"reason": "nope"}))
     assert "reported an error" in tool.run(ToolCall("add", {"a": "x"}))
-    assert "'missing' not found; available tools: add, shout, slow, fail" in tool.run(ToolCall("missing", {}))
+    assert "'missing' not found; available tools: add, shout, slow, crash, fail" in tool.run(ToolCall("missing", {}))
     bad, _ = parse_tool_call("<tool_call><tool_name>add</tool_name><arguments>{oops</arguments></tool_call>")
     assert bad.error is not None and "not valid JSON" in tool.run(bad)
     listed, _ = parse_tool_call('<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>')
@@ -55,6 +55,13 @@ def test_a_call_that_outlives_its_timeout_is_reported_and_the_session_goes_on(to
     finally:
         tool.call_timeout_s = 30.0
     assert tool.run(ToolCall("add", {"a": 1, "b": 2})) == "3"
+
+
+def test_a_server_that_dies_mid_episode_is_an_observation_not_a_hang():
+    with MCPTool(sys.executable, [str(SERVER)]) as tool:
+        assert tool.run(ToolCall("add", {"a": 1, "b": 2})) == "3"
+        assert "failed: MCPError" in tool.run(ToolCall("crash", {}))
+        assert "failed: MCPError" in tool.run(ToolCall("add", {"a": 1, "b": 2}))
 
 
 def test_a_server_that_dies_at_start_is_a_clear_error():
