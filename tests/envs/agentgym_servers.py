@@ -7,6 +7,7 @@ FastAPI's 422 for a malformed body. Each server hosts a tiny deterministic task 
 episode can solve, records every request in `calls`, and can be told to misbehave (`broken`).
 """
 
+import asyncio
 import re
 from typing import Any
 
@@ -27,7 +28,7 @@ class FakeAgentGymServer:
         self.calls: list[tuple[str, Any]] = []
         self.closed: list[int] = []
         self.broken: str | None = None
-        """"shape": /step answers without its reward field; "status": /step answers HTTP 500."""
+        """"shape": /step answers without its reward field; "status": HTTP 500; "hang": never answers."""
         self.app = web.Application()
         self.app.router.add_post("/create", self._wrap(self.create))
         self.app.router.add_post("/reset", self._wrap(self.reset))
@@ -85,9 +86,11 @@ class FakeAgentGymServer:
         self.closed.append(env_id)
         return web.json_response(True)
 
-    def faulty(self) -> web.Response | None:
+    async def faulty(self) -> web.Response | None:
         if self.broken == "status":
             return web.Response(status=500, text="Internal Server Error")
+        if self.broken == "hang":
+            await asyncio.sleep(3600)
         return None
 
 
@@ -115,7 +118,7 @@ class BabyAIServer(FakeAgentGymServer):
             return self.not_valid(body)
         if state["done"]:
             return web.json_response({"error": f"The task with environment {body['id']} has finished."})
-        if (fault := self.faulty()) is not None:
+        if (fault := await self.faulty()) is not None:
             return fault
         action = body.get("action", "")
         if action == "go to red ball 1":
@@ -164,7 +167,7 @@ class TextCraftServer(FakeAgentGymServer):
         state = self.env(body)
         if state is None:
             return self.not_valid(body)
-        if (fault := self.faulty()) is not None:
+        if (fault := await self.faulty()) is not None:
             return fault
         action, inv, reward = body.get("action", ""), state["inventory"], 0
         if action == "get 1 oak log":
@@ -212,7 +215,7 @@ class SciWorldServer(FakeAgentGymServer):
         state = self.env(body)
         if state is None:
             return self.not_valid(body)
-        if (fault := self.faulty()) is not None:
+        if (fault := await self.faulty()) is not None:
             return fault
         action, before = body.get("action", ""), state["score"]
         if action == "activate stove":
@@ -251,7 +254,7 @@ class SearchQAServer(FakeAgentGymServer):
         state = self.env(body)
         if state is None:
             return web.json_response({"detail": "env_idx not found"}, status=404)
-        if (fault := self.faulty()) is not None:
+        if (fault := await self.faulty()) is not None:
             return fault
         m = self.ACTION.search(body.get("action", ""))
         reward, done = 0.0, False
@@ -303,7 +306,7 @@ class WebArenaServer(FakeAgentGymServer):
         state = self.env(body)
         if state is None:
             return web.json_response({"detail": "env_idx not found"}, status=404)
-        if (fault := self.faulty()) is not None:
+        if (fault := await self.faulty()) is not None:
             return fault
         found = re.findall(r"```(.*?)```", body.get("action", ""), re.DOTALL)
         action = found[-1].strip() if found else ""

@@ -129,6 +129,19 @@ async def test_broken_response_shapes_and_statuses_are_clear_errors(served):
     await env.aclose()
 
 
+@pytest.mark.parametrize("served", ["textcraft"], indirect=True)
+async def test_a_hanging_server_is_a_timeout_error(served):
+    _, fake, url = served
+    env = envs.make("agentgym:textcraft", url=url, timeout_s=0.5)
+    await env.areset(seed=0)
+    fake.broken = "hang"
+    with pytest.raises(AgentGymError, match=r"/step .*no answer within 0.5 s"):
+        await env.astep("Action: inventory")
+    fake.broken = None
+    await env.aclose()
+    assert fake.closed == [0]
+
+
 @pytest.mark.parametrize("served", ["sciworld"], indirect=True)
 async def test_sciworld_first_observation_and_invalid_action(served):
     _, _, url = served
