@@ -80,9 +80,9 @@ def _generated_version_span(versions: np.ndarray, mask: np.ndarray) -> tuple[int
     generated = int(np.count_nonzero(mask))
     if not generated:
         return NO_VERSION, NO_VERSION
-    masked = versions | (mask.astype(np.int32) - 1)  # the version where mask is 1, else -1
-    if masked.min() < NO_VERSION or np.count_nonzero(masked + 1) != generated:
-        return -2, 0  # a generated token at a negative version (-1 included)
+    masked = versions | (mask.view(np.int8) - 1)  # the version where mask is 1, else -1 (all bits)
+    if np.count_nonzero(masked >= 0) != generated:
+        return -2, 0  # a generated token at a negative version
     return int(masked.view(np.uint32).min()), int(masked.max())  # -1 as uint32 is the largest
 
 
