@@ -327,4 +327,5 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "num_step_failures": self.step_failures,
             "weight_version": self.version,
-        } | (self.stepper.cache.stats() if self.stepper.cache is not None else {})
+        } | (self.stepper.cache.stats() if self.stepper.cache is not None else {}) | (
+            self.stepper.stats() if hasattr(self.stepper, "stats") else {})

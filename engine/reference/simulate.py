@@ -96,6 +96,8 @@ class Simulator:
         self._rng = np.random.default_rng(cfg.seed)
         self.cache = PrefixCache(cfg.prefix_cache_tokens) if cfg.prefix_cache_tokens else None
         self._gpu_free_at = 0.0
+        self.busy_s = 0.0
+        """Simulated GPU seconds spent in steps so far (utilisation = its growth / wall time)."""
 
     def step_cost(self, batch_size: int, prefill_tokens: int) -> float:
         """Simulated GPU seconds of one step (the formula in the module docstring)."""
@@ -125,6 +127,7 @@ class Simulator:
             if not seq.target_len:
                 seq.target_len = max(seq.sampling.min_new_tokens, self._target_len(seq))
         cost = self.step_cost(len(batch), prefill_tokens)
+        self.busy_s += cost
         now = time.monotonic()
         if now - self._gpu_free_at > cost + _IDLE_SLACK_S:
             self._gpu_free_at = now + cost  # the GPU was idle: this step starts now
@@ -144,6 +147,9 @@ class Simulator:
                 top = [(lp, tok)] + [(lp - 1.0 - j, 256 + j) for j in range(k - 1)]
             out.append((tok, lp, top))
         return out
+
+    def stats(self) -> dict:
+        return {"sim_gpu_busy_s": self.busy_s}
 
     def release(self, seq: Seq) -> None:
         """The sequence's KV (all but its last token) stays in the prefix cache."""
