@@ -11,6 +11,7 @@ BENCHES = {
     "backend": "bench.backend",
     "envs": "bench.envs",
     "trainer": "bench.trainer",
+    "serve": "bench.serve",
 }
 
 
