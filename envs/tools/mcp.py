@@ -15,9 +15,9 @@ import asyncio
 import json
 import re
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -27,7 +27,6 @@ from protocol.errors import TidalError
 
 __all__ = ["MCPTool", "MCPStartError", "ToolCall", "ToolSpec", "parse_tool_call"]
 
-_T = TypeVar("_T")
 _GEM_CALL = re.compile(r"\s*<tool_name>([^<]+)</tool_name>\s*<arguments>(.*?)</arguments>\s*", re.DOTALL)
 """The inside of GEM's `<tool_call>` element."""
 
@@ -153,9 +152,6 @@ class MCPTool:
                 ready.set_exception(exc)
             raise
 
-    def _submit(self, coro: Coroutine[Any, Any, _T], timeout_s: float) -> _T:
-        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout_s), self._loop).result()
-
     def instruction(self) -> str:
         specs = "\n".join(
             json.dumps({"type": "function", "function": {"name": t.name, "description": t.description,
@@ -172,30 +168,41 @@ class MCPTool:
 
     def run(self, call: ToolCall) -> str:
         """Make the call and return its text, or a message saying why it could not be made."""
-        TOOL_COUNTS["mcp_calls"] += 1
-        text, ok = self._run(call)
-        TOOL_COUNTS["mcp_errors"] += not ok
-        return text
+        future = self._start(call)
+        return self._count(*(future if isinstance(future, tuple) else future.result()))
 
-    def _run(self, call: ToolCall) -> tuple[str, bool]:
+    async def arun(self, call: ToolCall) -> str:
+        """`run` for callers on an event loop: awaits the tool's loop, holding no thread."""
+        future = self._start(call)
+        return self._count(*(future if isinstance(future, tuple) else await asyncio.wrap_future(future)))
+
+    def _start(self, call: ToolCall) -> "tuple[str, bool] | Future[tuple[str, bool]]":
+        """The call scheduled on the tool's loop, or (message, False) when it cannot be made."""
         if call.error is not None:
             return f"[tool call error: {call.error}]", False
         known = [t.name for t in self.tools]
         if call.name not in known:
             return f"[tool call error: tool {call.name!r} not found; available tools: {', '.join(known)}]", False
         try:
-            return self._submit(self._call(call), self.call_timeout_s)
+            return asyncio.run_coroutine_threadsafe(self._call(call), self._loop)
+        except RuntimeError:  # the loop is closed: the tool was closed
+            return f"[tool call error: the MCP tool is closed; {call.name!r} was not called]", False
+
+    @staticmethod
+    def _count(text: str, ok: bool) -> str:
+        TOOL_COUNTS["mcp_calls"] += 1
+        TOOL_COUNTS["mcp_errors"] += not ok
+        return text
+
+    async def _call(self, call: ToolCall) -> tuple[str, bool]:
+        """Runs on the tool's loop; never raises: a timeout, an error reply or a dead server is text."""
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                result = await self._session.call_tool(call.name, call.arguments)
         except TimeoutError:
             return f"[tool call error: {call.name!r} did not answer within {self.call_timeout_s:g} s]", False
         except Exception as exc:  # a dead server or a broken reply: the agent sees it, the episode goes on
             return f"[tool call error: {call.name!r} failed: {type(exc).__name__}: {exc}]", False
-
-    async def arun(self, call: ToolCall) -> str:
-        """`run` for callers on an event loop: waits without blocking it."""
-        return await asyncio.to_thread(self.run, call)
-
-    async def _call(self, call: ToolCall) -> tuple[str, bool]:
-        result = await self._session.call_tool(call.name, call.arguments)
         text = "\n".join(getattr(block, "text", f"[{block.type} content]") for block in result.content)
         if result.is_error:
             return f"[tool {call.name!r} reported an error: {text}]", False

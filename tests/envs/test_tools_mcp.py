@@ -1,6 +1,8 @@
 """The MCP adapter lists and calls the tools of a real MCP server started over stdio."""
 
+import asyncio
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,8 +33,14 @@ def test_calls_a_tool_in_both_call_formats(tool):
     assert tool.run(call) == "HI"
 
 
-async def test_arun_does_not_need_the_callers_loop(tool):
+async def test_arun_awaits_many_calls_holding_no_thread(tool):
     assert await tool.arun(ToolCall("add", {"a": 1, "b": 1})) == "2"
+    threads = threading.active_count()
+    calls = [asyncio.create_task(tool.arun(ToolCall("slow", {"seconds": 0.5}))) for _ in range(16)]
+    await asyncio.sleep(0.2)
+    in_flight = threading.active_count()
+    assert await asyncio.gather(*calls) == ["woke up"] * 16
+    assert in_flight <= threads + 1  # to_thread per call would have added up to 16
 
 
 def test_errors_come_back_as_observations(tool):
