@@ -12,6 +12,7 @@ __all__ = [
     "BackendTimeout",
     "BadResponse",
     "HTTPStatusError",
+    "RETRYABLE_STATUSES",
     "ServerUnavailable",
     "RequestRejected",
     "Unsupported",
@@ -46,14 +47,18 @@ class BadResponse(BackendError, ValueError):
     kind = "bad_response"
 
 
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""The server's trouble, not the request's: worth sending to another server. Any other 4xx is not."""
+
+
 class HTTPStatusError(BackendError):
-    """A non-2xx status; 5xx is retried elsewhere, 4xx is the request's fault and is not."""
+    """A non-2xx status; those in `RETRYABLE_STATUSES` are retried elsewhere, the rest are not."""
 
     kind = "http_status"
 
     def __init__(self, status: int, message: str, *, url: str = "", request_id: str = ""):
         self.status = status
-        self.retryable = status >= 500
+        self.retryable = status in RETRYABLE_STATUSES
         super().__init__(f"HTTP {status}: {message}", url=url, request_id=request_id)
 
 

@@ -3,7 +3,8 @@
 What vLLM (and SGLang's OpenAI route) serve (contract §5): `prompt` as token ids, `logprobs: 0` for the
 sampled token's logprob, `return_token_ids: true` so each streamed choice carries its new `token_ids`
 (token in, token out: the text is never re-tokenized). Stream chunks are deltas. The finish reason is
-`stop`, `length` or `abort`; the weight version comes from SGLang's `metadata` when the server sends it.
+`stop`, `length` or `abort`. The weight version comes from SGLang's `metadata`, which only the last
+chunk carries: earlier chunks are tagged with the last version this client saw ("" before any).
 
 No pause or weight routes exist in the OpenAI API, so those raise `Unsupported`; `abort` closes the
 stream, which makes vLLM and SGLang abort the request server-side.
@@ -45,6 +46,8 @@ class OpenAIBackend(Backend):
         self._streams: dict[str, aiohttp.ClientResponse] = {}
         """request id -> its open response, so `abort` can close it."""
         self._aborted: set[str] = set()
+        self._version = ""
+        """The weight version the server last reported."""
 
     async def start(self) -> None:
         if self._session is None:
@@ -73,7 +76,7 @@ class OpenAIBackend(Backend):
             ignore_eos=s.ignore_eos, stream=True, logprobs=0, return_token_ids=True, rid=rid))
         counters = self.counters
         counters["requests"] += 1
-        version, total = "", 0
+        total = 0
         url = self.url
         events = http.sse_post(self._session, url, "/v1/completions", body, rid, self.cfg.read_timeout_s,
                                self._streams)
@@ -86,7 +89,8 @@ class OpenAIBackend(Backend):
                         raise BadResponse(f"/v1/completions chunk: {exc}", url=url, request_id=rid) from None
                     counters["chunks"] += 1
                     if ev.metadata and "weight_version" in ev.metadata:
-                        version = str(ev.metadata["weight_version"])
+                        self._version = str(ev.metadata["weight_version"])
+                    version = self._version
                     if not ev.choices:
                         continue
                     choice = ev.choices[0]
@@ -115,7 +119,7 @@ class OpenAIBackend(Backend):
             if rid not in self._aborted:
                 raise
             counters["aborts"] += 1
-            yield Chunk([], [], version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
+            yield Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
                                                  completion_tokens=total, server=url))
         except BackendError as exc:
             counters[f"errors_{exc.kind}"] += 1
