@@ -100,7 +100,8 @@ class MCPTool:
     """
 
     name = "mcp"
-    blocking = True
+    blocking = False
+    """`arun` awaits the tool's own loop, so ToolUse never needs a thread for it (`run` does wait)."""
 
     def __init__(
         self,
