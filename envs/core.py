@@ -154,9 +154,11 @@ class Env:
         raise NotImplementedError(f"{type(self).__name__}.sample_action")
 
     def abandon(self, reason: str) -> None:
-        """Give up on a call still in flight (a timeout). A thread cannot be killed, so the env is
-        marked broken; envs that own a process override this to kill it instead."""
-        self.broken = reason
+        """Give up on a call still in flight (a timeout). A blocking env's call runs on in its thread,
+        which cannot be killed, so the env is marked broken. A natively async env's call was just
+        cancelled, so it stays usable from the next reset. Envs that own a process kill it."""
+        if self.blocking:
+            self.broken = reason
 
     def close(self) -> None:
         """Release what the env holds (processes, connections). Safe to call twice."""

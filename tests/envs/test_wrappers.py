@@ -154,3 +154,22 @@ async def test_reward_shaping_keeps_env_reward():
     await env.areset(0)
     _, reward, _, _, info = await env.astep("stop")
     assert reward == pytest.approx(0.96) and info["env_reward"] == 1.0
+
+
+class SlowAsync(Echo):
+    """A natively async env (an HTTP client, say) whose step can be slow."""
+
+    async def astep(self, action):
+        if action == "slow":
+            await asyncio.sleep(10)
+        return self.step(action)
+
+
+async def test_timed_out_async_env_is_cancelled_and_stays_usable():
+    inner = SlowAsync()
+    env = StepTimeout(inner, timeout_s=0.1)
+    await env.areset(0)
+    assert (await env.astep("slow"))[3] is True
+    assert inner.broken is None  # nothing is left running: the next episode may use it
+    await env.areset(1)
+    assert (await env.astep("stop"))[:3] == ("echo stop", 1.0, True)
