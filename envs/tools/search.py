@@ -18,6 +18,7 @@ from typing import Protocol
 import msgspec
 import numpy as np
 
+from envs.answers import clip
 from envs.tools.counters import TOOL_COUNTS
 from envs.tools.tags import first_tagged
 from protocol.errors import TidalError
@@ -179,6 +180,6 @@ class SearchTool:
             TOOL_COUNTS["search_errors"] += 1
             return f"<information>[search failed: {exc}]</information>"
         if not hits:
-            return f"<information>No documents match {query!r}.</information>"
+            return f"<information>No documents match {clip(query)!r}.</information>"
         lines = [f"Doc {i}(Title: {d.title}) {d.text[: self.max_chars_per_doc]}" for i, (d, _) in enumerate(hits, 1)]
         return "<information>" + "\n".join(lines) + "</information>"
