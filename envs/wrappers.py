@@ -82,8 +82,9 @@ class StepTimeout(Wrapper):
 
     What happens to the work in flight depends on where it runs (`Env.abandon`): a thread cannot be
     killed, so a blocking env is marked broken and never reused while its thread runs on; an env in
-    its own process has the process killed. An inline (non-blocking) env cannot be interrupted at
-    all, which is why `check_env` flags inline steps that take long.
+    its own process has the process killed; a natively async env's call is simply cancelled. An
+    inline (non-blocking, sync) env cannot be interrupted at all, which is why `check_env` flags
+    inline steps that take long.
     """
 
     def __init__(self, env: Env, timeout_s: float):
