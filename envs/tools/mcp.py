@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from envs.answers import clip
 from envs.tools.counters import TOOL_COUNTS
 from envs.tools.tags import first_tagged
 from protocol.errors import TidalError
@@ -75,9 +76,9 @@ def parse_tool_call(action: str) -> tuple[ToolCall, str] | None:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            return ToolCall(name, {}, f"arguments of {name!r} are not valid JSON: {exc}"), cut
+            return ToolCall(name, {}, f"arguments of {clip(name)!r} are not valid JSON: {exc}"), cut
     if not isinstance(raw, dict):
-        return ToolCall(name, {}, f"arguments of {name!r} must be a JSON object, got {type(raw).__name__}"), cut
+        return ToolCall(name, {}, f"arguments of {clip(name)!r} must be a JSON object, got {type(raw).__name__}"), cut
     return ToolCall(name, raw), cut
 
 
@@ -183,7 +184,7 @@ class MCPTool:
             return f"[tool call error: {call.error}]", False
         known = [t.name for t in self.tools]
         if call.name not in known:
-            return f"[tool call error: tool {call.name!r} not found; available tools: {', '.join(known)}]", False
+            return f"[tool call error: tool {clip(call.name)!r} not found; available tools: {', '.join(known)}]", False
         try:
             return asyncio.run_coroutine_threadsafe(self._call(call), self._loop)
         except RuntimeError:  # the loop is closed: the tool was closed
