@@ -206,7 +206,14 @@ def build_app(state: ServerState) -> web.Application:
         except asyncio.CancelledError:
             pass
 
+    async def abort_in_flight(app: web.Application):
+        """Staged shutdown: the sites stopped accepting; in-flight requests end as aborted (partial
+        output, then [DONE]) instead of holding the shutdown or being cut mid-stream."""
+        state.scheduler.paused = True
+        state.scheduler.abort(abort_all=True)
+
     app.cleanup_ctx.append(scheduler_task)
+    app.on_shutdown.append(abort_in_flight)
     app.router.add_route("POST", "/generate", handle_generate)
     app.router.add_route("PUT", "/generate", handle_generate)
     for path, handler in [

@@ -38,3 +38,18 @@ def test_cli_prints_config():
     out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--simulate", "--print-config",
                           "--set", "simulate.max_running=7"], capture_output=True, text=True, check=True)
     assert 'mode = "simulate"' in out.stdout and "max_running = 7" in out.stdout
+
+
+async def test_sigterm_ends_streams_as_aborted():
+    from refserver_http import LiveStream
+
+    srv = ReferenceServer(simulate=True, args=["--set", "simulate.step_base_s=0.01"]).start()
+    try:
+        body = {"input_ids": [300], "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}
+        async with LiveStream(srv.url, body) as live:
+            srv.proc.terminate()
+            events = await live.finish()
+        assert live.done and events[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert events[-1]["meta_info"]["completion_tokens"] > 0
+    finally:
+        assert srv.terminate() == 0
