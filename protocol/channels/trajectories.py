@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import zmq
 import zmq.asyncio
 
-from protocol.channels.dedup import DedupState, SeqSet, StreamTable
+from protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
 from protocol.channels.fastio import FastSocket
 from protocol.channels.frames import (
     Ack,
@@ -285,7 +285,9 @@ class TrajectoryReceiver:
         self._items: collections.deque[Delivery] = collections.deque()
         self._not_empty = asyncio.Event()  # recv() waits on it
         self._not_full = asyncio.Event()  # the reader waits on it when `capacity` deliveries are queued
-        self._peers: dict[str, bytes] = {}  # engine id -> routing id of its latest connection
+        # stream -> routing id of its latest connection (streams, not engine ids: two incarnations of
+        # one engine may overlap, and each must get its own acks)
+        self._peers: dict[tuple[str, int], bytes] = {}
         self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
         self._ack_wake = asyncio.Event()
         self._failure: BaseException | None = None
@@ -380,7 +382,7 @@ class TrajectoryReceiver:
             case Hello(engine_id=engine_id, epoch=epoch):
                 if len(frames) != 2:
                     raise ProtocolError(f"hello from {engine_id}: expected 1 frame, got {len(frames) - 1}")
-                self._peers[engine_id] = frames[0].bytes
+                self._peer(engine_id, epoch, frames[0])
                 self._ack_due[(engine_id, epoch)] = None
                 self._ack_wake.set()
                 return None
@@ -390,7 +392,7 @@ class TrajectoryReceiver:
                     raise ProtocolError(
                         f"data {engine_id}/{epoch}/{seq}: expected envelope and payload, got {len(frames) - 1} frames"
                     )
-                self._peers[engine_id] = frames[0].bytes
+                self._peer(engine_id, epoch, frames[0])
                 seen = self._seen.get(engine_id, epoch)
                 if seq in seen:
                     self.stats.duplicates += 1
@@ -415,6 +417,12 @@ class TrajectoryReceiver:
                     raise ProtocolError(f"data {engine_id}/{epoch}/{seq}: {exc}") from None
                 return Delivery(traj, engine_id, epoch, seq)
 
+    def _peer(self, engine_id: str, epoch: int, routing_id: zmq.Frame) -> None:
+        key = (engine_id, epoch)
+        if key not in self._peers and len(self._peers) >= MAX_STREAMS:
+            del self._peers[next(iter(self._peers))]  # the oldest stream (bounded memory)
+        self._peers[key] = routing_id.bytes
+
     async def _send_acks(self) -> None:
         while True:
             await self._ack_wake.wait()
@@ -425,7 +433,7 @@ class TrajectoryReceiver:
         for key in list(self._ack_due):
             del self._ack_due[key]
             engine_id, epoch = key
-            peer = self._peers.get(engine_id)
+            peer = self._peers.get(key)
             if peer is None:
                 continue  # known only from a checkpoint; its engine will say hello
             c = self._committed.get(engine_id, epoch)

@@ -192,3 +192,20 @@ async def test_reused_payload_buffers_never_corrupt_large_trajectories():
         assert d.traj.id == f"t{i}" and d.traj.reward == i
         assert (d.traj.token_ids() == i).all() and (d.traj.token_versions() == i).all()
     assert tx.stats.resent == 0
+
+
+async def test_overlapping_incarnations_of_one_engine_each_get_their_acks():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        consumer = asyncio.create_task(_drain(rx, 40))
+        async with (
+            TrajectorySender(rx.endpoint, "e0", epoch=1, window=4) as old,
+            TrajectorySender(rx.endpoint, "e0", epoch=2, window=4) as new,
+        ):
+            async def produce(tx):
+                for i in range(20):
+                    await tx.send(make_trajectory(f"{tx.epoch}-{i}"))
+                return await tx.flush(5)
+
+            assert await asyncio.gather(produce(old), produce(new)) == [True, True]
+        got = await consumer
+    assert sorted(d.traj.id for d in got) == sorted(f"{e}-{i}" for e in (1, 2) for i in range(20))
