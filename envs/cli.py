@@ -34,6 +34,19 @@ def _kwargs(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _make(args: argparse.Namespace) -> envs.Env:
+    """`envs.make`, with any construction failure (a missing corpus, a bad argument) as one clear line."""
+    try:
+        return envs.make(args.id, **_kwargs(args.kwarg))
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if any(ch.isalnum() for ch in line)), "")
+        raise _CannotBuild(f"cannot build {args.id}: {type(exc).__name__}: {first}") from exc
+
+
+class _CannotBuild(Exception):
+    pass
+
+
 def _list(args: argparse.Namespace, console: Console) -> int:
     ids = envs.list(args.prefix)
     table = Table(title=f"{len(ids)} environments")
@@ -52,7 +65,7 @@ def _list(args: argparse.Namespace, console: Console) -> int:
 
 
 async def _check(args: argparse.Namespace, console: Console) -> int:
-    env = envs.make(args.id, **_kwargs(args.kwarg))
+    env = _make(args)
     try:
         warnings = await acheck_env(env, seed=args.seed)
     except EnvCheckError as exc:
@@ -65,7 +78,7 @@ async def _check(args: argparse.Namespace, console: Console) -> int:
 
 
 async def _play(args: argparse.Namespace, console: Console) -> int:
-    env = envs.make(args.id, **_kwargs(args.kwarg))
+    env = _make(args)
     obs, _ = await env.areset(args.seed)
     solver = env.solver() if args.solver else None
     if args.solver and solver is None:
@@ -114,6 +127,6 @@ def main(argv: list[str]) -> int:
         if args.cmd == "list":
             return _list(args, console)
         return asyncio.run(_check(args, console) if args.cmd == "check" else _play(args, console))
-    except (envs.EnvNotFound, ValueError, ImportError) as exc:
+    except _CannotBuild as exc:
         console.print(f"tidal envs {args.cmd}: {exc}", highlight=False)
         return 2
