@@ -54,7 +54,10 @@ async def test_window_back_pressure_until_commit():
             for i in range(8):
                 await tx.send(make_trajectory(f"t{i}"))
             ninth = asyncio.create_task(tx.send(make_trajectory("t8")))
-            await asyncio.sleep(0.3)
+            async with asyncio.timeout(5):
+                while rx.queued < 4:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
             assert not ninth.done()  # the window is full: the engine waits
             assert tx.unacked == 8
             assert rx.queued == 4  # the receiver read no more than its capacity
