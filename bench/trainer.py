@@ -26,7 +26,7 @@ from bench.report import bench_parser, emit
 
 __all__ = ["main"]
 
-QUICK = {"seqs": 24, "steps": 3, "max_len": 384, "train_hidden": 64, "publish_hidden": 256,
+QUICK = {"seqs": 16, "steps": 2, "max_len": 256, "train_hidden": 64, "publish_hidden": 256,
          "publish_layers": 2, "publish_repeats": 2}
 FULL = {"seqs": 96, "steps": 8, "max_len": 1024, "train_hidden": 128, "publish_hidden": 512,
         "publish_layers": 4, "publish_repeats": 5}
