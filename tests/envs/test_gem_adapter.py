@@ -49,7 +49,8 @@ print(json.dumps(out))
     assert len({json.dumps(t) for t in ours}) == 3
 
 
-async def test_interleaved_episodes_equal_sequential_ones():
+@pytest.mark.parametrize("blocking", [False, True], ids=["inline", "offloaded-to-threads"])
+async def test_interleaved_episodes_equal_sequential_ones(blocking):
     ids = ["game:GuessTheNumber-v0-hard", "game:Mastermind-v0-easy", "game:Minesweeper-v0-easy"]
 
     def policy_for(seed):
@@ -63,7 +64,7 @@ async def test_interleaved_episodes_equal_sequential_ones():
         sequential.append(await envs.run_episode(env, policy_for(seed), seed=seed, max_turns=6))
 
     async def one(seed):
-        env = envs.make(f"gem:{ids[seed % 3]}")
+        env = envs.make(f"gem:{ids[seed % 3]}", blocking=blocking)
         policy = policy_for(seed)
 
         async def yielding(obs):
