@@ -52,7 +52,7 @@ METRICS = {
     "trainer/pg_loss": "the policy-gradient term alone",
     "trainer/is_weight_mean": "mean behaviour weight min(pi_prox/mu, C) over trained tokens",
     "trainer/is_weight_max": "largest uncapped pi_prox/mu of the step",
-    "trainer/is_capped_frac": "fraction of trained tokens whose weight was truncated at C",
+    "trainer/is_capped_frac": "fraction of trained tokens whose weight exceeded C (truncated, or masked out)",
     "trainer/clip_frac": "fraction of trained tokens where the PPO clip was active (ppo loss only)",
     "trainer/kl_behav": "k3 estimate of KL(mu || pi_prox), nats per token: how off-policy the data is",
     "trainer/kl_ref": "k3 estimate of KL(pi_theta || pi_ref), nats per token (with a KL penalty)",

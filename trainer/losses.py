@@ -44,6 +44,9 @@ class _Common(Strict):
     """C: the behaviour importance weight min(pi_prox / mu, C) is capped here (truncated IS as in
     Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training", and
     AReaL's behave_imp_weight_cap); the fraction of tokens capped is reported."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """Above C: `truncate` the weight to C (TIS), or `mask` the token out (weight 0), as AReaL's
+    rejection sampling and IcePop do for tokens too far off-policy to trust."""
     kl_coef: Coef = 0.0
     """Weight of the k3 KL penalty to a frozen reference model (0: no reference model is loaded)."""
     entropy_coef: Coef = 0.0
@@ -88,10 +91,10 @@ def _mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _behaviour_weight(inp: LossInputs, cap: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """min(pi_prox / mu, C), no grad, and its diagnostics."""
+def _behaviour_weight(inp: LossInputs, cap: float, mode: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """min(pi_prox / mu, C) (or 0 above C in `mask` mode), no grad, and its diagnostics."""
     raw = torch.exp(inp.prox_logp - inp.behav_logp).detach()
-    w = raw.clamp(max=cap)
+    w = raw.clamp(max=cap) if mode == "truncate" else torch.where(raw > cap, 0.0, raw)
     log_ratio = (inp.prox_logp - inp.behav_logp).detach()                  # log pi / mu
     metrics = {
         "is_weight_mean": _mean(w, inp.mask),
@@ -106,7 +109,7 @@ def _behaviour_weight(inp: LossInputs, cap: float) -> tuple[Tensor, dict[str, Te
 
 def decoupled_ppo(inp: LossInputs, cfg: DecoupledPPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """loss_t = -min(pi_prox/mu, C) * min(r A, clip(r, 1 - eps_lo, 1 + eps_hi) A), r = pi_theta/pi_prox."""
-    w, metrics = _behaviour_weight(inp, cfg.is_cap)
+    w, metrics = _behaviour_weight(inp, cfg.is_cap, cfg.is_mode)
     ratio = torch.exp(inp.logp - inp.prox_logp)
     surr = ratio * inp.adv
     clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * inp.adv
@@ -117,7 +120,7 @@ def decoupled_ppo(inp: LossInputs, cfg: DecoupledPPOConfig) -> tuple[Tensor, dic
 
 def tis_pg(inp: LossInputs, cfg: TISConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """loss_t = -min(pi_prox/mu, C) * A * log pi_theta (weight detached)."""
-    w, metrics = _behaviour_weight(inp, cfg.is_cap)
+    w, metrics = _behaviour_weight(inp, cfg.is_cap, cfg.is_mode)
     per_token = -w * inp.adv * inp.logp
     return (per_token * inp.weight).sum(), metrics
 

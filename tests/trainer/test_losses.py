@@ -79,6 +79,14 @@ def test_tis_hand_worked_and_weight_is_detached():
     torch.testing.assert_close(inp.logp.grad, torch.tensor([-1.0, 1.0], dtype=torch.float64))
 
 
+def test_mask_mode_drops_tokens_above_the_cap():
+    # same tokens as the TIS case: token 2's weight 5 > C = 2 -> weight 0, token 1 keeps w = 2
+    inp = inputs([log(0.4), log(0.3)], [log(0.5)] * 2, [log(0.25), log(0.1)], [1.0, -1.0])
+    loss, m = tis_pg(inp, TISConfig(is_cap=2.0, is_mode="mask"))
+    assert loss.item() == pytest.approx(-(2 * log(0.4)) / 2)
+    assert m["is_weight_mean"].item() == pytest.approx(1.0) and m["is_capped_frac"].item() == pytest.approx(0.5)
+
+
 def test_kl_k3_values():
     # d = log(pi_ref / pi) = log 2: e^d - 1 - d = 1 - log 2; and 0 when the policies agree
     k = kl_k3(torch.tensor([log(0.25), log(0.5)]), torch.tensor([log(0.5), log(0.5)]))
