@@ -117,6 +117,7 @@ class TrajectorySender:
         self._seen = SeqSet()
         self._tasks: list[asyncio.Task] = []
         self._sock: zmq.asyncio.Socket | None = None
+        self._io: FastSocket | None = None
 
     @property
     def unacked(self) -> int:
@@ -151,11 +152,11 @@ class TrajectorySender:
         while len(self._unacked) >= self._window:
             self._room.clear()
             await self._room.wait()
+        payload = self._buffer()
+        encode_into(traj, payload)  # may raise (not a Trajectory): before a seq is taken, so no gap
+        self._size_hint = len(payload)
         seq = self._next_seq
         self._next_seq += 1
-        payload = self._buffer()
-        encode_into(traj, payload)
-        self._size_hint = len(payload)
         pending = _Pending(encode_frame(Data(self.engine_id, self.epoch, seq)), payload, time.monotonic())
         self._unacked[seq] = pending
         self._empty.clear()
@@ -293,6 +294,7 @@ class TrajectoryReceiver:
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
         self._sock: zmq.asyncio.Socket | None = None
+        self._io: FastSocket | None = None
 
     async def __aenter__(self) -> TrajectoryReceiver:
         ctx = self._context or zmq.asyncio.Context.instance()
