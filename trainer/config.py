@@ -127,6 +127,8 @@ class MetricsConfig(Strict):
 class DistributedConfig(Strict):
     """The training device, and scale-out across torchrun ranks."""
 
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """DDP (replicated weights) or FSDP2 fully_shard (weights and optimiser state sharded across ranks)."""
     backend: Literal["gloo", "nccl"] = "gloo"
     """Collective backend between trainer ranks (nccl between GPUs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -27,7 +27,7 @@ from protocol.messages import TrainerStatus
 from protocol.telemetry import Telemetry as SinkTelemetry
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
-from trainer.distributed import STEP, STOP, World
+from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, STEP, STOP, World
 from trainer.intake import Batch, Intake, IntakePump
 from trainer.publish import PublishError, make_publisher
 
@@ -56,7 +56,7 @@ def _build_learner(cfg: TrainerConfig, world: World):
         cfg.learner, device=world.device, rank=world.rank, world_size=world.size,
         all_reduce=world.all_reduce if world.distributed else None,
     )
-    learner.model = world.wrap(learner.model)
+    world.parallelize(learner)
     return learner
 
 
@@ -127,7 +127,7 @@ class Daemon:
         model_cfg = self.learner.base_model.config
         limits = {"vocab_size": model_cfg.vocab_size, "max_tokens": getattr(model_cfg, "max_position_embeddings", None)}
         if restored is not None:
-            self.learner.load_state_dict(restored.learner_state)
+            self.world.load_state(self.learner, restored.learner_state)
             self.intake = Intake(cfg.intake, restored.meta.intake, **limits)
             self.counters.update(restored.meta.counters)
             self.dedup = restored.meta.dedup
@@ -233,10 +233,18 @@ class Daemon:
             self.world.send(STEP, batch)
         return self.world.reduce_metrics(self.learner.train_step(batch))
 
+    def _gather(self, command: int) -> dict:
+        """Full weights (GATHER_WEIGHTS) or learner state (GATHER_STATE); with FSDP every rank joins."""
+        if self.world.sharded:
+            self.world.send(command)
+        if command == GATHER_WEIGHTS:
+            return self.world.full_weights(self.learner)
+        return self.world.full_state(self.learner)
+
     async def _maybe_publish(self, *, force: bool = False) -> None:
         if self.publisher is None or (self.version % self.cfg.publish.every_steps and not force):
             return
-        tensors = dict(self.learner.named_weights())
+        tensors = await asyncio.to_thread(self._gather, GATHER_WEIGHTS)
         try:
             notice = await self.publisher.publish(self.version, tensors)
         except (PublishError, OSError, aiohttp.ClientError, TimeoutError) as exc:
@@ -263,7 +271,7 @@ class Daemon:
             dedup=msgspec.msgpack.encode(self.receiver.dedup_state(including=covered)),
             counters=dict(self.counters),
         )
-        state = self.learner.state_dict()
+        state = await asyncio.to_thread(self._gather, GATHER_STATE)
         path = await asyncio.to_thread(self.checkpointer.save, state, meta)
         self._pump.covered_by_checkpoint(len(covered))
         self.telemetry.event("checkpoint", self.version, path=str(path))
@@ -280,12 +288,17 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
     learner = _build_learner(cfg, world)
     restored = Checkpointer(cfg.checkpoint).load()
     if restored is not None:
-        learner.load_state_dict(restored.learner_state)
+        world.load_state(learner, restored.learner_state)
     while True:
         command, batch = world.receive()
-        if command == STOP:
+        if command == STEP:
+            world.reduce_metrics(learner.train_step(batch))
+        elif command == GATHER_WEIGHTS:
+            world.full_weights(learner)
+        elif command == GATHER_STATE:
+            world.full_state(learner)
+        else:
             return 0
-        world.reduce_metrics(learner.train_step(batch))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     world = World.from_env()
+    world.strategy = cfg.distributed.strategy
     world.init(cfg.distributed.backend, cfg.distributed.device)
     _seed(cfg.seed)
     try:

@@ -19,12 +19,16 @@ import msgspec
 
 from protocol.messages import Trajectory
 
-__all__ = ["World", "STEP", "STOP", "SUMMED_METRICS"]
+__all__ = ["World", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE", "SUMMED_METRICS"]
 
 STEP = 1
 """Header command: a batch follows."""
 STOP = 2
 """Header command: leave the loop (rank 0 is shutting down)."""
+GATHER_WEIGHTS = 3
+"""Header command (FSDP): every rank joins gathering the full weights, rank 0 publishes them."""
+GATHER_STATE = 4
+"""Header command (FSDP): every rank joins gathering model and optimiser state, rank 0 checkpoints it."""
 
 SUMMED_METRICS = ("trainer/loss", "trainer/tokens", "trainer/trained_tokens")
 """Learner metrics that are each rank's share of the step's total (summed across ranks for reports)."""
@@ -42,6 +46,9 @@ class World:
     local_rank: int = 0
     device: str = "cpu"
     """Where this rank trains and where its collectives' tensors live (NCCL needs them on the GPU)."""
+    strategy: str = "ddp"
+    """"ddp" (every rank holds the weights) or "fsdp" (FSDP2 fully_shard: weights and optimiser state
+    sharded, so publishing and checkpointing are collectives every rank joins)."""
 
     @classmethod
     def from_env(cls) -> "World":
@@ -78,14 +85,67 @@ class World:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
-    def wrap(self, model):
-        """The model as trained across ranks: DDP (replicated weights, averaged gradients)."""
-        if not self.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+    @property
+    def sharded(self) -> bool:
+        return self.distributed and self.strategy == "fsdp"
 
-        on_gpu = self.device.startswith("cuda")
-        return DistributedDataParallel(model, device_ids=[self.local_rank] if on_gpu else None)
+    def parallelize(self, learner) -> None:
+        """Train `learner` across ranks: DDP (replicated weights, averaged gradients) or FSDP2 (each
+        decoder layer, then the rest, sharded with fully_shard; gradients reduce-scattered).
+
+        fully_shard replaces the module's parameters with sharded ones, so the (still empty) optimiser's
+        parameter groups are pointed at the new ones, in the same order.
+        """
+        if not self.distributed:
+            return
+        model = learner.base_model
+        if not self.sharded:
+            from torch.nn.parallel import DistributedDataParallel
+
+            on_gpu = self.device.startswith("cuda")
+            learner.model = DistributedDataParallel(model, device_ids=[self.local_rank] if on_gpu else None)
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        before = list(model.parameters())
+        for layer in getattr(getattr(model, "model", None), "layers", ()):
+            fully_shard(layer)
+        learner.model = fully_shard(model)
+        sharded = dict(zip(map(id, before), model.parameters(), strict=True))
+        for group in learner.optimizer.param_groups:
+            group["params"] = [sharded[id(p)] for p in group["params"]]
+
+    # --- whole state of a sharded learner (FSDP); every rank calls these together ---
+
+    def full_weights(self, learner) -> dict:
+        """The policy's full tensors (FSDP: gathered, a collective); what rank 0 publishes."""
+        return {name: t.detach().to("cpu") if self.sharded else t for name, t in learner.named_weights()}
+
+    def full_state(self, learner) -> dict:
+        """Learner state as `Learner.state_dict` gives it, with model and optimiser gathered (FSDP)."""
+        if not self.sharded:
+            return learner.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        state = learner.state_dict()
+        state["model"], state["optimizer"] = get_state_dict(
+            learner.base_model, learner.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+        return state
+
+    def load_state(self, learner, state: dict) -> None:
+        """Inverse of `full_state`: every rank passes the whole checkpointed state and keeps its shard."""
+        if not self.sharded:
+            learner.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            learner.base_model, learner.optimizer, model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True),
+        )
+        learner.scheduler.load_state_dict(state["scheduler"])
+        learner.version = int(state["version"])
 
     def all_reduce(self, values):
         """Sum a numpy array across ranks (the learner whitens advantages with it)."""
