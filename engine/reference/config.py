@@ -57,6 +57,10 @@ class ModelSection(Strict):
     """Most sequences in one decode batch; further requests queue."""
     seed: int = 0
     """Seed of sampling for requests without sampling_seed."""
+    threads: Annotated[int, Meta(ge=0)] = 1
+    """torch intra-op CPU threads (0 = torch's default, one per core). One by default: the server
+    shares the cores with the engine and trainer, and on a busy machine extra threads spin and
+    wait (a 64-sequence decode step of the tiny model took 7x longer with 2 threads than with 1)."""
     prefix_cache_tokens: Annotated[int, Meta(ge=0)] = 0
     """Keep finished sequences' KV for reuse by later prompts sharing their prefix, up to this many
     tokens (0 = off). Off by default: as in SGLang, a weight update with flush_cache false then

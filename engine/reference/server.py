@@ -178,8 +178,12 @@ def build_stepper(cfg: ServeConfig):
         from engine.reference.simulate import Simulator
 
         return Simulator(cfg.simulate)
+    import torch
+
     from engine.reference.runner import ModelRunner
 
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
     return ModelRunner(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed,
                        prefix_cache_tokens=cfg.model.prefix_cache_tokens)
 
