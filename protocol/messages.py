@@ -73,6 +73,10 @@ class Turn(msgspec.Struct, array_like=True, frozen=True):
     reward: float = 0.0
 
 
+_min, _max = np.minimum.reduce, np.maximum.reduce
+"""Reductions without ndarray.min/max's Python wrapper: per-call overhead matters at 4k tokens."""
+
+
 def _generated_version_span(versions: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
     """(min, max) policy version over tokens with mask 1, (NO_VERSION, NO_VERSION) if none; lo < 0
     if one of them has a negative version. Whole-array passes, no boolean indexing: this runs on
@@ -83,7 +87,7 @@ def _generated_version_span(versions: np.ndarray, mask: np.ndarray) -> tuple[int
     masked = versions | (mask.view(np.int8) - 1)  # the version where mask is 1, else -1 (all bits)
     if np.count_nonzero(masked >= 0) != generated:
         return -2, 0  # a generated token at a negative version
-    return int(masked.view(np.uint32).min()), int(masked.max())  # -1 as uint32 is the largest
+    return int(_min(masked.view(np.uint32))), int(_max(masked))  # -1 as uint32 is the largest
 
 
 class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
@@ -135,10 +139,10 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
                     f"trajectory {self.id}: {field} is {got} bytes, expected {n * dtype.itemsize} for {n} tokens"
                 )
         mask = view(self.loss_mask, MASK_DTYPE)
-        if n and mask.max(initial=0) > 1:
+        if n and _max(mask) > 1:
             raise ValueError(f"trajectory {self.id}: loss_mask holds values other than 0 and 1")
         logp = view(self.behav_logp, LOGP_DTYPE)
-        if n and not (logp.min() > -np.inf and logp.max() <= 1e-3):  # NaN fails both comparisons
+        if n and not (_min(logp) > -np.inf and _max(logp) <= 1e-3):  # NaN fails both comparisons
             raise ValueError(f"trajectory {self.id}: behav_logp must be finite log-probabilities <= 0")
         prev_end = 0
         for i, turn in enumerate(self.turns):
