@@ -41,6 +41,8 @@ CONCURRENCY = (1, 64, 1024)
 VEC_ENVS = 1024
 ROUNDS = 5
 """Turns per compared case; the summary ratios use each case's best turn."""
+COMPARE_FACTOR = 2.5
+"""Compared cases get this many times a suite case's time: their ratios are the point of the run."""
 
 
 class _Noop(Env):
@@ -69,9 +71,8 @@ async def _drive(make: Callable[[], Env], concurrency: int, seconds: float, acti
     steps = episodes = errors = 0
     stop = False
 
-    async def episode(i: int, env: Env) -> None:
+    async def episode(k: int, env: Env, rng: random.Random) -> None:
         nonlocal steps, episodes, errors
-        rng, k = random.Random(i), i
         while not stop:
             if actions is None:
                 action = env.sample_action(rng)
@@ -88,7 +89,8 @@ async def _drive(make: Callable[[], Env], concurrency: int, seconds: float, acti
                 await env.areset()
             await asyncio.sleep(0)
 
-    tasks = [asyncio.create_task(episode(i, env)) for i, env in enumerate(pool)]
+    rngs = [random.Random(i) for i in range(concurrency)]  # seeded before the clock starts
+    tasks = [asyncio.create_task(episode(i, env, rngs[i])) for i, env in enumerate(pool)]
     start = time.perf_counter()
     await asyncio.sleep(seconds)
     stop = True
@@ -156,7 +158,8 @@ def _run_async(coro):
 
 def main(argv: list[str]) -> int:
     parser = bench_parser("envs", __doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, help="measuring time per case (default 2, --quick 0.3)")
+    parser.add_argument("--seconds", type=float, help="measuring time per suite case (default 2, --quick 0.3); "
+                        "each compared case gets 2.5x this, split into turns")
     args = parser.parse_args(argv)
     seconds = args.seconds or (0.3 if args.quick else 2.0)
     actions = _random_actions()
@@ -177,7 +180,7 @@ def main(argv: list[str]) -> int:
             turns: dict = {key: [] for key in measures}
             for _ in range(ROUNDS):
                 for key, measure in measures.items():
-                    got = measure(seconds / ROUNDS)
+                    got = measure(COMPARE_FACTOR * seconds / ROUNDS)
                     turns[key].append(got if isinstance(got, dict) else {"steps_per_s": got})
                     progress.advance(bar)
             for (case, env_id, c), runs in turns.items():
@@ -241,7 +244,7 @@ def main(argv: list[str]) -> int:
         summary["overhead_vs_direct_no_switch"] = rate("gem_direct", GEM_ID) / rate("tidal_gem_adapter_no_switch", f"gem:{GEM_ID}")
         summary["event_loop_us_per_step"] = 1e6 / rate("asyncio_noop_env", "noop")
     summary["games_overhead_vs_direct"] = rate("direct", OUR_ID) / rate("tidal_asyncio_fixed_actions", OUR_ID)
-    config = {"seconds_per_case": seconds, "concurrency": list(CONCURRENCY), "vector_envs": VEC_ENVS,
+    config = {"seconds_per_case": seconds, "seconds_per_compared_case": COMPARE_FACTOR * seconds, "rounds": ROUNDS, "concurrency": list(CONCURRENCY), "vector_envs": VEC_ENVS,
               "gem_env": GEM_ID, "gem_installed": have_gem, "envs": ids, "quick": args.quick}
     emit("envs", config, results, summary, args.json_out)
     return 0
