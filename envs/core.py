@@ -20,7 +20,7 @@ import os
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 from protocol.errors import TidalError
 
@@ -100,8 +100,9 @@ class Env:
     1.0
     """
 
-    blocking: ClassVar[bool] = False
-    """True when `step`/`reset` may block (subprocess, network, heavy compute): run them off the loop."""
+    blocking: bool = False
+    """True when `step`/`reset` may block (subprocess, network, heavy compute): run them off the loop.
+    A class attribute as a rule; an instance may set its own (an adapter decides per wrapped env)."""
 
     instructions: str = ""
     """The system prompt / task instruction text an agent gets before the first observation."""
