@@ -212,13 +212,18 @@ class Learner:
                  entropy: bool = False) -> dict[str, torch.Tensor]:
         """log-probs (T,) of the trained tokens, and optionally entropy (T,), values (T,), last values (S,)."""
         dev = self.device
+        index = mb.index.to(dev)
+        keep = torch.zeros(mb.input_ids.numel(), dtype=torch.bool, device=dev)
+        keep[index] = True                           # lm_head only at trained tokens: (T, V), not (R*L, V)
         out = model(
             input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
             attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev),
-            use_cache=False, output_hidden_states=values,
+            use_cache=False, output_hidden_states=values, logits_to_keep=keep.view(mb.input_ids.shape),
         )
-        index = mb.index.to(dev)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])[index].float() / self.cfg.model.temperature
+        logits = out.logits
+        if logits.dim() == 3:                        # a model without boolean logits_to_keep: all positions
+            logits = logits.reshape(-1, logits.shape[-1])[index]
+        logits = logits.float() / self.cfg.model.temperature     # (T, V), rows in `index` order (ascending)
         logprobs = torch.log_softmax(logits, dim=-1)                                   # (T, V)
         res = {"logp": logprobs.gather(1, mb.targets.to(dev)[:, None]).squeeze(1)}
         if entropy:

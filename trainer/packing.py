@@ -59,7 +59,7 @@ class MicroBatch:
     input_ids: torch.Tensor               # (R, L) long
     position_ids: torch.Tensor            # (R, L) long, restarting at 0 per sequence
     attention_mask: torch.Tensor | None   # (R, L) long for `pad`; None for `pack` (block-diagonal)
-    index: torch.Tensor                   # (T,) flat position in R*L predicting each trained token
+    index: torch.Tensor                   # (T,) flat position in R*L predicting each trained token, ascending
     targets: torch.Tensor                 # (T,) the trained token ids
     seq: torch.Tensor                     # (T,) index of each token's sequence in the step's batch
     fields: dict[str, torch.Tensor]       # name -> (T,) per-token values (advantage, behav_logp, ...)

@@ -88,6 +88,26 @@ def test_packed_and_accumulated_step_equals_one_unpacked_forward(tiny_model_dir,
             torch.testing.assert_close(runs[name][1][pname], g, atol=1e-6, rtol=1e-4)
 
 
+def test_learner_logprobs_equal_a_plain_forward(tiny_model_dir):
+    # the learner computes logits only at trained tokens of packed rows; compare with full forwards
+    learner = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=ppo", "packing.token_budget=64"))
+    batch = batch_of(6, seed=7)
+    masks = [t.mask().astype(float) for t in batch]
+    for m in masks:
+        m[0] = 0
+    mbs = learner._micro_batches(batch, masks, list(range(6)), list(range(6)))
+    assert len(mbs) > 1
+    for mb in mbs:
+        with torch.no_grad():
+            got = learner._forward(learner.model, mb)["logp"]
+        for j in mb.seq_ids.tolist():
+            ids = torch.as_tensor(batch[j].token_ids().astype(np.int64))[None]
+            with torch.no_grad():
+                lp = torch.log_softmax(learner.base_model(input_ids=ids, use_cache=False).logits[0, :-1], -1)
+            want = lp.gather(1, ids[0, 1:, None]).squeeze(1)[torch.as_tensor(batch[j].mask()[1:] == 1)]
+            torch.testing.assert_close(got[mb.seq == j], want, atol=1e-5, rtol=0)
+
+
 def test_data_parallel_shares_average_to_the_full_batch_gradient(tiny_model_dir):
     # DDP averages rank gradients; each rank scales its share by world_size, so mean(g_r) = g_full
     batch = batch_of(9, seed=3)
