@@ -34,7 +34,7 @@ __all__ = ["main"]
 
 CLIENTS = ("tidal-sglang", "tidal-openai", "openai-pkg")
 CONCURRENCY = (1, 64, 1024)
-FULL = {"tokens": 128, "streams": {1: 200, 64: 1024, 1024: 4096}, "requests": {1: 500, 64: 2048, 1024: 4096}}
+FULL = {"tokens": 64, "streams": {1: 64, 64: 512, 1024: 1024}, "requests": {1: 200, 64: 1024, 1024: 2048}}
 QUICK = {"tokens": 4, "streams": {1: 16, 64: 64, 1024: 1024}, "requests": {1: 16, 64: 64, 1024: 1024}}
 """Streams of `tokens` tokens, and one-token requests, per concurrency level."""
 PROMPT = list(range(300, 332))
