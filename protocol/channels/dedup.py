@@ -60,6 +60,13 @@ class SeqSet:
         self._advance()
         return True
 
+    def add_below(self, floor: int) -> None:
+        """Add every seq below `floor` (known committed elsewhere); keeps memory bounded."""
+        if floor - 1 > self.upto:
+            self.upto = floor - 1
+            self.above = {s for s in self.above if s > self.upto}
+            self._advance()
+
     def _advance(self) -> None:
         while self.upto + 1 in self.above:
             self.upto += 1

@@ -42,28 +42,37 @@ def _check(name: str, version: int) -> None:
 
 
 class Data(msgspec.Struct, tag="data", array_like=True, frozen=True):
-    """Envelope of one trajectory: stream `(engine_id, epoch)`, position `seq` (1, 2, ...)."""
+    """Envelope of one trajectory: stream `(engine_id, epoch)`, position `seq` (1, 2, ...).
+
+    `floor` is the sender's lowest unacknowledged seq: every seq below it was committed by some
+    trainer incarnation, so a receiver that has no state for the stream (no checkpoint, or one
+    that forgot it) starts its watermark there instead of at 0.
+    """
 
     engine_id: str
     epoch: int
     seq: int
+    floor: int
     version: int = ENVELOPE_VERSION
 
     def __post_init__(self) -> None:
         _check("data", self.version)
-        if self.seq < 1:
-            raise ValueError(f"data: seq {self.seq} must be >= 1")
+        if not 1 <= self.floor <= self.seq:
+            raise ValueError(f"data: seq {self.seq} and floor {self.floor} must satisfy 1 <= floor <= seq")
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
-    """Heartbeat from an engine; the trainer answers with the stream's Ack."""
+    """Heartbeat from an engine (with its `floor`, as in Data); the trainer answers with an Ack."""
 
     engine_id: str
     epoch: int
+    floor: int
     version: int = ENVELOPE_VERSION
 
     def __post_init__(self) -> None:
         _check("hello", self.version)
+        if self.floor < 1:
+            raise ValueError(f"hello: floor {self.floor} must be >= 1")
 
 
 class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):

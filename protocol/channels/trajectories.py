@@ -157,12 +157,16 @@ class TrajectorySender:
         self._size_hint = len(payload)
         seq = self._next_seq
         self._next_seq += 1
-        pending = _Pending(encode_frame(Data(self.engine_id, self.epoch, seq)), payload, time.monotonic())
-        self._unacked[seq] = pending
+        self._unacked[seq] = pending = _Pending(b"", payload, time.monotonic())
+        pending.envelope = encode_frame(Data(self.engine_id, self.epoch, seq, self._floor()))
         self._empty.clear()
         self.stats.sent += 1
         await self._io.send([pending.envelope, pending.payload], copy=False)
         return seq
+
+    def _floor(self) -> int:
+        """The lowest unacknowledged seq (the next one if none): all below it are committed."""
+        return next(iter(self._unacked), self._next_seq)
 
     def _buffer(self) -> bytearray:
         """A payload buffer from the pool of acknowledged ones, or a new one.
@@ -230,12 +234,12 @@ class TrajectorySender:
     # --- heartbeat and resends
 
     async def _tick(self) -> None:
-        hello = encode_frame(Hello(self.engine_id, self.epoch))
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._heartbeat_s):
                     await self._kick.wait()
             self._kick.clear()
+            hello = encode_frame(Hello(self.engine_id, self.epoch, self._floor()))
             self._io.try_send([hello])  # no trainer connected: nobody to greet
             await self._resend_due()
 
@@ -381,20 +385,22 @@ class TrajectoryReceiver:
         if len(frames) < 2:
             raise ProtocolError(f"expected an envelope frame after the routing id, got {len(frames) - 1} frames")
         match decode_envelope(frames[1].buffer):
-            case Hello(engine_id=engine_id, epoch=epoch):
+            case Hello(engine_id=engine_id, epoch=epoch, floor=floor):
                 if len(frames) != 2:
                     raise ProtocolError(f"hello from {engine_id}: expected 1 frame, got {len(frames) - 1}")
                 self._peer(engine_id, epoch, frames[0])
+                self._below(engine_id, epoch, floor)
                 self._ack_due[(engine_id, epoch)] = None
                 self._ack_wake.set()
                 return None
-            case Data(engine_id=engine_id, epoch=epoch, seq=seq):
+            case Data(engine_id=engine_id, epoch=epoch, seq=seq, floor=floor):
                 self.stats.received += 1
                 if len(frames) != 3:
                     raise ProtocolError(
                         f"data {engine_id}/{epoch}/{seq}: expected envelope and payload, got {len(frames) - 1} frames"
                     )
                 self._peer(engine_id, epoch, frames[0])
+                self._below(engine_id, epoch, floor)
                 seen = self._seen.get(engine_id, epoch)
                 if seq in seen:
                     self.stats.duplicates += 1
@@ -418,6 +424,11 @@ class TrajectoryReceiver:
                     self._ack_wake.set()
                     raise ProtocolError(f"data {engine_id}/{epoch}/{seq}: {exc}") from None
                 return Delivery(traj, engine_id, epoch, seq)
+
+    def _below(self, engine_id: str, epoch: int, floor: int) -> None:
+        """The engine says all seqs below `floor` were committed (by this or an earlier trainer)."""
+        self._seen.get(engine_id, epoch).add_below(floor)
+        self._committed.get(engine_id, epoch).add_below(floor)
 
     def _peer(self, engine_id: str, epoch: int, routing_id: zmq.Frame) -> None:
         key = (engine_id, epoch)

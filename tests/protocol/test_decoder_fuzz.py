@@ -42,7 +42,7 @@ class Live:
         """Send `frames`, then a good trajectory; return what was delivered up to and including it."""
         sentinel = f"sentinel-{next(self.seqs)}"
         await self.dealer.send_multipart(frames)
-        await self.dealer.send_multipart([encode_frame(Data(ENGINE, EPOCH, next(self.seqs))),
+        await self.dealer.send_multipart([encode_frame(Data(ENGINE, EPOCH, next(self.seqs), 1)),
                                           encode(make_trajectory(sentinel))])
         got = []
         async with asyncio.timeout(timeout):
@@ -124,14 +124,14 @@ def test_random_frames(live, frames):
 @given(st.data(), trajectories(max_tokens=16))
 def test_mutated_payloads(live, data, traj):
     payload = data.draw(mutated(encode(traj)))
-    frames = [encode_frame(Data(ENGINE, EPOCH, next(live.seqs))), payload]
+    frames = [encode_frame(Data(ENGINE, EPOCH, next(live.seqs), 1)), payload]
     _check(live, frames, _expected_rejection(frames))
 
 
 @FUZZ
 @given(st.data())
 def test_mutated_envelopes(live, data):
-    env = data.draw(mutated(encode_frame(Data(ENGINE, EPOCH, 10**9))))
+    env = data.draw(mutated(encode_frame(Data(ENGINE, EPOCH, 10**9, 1))))
     frames = [env, encode(make_trajectory("x"))]
     expect = _expected_rejection(frames)
     if not expect:  # a still-valid envelope would reuse or skip seqs: only count rejections there

@@ -162,8 +162,8 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
         dealer.connect(rx.endpoint)
         try:
             good = encode(make_trajectory("good"))
-            await dealer.send_multipart([encode_frame(Data("raw", 1, 1)), good[:-5]])
-            await dealer.send_multipart([encode_frame(Data("raw", 1, 2)), good])
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 1, 1)), good[:-5]])
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 2, 1)), good])
             got = await _drain(rx, 1)
             assert (got[0].traj.id, got[0].seq) == ("good", 2)
             assert rx.stats.rejected == 1 and "raw/1/1" in rx.stats.last_error
@@ -212,3 +212,27 @@ async def test_overlapping_incarnations_of_one_engine_each_get_their_acks():
             assert await asyncio.gather(produce(old), produce(new)) == [True, True]
         got = await consumer
     assert sorted(d.traj.id for d in got) == sorted(f"{e}-{i}" for e in (1, 2) for i in range(20))
+
+
+async def test_receiver_without_state_meets_a_long_running_engine():
+    """No checkpoint on the trainer side: the envelope's floor (everything below it is committed)
+    sets the watermark, so seqs far from 1 are accepted and the dedup memory stays O(1)."""
+    ctx = zmq.asyncio.Context.instance()
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(rx.endpoint)
+        try:
+            payload = encode(make_trajectory("late"))
+            for seq in (1_000_001, 1_000_002):
+                await dealer.send_multipart([encode_frame(Data("old", 5, seq, 1_000_001)), payload])
+            got = await _drain(rx, 2)
+            assert [d.seq for d in got] == [1_000_001, 1_000_002]
+            mark = rx.dedup_state().streams[0]
+            assert (mark.upto, mark.above) == (1_000_002, [])
+            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_000, 1_000_000)), payload])
+            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_003, 1_000_003)), payload])
+            assert (await _drain(rx, 1))[0].seq == 1_000_003  # 1_000_000 lay below the floor: a duplicate
+            assert rx.stats.duplicates == 1
+        finally:
+            dealer.close(linger=0)
