@@ -226,8 +226,9 @@ class Learner:
         logits = logits.float() / self.cfg.model.temperature     # (T, V), rows in `index` order (ascending)
         logprobs = torch.log_softmax(logits, dim=-1)                                   # (T, V)
         res = {"logp": logprobs.gather(1, mb.targets.to(dev)[:, None]).squeeze(1)}
-        if entropy:
-            res["entropy"] = -(logprobs.exp() * logprobs).sum(-1)
+        if entropy:                                  # with grad only when the bonus is trained
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.loss.entropy_coef > 0):
+                res["entropy"] = -(logprobs.exp() * logprobs).sum(-1)
         if values:
             hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
             v = self.base_model.value_head(hidden).squeeze(-1).float()                 # (R*L,)
