@@ -62,7 +62,8 @@ Policy = Callable[[str], str] | Callable[[str], Awaitable[str]]
 async def run_episode(env: Env, policy: Policy, seed: int | None = None, max_turns: int = 1000) -> Episode:
     """Reset `env` with `seed` and step it with `policy` until it ends or `max_turns` steps pass.
 
-    `policy` is `obs -> action`, sync or async; a solver from `env.solver()` works as one.
+    `policy` is `obs -> action`, sync or async; a solver from `env.solver()` works as one. An
+    exception from the policy propagates: it is the caller's bug, not the env's.
     """
     ep = Episode(env.id, seed)
     try:
