@@ -1,17 +1,10 @@
 """The transformers model behind `tidal serve`: batched prefill/decode with a KV cache per sequence.
 
 Runs every forward pass on one worker thread so the event loop (HTTP, streaming) stays responsive.
-Each sequence keeps its own per-layer keys/values; a decode step left-pads them to the longest,
-masks the padding, runs the whole batch as one forward pass and hands each sequence back its row,
-so sequences join and leave the batch at any step (continuous batching).
-
-Logprobs (contract §1.4, what SGLang returns, and what the trainer's importance ratios use as the
-behaviour policy mu): for the sampled token x at a step with logits z over the FULL vocabulary,
-    logprob(x) = log_softmax(z' / T)[x]
-where z' are the logits after logit_bias, repetition/frequency/presence penalties and the
-min_new_tokens stop-token mask, and T is the temperature (T = 1 when greedy, T < 1e-6). It is
-computed BEFORE top-k / top-p / min-p truncation, which only restrict what may be sampled. Values
-are clamped to the float32 minimum, never -inf.
+Each sequence keeps its own KV (kv.py); a decode step gathers the running sequences into one
+left-padded, masked batch and runs a single forward pass, so sequences join and leave the batch at
+any step (continuous batching). Sampling and the logprob the server returns are defined in
+sampling.py (contract §1.4: log softmax of the tempered logits over the full vocabulary).
 """
 
 import asyncio
@@ -22,57 +15,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from engine.reference.kv import SeqKV, gather, scatter_last
 from engine.reference.prefix_cache import PrefixCache
+from engine.reference.sampling import LOGP_MIN, sample
 from engine.reference.scheduler import Seq
 
-__all__ = ["ModelRunner", "sample_row"]
-
-_LOGP_MIN = torch.finfo(torch.float32).min
-
-
-def sample_row(logits: torch.Tensor, seq: Seq, generator: torch.Generator | None,
-               top_n: int) -> tuple[int, float, list[tuple[float, int]] | None]:
-    """Pick one token from a (V,) row of logits under the sequence's sampling params.
-    Returns (token, logprob as the module docstring defines it, top-`top_n` (logprob, id) or None)."""
-    s = seq.sampling
-    z = logits.float().clone()
-    dev = z.device
-    for tok, bias in s.logit_bias:
-        if 0 <= tok < z.numel():
-            z[tok] += bias
-    if s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-        out = torch.tensor(seq.output_ids, dtype=torch.long, device=dev)
-        if s.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.prompt) | set(seq.output_ids)), dtype=torch.long, device=dev)
-            vals = z[seen]
-            z[seen] = torch.where(vals > 0, vals / s.repetition_penalty, vals * s.repetition_penalty)
-        if out.numel():
-            counts = torch.bincount(out, minlength=z.numel()).float()
-            z -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
-    banned = [t for t in seq.stop_ids if 0 <= t < z.numel()] if len(seq.output_ids) < s.min_new_tokens else []
-    if banned:
-        z[torch.tensor(banned, dtype=torch.long, device=dev)] = float("-inf")
-    logp = F.log_softmax(z / (1.0 if s.greedy else s.temperature), dim=-1)
-    if s.greedy:
-        token = int(torch.argmax(logp))
-    else:
-        probs = logp.exp()
-        if s.top_k < probs.numel():
-            kth = torch.topk(probs, s.top_k).values[-1]
-            probs = torch.where(probs < kth, 0.0, probs)
-        if s.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            drop = (sorted_p.cumsum(0) - sorted_p) > s.top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        if s.min_p > 0.0:
-            probs = torch.where(probs < s.min_p * probs.max(), 0.0, probs)
-        token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-    logprob = max(float(logp[token]), _LOGP_MIN)
-    top = None
-    if top_n > 0:
-        vals, ids = torch.topk(logp, min(top_n, logp.numel()))
-        top = [(max(float(v), _LOGP_MIN), int(i)) for v, i in zip(vals, ids, strict=True)]
-    return token, logprob, top
+__all__ = ["ModelRunner"]
 
 
 class ModelRunner:
@@ -114,7 +62,7 @@ class ModelRunner:
         (a sequence aborted during a step may hold KV one token ahead)."""
         kv = seq.kv
         tokens = (seq.prompt + seq.output_ids)[:-1]
-        if self.cache is not None and kv is not None and kv[0][0].shape[2] == len(tokens):
+        if self.cache is not None and kv is not None and kv.n == len(tokens):
             self.cache.insert(tokens, kv)
         seq.kv = None
 
@@ -138,24 +86,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _step(self, batch: list[Seq]):
-        logits: dict[int, torch.Tensor] = {}
+        rows: list[torch.Tensor | None] = [None] * len(batch)
         decode = []
         for i, seq in enumerate(batch):
             if seq.kv is None:
-                logits[i] = self._prefill(seq)
+                rows[i] = self._prefill(seq)
             else:
                 decode.append(i)
         if decode:
-            rows = self._decode([batch[i] for i in decode])
-            for i, row in zip(decode, rows, strict=True):
-                logits[i] = row
-        out = []
-        for i, seq in enumerate(batch):
+            for i, row in zip(decode, self._decode([batch[i] for i in decode]), strict=True):
+                rows[i] = row
+        for seq in batch:
             if seq.rng is None and seq.sampling.sampling_seed is not None:
                 seq.rng = torch.Generator(device=self.device).manual_seed(seq.sampling.sampling_seed)
-            top_n = seq.item.top_logprobs_num if seq.item is not None and seq.item.return_logprob else 0
-            out.append(sample_row(logits[i], seq, seq.rng or self.generator, top_n))
-        return out
+        top_ns = [s.item.top_logprobs_num if s.item is not None and s.item.return_logprob else 0 for s in batch]
+        return sample(torch.stack(rows), batch, [s.rng or self.generator for s in batch], top_ns)
 
     def _prefill(self, seq: Seq) -> torch.Tensor:
         """Forward the context (prompt + output so far, after a retraction) past its longest cached
@@ -167,12 +112,10 @@ class ModelRunner:
         if not seq.started_prefill:
             seq.cached_tokens = n
             seq.started_prefill = True
-        past = None
-        if n:
-            past = DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in cached])
+        past = DynamicCache(ddp_cache_data=cached.view(n)) if n else None
         ids = torch.tensor([context[n:]], device=self.device)
         out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-        seq.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        seq.kv = SeqKV(out.past_key_values)
         if seq.input_logprobs is None and seq.item is not None and seq.item.logprob_start_len >= 0:
             seq.input_logprobs = self._input_logprobs(out.logits[0], seq)
         return out.logits[0, -1]
@@ -184,36 +127,19 @@ class ModelRunner:
         temp = 1.0 if seq.sampling.greedy else seq.sampling.temperature
         logp = F.log_softmax(logits[: n - 1].float() / temp, dim=-1)
         target = torch.tensor(seq.prompt[1:], device=logp.device)
-        values = logp.gather(1, target[:, None])[:, 0].clamp(min=_LOGP_MIN).tolist()
+        values = logp.gather(1, target[:, None])[:, 0].clamp(min=LOGP_MIN).tolist()
         return [None] + values[start:] if start < n else []
 
-    def _decode(self, seqs: list[Seq]) -> list[torch.Tensor]:
-        """One batched decode step over sequences with KV; each gets its last token's logits row."""
-        lengths = [kv[0][0].shape[2] for kv in (s.kv for s in seqs)]
-        longest = max(lengths)
-        layers = []
-        for layer in range(len(seqs[0].kv)):
-            keys = torch.cat([F.pad(s.kv[layer][0], (0, 0, longest - n, 0)) for s, n in zip(seqs, lengths, strict=True)])
-            values = torch.cat([F.pad(s.kv[layer][1], (0, 0, longest - n, 0)) for s, n in zip(seqs, lengths, strict=True)])
-            layers.append((keys, values))
-        mask = torch.zeros(len(seqs), longest + 1, dtype=torch.long, device=self.device)
-        for b, n in enumerate(lengths):
-            mask[b, longest - n:] = 1
+    def _decode(self, seqs: list[Seq]) -> torch.Tensor:
+        """One batched decode step over sequences with KV: (B, V) logits of their next tokens."""
+        kvs = [s.kv for s in seqs]
+        cache, mask, positions = gather(kvs)
         out = self.model(
             input_ids=torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device),
-            attention_mask=mask,
-            position_ids=torch.tensor([[n] for n in lengths], device=self.device),
-            past_key_values=DynamicCache(ddp_cache_data=layers),
-            use_cache=True,
+            attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
         )
-        new = out.past_key_values.layers
-        for b, seq in enumerate(seqs):
-            seq.kv = [
-                (torch.cat([k, new[j].keys[b:b + 1, :, -1:]], dim=2),
-                 torch.cat([v, new[j].values[b:b + 1, :, -1:]], dim=2))
-                for j, (k, v) in enumerate(seq.kv)
-            ]
-        return list(out.logits[:, -1])
+        scatter_last(kvs, out.past_key_values)
+        return out.logits[:, -1]
 
     # --- weights (model thread) -----------------------------------------------------------------
 
