@@ -102,7 +102,7 @@ async def test_hanging_blocking_step_truncates_and_breaks_env_without_blocking_l
         task.cancel()
     assert (reward, terminated, truncated, info["truncated_reason"]) == (0.0, False, True, "step_timeout")
     assert "did not respond within 0.2 seconds" in obs
-    assert ticks >= 5  # the loop kept running while the step hung
+    assert ticks >= 3  # the loop kept running while the step hung
     assert "step did not return within 0.2s" in inner.broken
     with pytest.raises(envs.EnvBroken):
         await env.areset(1)
