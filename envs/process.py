@@ -6,7 +6,10 @@ Threads cannot be killed, so a blocking env whose step hangs can only be abandon
 env in a process can be killed and replaced. `abandon` (what `StepTimeout` calls) kills the worker;
 the next `areset` starts a fresh one, so the env object stays usable. A worker that dies on its own
 (segfault, OOM kill) turns the pending call into an `EnvError` naming its exit code, and is restarted
-at the next reset too. Process isolation also gives each env its own global RNGs.
+at the next reset too. Process isolation also gives each env its own global RNGs. It is one process
+per env rather than a shared pool on purpose: a pooled worker would hold many envs' state, and
+killing it for one hung step would end them all. Use it for the few envs that need it; cheap and
+merely blocking envs are better served by the thread pool.
 
 Wire: length-prefixed msgpack frames on the worker's stdin/stdout (no pickle): requests
 `[op, arg]` with op in make/reset/step/close; replies `["ok", value]` or `["error", type, message,
