@@ -7,9 +7,10 @@ control) is compared in the same run with the same trajectories sent as (a) pick
 json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
 pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
 
-Each method has two phases after an untimed warm-up, and runs twice (best round reported): throughput (send N as fast as flow control
-allows, until the receiver has acknowledged the last) and latency (one at a time; one-way time from
-the send call to the decoded arrays in the receiver, on the shared monotonic clock). Every message
+Each method runs two phases after an untimed warm-up, twice (the better round is reported):
+throughput (send N as fast as flow control allows, until the receiver has acknowledged the last)
+and latency (one at a time; one-way time from the send call to the decoded arrays in the receiver,
+on the shared monotonic clock). Every message
 is encoded at send time and decoded into numpy arrays at the receiver, as in real use.
 `cpu_us_per_msg` is the CPU time of both processes (zmq I/O threads included) per message in the
 throughput phase, and `cpu_vs_raw_zmq` its ratio to raw zmq: on a loaded machine these move far
@@ -24,9 +25,9 @@ import multiprocessing as mp
 import pickle
 import time
 
+import msgspec
 import numpy as np
 import zmq
-import zmq.asyncio
 from rich.console import Console
 
 from bench.report import bench_parser, emit
@@ -170,9 +171,7 @@ async def _send_tidal(endpoint: str, tokens: int, count: int, latency_count: int
 
 
 def make_trajectory_like(traj: Trajectory, sent_at: float) -> Trajectory:
-    """The same trajectory stamped with its send time (rebuilt and re-validated, as the engine builds one)."""
-    import msgspec
-
+    """The same trajectory stamped with its send time (a shallow copy: arrays are shared)."""
     return msgspec.structs.replace(traj, timing={"sent_at": sent_at})
 
 
