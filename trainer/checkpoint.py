@@ -3,7 +3,7 @@
 A checkpoint is a directory `step-XXXXXXXX/` (XXXXXXXX = the policy version it holds) with
   model.safetensors  the model's tensors (from the learner state's "model" entry)
   trainer.pt         the rest of the learner state: optimiser, scheduler, version, RNG (torch.save,
-                     loaded with weights_only=True so no code runs on load)
+                     loaded with weights_only=True so no code runs on load; tensors and plain values)
   intake.msgpack     `CheckpointMeta`: version, the intake snapshot (buffered trajectories, seen ids,
                      counters) and the channel's dedup state
 It is written under a temporary name, every file fsynced, then renamed into place (atomic on POSIX),
@@ -16,15 +16,12 @@ import shutil
 from pathlib import Path
 
 import msgspec
-import numpy as np
 
 from trainer.config import CheckpointConfig
 from trainer.intake import IntakeState
 
 __all__ = ["CheckpointMeta", "Checkpointer", "Restored", "untie"]
 
-_NUMPY_SAFE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
-"""numpy types the weights-only loader may rebuild: the learner saves numpy's RNG state."""
 _PREFIX = "step-"
 _TMP = ".tmp-"
 
@@ -135,8 +132,7 @@ class Checkpointer:
         path = path or self.latest()
         if path is None:
             return None
-        with torch.serialization.safe_globals(_NUMPY_SAFE):  # plain arrays only (numpy's RNG state)
-            state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+        state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
         if (path / "model.safetensors").exists():
             state["model"] = load_file(path / "model.safetensors")
         meta = msgspec.msgpack.decode((path / "intake.msgpack").read_bytes(), type=CheckpointMeta)

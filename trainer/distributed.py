@@ -122,22 +122,21 @@ class World:
         return {name: t.detach().to("cpu") if self.sharded else t for name, t in learner.named_weights()}
 
     def full_state(self, learner) -> dict:
-        """Learner state as `Learner.state_dict` gives it, with model and optimiser gathered (FSDP)."""
-        if not self.sharded:
-            return learner.state_dict()
+        """`Learner.state_dict()` with model and optimiser state in full, keyed by parameter name
+        (torch.distributed.checkpoint's full state dict: gathered under FSDP, a collective then).
+        One format for every strategy, so a checkpoint resumes on any number of ranks."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         state = learner.state_dict()
         state["model"], state["optimizer"] = get_state_dict(
-            learner.base_model, learner.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            learner.base_model, learner.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=self.sharded),
         )
         return state
 
     def load_state(self, learner, state: dict) -> None:
-        """Inverse of `full_state`: every rank passes the whole checkpointed state and keeps its shard."""
-        if not self.sharded:
-            learner.load_state_dict(state)
-            return
+        """Inverse of `full_state`: every rank passes the whole saved state and keeps what it holds."""
+        import torch
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         set_state_dict(
@@ -146,6 +145,7 @@ class World:
         )
         learner.scheduler.load_state_dict(state["scheduler"])
         learner.version = int(state["version"])
+        torch.set_rng_state(state["rng"]["torch"])
 
     def all_reduce(self, values):
         """Sum a numpy array across ranks (the learner whitens advantages with it)."""

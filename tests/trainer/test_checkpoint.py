@@ -10,6 +10,7 @@ from protocol.config import load_config
 from tests.trainer.producer import Producer
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import CheckpointConfig, TrainerConfig
+from trainer.distributed import World
 from trainer.intake import Intake, IntakeState
 from trainer.learner import Learner
 
@@ -34,14 +35,15 @@ def test_resumed_learner_takes_the_same_step(tmp_path, tiny_model_dir, batches):
     for t in batches[1][:3]:
         intake.offer(t, 1)
     meta = CheckpointMeta(version=first.version, saved_at=time.time(), intake=intake.snapshot(), dedup=b"\x90")
-    path = ckpt.save(first.state_dict(), meta)
+    path = ckpt.save(World().full_state(first), meta)  # what the daemon saves: parameter-name keys
     assert path.name == "step-00000001" and {p.name for p in path.iterdir()} == {
         "model.safetensors", "trainer.pt", "intake.msgpack"}
     expected = first.train_step(batches[1])
 
     second = learner(tiny_model_dir)
     restored = ckpt.load()
-    second.load_state_dict(restored.learner_state)
+    assert set(restored.learner_state["optimizer"]["state"]) == {n for n, _ in first.base_model.named_parameters()}
+    World().load_state(second, restored.learner_state)
     assert second.version == 1 and restored.meta.dedup == b"\x90"
     again = Intake(intake.cfg, restored.meta.intake)
     assert again.buffered_ids() == {t.id for t in batches[1][:3]}
