@@ -21,6 +21,12 @@ __all__ = ["SGLangConfig", "OpenAIConfig", "PluginConfig", "BackendConfig"]
 Seconds = Annotated[float, Meta(gt=0)]
 
 
+def _check_url(key: str, url: str) -> None:
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+        raise ValueError(f"{key}: expected a base URL like http://127.0.0.1:30000, got {url!r}")
+
+
 class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     """SGLang's native /generate on one or more servers (or one sglang-router URL)."""
 
@@ -64,6 +70,12 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     tp_size: Annotated[int, Meta(ge=1)] = 1
     """GPUs per server: ranks each server takes in a distributed weight-update group."""
 
+    def __post_init__(self):
+        for i, url in enumerate(self.urls):
+            _check_url(f"urls[{i}]", url)
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"urls: each server once, got {self.urls}")
+
 
 class OpenAIConfig(Strict, tag="openai", tag_field="type"):
     """An OpenAI-compatible `/v1/completions` server that returns token ids (vLLM, SGLang)."""
@@ -74,6 +86,9 @@ class OpenAIConfig(Strict, tag="openai", tag_field="type"):
     max_connections: Annotated[int, Meta(ge=1)] = 8192
     connect_timeout_s: Seconds = 5.0
     read_timeout_s: Seconds = 300.0
+
+    def __post_init__(self):
+        _check_url("url", self.url)
 
 
 class PluginConfig(Strict, tag="plugin", tag_field="type"):

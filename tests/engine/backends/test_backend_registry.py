@@ -91,6 +91,15 @@ def test_unknown_type_and_unknown_field_fail_at_load():
         load_config(EngineSection, overrides=["backend.url=http://x"])  # sglang takes `urls`
 
 
+def test_server_urls_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"urls\[1\]: expected a base URL like http://127.0.0.1:30000, got '127.0.0.1:30001'"):
+        load_config(EngineSection, overrides=['backend.urls=["http://127.0.0.1:30000", "127.0.0.1:30001"]'])
+    with pytest.raises(ConfigError, match="each server once"):
+        load_config(EngineSection, overrides=['backend.urls=["http://a:1", "http://a:1"]'])
+    with pytest.raises(ConfigError, match="url: expected a base URL"):
+        load_config(EngineSection, overrides=["backend.type=openai", "backend.url=localhost"])
+
+
 def test_unregistered_broken_and_wrong_entry_points_name_the_problem(monkeypatch, tmp_path):
     dist = tmp_path / "bogus-0.1.dist-info"
     dist.mkdir()
