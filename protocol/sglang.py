@@ -48,7 +48,6 @@ __all__ = [
     "AbortRequest",
     "PauseRequest",
     "ContinueRequest",
-    "FlushCacheRequest",
     "UpdateWeightsFromDiskRequest",
     "InitWeightsUpdateGroupRequest",
     "DestroyWeightsUpdateGroupRequest",
@@ -272,10 +271,6 @@ class PauseRequest(msgspec.Struct):
 
 class ContinueRequest(msgspec.Struct, omit_defaults=True):
     torch_empty_cache: bool = True
-
-
-class FlushCacheRequest(msgspec.Struct, omit_defaults=True):
-    """`/flush_cache` takes no body; `timeout` travels as a query parameter."""
 
 
 class UpdateWeightsFromDiskRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
