@@ -18,10 +18,15 @@ class SeqKV:
 
     __slots__ = ("keys", "values", "n")
 
-    def __init__(self, cache: DynamicCache):
-        self.keys = [layer.keys for layer in cache.layers]
-        self.values = [layer.values for layer in cache.layers]
-        self.n = self.keys[0].shape[2]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys = keys
+        self.values = values
+        self.n = keys[0].shape[2]
+
+    @classmethod
+    def from_layers(cls, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> "SeqKV":
+        """From per-layer (1, heads, n, dim) keys and values (views are fine: the first append copies)."""
+        return cls([k for k, _ in layers], [v for _, v in layers])
 
     def view(self, n: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first `n` (default all) positions of every layer, as (keys, values) views."""

@@ -87,12 +87,26 @@ class ModelRunner:
     @torch.inference_mode()
     def _step(self, batch: list[Seq]):
         rows: list[torch.Tensor | None] = [None] * len(batch)
-        decode = []
+        plain, decode = [], []
         for i, seq in enumerate(batch):
-            if seq.kv is None:
-                rows[i] = self._prefill(seq)
-            else:
+            if seq.kv is not None:
                 decode.append(i)
+                continue
+            context = seq.prompt + seq.output_ids
+            n, cached = 0, None
+            wants_input_logprobs = seq.item is not None and seq.item.logprob_start_len >= 0
+            if self.cache is not None and not wants_input_logprobs:
+                n, cached = self.cache.match(context[:-1])
+            if not seq.started_prefill:
+                seq.cached_tokens = n
+                seq.started_prefill = True
+            if n or wants_input_logprobs:
+                rows[i] = self._prefill_one(seq, context, n, cached)
+            else:
+                plain.append(i)
+        if plain:
+            for i, row in zip(plain, self._prefill([batch[i] for i in plain]), strict=True):
+                rows[i] = row
         if decode:
             for i, row in zip(decode, self._decode([batch[i] for i in decode]), strict=True):
                 rows[i] = row
@@ -102,23 +116,35 @@ class ModelRunner:
         top_ns = [s.item.top_logprobs_num if s.item is not None and s.item.return_logprob else 0 for s in batch]
         return sample(torch.stack(rows), batch, [s.rng or self.generator for s in batch], top_ns)
 
-    def _prefill(self, seq: Seq) -> torch.Tensor:
-        """Forward the context (prompt + output so far, after a retraction) past its longest cached
-        prefix; keep its KV. Prompt logprobs need every position, so they bypass the cache."""
-        context = seq.prompt + seq.output_ids
-        n, cached = 0, None
-        if self.cache is not None and (seq.item is None or seq.item.logprob_start_len < 0):
-            n, cached = self.cache.match(context[:-1])
-        if not seq.started_prefill:
-            seq.cached_tokens = n
-            seq.started_prefill = True
+    def _prefill_one(self, seq: Seq, context: list[int], n: int, cached: SeqKV | None) -> torch.Tensor:
+        """Forward one context past its `n` cached positions; keep its KV (and prompt logprobs)."""
         past = DynamicCache(ddp_cache_data=cached.view(n)) if n else None
-        ids = torch.tensor([context[n:]], device=self.device)
-        out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-        seq.kv = SeqKV(out.past_key_values)
+        out = self.model(input_ids=torch.tensor([context[n:]], device=self.device), past_key_values=past,
+                         use_cache=True)
+        seq.kv = SeqKV.from_layers([(layer.keys, layer.values) for layer in out.past_key_values.layers])
         if seq.input_logprobs is None and seq.item is not None and seq.item.logprob_start_len >= 0:
             seq.input_logprobs = self._input_logprobs(out.logits[0], seq)
         return out.logits[0, -1]
+
+    def _prefill(self, seqs: list[Seq]) -> torch.Tensor:
+        """Prefill whole contexts (prompt + output so far, after a retraction) as one left-padded,
+        masked batch; each sequence keeps its own slice of the KV. (B, V) next-token logits."""
+        contexts = [s.prompt + s.output_ids for s in seqs]
+        longest = max(len(c) for c in contexts)
+        ids = torch.zeros(len(seqs), longest, dtype=torch.long)
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long)
+        for b, c in enumerate(contexts):
+            ids[b, longest - len(c):] = torch.tensor(c)
+            mask[b, longest - len(c):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True)
+        layers = out.past_key_values.layers
+        for b, (seq, c) in enumerate(zip(seqs, contexts, strict=True)):
+            start = longest - len(c)
+            seq.kv = SeqKV.from_layers([(layer.keys[b:b + 1, :, start:], layer.values[b:b + 1, :, start:])
+                                        for layer in layers])
+        return out.logits[:, -1]
 
     def _input_logprobs(self, logits: torch.Tensor, seq: Seq) -> list[float | None]:
         """Prompt positions start..end: logprob of each prompt token given its prefix (first: null)."""
