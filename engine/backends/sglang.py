@@ -161,6 +161,11 @@ class SGLangBackend(SGLangControl, Backend):
         counters["requests"] += 1
         try:
             while True:
+                if rid in self._aborted:  # asked for between two attempts
+                    counters["aborts"] += 1
+                    yield Chunk([], [], "", Finish(reason="abort", prompt_tokens=len(prompt),
+                                                   completion_tokens=len(received), retries=retries))
+                    return
                 budget = sampling.max_new_tokens - len(received)
                 if budget <= 0 and attempt:
                     yield Chunk([], [], "", Finish(reason="length", prompt_tokens=len(prompt),

@@ -121,12 +121,12 @@ class SGLangControl:
     async def _updating(self, update: Callable[[], Awaitable]) -> dict[str, str]:
         """Run `update()` under the configured discipline (pause -> update -> continue, or not)."""
         paused = self.cfg.weight_update == "pause"
-        if paused:
-            await self.pause()
         try:
+            if paused:
+                await self.pause()
             await update()
         finally:
-            if paused:
+            if paused:  # also after a failed pause: the servers that did pause must not stay paused
                 await self.resume()
         self.counters["weight_updates"] += 1
         return await self.weight_version()

@@ -36,6 +36,8 @@ class FakeSGLang:
         """(path, raw body) of every request, in arrival order."""
         self.routing_keys: list[str | None] = []
         """The `X-SMG-Routing-Key` header of every /generate (sglang-router's affinity key)."""
+        self.failing: set[str] = set()
+        """Control paths that answer 400 {"success": false} (a failed pause, a bad checkpoint...)."""
         self.healthy = True
         self.paused = False
         self._resumed = asyncio.Event()
@@ -81,6 +83,8 @@ class FakeSGLang:
         body = await request.read()
         self.bodies.append((request.path, body))
         msg = json.loads(body)
+        if request.path in self.failing:
+            return web.json_response({"success": False, "message": f"{request.path} failed"}, status=400)
         match request.path:
             case "/abort_request":
                 self._aborted.update(r for r in self._inflight if r.startswith(msg.get("rid") or "\0"))

@@ -7,6 +7,7 @@ import pytest
 from fake_sglang import FakeSGLang, token_at
 
 from engine.backends import (
+    BackendError,
     BackendTimeout,
     BadResponse,
     HTTPStatusError,
@@ -169,3 +170,19 @@ async def test_ejected_server_is_readmitted_with_the_latest_weights():
         while len(b.router.healthy) != 2:
             await asyncio.sleep(0.02)
         assert s2.version == "1" and b.stats()["readmissions"] == 1
+
+
+async def test_failed_update_names_the_server_and_leaves_no_server_paused():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s2.failing.add("/pause_generation")
+        with pytest.raises(BackendError, match=f"pause failed on 1 of 2 servers: .*{s2.url}"):
+            await b.update_weights_from_disk("/ckpt/step-3", "3")
+        assert s1.requests("/continue_generation") == [{}] and not s1.paused
+        assert not s1.requests("/update_weights_from_disk")  # nothing loaded while one server could not pause
+        s2.failing = {"/update_weights_from_disk"}
+        with pytest.raises(BackendError, match=f"update_weights_from_disk failed on 1 of 2 servers: HTTP 400: "
+                                               f"/update_weights_from_disk: /update_weights_from_disk failed "
+                                               f"\\(server {s2.url}\\)"):
+            await b.update_weights_from_disk("/ckpt/step-3", "3")
+        assert not s1.paused and not s2.paused
+        assert b.stats()["errors_pause"] == 1 and b.stats()["errors_update_weights_from_disk"] == 1
