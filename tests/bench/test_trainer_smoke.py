@@ -20,7 +20,7 @@ def test_bench_trainer_quick(tmp_path):
     assert {"cpu", "cores", "python", "torch"} <= set(report["machine"])
     summary = report["summary"]
     cases = {row["case"]: row for row in report["results"]}
-    assert set(cases) == {"train/pack", "train/pad", "publish/disk", "publish/gloo"}
+    assert set(cases) == {"train/pack", "train/pack_one_row", "train/pad", "publish/disk", "publish/gloo"}
     assert "error" not in cases["publish/gloo"], cases["publish/gloo"]
     # packing wastes far fewer slots than padding a long-tailed mix, and both trained every token
     assert summary["padding_fraction"] < 0.15 < summary["naive_padding_fraction"]
