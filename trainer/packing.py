@@ -15,9 +15,9 @@ Strategies:
 
 Row width is a kernel choice. sdpa and eager materialise the block-diagonal mask and compute every
 (query, key) pair of a row, so their attention cost grows with the square of the row width: the
-default width is the step's longest sequence, which wastes nothing on masked-out blocks beyond what
-that sequence needs anyway. flash-attention's varlen kernel skips masked blocks, so there one row
-per micro-batch (`row_tokens = token_budget`) is best.
+default width is the step's longest sequence, so no row costs more attention than that sequence
+alone does. flash-attention's varlen kernel skips masked blocks, so there one row per micro-batch
+(`row_tokens = token_budget`) is best. `tidal bench trainer` measures all three layouts.
 
 A sequence longer than the budget gets a micro-batch of its own (never split: its tokens attend
 to each other). Sequence j's token i (i >= 1) is predicted from position i - 1 of its row, so a
