@@ -115,15 +115,13 @@ class OpenAIBackend(Backend):
                         prompt_tokens=len(request.input_ids), completion_tokens=total, server=url))
                     return
             raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=rid)
-        except ServerUnavailable:
-            if rid not in self._aborted:
-                raise
-            counters["aborts"] += 1
-            yield Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
-                                                 completion_tokens=total, server=url))
         except BackendError as exc:
-            counters[f"errors_{exc.kind}"] += 1
-            raise
+            if not (isinstance(exc, ServerUnavailable) and rid in self._aborted):
+                counters[f"errors_{exc.kind}"] += 1
+                raise
+            counters["aborts"] += 1  # abort() closed the stream
+            yield Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
+                                                      completion_tokens=total, server=url))
         finally:
             self._aborted.discard(rid)
 
