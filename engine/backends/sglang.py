@@ -9,6 +9,8 @@ so nothing is generated twice; one aborted by a pause or a weight update is resu
 (§1.7). Only `abort(request_id)` ends a stream with finish reason `abort`.
 
 Per-chunk path: one typed msgspec decode of each SSE payload, list slices, no dict walking.
+Known limit: a stop string that straddles a retry boundary is not matched (the new server sees only
+its own output's text); stop token ids are unaffected.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ _chunk = msgspec.json.Decoder(wire.GenerateResponse)
 
 
 def _sampling(s: Sampling, budget: int) -> wire.SamplingParams:
-    """The closed set of §1.2, only keys that differ from the server's defaults."""
+    """The closed set of §1.2: the policy's sampling always stated, optional keys only when set."""
     return wire.SamplingParams(
         max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         stop_token_ids=list(s.stop_token_ids) or None, stop=list(s.stop) or None, sampling_seed=s.seed,
