@@ -1,5 +1,5 @@
 """The `sglang` client against scripted SGLang servers on loopback: streaming modes, faults, retries,
-abort, pause and weight-update fan-out. The real-model checks are in test_reference_server.py."""
+abort, pause and weight-update fan-out. The real-model checks are in test_backend_vs_reference.py."""
 
 import asyncio
 
