@@ -7,7 +7,7 @@ channel's resends every trajectory is used exactly once (DESIGN.md invariant 4).
 is a staged shutdown: finish the running step, write a checkpoint, acknowledge, exit 0.
 
 Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
-tests check for loss and reuse); a resume writes `{"event": "resume", "version": v}`, after which
+tests check for loss and reuse); a resume writes `{"event": "resume", "step": v}`, after which
 records of steps >= v from before the restart are superseded.
 """
 
@@ -137,6 +137,7 @@ class Daemon:
             self.telemetry.event("start", self.version)
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()
+        self._checkpointed = None if restored is None else restored.meta.version
         self.health = "ok"
 
     @property
@@ -224,6 +225,7 @@ class Daemon:
             **{f"trainer/intake/{k}": v for k, v in self.intake.counters.items()},
             "trainer/intake/buffered": self.intake.size,
             "trainer/intake/uncommitted": self._pump.uncommitted,
+            "trainer/publish/failures": self.counters.get("publish_failures", 0),
         }
         self.telemetry.step(version, record, ids=batch.ids)
         await self.status_pub.publish(self.status())
@@ -266,6 +268,9 @@ class Daemon:
     async def _checkpoint(self) -> None:
         """Snapshot (no await in between, so it is consistent), write off the loop, then acknowledge."""
         covered = self._pump.pending()
+        if (self.version, len(covered)) == (self._checkpointed, 0):
+            return  # the newest checkpoint already holds exactly this
+        self._checkpointed = self.version
         meta = CheckpointMeta(
             version=self.version, saved_at=time.time(), intake=self.intake.snapshot(),
             dedup=msgspec.msgpack.encode(self.receiver.dedup_state(including=covered)),
