@@ -115,7 +115,7 @@ async def test_pause_abort_blocks_new_requests_until_continue(server):
 
 
 async def test_pause_retract_recomputes_and_counts(server):
-    body = {"input_ids": PROMPT, "return_logprob": True, "sampling_params": {**LONG, "max_new_tokens": 40}}
+    body = {"input_ids": PROMPT, "return_logprob": True, "sampling_params": {**LONG, "max_new_tokens": 200}}
     _, reference = await generate(server, body)
     async with LiveStream(server.url, body) as live:
         assert (await post(server.url + "/pause_generation", {"mode": "retract"}))[0] == 200
@@ -134,7 +134,7 @@ async def test_pause_retract_recomputes_and_counts(server):
 
 
 async def test_in_place_update_from_disk_splits_version_spans(server, tiny_model_dir, other_model_dir):
-    body = {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 150}}
+    body = {"input_ids": PROMPT, "sampling_params": LONG}
     async with LiveStream(server.url, body) as live:
         assert (await post(server.url + "/pause_generation", {"mode": "in_place"}))[0] == 200
         status, reply = await post(server.url + "/flush_cache", {})
@@ -150,7 +150,7 @@ async def test_in_place_update_from_disk_splits_version_spans(server, tiny_model
     meta = events[-1]["meta_info"]
     spans = meta["weight_versions"]
     assert [s["version"] for s in spans] == ["default", "1"]
-    assert spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] >= before and spans[1]["end"] == 150
+    assert spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] >= before and spans[1]["end"] == 400
     assert meta["weight_version"] == "1"
     _, info = await get(server.url + "/model_info")
     assert info["weight_version"] == "1" and info["model_path"] == str(other_model_dir)
@@ -228,11 +228,22 @@ async def test_distributed_update_over_gloo(server, other_model_dir, tiny_model_
     status, reply = await post(server.url + "/update_weights_from_distributed", {
         "names": ["nope"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "other"})
     assert status == 400 and reply["success"] is False
+
+    # the same group again, one flat broadcast for the whole bucket (load_format flattened_bucket)
+    original = list(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for _, p in original])
+    update = asyncio.create_task(post(server.url + "/update_weights_from_distributed", {
+        "names": [n for n, _ in original], "dtypes": ["float32"] * len(original),
+        "shapes": [list(p.shape) for _, p in original], "group_name": group, "weight_version": "7",
+        "load_format": "flattened_bucket"}))
+    await asyncio.to_thread(lambda: pg.broadcast(flat, 0).wait())
+    assert (await update)[0] == 200
+    _, body = await generate(server, {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 8}})
+    assert greedy_check(tiny_model_dir, PROMPT, body["output_ids"])
     assert (await post(server.url + "/destroy_weights_update_group", {"group_name": group}))[1] == {
         "success": True, "message": "Succeeded to destroy custom process group."}
     assert (await post(server.url + "/destroy_weights_update_group", {"group_name": group})) == (
         400, {"success": False, "message": "The group to be destroyed does not exist."})
-    assert (await post(server.url + "/update_weights_from_disk", {"model_path": str(tiny_model_dir)}))[0] == 200
 
 
 @pytest.mark.parametrize("path", ["/pause_generation", "/continue_generation", "/abort_request",
@@ -254,7 +265,7 @@ async def test_waiting_update_goes_before_new_generations(server, tiny_model_dir
     """Writer preference (§2): a /generate sent while an update waits runs after it, on new weights."""
     _, info = await get(server.url + "/model_info")
     old = info["weight_version"]
-    first = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": {**LONG, "max_new_tokens": 40}}))
+    first = asyncio.create_task(generate(server, {"input_ids": PROMPT, "sampling_params": LONG}))
     await wait_running(server.url)
     update = asyncio.create_task(post(server.url + "/update_weights_from_disk",
                                       {"model_path": str(tiny_model_dir), "weight_version": "after"}))
