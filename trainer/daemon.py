@@ -197,17 +197,22 @@ class Daemon:
                 if cfg.max_steps and self.version >= cfg.max_steps:
                     return
                 waiting = asyncio.create_task(pump.next_batch())
-                await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():
+                pressed = asyncio.create_task(pump.pressure.wait())
+                await asyncio.wait({waiting, stopping, pressed}, return_when=asyncio.FIRST_COMPLETED)
+                pressed.cancel()
+                if not waiting.done():  # next_batch holds nothing across an await: cancelling loses nothing
                     waiting.cancel()
-                    return
-                batch = waiting.result()
-                await self._step(batch)
+                    await asyncio.gather(waiting, return_exceptions=True)
+                if waiting.cancelled():
+                    if not self._stop.is_set():
+                        await self._checkpoint()  # intake pressure between steps
+                    continue
+                await self._step(waiting.result())
                 if cfg.intake.commit == "step":
                     pump.stepped()
                 await self._maybe_publish()
                 due = cfg.checkpoint.every_steps and self.version % cfg.checkpoint.every_steps == 0
-                if due or (cfg.intake.commit == "checkpoint" and pump.uncommitted >= cfg.intake.max_uncommitted):
+                if due or pump.pressure.is_set():
                     await self._checkpoint()
         finally:
             stopping.cancel()

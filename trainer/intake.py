@@ -246,6 +246,15 @@ class IntakePump:
         self._version = version_fn
         self._uncommitted: list = []
         self._changed = asyncio.Condition()
+        self.pressure = asyncio.Event()
+        """Set while `intake.max_uncommitted` deliveries wait for acknowledgement: the owner should
+        checkpoint now, even between steps (say every arrival is stale), or engine windows fill."""
+
+    def _update_pressure(self) -> None:
+        if len(self._uncommitted) >= self.intake.cfg.max_uncommitted:
+            self.pressure.set()
+        else:
+            self.pressure.clear()
 
     @property
     def uncommitted(self) -> int:
@@ -264,6 +273,7 @@ class IntakePump:
             self._uncommitted.append(delivery)
             if self.intake.offer(delivery.traj, self._version()) == "rejected":
                 log.warning("intake rejected %s", self.intake.last_rejection)
+            self._update_pressure()
             async with self._changed:
                 self._changed.notify_all()
 
@@ -283,6 +293,7 @@ class IntakePump:
         done, self._uncommitted = self._uncommitted[:n], self._uncommitted[n:]
         if done:
             self.receiver.commit(done)
+        self._update_pressure()
 
     def stepped(self) -> None:
         """commit = "step": acknowledge every delivery whose trajectory is no longer buffered."""
@@ -291,3 +302,4 @@ class IntakePump:
         self._uncommitted = [d for d in self._uncommitted if d.traj.id in buffered]
         if done:
             self.receiver.commit(done)
+        self._update_pressure()

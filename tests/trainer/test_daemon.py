@@ -61,29 +61,35 @@ def timeline(recs: list[dict]) -> dict[int, list[str]]:
 
 
 async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_model_dir, trainer_process):
-    trainer = trainer_process(trainer_toml(tmp_path, tiny_model_dir, metrics={"prometheus_port": 0}))
+    trainer = trainer_process(trainer_toml(tmp_path, tiny_model_dir, metrics={"prometheus_port": 0},
+                                           intake={"max_uncommitted": 3}))
     trainer.launch()
     producer = Producer(tiny_model_dir)  # sample while the trainer starts; tag versions when sending
     fresh = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(3)}
     stale = producer.group("old", version=0, size=2)  # sent at version 2: staleness 2 > max_staleness 1
-    bad = Trajectory.build(  # token ids outside the vocabulary: rejected and counted, the step goes on
-        id="bad-0", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(stale[0]),
+    bad = [Trajectory.build(  # token ids outside the vocabulary: rejected and counted, the steps go on
+        id=f"bad-{i}", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(stale[0]),
         loss_mask=stale[0].mask(), behav_logp=stale[0].behav_logps(), versions=stale[0].token_versions(),
         turns=[], reward=0.0,
-    )
+    ) for i in range(3)]
     ready = trainer.ready()
     async with (
         StatusSubscriber(ready["status_endpoint"]) as sub,
         TrajectorySender(ready["endpoint"], "engine-test") as tx,
     ):
         watch = Watcher(sub)
+        for t in bad:
+            await tx.send(t)
+        # no step can use them, yet max_uncommitted (3) forces a checkpoint: the engine is never stalled
+        assert await tx.flush(timeout=30), f"rejected deliveries were never acknowledged: {tx.stats}"
         for k in range(3):
             await watch.version(k)
-            for t in [bad] * (k == 1) + stale * (k == 2) + [Producer.retag(t, k) for t in fresh[k]]:
+            for t in stale * (k == 2) + [Producer.retag(t, k) for t in fresh[k]]:
                 await tx.send(t)
         final = await watch.version(3)
         scrape = urllib.request.urlopen(ready["prometheus_url"], timeout=10).read()
         assert b"tidal_trainer_loss " in scrape and b"tidal_trainer_intake_stale_dropped 2.0" in scrape
+        assert b"tidal_trainer_intake_rejected 3.0" in scrape
         trainer.signal(signal.SIGTERM)
         assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
         assert await tx.flush(timeout=10), f"the SIGTERM checkpoint should have committed every delivery: {tx.stats}"
@@ -101,8 +107,9 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     used = [i for r in steps for i in r["ids"].split(",")]
     assert sorted(used) == sorted(t.id for k in fresh for t in fresh[k])
     assert not set(used) & {t.id for t in stale}
-    assert steps[-1]["trainer/intake/stale_dropped"] == 2 and steps[-1]["trainer/intake/rejected"] == 1
-    assert "bad-0" not in used
+    assert steps[-1]["trainer/intake/stale_dropped"] == 2 and steps[-1]["trainer/intake/rejected"] == 3
+    assert not any(i.startswith("bad") for i in used)
+    assert [r["step"] for r in recs if r["event"] == "checkpoint"][0] == 0  # forced by intake pressure
     for r in steps:  # groups kept whole; every metric finite (telemetry writes null otherwise)
         assert set(Counter(i.rsplit("-", 1)[0] for i in r["ids"].split(",")).values()) == {2}
         assert None not in r.values()
