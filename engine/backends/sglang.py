@@ -52,6 +52,16 @@ waits at the server, so only a server that aborts everything it receives gets he
 _chunk = msgspec.json.Decoder(wire.GenerateResponse)
 
 
+class _Attempt:
+    """What one attempt leaves for the retry loop."""
+
+    __slots__ = ("final", "cached")
+
+    def __init__(self):
+        self.final: Chunk | None = None
+        self.cached = 0
+
+
 def _sampling(s: Sampling, budget: int) -> wire.SamplingParams:
     """The closed set of §1.2: the policy's sampling always stated, optional keys only when set."""
     return wire.SamplingParams(
@@ -163,14 +173,11 @@ class SGLangBackend(SGLangControl, Backend):
         counters["requests"] += 1
         try:
             while True:
-                if rid in self._aborted:  # asked for between two attempts
-                    counters["aborts"] += 1
-                    yield Chunk([], [], "", Finish(reason="abort", prompt_tokens=len(prompt),
-                                                   completion_tokens=len(received), retries=retries))
-                    return
                 budget = sampling.max_new_tokens - len(received)
-                if budget <= 0 and attempt:
-                    yield Chunk([], [], "", Finish(reason="length", prompt_tokens=len(prompt),
+                if rid in self._aborted or (budget <= 0 and attempt):  # between two attempts
+                    reason = "abort" if rid in self._aborted else "length"
+                    counters["aborts"] += reason == "abort"
+                    yield Chunk([], [], "", Finish(reason=reason, prompt_tokens=len(prompt),
                                                    completion_tokens=len(received), retries=retries))
                     return
                 server = self.router.pick(request.session_key, failed)
@@ -185,45 +192,18 @@ class SGLangBackend(SGLangControl, Backend):
                 cost = len(prompt) + sampling.max_new_tokens
                 self.router.acquire(server, cost)
                 self._inflight[rid] = (server, wire_rid)
-                url = server.url
-                seen = 0
-                final: Chunk | None = None
+                state = _Attempt()
                 try:
-                    async with aclosing(self._payloads(url, body, wire_rid, request.session_key)) as events:
-                        async for payload in events:
-                            if final is not None:
-                                continue  # only [DONE] is due; reading it lets the connection be reused
-                            try:
-                                ev = _chunk.decode(payload)
-                            except msgspec.DecodeError as exc:
-                                raise self._bad_event(payload, exc, url, wire_rid) from None
-                            counters["chunks"] += 1
-                            ids, logprobs = _new_tokens(ev, seen, url, wire_rid)
-                            seen += len(ids)
-                            received += ids
-                            counters["tokens"] += len(ids)
-                            meta = ev.meta_info
-                            fr = meta.finish_reason
-                            if fr is None:
-                                if rid not in self._aborted:
-                                    if ids:
-                                        yield Chunk(ids, logprobs, meta.weight_version)
-                                    continue
-                                counters["aborts"] += 1  # asked for, not yet seen by the server: hang up
-                                final = Chunk(ids, logprobs, meta.weight_version, Finish(reason="abort"))
-                                break
-                            cached += meta.cached_tokens
-                            final = Chunk(ids, logprobs, meta.weight_version, self._finish(fr, rid, wire_rid, url))
-                    if final is None:
-                        raise BadResponse("stream ended with [DONE] but no finish_reason", url=url,
-                                          request_id=wire_rid)
-                    finish = final.finish
-                    if finish is not None:
-                        finish.prompt_tokens = len(prompt)
-                        finish.completion_tokens = len(received)
-                        finish.cached_tokens = cached
-                        finish.retries = retries
-                        finish.server = url
+                    async with aclosing(self._attempt(server, wire_rid, body, request, received, state)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
+                    final, cached = state.final, cached + state.cached
+                    if final.finish is not None:
+                        final.finish.prompt_tokens = len(prompt)
+                        final.finish.completion_tokens = len(received)
+                        final.finish.cached_tokens = cached
+                        final.finish.retries = retries
+                        final.finish.server = server.url
                         self.router.succeeded(server)
                         yield final
                         return
@@ -234,14 +214,14 @@ class SGLangBackend(SGLangControl, Backend):
                     idle += 1
                     if idle > _MAX_IDLE_RESUBMITS:
                         raise BackendError(f"aborted by the server {idle} times in a row without a token",
-                                           url=url, request_id=rid)
+                                           url=server.url, request_id=rid)
                 except BackendError as exc:
                     counters[f"errors_{exc.kind}"] += 1
                     if not exc.retryable or retries >= self.cfg.max_retries:
                         raise
                     if self.router.failed(server, hard=isinstance(exc, ServerUnavailable)):
                         counters["ejections"] += 1
-                        log.warning("ejected %s: %s", url, exc)
+                        log.warning("ejected %s: %s", server.url, exc)
                     log.warning("retrying %s elsewhere after %d tokens: %s", rid, len(received), exc)
                     error = exc
                     failed.add(server)
@@ -253,6 +233,44 @@ class SGLangBackend(SGLangControl, Backend):
         finally:
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
+
+    async def _attempt(self, server: Server, wire_rid: str, body: bytes, request: Request, received: list[int],
+                       state: _Attempt) -> AsyncIterator[Chunk]:
+        """One /generate on one server: yield its new tokens, extend `received` with them, and leave the
+        last chunk in `state.final` (its `finish` None when the server aborted the request on its own)."""
+        url, rid, counters, seen = server.url, request.request_id, self.counters, 0
+        try:
+            async with aclosing(self._payloads(url, body, wire_rid, request.session_key)) as events:
+                async for payload in events:
+                    if state.final is not None:
+                        continue  # only [DONE] is due; reading it lets the connection be reused
+                    try:
+                        ev = _chunk.decode(payload)
+                    except msgspec.DecodeError as exc:
+                        raise self._bad_event(payload, exc, url, wire_rid) from None
+                    counters["chunks"] += 1
+                    ids, logprobs = _new_tokens(ev, seen, url, wire_rid)
+                    seen += len(ids)
+                    received += ids
+                    counters["tokens"] += len(ids)
+                    meta = ev.meta_info
+                    fr = meta.finish_reason
+                    if fr is None:
+                        if rid not in self._aborted:
+                            if ids:
+                                yield Chunk(ids, logprobs, meta.weight_version)
+                            continue
+                        counters["aborts"] += 1  # asked for, not yet seen by the server: hang up
+                        state.final = Chunk(ids, logprobs, meta.weight_version, Finish(reason="abort"))
+                        return
+                    state.cached = meta.cached_tokens
+                    state.final = Chunk(ids, logprobs, meta.weight_version, self._finish(fr, rid, wire_rid, url))
+        except BackendError:
+            if state.final is None:
+                raise
+            log.warning("ignored a fault after the last chunk of %s from %s", wire_rid, url)
+        if state.final is None:
+            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=wire_rid)
 
     def _payloads(self, url: str, body: bytes, rid: str, key: str | None) -> AsyncIterator[bytes]:
         """The JSON payloads of one /generate: each SSE event, or the one body when not streaming."""

@@ -16,7 +16,7 @@ from aiohttp import web
 __all__ = ["FakeSGLang", "token_at"]
 
 FAULTS = ("bad_json", "missing_field", "wrong_length", "http_500", "http_400", "hang", "drop",
-          "error_event", "no_done", "no_finish")
+          "error_event", "no_done", "no_finish", "drop_after_finish")
 
 
 def token_at(prompt: list[int], i: int) -> int:
@@ -153,6 +153,9 @@ class FakeSGLang:
                         return resp
                 await resp.write(self._event(rid, ids, sent, len(ids), finish))
                 sent = len(ids)
+            if fault == "drop_after_finish":
+                resp._req.transport.close()
+                return resp
             await resp.write(b"data: [DONE]\n\n")
         finally:
             self._inflight.discard(rid)

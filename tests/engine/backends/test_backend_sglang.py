@@ -103,6 +103,16 @@ async def test_request_that_fails_mid_stream_continues_on_another_server_from_re
         "length", 1, 8)
 
 
+async def test_connection_lost_after_the_last_chunk_loses_nothing_and_adds_nothing(caplog):
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s1.faults["r"] = s2.faults["r"] = "drop_after_finish"
+        ids, _, chunks = await run(b, "r", max_new_tokens=5)
+        assert len(s1.requests("/generate")) + len(s2.requests("/generate")) == 1
+    assert ids == [token_at(PROMPT, i) for i in range(5)]
+    assert (chunks[-1].finish.reason, chunks[-1].finish.retries) == ("length", 0)
+    assert "ignored a fault after the last chunk of r" in caplog.text
+
+
 async def test_no_retry_when_the_request_itself_is_rejected():
     async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
         s1.faults["r"] = s2.faults["r"] = "http_400"
