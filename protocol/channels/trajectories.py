@@ -161,7 +161,7 @@ class TrajectorySender:
         pending.envelope = encode_frame(Data(self.engine_id, self.epoch, seq, self._floor()))
         self._empty.clear()
         self.stats.sent += 1
-        await self._io.send([pending.envelope, pending.payload], copy=False)
+        await self._io.send([pending.envelope, pending.payload])
         return seq
 
     def _floor(self) -> int:
@@ -171,9 +171,11 @@ class TrajectorySender:
     def _buffer(self) -> bytearray:
         """A payload buffer from the pool of acknowledged ones, or a new one.
 
-        Encoding into memory touched moments ago instead of fresh allocations (page faults, cold
-        cache) is what keeps large trajectories near raw-zmq speed. A buffer that ZeroMQ still
-        holds (a resend queued before the ack came) has another reference, and is left to it.
+        Encoding into memory used before instead of fresh allocations (page faults, zero-fill) is
+        much of the cost of a large trajectory. Payloads are sent with copy=True: ZeroMQ copies at
+        once (a zero-copy frame stays referenced until pyzmq's collector thread gets the GIL, so
+        buffers would rarely come back). A buffer still referenced elsewhere (a send queued while
+        the socket would block) is left to its holder.
         """
         while self._pool:
             buf = self._pool.pop()
@@ -257,7 +259,7 @@ class TrajectorySender:
                 continue
             pending.sent_at = time.monotonic()
             self.stats.resent += 1
-            await self._io.send([pending.envelope, pending.payload], copy=False)
+            await self._io.send([pending.envelope, pending.payload])
 
 
 class TrajectoryReceiver:
