@@ -175,7 +175,7 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
 
 
 async def test_reused_payload_buffers_never_corrupt_large_trajectories():
-    """Frames over pyzmq's copy threshold go zero-copy, and acknowledged buffers are reused."""
+    """Acknowledged payload buffers are reused for later trajectories: no content may leak across."""
     n = 8192  # ~106 kB per frame
 
     def big(i: int):
