@@ -33,6 +33,9 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     urls: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["http://127.0.0.1:30000"])
     """Server base URLs; each request goes to one of them (see `balance`, `affinity`)."""
+    control_urls: list[str] = []
+    """With one sglang-router URL in `urls`: the workers behind it, which receive abort, pause and
+    weight-update calls (the router has no such routes). Empty: `urls` receive them."""
     api_key: str | None = None
     """Sent as `Authorization: Bearer` (use the admin key if the servers set one: tidal calls weight routes)."""
     stream: bool = True
@@ -73,6 +76,8 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     def __post_init__(self):
         for i, url in enumerate(self.urls):
             _check_url(f"urls[{i}]", url)
+        for i, url in enumerate(self.control_urls):
+            _check_url(f"control_urls[{i}]", url)
         if len(set(self.urls)) != len(self.urls):
             raise ValueError(f"urls: each server once, got {self.urls}")
 

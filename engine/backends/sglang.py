@@ -120,6 +120,8 @@ class SGLangBackend(SGLangControl, Backend):
                              slack=cfg.affinity_slack, capacity=cfg.affinity_capacity,
                              eject_after=cfg.eject_after)
         self.counters: Counter[str] = Counter()
+        self._workers = [Server(url.rstrip("/"), i) for i, url in enumerate(cfg.control_urls)]
+        """Control-call targets behind a router (see `SGLangControl`); empty: the servers themselves."""
         self._headers = dict(_JSON)
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -321,4 +323,8 @@ class SGLangBackend(SGLangControl, Backend):
             return
         self._aborted.add(request_id)
         server, wire_rid = entry
-        await self._post(server, "/abort_request", wire.AbortRequest(rid=wire_rid))
+        msg = wire.AbortRequest(rid=wire_rid)
+        if not self._workers:
+            await self._post(server, "/abort_request", msg)
+        else:  # which worker the router chose is unknown; an unknown rid is a no-op (§4)
+            await self._fan_out([self._post(w, "/abort_request", msg) for w in self._workers], "abort")

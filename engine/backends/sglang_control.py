@@ -5,7 +5,7 @@ only after the last disk update is replayed on it); no server is ejected for fai
 during the backend's own pause (SGLang's /health blocks then, contract §2); every control POST
 carries a JSON object body (§0). A fan-out tries every server and reports all failures at once.
 `SGLangBackend` mixes this in; the state it uses (`cfg`, `router`, `counters`, `_session`,
-`_paused`, `_latest_disk`) is set up there.
+`_workers`, `_paused`, `_latest_disk`) is set up there.
 """
 
 from __future__ import annotations
@@ -30,7 +30,17 @@ _model_info = msgspec.json.Decoder(wire.ModelInfo)
 
 
 class SGLangControl:
-    """Control operations over every server of an `SGLangBackend`."""
+    """Control operations over every server of an `SGLangBackend`.
+
+    The targets are the generation servers, or `cfg.control_urls` when `urls` is one sglang-router
+    URL: the router proxies /generate and /health but has no abort, pause or weight routes (§6).
+    """
+
+    def _targets(self, healthy: bool = True) -> list[Server]:
+        """Who receives control calls: the workers behind a router, else the (healthy) servers."""
+        if self._workers:
+            return self._workers
+        return self.router.healthy if healthy else self.router.servers
 
     async def _call(self, server: Server, method: str, path: str, msg: msgspec.Struct | None = None) -> bytes:
         return await http.call(self._session, method, server.url, path, None if msg is None else wire.encode(msg),
@@ -94,7 +104,7 @@ class SGLangControl:
 
     async def weight_version(self) -> dict[str, str]:
         await self.start()
-        servers = self.router.healthy
+        servers = self._targets()
         bodies = await self._fan_out([self._call(s, "GET", "/model_info") for s in servers], "model_info")
         out = {}
         for server, body in zip(servers, bodies, strict=True):
@@ -108,13 +118,13 @@ class SGLangControl:
         await self.start()
         self._paused = True
         msg = wire.PauseRequest(mode=self.cfg.pause_mode)
-        await self._fan_out([self._post(s, "/pause_generation", msg) for s in self.router.healthy], "pause")
+        await self._fan_out([self._post(s, "/pause_generation", msg) for s in self._targets()], "pause")
 
     async def resume(self) -> None:
         await self.start()
         try:
             await self._fan_out([self._post(s, "/continue_generation", wire.ContinueRequest())
-                                 for s in self.router.healthy], "continue")
+                                 for s in self._targets()], "continue")
         finally:
             self._paused = False
 
@@ -143,13 +153,13 @@ class SGLangControl:
             abort_all_requests=self.cfg.weight_update == "abort")
         self._latest_disk = msg
         return await self._updating(lambda: self._fan_out(
-            [self._post(s, "/update_weights_from_disk", msg) for s in self.router.healthy],
+            [self._post(s, "/update_weights_from_disk", msg) for s in self._targets()],
             "update_weights_from_disk"))
 
     async def init_weights_group(self, master_address: str, master_port: int, *,
                                  group_name: str = "weight_update_group", backend: str = "gloo") -> int:
         await self.start()
-        servers = self.router.servers
+        servers = self._targets(healthy=False)
         world_size = 1 + len(servers) * self.cfg.tp_size
         calls = [self._post(s, "/init_weights_update_group", wire.InitWeightsUpdateGroupRequest(
             master_address=master_address, master_port=master_port, rank_offset=1 + i * self.cfg.tp_size,
@@ -166,7 +176,7 @@ class SGLangControl:
             names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, weight_version=str(version),
             flush_cache=self._flush_cache, abort_all_requests=self.cfg.weight_update == "abort")
         return await self._updating(lambda: self._fan_out(
-            [self._distributed(s, msg) for s in self.router.servers], "update_weights_from_distributed"))
+            [self._distributed(s, msg) for s in self._targets(healthy=False)], "update_weights_from_distributed"))
 
     async def _distributed(self, server: Server, msg: wire.UpdateWeightsFromDistributedRequest) -> None:
         """begin (when the server has it: 404 on older ones, §3.5) -> update -> end."""
@@ -187,4 +197,4 @@ class SGLangControl:
         await self.start()
         msg = wire.DestroyWeightsUpdateGroupRequest(group_name=group_name)
         await self._fan_out([self._post(s, "/destroy_weights_update_group", msg)
-                             for s in self.router.servers], "destroy_weights_update_group")
+                             for s in self._targets(healthy=False)], "destroy_weights_update_group")

@@ -196,3 +196,23 @@ async def test_failed_update_names_the_server_and_leaves_no_server_paused():
             await b.update_weights_from_disk("/ckpt/step-3", "3")
         assert not s1.paused and not s2.paused
         assert b.stats()["errors_pause"] == 1 and b.stats()["errors_update_weights_from_disk"] == 1
+
+
+async def test_behind_a_router_generation_goes_to_the_router_and_control_to_its_workers():
+    async with FakeSGLang(token_delay_s=0.01) as router, FakeSGLang() as w1, FakeSGLang() as w2:
+        b = SGLangBackend(SGLangConfig(urls=[router.url], control_urls=[w1.url, w2.url], health_interval_s=60))
+        async with b:
+            ids, _, _ = await run(b, "via-router", max_new_tokens=3)
+            assert len(ids) == 3 and [r["rid"] for r in router.requests("/generate")] == ["via-router"]
+            assert await b.update_weights_from_disk("/ckpt/step-2", "2") == {w1.url: "2", w2.url: "2"}
+            task = asyncio.create_task(run(b, "long", max_new_tokens=500))
+            while len(router.requests("/generate")) < 2:
+                await asyncio.sleep(0.005)
+            await b.abort("long")
+            ids, _, chunks = await task
+            assert chunks[-1].finish.reason == "abort" and len(ids) < 500
+    for w in (w1, w2):
+        assert [p for p, _ in w.bodies] == ["/pause_generation", "/update_weights_from_disk",
+                                            "/continue_generation", "/abort_request"]
+        assert w.requests("/abort_request") == [{"rid": "long"}]
+    assert [p for p, _ in router.bodies] == ["/generate", "/generate"]
