@@ -29,6 +29,8 @@ from protocol.errors import ConfigError
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
+log = logging.getLogger("tidal.serve")
+
 READY_PREFIX = "tidal serve ready "
 """The readiness line on stdout is this prefix followed by the bound URL."""
 
@@ -99,6 +101,8 @@ async def ready(request: web.Request) -> web.Response:
 
 async def model_info(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
+    if request.path == "/get_model_info":
+        log.warning("/get_model_info is deprecated; use /model_info")
     return _json({
         "model_path": state.model_path, "served_model_name": state.served_model_name,
         "tokenizer_path": state.cfg.model.path, "is_generation": True, "preferred_sampling_params": None,
