@@ -13,12 +13,14 @@ records of steps >= v from before the restart are superseded.
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import time
 
 import aiohttp
 import msgspec
+import zmq
 from rich.console import Console
 
 from protocol.config import add_config_args, config_from_args
@@ -52,10 +54,13 @@ def _seed(seed: int) -> None:
 def _build_learner(cfg: TrainerConfig, world: World):
     from trainer.learner import Learner
 
-    learner = Learner(
-        cfg.learner, device=world.device, rank=world.rank, world_size=world.size,
-        all_reduce=world.all_reduce if world.distributed else None,
-    )
+    try:
+        learner = Learner(
+            cfg.learner, device=world.device, rank=world.rank, world_size=world.size,
+            all_reduce=world.all_reduce if world.distributed else None,
+        )
+    except OSError as exc:  # transformers' error for a missing or incomplete model directory
+        raise TidalError(f"learner.model.path {cfg.learner.model.path!r}: cannot load the model: {exc}") from None
     world.parallelize(learner)
     return learner
 
@@ -158,14 +163,24 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         dedup = msgspec.msgpack.decode(self.dedup, type=DedupState) if self.dedup else None
-        async with (
-            TrajectoryReceiver(self.cfg.intake.endpoint, capacity=self.cfg.intake.capacity, dedup_state=dedup) as rx,
-            StatusPublisher(self.cfg.intake.status_endpoint) as status,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            intake = self.cfg.intake
+            try:
+                rx = await stack.enter_async_context(
+                    TrajectoryReceiver(intake.endpoint, capacity=intake.capacity, dedup_state=dedup))
+                status = await stack.enter_async_context(StatusPublisher(intake.status_endpoint))
+            except zmq.ZMQError as exc:
+                raise TidalError(
+                    f"cannot bind intake.endpoint {intake.endpoint!r} / intake.status_endpoint "
+                    f"{intake.status_endpoint!r}: {exc}"
+                ) from None
             self.receiver, self.status_pub = rx, status
             self._pump = pump = IntakePump(rx, self.intake, lambda: self.learner.version)
             if self.publisher is not None:
-                await self.publisher.start()
+                try:
+                    await self.publisher.start()
+                except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+                    raise TidalError(f"publish: cannot reach or join the servers {self.cfg.publish}: {exc}") from None
             await status.publish(self.status())
             if self.resumed_from is not None:
                 # Servers may serve versions this trainer published after its checkpoint and then lost;
@@ -186,7 +201,6 @@ class Daemon:
                 if self.publisher is not None:
                     await self.publisher.close()
                 await status.publish(self.status(health="stopped"))
-        self.telemetry.close()
         return 0
 
     async def _loop(self) -> None:
@@ -329,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if world.rank:
             return _follow(cfg, world)
-        return asyncio.run(Daemon(cfg, world).run())
+        daemon = Daemon(cfg, world)
+        try:
+            return asyncio.run(daemon.run())
+        finally:
+            daemon.telemetry.close()
+    except TidalError as exc:
+        print(f"tidal trainer: {exc}", file=sys.stderr)
+        return 2
     finally:
         world.close()

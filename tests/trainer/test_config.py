@@ -26,3 +26,26 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path, capsys):
     assert "intake.batch_size (6) must be a multiple of intake.group_size (4)" in capsys.readouterr().err
     assert tidal(["trainer", str(path), "--set", "intake.batch_size=8", "--set", "checkpoint.every=3"]) == 2
     assert "every" in capsys.readouterr().err
+
+
+def test_missing_model_and_busy_endpoint_exit_2_with_the_reason(tmp_path, tiny_model_dir, capsys):
+    import zmq
+
+    path = tmp_path / "t.toml"
+    path.write_text(f'[learner.model]\npath = "{tmp_path}/nope"\n[metrics]\njsonl = ""\nconsole = false\n'
+                    f'[checkpoint]\ndir = "{tmp_path}/ckpt"\n[publish]\ntype = "none"\n')
+    assert tidal(["trainer", str(path)]) == 2
+    assert f"learner.model.path '{tmp_path}/nope': cannot load the model" in capsys.readouterr().err
+
+    ctx = zmq.Context()
+    busy = ctx.socket(zmq.PULL)
+    try:
+        port = busy.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+        argv = ["trainer", str(path), "--set", f"learner.model.path='{tiny_model_dir}'",
+                "--set", f"intake.endpoint='{endpoint}'", "--set", "intake.status_endpoint='tcp://127.0.0.1:0'"]
+        assert tidal(argv) == 2
+        assert f"cannot bind intake.endpoint '{endpoint}'" in capsys.readouterr().err
+    finally:
+        busy.close(linger=0)
+        ctx.term()
