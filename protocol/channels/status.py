@@ -160,6 +160,7 @@ class StatusSubscriber:
         sock.connect(self.endpoint)
         self._sock = sock
         self._task = asyncio.create_task(self._read())
+        self._task.add_done_callback(lambda _: self._changed.set())  # a dead reader wakes recv()
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -171,6 +172,8 @@ class StatusSubscriber:
     async def recv(self) -> StatusMessage:
         """The next change of status, weights or control."""
         while not self._changes:
+            if self._task.done() and not self._task.cancelled():
+                raise RuntimeError(f"status subscriber on {self.endpoint} stopped") from self._task.exception()
             self._changed.clear()
             await self._changed.wait()
         return self._changes.popleft()
