@@ -160,6 +160,14 @@ class SGLangBackend(SGLangControl, Backend):
             self._session = None
 
     def stats(self) -> dict[str, int]:
+        """Counters since start (absent until first counted) and two gauges:
+
+        requests, chunks (stream events read), tokens (yielded); retries (moved to another server after
+        a failure), resubmits (after an abort the caller did not ask for), aborts (asked for);
+        ejections, readmissions; errors_<kind> per `BackendError.kind` (timeout, bad_response,
+        http_status, connection, rejected) and errors_<endpoint> per failed control fan-out;
+        weight_updates; gauges servers_healthy and in_flight (requests being generated).
+        """
         return dict(self.counters, servers_healthy=len(self.router.healthy), in_flight=len(self._inflight))
 
     # --- generation --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ abort, pause and weight-update fan-out. The real-model checks are in test_backen
 
 import asyncio
 
+import msgspec
 import pytest
 from fake_sglang import FakeSGLang, token_at
 
@@ -18,6 +19,8 @@ from engine.backends import (
     SGLangBackend,
     SGLangConfig,
 )
+from engine.backends.sglang import _new_tokens
+from protocol import sglang as wire
 
 PROMPT = [5, 6, 7]
 
@@ -216,3 +219,40 @@ async def test_behind_a_router_generation_goes_to_the_router_and_control_to_its_
                                             "/continue_generation", "/abort_request"]
         assert w.requests("/abort_request") == [{"rid": "long"}]
     assert [p for p, _ in router.bodies] == ["/generate", "/generate"]
+
+
+def _event(output_ids, total, logprobs, lp_total=None):
+    meta = {"id": "r", "completion_tokens": total,
+            "output_token_logprobs": [[lp, t, None] for lp, t in logprobs]}
+    if lp_total is not None:
+        meta["output_token_logprobs_length"] = lp_total
+    body = {"meta_info": meta} if output_ids is None else {"output_ids": output_ids, "meta_info": meta}
+    return msgspec.json.decode(msgspec.json.encode(body), type=wire.GenerateResponse)
+
+
+@pytest.mark.parametrize("case, ev, seen, expected", [
+    # 0.5.23 default: everything cumulative; 2 of 3 already received
+    ("cumulative", _event([5, 6, 7], 3, [(-1.0, 5), (-2.0, 6), (-3.0, 7)]), 2, ([7], [-3.0])),
+    # --incremental-streaming-output: ids and logprobs are deltas, counters cumulative
+    ("incremental", _event([7], 3, [(-3.0, 7)]), 2, ([7], [-3.0])),
+    # coalesced deltas (a slow reader): two new tokens in one event
+    ("coalesced", _event([6, 7], 3, [(-2.0, 6), (-3.0, 7)]), 1, ([6, 7], [-2.0, -3.0])),
+    # old --stream-output: delta ids, cumulative logprobs
+    ("old-stream-output", _event([7], 3, [(-1.0, 5), (-2.0, 6), (-3.0, 7)], 3), 2, ([7], [-3.0])),
+    # very old servers: no output_ids, the ids come from the logprob triples
+    ("no-output-ids", _event(None, 2, [(-1.0, 5), (-2.0, 6)]), 1, ([6], [-2.0])),
+    ("nothing-new", _event([5, 6], 2, [(-1.0, 5), (-2.0, 6)]), 2, ([], [])),
+])
+def test_new_tokens_in_every_streaming_mode(case, ev, seen, expected):
+    assert _new_tokens(ev, seen, "http://s", "r") == expected
+
+
+@pytest.mark.parametrize("ev, seen, words", [
+    (_event([5, 6, 7, 8], 3, [(-1.0, 5)] * 4), 1, "output_ids has 4 ids, completion_tokens is 3"),
+    (_event([6], 2, [(-1.0, 5), (-1.0, 6), (-1.0, 9)]), 1, "output_token_logprobs has 3 entries"),
+    (_event([6], 2, [(-1.0, 9)]), 1, "do not pair with the 1 new output_ids"),
+    (_event([6], 2, [(None, 6)]), 1, "logprob is null"),
+])
+def test_new_tokens_rejects_inconsistent_events(ev, seen, words):
+    with pytest.raises(BadResponse, match=words):
+        _new_tokens(ev, seen, "http://s", "r")
