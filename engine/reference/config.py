@@ -40,6 +40,9 @@ class ServerSection(Strict):
     """Name in /model_info and /v1/models; default: the model path."""
     require_weight_update_session: bool = False
     """Make distributed/tensor updates fail outside begin/end_weight_update (0.5.23 behaviour, §3.5)."""
+    max_queued_requests: Annotated[int, Meta(ge=1)] = 65536
+    """Most requests waiting for a batch slot; beyond it /generate answers 503 "The request queue
+    is full." (SGLang's --max-queued-requests), so a flood costs bounded memory."""
     health_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
     """How long the /health probe may wait (it blocks while paused) before answering 503."""
 

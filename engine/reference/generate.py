@@ -26,6 +26,8 @@ _DONE = b"data: [DONE]\n\n"
 def admit(state: ServerState, items: list[Item]) -> list[Seq]:
     """Tokenize, check and queue the items (no await inside: the rid check and submit are atomic)."""
     stepper = state.stepper
+    if len(state.scheduler.waiting) + len(items) > state.cfg.server.max_queued_requests:
+        raise request_error("The request queue is full.", status=503)
     seqs = []
     for item in items:
         if item.rid in state.scheduler.seqs or any(s.rid == item.rid for s in seqs):
@@ -178,7 +180,7 @@ async def _write_error_event(request: web.Request, err: ApiError) -> web.StreamR
     resp = web.StreamResponse(status=200, headers=sse_headers)
     await resp.prepare(request)
     event = {"error": {"message": err.message, "type": "invalid_request_error", "code": err.status,
-                       "retryable": False}}
+                       "retryable": err.status >= 500}}
     await resp.write(b"data: " + json_encode(event) + b"\n\n" + _DONE)
     return resp
 

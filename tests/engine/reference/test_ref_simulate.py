@@ -128,7 +128,9 @@ async def test_abort_in_waiting_queue_has_two_keys(sim_server):
     assert (await post(sim_server.url + "/pause_generation", {"mode": "in_place"}))[0] == 200
     queued = asyncio.create_task(post(sim_server.url + "/generate", {
         "input_ids": [300], "rid": "queued", "return_logprob": True, "sampling_params": {"max_new_tokens": 5}}))
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(30):
+        while (await get(sim_server.url + "/server_info"))[1]["internal_states"][0]["num_waiting_reqs"] < 1:
+            await asyncio.sleep(0.02)
     assert not queued.done()
     assert (await post(sim_server.url + "/abort_request", {"rid": "queued"}))[0] == 200
     status, body = await queued
@@ -163,3 +165,21 @@ async def test_prefix_cache_counts_the_previous_turn(sim_server):
     turn2 = prompt + first["output_ids"] + [500]
     _, second = await post(sim_server.url + "/generate", {"input_ids": turn2, "sampling_params": params})
     assert (first["meta_info"]["cached_tokens"], second["meta_info"]["cached_tokens"]) == (0, 48)
+
+
+async def test_full_queue_is_a_503():
+    args = ["--fast", "--set", "server.max_queued_requests=2"]
+    async with ReferenceServer(simulate=True, args=args) as srv:
+        assert (await post(srv.url + "/pause_generation", {"mode": "in_place"}))[0] == 200
+        body = {"input_ids": [300], "sampling_params": {"max_new_tokens": 1}}
+        queued = [asyncio.create_task(post(srv.url + "/generate", body)) for _ in range(2)]
+        async with asyncio.timeout(30):
+            while (await get(srv.url + "/server_info"))[1]["internal_states"][0]["num_waiting_reqs"] < 2:
+                await asyncio.sleep(0.02)
+        assert await post(srv.url + "/generate", body) == (503, {"error": {"message": "The request queue is full."}})
+        async with aiohttp.ClientSession() as session:
+            async with session.post(srv.url + "/generate", json={**body, "stream": True}) as resp:
+                events, done = parse_sse(await resp.text())
+        assert resp.status == 200 and done and events[0]["error"]["code"] == 503 and events[0]["error"]["retryable"]
+        assert (await post(srv.url + "/continue_generation", {}))[0] == 200
+        assert [(await q)[0] for q in queued] == [200, 200]
