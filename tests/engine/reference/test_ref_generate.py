@@ -108,6 +108,9 @@ async def test_stop_string_trimmed_unless_no_stop_trim(model_server, tiny_model)
     assert body["output_ids"] == [z, z, z] and body["text"] == ""
     _, body = await gen(model_server, {"text": "hi", "sampling_params": {**params, "no_stop_trim": True}})
     assert body["text"] == "ZZZ"
+    _, events, _ = await stream(model_server.url + "/generate", {"text": "hi", "stream": True, "sampling_params": params})
+    assert [e["text"] for e in events] == [""] * len(events), "a possible stop-string prefix is held back"
+    assert events[-1]["output_ids"] == [z, z, z]
     assert body["meta_info"]["prompt_tokens"] == len(tok("hi")["input_ids"])
 
 
