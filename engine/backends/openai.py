@@ -78,11 +78,14 @@ class OpenAIBackend(Backend):
         counters["requests"] += 1
         total = 0
         url = self.url
+        final: Chunk | None = None
         events = http.sse_post(self._session, url, "/v1/completions", body, rid, self.cfg.read_timeout_s,
                                self._streams)
         try:
             async with aclosing(events):
                 async for payload in events:
+                    if final is not None:
+                        continue  # only [DONE] is due; reading it lets the connection be reused
                     try:
                         ev = _chunk.decode(payload)
                     except msgspec.DecodeError as exc:
@@ -90,7 +93,6 @@ class OpenAIBackend(Backend):
                     counters["chunks"] += 1
                     if ev.metadata and "weight_version" in ev.metadata:
                         self._version = str(ev.metadata["weight_version"])
-                    version = self._version
                     if not ev.choices:
                         continue
                     choice = ev.choices[0]
@@ -106,24 +108,26 @@ class OpenAIBackend(Backend):
                     counters["tokens"] += len(ids)
                     if choice.finish_reason is None:
                         if ids:
-                            yield Chunk(ids, logprobs, version)
+                            yield Chunk(ids, logprobs, self._version)
                         continue
-                    if choice.finish_reason == "abort":
-                        counters["aborts"] += 1
-                    yield Chunk(ids, logprobs, version, Finish(
+                    counters["aborts"] += choice.finish_reason == "abort"
+                    final = Chunk(ids, logprobs, self._version, Finish(
                         reason=choice.finish_reason, matched=choice.matched_stop,
                         prompt_tokens=len(request.input_ids), completion_tokens=total, server=url))
-                    return
-            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=rid)
         except BackendError as exc:
-            if not (isinstance(exc, ServerUnavailable) and rid in self._aborted):
+            if final is None and isinstance(exc, ServerUnavailable) and rid in self._aborted:
+                counters["aborts"] += 1  # abort() closed the stream
+                final = Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
+                                                            completion_tokens=total, server=url))
+            elif final is None:
                 counters[f"errors_{exc.kind}"] += 1
                 raise
-            counters["aborts"] += 1  # abort() closed the stream
-            yield Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
-                                                      completion_tokens=total, server=url))
         finally:
             self._aborted.discard(rid)
+        if final is None:
+            counters["errors_bad_response"] += 1
+            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=rid)
+        yield final
 
     async def abort(self, request_id: str) -> None:
         resp = self._streams.get(request_id)
