@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Iterable
 
@@ -69,11 +68,11 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
 
 
 class _Pending:
-    __slots__ = ("envelope", "payload", "sent_at")
+    __slots__ = ("envelope", "traj", "sent_at")
 
-    def __init__(self, envelope: bytes, payload: bytearray, sent_at: float) -> None:
+    def __init__(self, envelope: bytes, traj: Trajectory, sent_at: float) -> None:
         self.envelope = envelope
-        self.payload = payload
+        self.traj = traj
         self.sent_at = sent_at
 
 
@@ -107,8 +106,7 @@ class TrajectorySender:
         self._context = context
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
-        self._pool: list[bytearray] = []  # payload buffers of acknowledged trajectories, for reuse
-        self._size_hint = 0
+        self._scratch = bytearray()  # every payload is encoded here, then copied by ZeroMQ
         self._room = asyncio.Event()  # set while len(_unacked) < window; send() waits on it
         self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
         self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
@@ -146,42 +144,36 @@ class TrajectorySender:
     async def send(self, traj: Trajectory) -> int:
         """Send one trajectory; returns its seq. Waits while `window` trajectories are unacknowledged.
 
-        The trajectory is kept (and resent as needed) from the moment a seq is assigned, so a
-        cancelled `send` loses nothing.
+        The trajectory is kept (and re-encoded for a resend) from the moment a seq is assigned
+        until the trainer commits it, so a cancelled `send` loses nothing. Do not mutate it after
+        sending: a resend would carry the change under the same seq.
         """
         while len(self._unacked) >= self._window:
             self._room.clear()
             await self._room.wait()
-        payload = self._buffer()
-        encode_into(traj, payload)  # may raise (not a Trajectory): before a seq is taken, so no gap
-        self._size_hint = len(payload)
+        encode_into(traj, self._scratch)  # may raise (not a Trajectory): before a seq is taken, no gap
         seq = self._next_seq
         self._next_seq += 1
-        self._unacked[seq] = pending = _Pending(b"", payload, time.monotonic())
+        self._unacked[seq] = pending = _Pending(b"", traj, time.monotonic())
         pending.envelope = encode_frame(Data(self.engine_id, self.epoch, seq, self._floor()))
         self._empty.clear()
         self.stats.sent += 1
-        await self._io.send([pending.envelope, pending.payload])
+        await self._send_scratch(pending.envelope)
         return seq
+
+    async def _send_scratch(self, envelope: bytes) -> None:
+        """Send the payload just encoded into the scratch buffer (no await in between).
+
+        One reused buffer stays hot in cache; keeping every unacknowledged payload encoded instead
+        would write each large trajectory to cold memory. ZeroMQ copies the frame at once; only
+        when the socket would block does the queued message get its own copy of the bytes.
+        """
+        if not self._io.try_send([envelope, self._scratch]):
+            await self._io.send([envelope, bytes(self._scratch)])
 
     def _floor(self) -> int:
         """The lowest unacknowledged seq (the next one if none): all below it are committed."""
         return next(iter(self._unacked), self._next_seq)
-
-    def _buffer(self) -> bytearray:
-        """A payload buffer from the pool of acknowledged ones, or a new one.
-
-        Encoding into memory used before instead of fresh allocations (page faults, zero-fill) is
-        much of the cost of a large trajectory. Payloads are sent with copy=True: ZeroMQ copies at
-        once (a zero-copy frame stays referenced until pyzmq's collector thread gets the GIL, so
-        buffers would rarely come back). A buffer still referenced elsewhere (a send queued while
-        the socket would block) is left to its holder.
-        """
-        while self._pool:
-            buf = self._pool.pop()
-            if sys.getrefcount(buf) == 2:  # `buf` and getrefcount's argument: nobody else
-                return buf
-        return bytearray(self._size_hint)  # sized like the last payload: no regrowth while encoding
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until the trainer has committed everything sent; False if `timeout` ran out first."""
@@ -224,9 +216,7 @@ class TrajectorySender:
             done.append(seq)
         done.extend(seq for seq in ack.committed_above if seq in self._unacked)
         for seq in done:
-            pending = self._unacked.pop(seq)
-            if len(self._pool) < self._window:
-                self._pool.append(pending.payload)
+            del self._unacked[seq]
         self.stats.acked += len(done)
         if len(self._unacked) < self._window:
             self._room.set()
@@ -259,7 +249,8 @@ class TrajectorySender:
                 continue
             pending.sent_at = time.monotonic()
             self.stats.resent += 1
-            await self._io.send([pending.envelope, pending.payload])
+            encode_into(pending.traj, self._scratch)
+            await self._send_scratch(pending.envelope)
 
 
 class TrajectoryReceiver:
