@@ -162,8 +162,6 @@ class Scheduler:
         self.running: list[Seq] = []
         self.seqs: dict[str, Seq] = {}
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.tokens_generated = 0
@@ -177,7 +175,6 @@ class Scheduler:
     def submit(self, seq: Seq) -> None:
         """Queue a sequence (the caller checked that its rid is free)."""
         self.seqs[seq.rid] = seq
-        self._idle.clear()
         if seq.sampling.max_new_tokens == 0:
             self._finish(seq, {"type": "length", "length": 0})
             return
@@ -211,8 +208,6 @@ class Scheduler:
         self.stepper.release(seq)
         if self.seqs.get(seq.rid) is seq:
             del self.seqs[seq.rid]
-        if not self.seqs:
-            self._idle.set()
         seq.changed.set()
         seq.done.set()
 
@@ -237,19 +232,6 @@ class Scheduler:
     def resume(self) -> None:
         self.paused = False
         self._wake.set()
-
-    async def wait_idle(self, timeout: float | None) -> bool:
-        """True once nothing is running or queued (within `timeout` seconds)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.seqs)
 
     # --- the tick -------------------------------------------------------------------------------
 
