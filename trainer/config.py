@@ -84,6 +84,8 @@ class DiskPublish(Strict, tag="disk", tag_field="type"):
     """Publish after every this many steps."""
     keep_last: PosInt = 3
     """Published versions kept on disk."""
+    overlap: bool = True
+    """Write while the next step trains, from a CPU copy of the weights (one model's worth of memory)."""
 
 
 class DistributedPublish(Strict, tag="distributed", tag_field="type"):
@@ -107,6 +109,8 @@ class DistributedPublish(Strict, tag="distributed", tag_field="type"):
     bucket instead of one per parameter, at the cost of a pack copy here and an unpack on the server."""
     every_steps: PosInt = 1
     """Publish after every this many steps."""
+    overlap: bool = True
+    """Broadcast while the next step trains, from a CPU copy of the weights (one model's worth of memory)."""
     timeout_s: Annotated[float, Meta(gt=0)] = 120.0
     """Budget for group formation and for each bucket's HTTP call."""
 

@@ -145,6 +145,7 @@ class Daemon:
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()
         self._checkpointed = None if restored is None else restored.meta.version
+        self._publishing: asyncio.Task | None = None
         self.health = "ok"
 
     @property
@@ -188,6 +189,7 @@ class Daemon:
                 # Servers may serve versions this trainer published after its checkpoint and then lost;
                 # the checkpoint's weights, published again, put them back in step with the trainer.
                 await self._maybe_publish(force=True)
+                await self._published()
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint, **urls)
             try:
@@ -198,6 +200,7 @@ class Daemon:
                     await asyncio.sleep(ACK_GRACE_S)
                     pumping.cancel()
             finally:
+                await self._published()
                 if self.world.distributed:
                     await asyncio.to_thread(self.world.send, STOP)
                 if self.publisher is not None:
@@ -265,22 +268,45 @@ class Daemon:
         return self.world.full_state(self.learner)
 
     async def _maybe_publish(self, *, force: bool = False) -> None:
+        """Publish the current version when due. With `publish.overlap` the weights are copied and
+        published by a task while the next step trains; one publish at a time, so notices stay in
+        version order."""
         if self.publisher is None or (self.version % self.cfg.publish.every_steps and not force):
             return
-        tensors = await asyncio.to_thread(self._gather, GATHER_WEIGHTS)
+        await self._published()
+        version = self.version
+        tensors = await asyncio.to_thread(self._weights_to_publish)
+        if self.cfg.publish.overlap:
+            self._publishing = asyncio.create_task(self._publish(version, tensors))
+        else:
+            await self._publish(version, tensors)
+
+    def _weights_to_publish(self) -> dict:
+        tensors = self._gather(GATHER_WEIGHTS)
+        if self.cfg.publish.overlap:  # the next step updates the live tensors in place: publish a copy
+            tensors = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        return tensors
+
+    async def _published(self) -> None:
+        """Wait for the publish in flight, if any (its failures are handled inside)."""
+        if self._publishing is not None:
+            await self._publishing
+            self._publishing = None
+
+    async def _publish(self, version: int, tensors: dict) -> None:
         try:
-            notice = await self.publisher.publish(self.version, tensors)
+            notice = await self.publisher.publish(version, tensors)
         except (PublishError, OSError, aiohttp.ClientError, TimeoutError) as exc:
             # Counted and reported; training goes on and the next version is published as usual.
             self.counters["publish_failures"] = self.counters.get("publish_failures", 0) + 1
             self.health = f"publish failed: {exc}"[:200]
-            self.telemetry.event("publish_failed", self.version, error=str(exc)[:500])
+            self.telemetry.event("publish_failed", version, error=str(exc)[:500])
             await self.status_pub.publish(self.status())
             return
         self.health = "ok"
         await self.status_pub.publish(notice)
         mb = self.publisher.last_bytes / 2**20
-        self.telemetry.publish(self.version, {
+        self.telemetry.publish(version, {
             "trainer/publish/seconds": self.publisher.last_seconds,
             "trainer/publish/mb": mb,
             "trainer/publish/mb_per_s": mb / max(self.publisher.last_seconds, 1e-9),
