@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from protocol.channels import StatusSubscriber, TrajectorySender
@@ -126,8 +127,12 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     assert any(not (new[k] == old[k]).all() for k in old), "training should change the weights"
     assert (last / "config.json").exists() and (last / "tokenizer.json").exists()
 
-    # SIGTERM wrote a checkpoint at the last version
-    assert (tmp_path / "ckpt" / "step-00000003" / "model.safetensors").exists()
+    # SIGTERM wrote a checkpoint at the last version; its weights are exactly those published as v3
+    # (publishing overlaps the next step, from a copy taken before it)
+    saved = load_file(tmp_path / "ckpt" / "step-00000003" / "model.safetensors")
+    assert all(torch.equal(saved[k], new[k]) for k in new)
+    v2 = load_file(Path(published[-2].source.path) / "model.safetensors")
+    assert any(not torch.equal(v2[k], new[k]) for k in new)
 
 
 async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_path, tiny_model_dir, trainer_process):
