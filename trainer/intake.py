@@ -40,7 +40,7 @@ class IntakeState(msgspec.Struct, kw_only=True):
     ready: list[str] = []
     """Groups closed for a batch (complete, or released as partial), in batch order."""
     group_dropped: dict[str, int] = {}
-    """Per waiting group, members already dropped as stale (they still count towards completion)."""
+    """Per waiting group, members already dropped as stale or rejected (they count towards completion)."""
     seen_ids: list[str] = []
     """Recently accepted trajectory ids, oldest first."""
     counters: dict[str, int] = {}
@@ -58,7 +58,6 @@ class Batch:
 
     trajectories: list[Trajectory]
     staleness: list[int]
-    version: int
 
     @property
     def ids(self) -> list[str]:
@@ -90,20 +89,22 @@ class Intake:
             self.counters["duplicate"] += 1
             return "duplicate"
         self._remember(traj.id)
-        problem = self._check(traj)
-        if problem:
-            self.counters["rejected"] += 1
-            self.last_rejection = f"trajectory {traj.id} (group {traj.group_id}): {problem}"
-            return "rejected"
-        self.counters["received"] += 1
         group = self._groups.get(traj.group_id)
         if group is None:
             group = self._groups[traj.group_id] = _Group()
-        if traj.staleness(version) > self.cfg.max_staleness:
+        problem = self._check(traj)
+        if problem:  # counts towards its group's completion, as a stale member does
+            self.counters["rejected"] += 1
+            self.last_rejection = f"trajectory {traj.id} (group {traj.group_id}): {problem}"
+            group.dropped += 1
+            outcome = "rejected"
+        elif traj.staleness(version) > self.cfg.max_staleness:
+            self.counters["received"] += 1
             self.counters["stale_dropped"] += 1
             group.dropped += 1
             outcome = "stale"
         else:
+            self.counters["received"] += 1
             group.members.append(traj)
             self._size += 1
             outcome = "buffered"
@@ -163,7 +164,7 @@ class Intake:
         self._ready = keep
         self._size -= len(taken)
         self.counters["used"] += len(taken)
-        return Batch(taken, [t.staleness(version) for t in taken], version)
+        return Batch(taken, [t.staleness(version) for t in taken])
 
     def _close(self, gid: str) -> None:
         """A group that will get no more members: ready for a batch (or gone, if all were dropped)."""

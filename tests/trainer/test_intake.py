@@ -114,6 +114,15 @@ def test_untrainable_trajectories_are_rejected_with_the_reason():
     assert intake.counters["rejected"] == 2 and intake.take_batch(0).ids == ["ok"]
 
 
+def test_a_rejected_member_still_completes_its_group():
+    intake = Intake(IntakeConfig(batch_size=2, group_size=2), vocab_size=5)
+    intake.offer(traj("a1", "A", 0), 0)
+    assert intake.offer(traj("a2", "A", 0, n_gen=4), 0) == "rejected"  # token id 5
+    intake.offer(traj("b1", "B", 0), 0)
+    intake.offer(traj("b2", "B", 0), 0)
+    assert intake.take_batch(0).ids == ["a1"] and intake.take_batch(0).ids == ["b1", "b2"]
+
+
 async def test_pump_acknowledges_used_ones_per_step_and_the_rest_at_checkpoint():
     from protocol.channels import TrajectoryReceiver, TrajectorySender
     from trainer.intake import IntakePump
