@@ -76,8 +76,9 @@ SIM = ["--set", "simulate.lengths=max_new_tokens", "--set", "simulate.step_base_
 def servers():
     started = []
     try:
-        for _ in range(3):
-            started.append(ReferenceServer(simulate=True, args=SIM).start())
+        for i in range(3):  # one streams deltas: a retry may cross streaming modes
+            mode = ["--incremental-streaming-output"] if i == 1 else []
+            started.append(ReferenceServer(simulate=True, args=SIM + mode).start())
         yield started
     finally:
         for srv in started:
