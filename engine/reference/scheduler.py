@@ -162,6 +162,8 @@ class Scheduler:
         self.running: list[Seq] = []
         self.seqs: dict[str, Seq] = {}
         self._wake = asyncio.Event()
+        self._stepping: set[Seq] = set()
+        """The batch of the step in flight; its sequences' KV is the model thread's until it returns."""
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.steps = 0
         self.tokens_generated = 0
@@ -205,7 +207,8 @@ class Scheduler:
         if reason["type"] == "abort":
             self.requests_aborted += 1
         self.requests_finished += 1
-        self.stepper.release(seq)
+        if seq not in self._stepping:  # the model thread may be reading its KV: released after the step
+            self.stepper.release(seq)
         if self.seqs.get(seq.rid) is seq:
             del self.seqs[seq.rid]
         seq.changed.set()
@@ -215,7 +218,8 @@ class Scheduler:
 
     async def pause(self, mode: str) -> None:
         """abort: finish everything in flight as aborted; retract: stop and requeue running
-        sequences without their KV (recomputed on continue); in_place: stop, KV kept."""
+        sequences without their KV (recomputed on continue, or found in the prefix cache if it is
+        on and was not flushed); in_place: stop, KV kept."""
         self.paused = True
         async with self.model_lock:
             if mode == "abort":
@@ -250,12 +254,20 @@ class Scheduler:
                     self.running.append(seq)
                 batch = list(self.running)
                 version = self.version
+                self._stepping = set(batch)
                 try:
                     out = await self.stepper.step(batch)
                 except Exception as exc:  # a failed step fails its batch, never the server
                     log.exception("generation step over %d sequences failed", len(batch))
                     self.step_failures += 1
-                    failed = {"type": "abort", "message": f"generation step failed: {exc!r}",
+                    out = exc
+                finally:
+                    self._stepping = set()
+                for seq in batch:
+                    if seq.finished:  # aborted during the step: its KV is free only now
+                        self.stepper.release(seq)
+                if isinstance(out, Exception):
+                    failed = {"type": "abort", "message": f"generation step failed: {out!r}",
                               "status_code": 500, "err_type": "InternalServerError"}
                     for seq in batch:
                         self._finish(seq, dict(failed))

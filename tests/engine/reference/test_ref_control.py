@@ -277,3 +277,19 @@ async def test_waiting_update_goes_before_new_generations(server, tiny_model_dir
     _, body = await first
     assert [s["version"] for s in body["meta_info"]["weight_versions"]] == [old]
     assert [s["version"] for s in second[1]["meta_info"]["weight_versions"]] == ["after"]
+
+
+async def test_aborts_racing_steps_never_fail_a_step(server):
+    """Aborts land while the model thread runs a step over the same sequences: the KV of an aborted
+    sequence is released only after the step, so no step fails."""
+    tasks = [asyncio.create_task(generate(server, {"input_ids": PROMPT + [i], "rid": f"race-{i}",
+                                                   "sampling_params": LONG})) for i in range(12)]
+    await wait_running(server.url, 12)
+    for i in range(11):
+        await post(server.url + "/abort_request", {"rid": f"race-{i}"})
+        await asyncio.sleep(0.005 * i)
+    assert (await post(server.url + "/abort_request", {"rid": "race-11"}))[0] == 200
+    results = await asyncio.gather(*tasks)
+    assert all(status == 200 and body["meta_info"]["finish_reason"]["type"] == "abort" for status, body in results)
+    _, info = await get(server.url + "/server_info")
+    assert info["internal_states"][0]["num_step_failures"] == 0
