@@ -27,6 +27,8 @@ import gc
 import time
 
 import uvloop
+from rich.console import Console
+from rich.progress import Progress
 
 from bench.report import bench_parser, emit
 from engine.backends import Chunk, OpenAIBackend, OpenAIConfig, Request, Sampling, SGLangBackend, SGLangConfig
@@ -108,23 +110,32 @@ def _client(name: str, url: str, connections: int):
 
 async def _bench(sizes: dict, url: str) -> list[dict]:
     results = []
-    for concurrency in CONCURRENCY:
-        for name in CLIENTS:
-            client = _client(name, url, max(concurrency, 16))
-            try:
-                await _run(client, min(concurrency, 16), concurrency, 2)  # connections up, code warm
-                count = sizes["streams"][concurrency]
-                cpu, wall, tokens = await _run(client, count, concurrency, sizes["tokens"])
-                rcpu, _, _ = await _run(client, count, concurrency, 1)
-            finally:
-                await client.close()
-            results.append({
-                "client": name, "concurrency": concurrency, "tokens": tokens,
-                "cpu_us_per_token": 1e6 * cpu / tokens, "cpu_us_per_request": 1e6 * rcpu / count,
-                "cpu_us_per_chunk": 1e6 * (cpu - rcpu) / (tokens - count),
-                "tokens_per_cpu_s": tokens / cpu, "tokens_per_s": tokens / wall,
-            })
+    cases = [(c, name) for c in CONCURRENCY for name in CLIENTS]
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("bench backend", total=len(cases))
+        for concurrency, name in cases:
+            progress.update(task, description=f"{name} x {concurrency}")
+            results.append(await _case(sizes, url, name, concurrency))
+            progress.advance(task)
     return results
+
+
+async def _case(sizes: dict, url: str, name: str, concurrency: int) -> dict:
+    """One client at one concurrency: warm up, then the streams, then as many one-token requests."""
+    client = _client(name, url, max(concurrency, 16))
+    try:
+        await _run(client, min(concurrency, 16), concurrency, 2)  # connections up, code warm
+        count = sizes["streams"][concurrency]
+        cpu, wall, tokens = await _run(client, count, concurrency, sizes["tokens"])
+        rcpu, _, _ = await _run(client, count, concurrency, 1)
+    finally:
+        await client.close()
+    return {
+        "client": name, "concurrency": concurrency, "tokens": tokens,
+        "cpu_us_per_token": 1e6 * cpu / tokens, "cpu_us_per_request": 1e6 * rcpu / count,
+        "cpu_us_per_chunk": 1e6 * (cpu - rcpu) / (tokens - count),
+        "tokens_per_cpu_s": tokens / cpu, "tokens_per_s": tokens / wall,
+    }
 
 
 def main(argv: list[str]) -> int:
