@@ -183,3 +183,18 @@ async def test_full_queue_is_a_503():
         assert resp.status == 200 and done and events[0]["error"]["code"] == 503 and events[0]["error"]["retryable"]
         assert (await post(srv.url + "/continue_generation", {}))[0] == 200
         assert [(await q)[0] for q in queued] == [200, 200]
+
+
+async def test_flush_cache_timeout_while_requests_hold_kv(sim_server):
+    body = {"input_ids": [300], "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}
+    task = asyncio.create_task(post(sim_server.url + "/generate", body))
+    async with asyncio.timeout(30):
+        while (await get(sim_server.url + "/server_info"))[1]["internal_states"][0]["num_running_reqs"] < 1:
+            await asyncio.sleep(0.02)
+    assert (await post(sim_server.url + "/pause_generation", {"mode": "in_place"}))[0] == 200
+    assert await get(sim_server.url + "/flush_cache?timeout=0.2") == (400, "Timed out waiting for idle state.\n")
+    assert (await post(sim_server.url + "/abort_request", {"abort_all": True}))[0] == 200
+    status, reply = await get(sim_server.url + "/flush_cache?timeout=5")
+    assert status == 200 and reply.startswith("Cache flushed.")
+    assert (await post(sim_server.url + "/continue_generation", {}))[0] == 200
+    assert (await task)[1]["meta_info"]["finish_reason"]["type"] == "abort"
