@@ -45,8 +45,9 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
             buf = b""
             done = False
             async for data in resp.content.iter_any():
+                start = len(buf) - 1  # a blank line may straddle two reads
                 buf += data
-                if done or b"\n\n" not in data:
+                if done or buf.find(b"\n\n", max(start, 0)) < 0:
                     continue
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
