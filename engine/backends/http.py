@@ -1,7 +1,8 @@
 """HTTP plumbing every HTTP backend shares: one SSE stream or one call, with every failure a `BackendError`.
 
 Server-sent events here are the subset SGLang and OpenAI-compatible servers send (contract §1.6): each
-event is `data: <json>` and a blank line, the last one `data: [DONE]`; no `event:`/`id:` lines. Bytes
+event is `data: <json>` and a blank line, the last one `data: [DONE]`; comment lines (`: ping`) are
+skipped, and `event:`/`id:` lines, which these servers never send, are an error. Bytes
 are split on the blank line as they arrive (one read may hold several events, or part of one), so a
 stream costs one await per network read, not per line.
 """
@@ -51,9 +52,14 @@ async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: by
                     continue
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
-                    if not event.startswith(SSE_PREFIX):
+                    if event.startswith(SSE_PREFIX):
+                        payload = event[_SKIP:]
+                    elif event.startswith(b"data:"):  # the space is optional in SSE
+                        payload = event[5:]
+                    elif event.startswith(b":"):  # a comment (keep-alive), ignored by SSE readers
+                        continue
+                    else:
                         raise BadResponse(f"SSE event without 'data: ': {event[:80]!r}", url=url, request_id=rid)
-                    payload = event[_SKIP:]
                     if payload == SSE_DONE:
                         done = True  # read on to the end of the body, so the connection is reused
                         break

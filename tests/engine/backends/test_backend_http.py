@@ -47,6 +47,10 @@ async def test_events_split_at_any_byte_arrive_whole(piece):
     assert await collect(stream, piece) == EVENTS
 
 
+async def test_comments_and_data_without_a_space_are_read_as_sse_defines():
+    assert await collect(b": ping\n\ndata:" + EVENTS[0] + b"\n\ndata: [DONE]\n\n", 1000) == EVENTS[:1]
+
+
 async def test_missing_done_and_non_sse_lines_are_errors():
     with pytest.raises(ServerUnavailable, match=r"stream closed before data: \[DONE\].*request r"):
         await collect(b"data: " + EVENTS[0] + b"\n\n", 1000)
