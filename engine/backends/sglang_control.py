@@ -89,8 +89,9 @@ class SGLangControl:
         return server.url, ok
 
     async def _catch_up(self, server: Server) -> None:
+        """Replay the last disk update on a server that missed it (not on a router: it has no such route)."""
         latest = self._latest_disk
-        if latest is None:
+        if latest is None or self._workers:
             return
         info = _model_info.decode(await self._call(server, "GET", "/model_info"))
         if info.weight_version != latest.weight_version:
