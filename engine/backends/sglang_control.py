@@ -93,7 +93,10 @@ class SGLangControl:
         latest = self._latest_disk
         if latest is None or self._workers:
             return
-        info = _model_info.decode(await self._call(server, "GET", "/model_info"))
+        try:
+            info = _model_info.decode(await self._call(server, "GET", "/model_info"))
+        except msgspec.DecodeError as exc:
+            raise BadResponse(f"/model_info: {exc}", url=server.url) from None
         if info.weight_version != latest.weight_version:
             await self._post(server, "/update_weights_from_disk", latest)
 
