@@ -248,6 +248,8 @@ def parse_generate(body: bytes, *, stream_interval: int = 1) -> tuple[GenerateRe
     else:
         batch = isinstance(req.text, list)
         prompts = req.text if batch else [req.text]
+    if not prompts:
+        raise request_error("A batch must hold at least one prompt.")
     if isinstance(req.sampling_params, list) and len(req.sampling_params) != len(prompts):
         raise request_error(
             f"sampling_params has {len(req.sampling_params)} entries for {len(prompts)} prompts."

@@ -63,6 +63,14 @@ async def _auth_and_errors(request: web.Request, handler):
     except ApiError as err:
         request.app["state"].count("rejected_requests")
         return web.Response(status=err.status, body=json_encode(err.body), content_type="application/json")
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # a bug answers a counted 500 envelope; the server keeps serving
+        log.exception("%s %s failed", request.method, request.path)
+        request.app["state"].count("internal_errors")
+        body = {"object": "error", "message": f"internal error: {exc!r}", "type": "InternalServerError",
+                "param": None, "code": 500}
+        return web.Response(status=500, body=json_encode(body), content_type="application/json")
 
 
 def _json(data) -> web.Response:

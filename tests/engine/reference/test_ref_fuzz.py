@@ -41,7 +41,7 @@ def _post(url: str, data: bytes) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=generate_bodies)
 def test_generate_never_crashes(fuzz_server, body):
     body.setdefault("sampling_params", {})

@@ -213,6 +213,7 @@ async def test_stream_interval_coalesces(model_server):
     (b'{"input_ids": [1, 2], "sampling_params": {"max_tokens": 3}}', 400, "contract"),
     (b'{"input_ids": []}', 400, "request"),
     (b'{"sampling_params": {}}', 400, "request"),
+    (b'{"text": []}', 400, "request"),
     (b'{"input_ids": [1, 2], "sampling_params": {"top_p": 1.5}}', 400, "request"),
     (b'{"input_ids": [1, 99999999]}', 400, "request"),
 ])
