@@ -40,6 +40,9 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     """Sent as `Authorization: Bearer` (use the admin key if the servers set one: tidal calls weight routes)."""
     stream: bool = True
     """Stream tokens as they are generated (SSE); False waits for each whole response."""
+    stream_interval: Annotated[int, Meta(ge=1)] | None = None
+    """Tokens per stream event (SGLang's `stream_interval`); None: the server's `--stream-interval`.
+    Larger values cut the client's per-event cost at thousands of concurrent streams."""
     balance: Literal["tokens", "requests"] = "tokens"
     """Load measure for routing: in-flight tokens (prompt + budget) or in-flight requests."""
     affinity: bool = True

@@ -62,12 +62,12 @@ class _Attempt:
         self.cached = 0
 
 
-def _sampling(s: Sampling, budget: int) -> wire.SamplingParams:
+def _sampling(s: Sampling, budget: int, stream_interval: int | None) -> wire.SamplingParams:
     """The closed set of §1.2: the policy's sampling always stated, optional keys only when set."""
     return wire.SamplingParams(
         max_new_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         stop_token_ids=list(s.stop_token_ids) or None, stop=list(s.stop) or None, sampling_seed=s.seed,
-        ignore_eos=s.ignore_eos,
+        ignore_eos=s.ignore_eos, stream_interval=stream_interval,
     )
 
 
@@ -197,8 +197,8 @@ class SGLangBackend(SGLangControl, Backend):
                 wire_rid = rid if attempt == 0 else f"{rid}@{attempt}"
                 body = wire.encode(wire.GenerateRequest(
                     input_ids=prompt + received if received else prompt,
-                    sampling_params=_sampling(sampling, budget), rid=wire_rid, stream=self.cfg.stream,
-                    return_logprob=True))
+                    sampling_params=_sampling(sampling, budget, self.cfg.stream_interval), rid=wire_rid,
+                    stream=self.cfg.stream, return_logprob=True))
                 cost = len(prompt) + sampling.max_new_tokens
                 self.router.acquire(server, cost)
                 self._inflight[rid] = (server, wire_rid)

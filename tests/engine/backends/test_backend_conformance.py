@@ -74,6 +74,12 @@ async def test_generate_body_always_states_the_sampling_policy():
     assert body["sampling_params"] == {"max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1}
 
 
+async def test_generate_body_carries_the_configured_stream_interval():
+    async with FakeSGLang() as s, client(s, stream_interval=4) as b:
+        await drain(b, Request(input_ids=[4], request_id="r", sampling=Sampling(max_new_tokens=2)))
+    assert s.requests("/generate")[0]["sampling_params"]["stream_interval"] == 4
+
+
 async def test_abort_request_body():
     async with FakeSGLang(token_delay_s=0.01) as s, client(s) as b:
         task = asyncio.create_task(drain(b, Request(input_ids=[1], request_id="traj7-turn2",
