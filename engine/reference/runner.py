@@ -2,8 +2,9 @@
 
 Runs every forward pass on one worker thread so the event loop (HTTP, streaming) stays responsive.
 Each sequence keeps its own KV (kv.py); a decode step gathers the running sequences into one
-left-padded, masked batch and runs a single forward pass, so sequences join and leave the batch at
-any step (continuous batching). Sampling and the logprob the server returns are defined in
+left-padded, masked batch, runs a single forward pass, and keeps the batch for the next step while
+the same sequences run, so sequences join and leave at any step (continuous batching) and the
+steps in between copy no KV. Sampling and the logprob the server returns are defined in
 sampling.py (contract §1.4: log softmax of the tempered logits over the full vocabulary).
 """
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from engine.reference.kv import SeqKV, gather, scatter_last
+from engine.reference.kv import DecodeBatch, Row, SeqKV
 from engine.reference.prefix_cache import PrefixCache
 from engine.reference.sampling import LOGP_MIN, sample
 from engine.reference.scheduler import Seq
@@ -46,6 +47,7 @@ class ModelRunner:
         self.eos_token_ids = frozenset(eos)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self._batch: DecodeBatch | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def _load(self, path: str):
@@ -59,11 +61,12 @@ class ModelRunner:
 
     def release(self, seq: Seq) -> None:
         """Keep the sequence's KV in the prefix cache when its length still matches its tokens
-        (a sequence aborted during a step may hold KV one token ahead)."""
+        (a sequence aborted during a step may hold KV one token ahead). Called only while no step
+        runs (the scheduler defers it), so reading a decode batch's row here is safe."""
         kv = seq.kv
         tokens = (seq.prompt + seq.output_ids)[:-1]
         if self.cache is not None and kv is not None and kv.n == len(tokens):
-            self.cache.insert(tokens, kv)
+            self.cache.insert(tokens, kv.materialize() if isinstance(kv, Row) else kv)
         seq.kv = None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -110,6 +113,8 @@ class ModelRunner:
         if decode:
             for i, row in zip(decode, self._decode([batch[i] for i in decode]), strict=True):
                 rows[i] = row
+        else:
+            self._batch = None
         for seq in batch:
             if seq.rng is None and seq.sampling.sampling_seed is not None:
                 seq.rng = torch.Generator(device=self.device).manual_seed(seq.sampling.sampling_seed)
@@ -157,14 +162,24 @@ class ModelRunner:
         return [None] + values[start:] if start < n else []
 
     def _decode(self, seqs: list[Seq]) -> torch.Tensor:
-        """One batched decode step over sequences with KV: (B, V) logits of their next tokens."""
-        kvs = [s.kv for s in seqs]
-        cache, mask, positions = gather(kvs)
+        """One batched decode step over sequences with KV: (B, V) logits of their next tokens.
+        The batch of the previous step is reused when the same sequences run again (kv.py)."""
+        members = tuple(seqs)
+        batch = self._batch
+        if batch is None or batch.members != members:
+            if batch is not None:
+                for seq in batch.members:
+                    if isinstance(seq.kv, Row) and seq.kv.batch is batch:
+                        seq.kv = seq.kv.materialize()
+            batch = self._batch = DecodeBatch(members, [s.kv for s in seqs])
+            for b, seq in enumerate(seqs):
+                seq.kv = Row(batch, b)
+        cache, mask, positions = batch.inputs()
         out = self.model(
             input_ids=torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device),
             attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
         )
-        scatter_last(kvs, out.past_key_values)
+        batch.advance()
         return out.logits[:, -1]
 
     # --- weights (model thread) -----------------------------------------------------------------

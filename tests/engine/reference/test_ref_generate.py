@@ -359,3 +359,20 @@ async def test_penalties_shape_the_logprobs(model_server, tiny_model):
         assert token == int(z.argmax())
         lp = body["meta_info"]["output_token_logprobs"][i][0]
         assert lp == pytest.approx(float(torch.log_softmax(z, -1)[token]), abs=1e-4)
+
+
+async def test_batch_membership_changes_keep_outputs_exact(model_server, tiny_model):
+    """Sequences leave the decode batch at different steps (kv.py rebuilds it from the rows of the
+    ones still running): every output still equals its own teacher-forced greedy decode."""
+    model, _ = tiny_model
+    lengths = [3, 7, 11, 16, 24]
+    prompts = [[30 + i] + PROMPT[: 1 + i] for i in range(len(lengths))]
+    bodies = await asyncio.gather(*(gen(model_server, {
+        "input_ids": p, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True},
+    }) for p, n in zip(prompts, lengths, strict=True)))
+    for p, n, (_, body) in zip(prompts, lengths, bodies, strict=True):
+        assert len(body["output_ids"]) == n
+        logprobs, greedy = teacher_forced(model, p, body["output_ids"])
+        assert body["output_ids"] == greedy
+        assert [t[0] for t in body["meta_info"]["output_token_logprobs"]] == pytest.approx(logprobs, abs=1e-4)
