@@ -52,6 +52,10 @@ class ModelRunner:
 
     def _load(self, path: str):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"{path}: layer types {sorted(layer_types)}; the reference server keeps full "
+                             "KV per sequence and serves full-attention models only")
         return model.to(self.device).eval()
 
     # --- the Stepper interface ------------------------------------------------------------------
