@@ -9,7 +9,8 @@ cost model (`simulate.py`), so both speak the protocol with identical semantics.
 Invariants kept here: a sequence finishes exactly once (its `finish` is set once, then `done` is
 set); every token is tagged with the version of the weights that sampled it (`spans`), because the
 model lock is held from reading the version to applying the step; a step and a weight update never
-overlap (both hold `model_lock`).
+overlap (both hold `model_lock`); a sequence's KV is released only when no step is using it (an
+abort during a step defers the release until the step returns).
 """
 
 import asyncio
