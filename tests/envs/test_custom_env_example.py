@@ -1,10 +1,10 @@
-"""The worked extension (examples/custom_env.py) runs and shows what it claims."""
+"""The worked extension (tests/examples/custom_env.py) runs and shows what it claims."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_env.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_env.py"
 
 
 def test_custom_env_example_runs():

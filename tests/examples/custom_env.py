@@ -1,6 +1,6 @@
 """A custom environment for tidal, end to end: write it, register it, check it, wrap it, run it.
 
-    python examples/custom_env.py
+    python tests/examples/custom_env.py
 
 The env is a text maze: the agent walks a small grid to the exit with `\\boxed{N}` (N, S, E, W).
 Run by tests/envs/test_custom_env_example.py, so it stays true to the API.
