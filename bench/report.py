@@ -55,7 +55,8 @@ def _fmt(value) -> str:
 def emit(name: str, config: dict, results: list[dict], summary: dict, json_out: str | None) -> dict:
     """Print the results table and summary; write the JSON report when asked. Returns the report."""
     report = {"bench": name, "machine": machine(), "config": config, "results": results, "summary": summary}
-    console = Console()
+    # Piped output (CI logs, files) gets a wide console so no column of the table is cut.
+    console = Console() if sys.stdout.isatty() else Console(width=240)
     if results:
         table = Table(title=f"tidal bench {name}")
         columns = list(dict.fromkeys(k for row in results for k in row))
