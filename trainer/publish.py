@@ -135,11 +135,16 @@ class DistributedPublisher:
         self._sessions = True  # begin/end_weight_update exist until a server answers 404
 
     async def start(self) -> None:
-        """Host the rendezvous, then form the group with every server (their HTTP calls block until then)."""
+        """Open the HTTP session and form the group."""
         import aiohttp
-        from torch.distributed import TCPStore
 
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+        await self._form()
+
+    async def _form(self) -> None:
+        """Host the rendezvous, then form the group with every server (their HTTP calls block until then)."""
+        from torch.distributed import TCPStore
+
         self._store = TCPStore(
             self.cfg.master_address, self.cfg.master_port, self.world_size, is_master=True,
             timeout=timedelta(seconds=self.cfg.timeout_s), wait_for_workers=False,
@@ -159,19 +164,23 @@ class DistributedPublisher:
         results = await asyncio.gather(join, *calls)
         self._group = results[0]
 
+    async def _leave(self) -> None:
+        """Best effort: every server leaves the group, then this side drops it (and its rendezvous)."""
+        req = DestroyWeightsUpdateGroupRequest(group_name=self.cfg.group_name)
+        await asyncio.gather(
+            *(self._post(url, "/destroy_weights_update_group", req) for url in self.cfg.servers),
+            return_exceptions=True,
+        )
+        self._group = None
+        self._store = None
+
     async def close(self) -> None:
-        """Leave the group on every server, then locally."""
+        """Leave the group on every server, then locally; close the HTTP session."""
         if self._group is not None:
-            req = DestroyWeightsUpdateGroupRequest(group_name=self.cfg.group_name)
-            await asyncio.gather(
-                *(self._post(url, "/destroy_weights_update_group", req) for url in self.cfg.servers),
-                return_exceptions=True,
-            )
-            self._group = None
+            await self._leave()
         if self._http is not None:
             await self._http.close()
             self._http = None
-        self._store = None
 
     def _buckets(self, tensors: Mapping) -> list[list[tuple[str, object]]]:
         """Tensors in order, cut into buckets of about `bucket_mb`; with `flatten`, one dtype per bucket."""
@@ -199,30 +208,24 @@ class DistributedPublisher:
             self._group.broadcast(t.detach().contiguous(), 0).wait()
 
     async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
-        """Send every tensor to every server; the servers serve `version` when this returns."""
+        """Send every tensor to every server; the servers serve `version` when this returns.
+
+        Any failure (a server refused, restarted or vanished) leaves the group broken: it is left on
+        every server, PublishError names the servers and the cause, and the next publish forms it again.
+        """
+        import aiohttp
+
         t0 = time.perf_counter()
-        buckets = self._buckets(tensors)
-        if self._sessions:
-            begun = await self._post_all("/begin_weight_update", BeginWeightUpdateRequest(), allow_404=True)
-            self._sessions = all(begun)
         try:
-            for i, bucket in enumerate(buckets):
-                last = i == len(buckets) - 1
-                req = UpdateWeightsFromDistributedRequest(
-                    names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
-                    shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
-                    flush_cache=last, weight_version=str(version) if last else None,
-                    load_format="flattened_bucket" if self.cfg.flatten else None,
-                )
-                # A server that refuses the call posts no receive: the broadcast then fails after
-                # `timeout_s` (gloo cannot be cancelled), and the error names the server.
-                await asyncio.gather(
-                    self._post_all("/update_weights_from_distributed", req),
-                    asyncio.to_thread(self._broadcast, bucket),
-                )
-        finally:
-            if self._sessions:
-                await self._post_all("/end_weight_update", EndWeightUpdateRequest())
+            if self._group is None:
+                await self._form()
+            await self._send(version, tensors)
+        except (PublishError, RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
+            await self._leave()
+            raise PublishError(
+                f"publishing version {version} to {', '.join(self.cfg.servers)} failed: {exc}; "
+                "the group is formed again for the next version"
+            ) from None
         self.last_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         self.last_seconds = time.perf_counter() - t0
         return WeightsPublished(
@@ -235,6 +238,41 @@ class DistributedPublisher:
             ),
             nbytes=self.last_bytes, published_at=time.time(),
         )
+
+    async def _send(self, version: int, tensors: Mapping) -> None:
+        if self._sessions:
+            begun = await self._post_all("/begin_weight_update", BeginWeightUpdateRequest(), allow_404=True)
+            self._sessions = all(begun)
+        try:
+            buckets = self._buckets(tensors)
+            for i, bucket in enumerate(buckets):
+                last = i == len(buckets) - 1
+                req = UpdateWeightsFromDistributedRequest(
+                    names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
+                    shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
+                    flush_cache=last, weight_version=str(version) if last else None,
+                    load_format="flattened_bucket" if self.cfg.flatten else None,
+                )
+                # Both sides run to the end, so no broadcast outlives its bucket: a server that refuses
+                # the call posts no receive and the broadcast fails after `timeout_s` (gloo cannot be
+                # cancelled); one that died fails it at once.
+                results = await asyncio.gather(
+                    self._post_all("/update_weights_from_distributed", req),
+                    asyncio.to_thread(self._broadcast, bucket),
+                    return_exceptions=True,
+                )
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+        except BaseException:
+            if self._sessions:
+                await asyncio.gather(
+                    *(self._post(url, "/end_weight_update", EndWeightUpdateRequest()) for url in self.cfg.servers),
+                    return_exceptions=True,
+                )
+            raise
+        if self._sessions:
+            await self._post_all("/end_weight_update", EndWeightUpdateRequest())
 
     async def _post_all(self, path: str, req, *, allow_404: bool = False) -> list[bool]:
         return await asyncio.gather(*(self._post(url, path, req, allow_404=allow_404) for url in self.cfg.servers))

@@ -4,6 +4,8 @@ Each test publishes the tiny model with its output head negated, so greedy decod
 (argmax becomes argmin), then checks the served tokens changed and the server's weight_version.
 """
 
+import asyncio
+
 import aiohttp
 import msgspec
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 from engine.reference.launch import ReferenceServer
 from protocol.messages import DiskWeights, DistributedWeights
 from trainer.config import DiskPublish, DistributedPublish
-from trainer.publish import DiskPublisher, DistributedPublisher
+from trainer.publish import DiskPublisher, DistributedPublisher, PublishError
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,13 @@ async def test_gloo_broadcast_publish_changes_served_outputs(tiny_model_dir):
             await publisher.publish(4, load_file(f"{tiny_model_dir}/model.safetensors"))
             again, version = await greedy(http, srv.url)
             assert version == "4" and again == before
+            # the server restarts (same URL, no group): that publish fails naming it, the next re-forms
+            await asyncio.to_thread(srv.restart)
+            with pytest.raises(PublishError, match=f"publishing version 5 to {srv.url} failed"):
+                await publisher.publish(5, tensors)
+            await publisher.publish(6, tensors)
+            after_restart, version = await greedy(http, srv.url)
+            assert version == "6" and after_restart == after
         finally:
             await publisher.close()
         async with http.post(f"{srv.url}/destroy_weights_update_group", json={"group_name": "tidal_test"}) as resp:
