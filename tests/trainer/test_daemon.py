@@ -49,6 +49,13 @@ class Watcher:
         self._task.cancel()
 
 
+async def weights(sub: StatusSubscriber, at_least: int, timeout: float = 60.0) -> WeightsPublished:
+    async with asyncio.timeout(timeout):
+        while (w := sub.latest_weights) is None or w.version < at_least:
+            await asyncio.sleep(0.05)
+    return w
+
+
 def timeline(recs: list[dict]) -> dict[int, list[str]]:
     """Trajectory ids each version's step used, as the run finally stands: a resume at version v
     supersedes steps >= v recorded before it."""
@@ -184,3 +191,54 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
     assert len(ids) == len(set(ids)), "a trajectory was used twice"
     assert sorted(ids) == sorted(sent), "a trajectory was lost"
     assert (tmp_path / "ckpt" / f"step-{steps:08d}").exists()
+
+
+async def test_broadcasts_each_version_to_the_reference_server_and_survives_its_restart(
+        tmp_path, tiny_model_dir, trainer_process):
+    import aiohttp
+
+    from engine.reference.launch import ReferenceServer
+
+    async def served(http, url) -> tuple[list[float], str]:
+        body = {"input_ids": [40, 41, 42], "return_logprob": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}}
+        async with http.post(f"{url}/generate", json=body) as resp:
+            out = await resp.json()
+        async with http.get(f"{url}/model_info") as resp:
+            version = (await resp.json())["weight_version"]
+        return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], version
+
+    producer = Producer(tiny_model_dir, seed=2)
+    groups = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(4)}
+    async with ReferenceServer(tiny_model_dir) as srv, aiohttp.ClientSession() as http:
+        before, _ = await served(http, srv.url)
+        cfg = trainer_toml(tmp_path, tiny_model_dir, learner={"optim": {"lr": 1e-2}},
+                           publish={"type": "distributed", "servers": [srv.url], "timeout_s": 30})
+        trainer = trainer_process(cfg)
+        ready = await asyncio.to_thread(trainer.start)
+        async with (
+            StatusSubscriber(ready["status_endpoint"]) as sub,
+            TrajectorySender(ready["endpoint"], "engine-test") as tx,
+        ):
+            watch = Watcher(sub)
+            for k in range(4):
+                await watch.version(k)
+                if k == 2:  # once v2 is broadcast, the server restarts and loses the group
+                    await weights(sub, 2)
+                    logprobs, version = await served(http, srv.url)
+                    assert version == "2" and logprobs != before
+                    await asyncio.to_thread(srv.restart)
+                for t in groups[k]:
+                    await tx.send(Producer.retag(t, k))
+            await weights(sub, 4)
+            trainer.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
+            watch.close()
+        logprobs, version = await served(http, srv.url)
+    assert version == "4" and logprobs != before
+    recs = records(trainer.jsonl)
+    assert [r["step"] for r in recs if r["event"] == "publish"] == [1, 2, 4]
+    failed = [r for r in recs if r["event"] == "publish_failed"]
+    assert [r["step"] for r in failed] == [3] and srv.url in failed[0]["error"]
+    assert any(s.health.startswith("publish failed") for s in watch.statuses())
+    assert [w.version for w in watch.seen if isinstance(w, WeightsPublished)] == [1, 2, 4]
