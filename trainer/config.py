@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from protocol.config import Strict
+from trainer.advantages import GRPOConfig, RLOOConfig
 from trainer.learner import LearnerConfig
 
 __all__ = [
@@ -34,10 +35,11 @@ class IntakeConfig(Strict):
     """ZeroMQ endpoint the trainer binds for trajectories (loopback by default, invariant 7)."""
     status_endpoint: str = "tcp://127.0.0.1:5556"
     """ZeroMQ endpoint the trainer binds to publish TrainerStatus and WeightsPublished."""
-    batch_size: PosInt = 8
+    batch_size: PosInt = 16
     """B: trajectories per optimizer step (the engine's admission bound is (k + 1 + max_staleness) * B)."""
-    group_size: PosInt = 1
-    """Trajectories per group (same prompt, for group-relative advantages); a batch never splits one."""
+    group_size: PosInt = 4
+    """Trajectories per group (same prompt, for group-relative advantages); a batch never splits one.
+    Must match the engine's group size."""
     max_staleness: NonNegInt = 1
     """Trajectories whose staleness (trained version - min_version) exceeds this are dropped and counted."""
     capacity: PosInt = 256
@@ -153,3 +155,10 @@ class TrainerConfig(Strict):
     """Stop (with a checkpoint) after this many optimizer steps in total; 0 runs until SIGTERM."""
     seed: int = 0
     """Seed of torch, numpy and random at a fresh start (a resume restores the saved RNG state)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.learner.advantage, GRPOConfig | RLOOConfig) and self.intake.group_size < 2:
+            raise ValueError(
+                f"learner.advantage.type = {self.learner.advantage.__struct_config__.tag!r} compares members of "
+                f"a group, so intake.group_size must be >= 2 (got {self.intake.group_size})"
+            )

@@ -49,3 +49,11 @@ def test_missing_model_and_busy_endpoint_exit_2_with_the_reason(tmp_path, tiny_m
     finally:
         busy.close(linger=0)
         ctx.term()
+
+
+def test_group_relative_advantages_need_groups(capsys):
+    argv = ["trainer", "--set", "learner.model.path='/m'", "--set", "intake.group_size=1", "--set", "intake.batch_size=4"]
+    assert tidal(argv) == 2
+    assert "learner.advantage.type = 'grpo' compares members of a group, so intake.group_size must be >= 2" in (
+        capsys.readouterr().err)
+    assert tidal([*argv, "--set", "learner.advantage.type='rebn'", "--print-config"]) == 0
