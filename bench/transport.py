@@ -100,9 +100,15 @@ async def _receive_tidal(conn, count: int, latency_count: int) -> tuple[list[flo
         return latencies, cpu
 
 
-def _decode_baseline(method: str, frames: list) -> float:
-    """Decode one baseline message into arrays; returns its send time."""
+def _decode_baseline(method: str, frames: list, tokens: int) -> float:
+    """Decode one baseline message into arrays; returns its send time.
+
+    raw_zmq does the least a receiver can: zero-copy array views over the payload, no data read.
+    """
     if method == "raw_zmq":
+        payload = frames[1]
+        for offset, dtype in ((0, "<u4"), (4 * tokens, "u1"), (5 * tokens, "<f4"), (9 * tokens, "<i4")):
+            np.frombuffer(payload, dtype, tokens, offset)
         return float(np.frombuffer(frames[0], np.float64)[0])
     if method == "pickle":
         obj = pickle.loads(frames[0])
@@ -114,27 +120,33 @@ def _decode_baseline(method: str, frames: list) -> float:
 
 
 def _receive_baseline(
-    conn, method: str, warmup: int, count: int, latency_count: int
+    conn, method: str, tokens: int, warmup: int, count: int, latency_count: int
 ) -> tuple[list[float], float]:
+    """The baselines' receiver acks as ours does: one cumulative ack per batch of queued messages."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     conn.send(f"tcp://127.0.0.1:{port}")
+    received, latencies, cpu = 0, [], 0.0
     try:
-        for i in range(warmup + count):
-            peer, *frames = sock.recv_multipart(copy=False)
-            _decode_baseline(method, [f.buffer for f in frames])
-            if i == warmup - 1:
-                sock.send_multipart([peer, b"done"])
-                cpu = time.process_time()
-        cpu = time.process_time() - cpu
-        sock.send_multipart([peer, b"done"])
-        latencies = []
-        for _ in range(latency_count):
-            peer, *frames = sock.recv_multipart(copy=False)
-            latencies.append(time.perf_counter() - _decode_baseline(method, [f.buffer for f in frames]))
-            sock.send_multipart([peer, b"ack"])
+        while received < warmup + count + latency_count:
+            flags = 0
+            while True:  # block for one message, then drain what is queued (one batch)
+                try:
+                    peer, *frames = sock.recv_multipart(flags, copy=False)
+                except zmq.Again:
+                    break
+                flags = zmq.NOBLOCK
+                sent_at = _decode_baseline(method, [f.buffer for f in frames], tokens)
+                received += 1
+                if received == warmup:
+                    cpu = time.process_time()
+                elif received == warmup + count:
+                    cpu = time.process_time() - cpu
+                elif received > warmup + count:
+                    latencies.append(time.perf_counter() - sent_at)
+            sock.send_multipart([peer, received.to_bytes(8, "little")])
         return latencies, cpu
     finally:
         sock.close(linger=100)
@@ -143,11 +155,11 @@ def _receive_baseline(
 def _receiver(conn) -> None:
     """Child process: run one receiving case per command until told to stop."""
     while (cmd := conn.recv()) is not None:
-        method, warmup, count, latency_count = cmd
+        method, tokens, warmup, count, latency_count = cmd
         if method == "tidal":
             conn.send(asyncio.run(_receive_tidal(conn, count, latency_count)))
         else:
-            conn.send(_receive_baseline(conn, method, warmup, count, latency_count))
+            conn.send(_receive_baseline(conn, method, tokens, warmup, count, latency_count))
 
 
 # --- sender (this process: the engine's role)
@@ -178,8 +190,10 @@ def make_trajectory_like(traj: Trajectory, sent_at: float) -> Trajectory:
 def _send_baseline(
     method: str, endpoint: str, tokens: int, warmup: int, count: int, latency_count: int, nbytes: int
 ) -> tuple[float, float]:
+    """Same flow control as ours: at most WINDOW messages unacknowledged (acks read only when full)."""
     traj = make_trajectory(tokens)
-    raw = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
+    payload = traj.token_ids().tobytes() + traj.mask().tobytes() + traj.behav_logps().tobytes()
+    raw = payload + traj.token_versions().tobytes() + bytes(nbytes - 13 * tokens)
 
     def frames() -> list:
         now = time.perf_counter()
@@ -191,19 +205,27 @@ def _send_baseline(
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
+    sock.sndhwm = WINDOW
     sock.connect(endpoint)
+    sent = acked = 0
+
+    def send(n: int, until_acked: bool) -> None:
+        nonlocal sent, acked
+        for _ in range(n):
+            while sent - acked >= WINDOW:
+                acked = int.from_bytes(sock.recv(), "little")
+            sock.send_multipart(frames(), copy=False)
+            sent += 1
+        while until_acked and acked < sent:
+            acked = int.from_bytes(sock.recv(), "little")
+
     try:
-        for _ in range(warmup):
-            sock.send_multipart(frames(), copy=False)
-        sock.recv()
+        send(warmup, until_acked=True)
         t0, cpu = time.perf_counter(), time.process_time()
-        for _ in range(count):
-            sock.send_multipart(frames(), copy=False)
-        sock.recv()  # the receiver has decoded the last one
+        send(count, until_acked=True)  # the receiver has decoded the last one
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu
         for _ in range(latency_count):
-            sock.send_multipart(frames(), copy=False)
-            sock.recv()
+            send(1, until_acked=True)
         return count / elapsed, cpu
     finally:
         sock.close(linger=0)
@@ -221,7 +243,7 @@ def _memcpy_rate(nbytes: int, seconds: float = 0.3) -> float:
 
 def _run_case(conn, method: str, tokens: int, count: int, latency_count: int, nbytes: int) -> dict:
     warmup = 1 if method == "json" else WARMUP  # json only connects: its rate is far from any cache effect
-    conn.send((method, warmup, count, latency_count))
+    conn.send((method, tokens, warmup, count, latency_count))
     endpoint = conn.recv()
     if method == "tidal":
         rate, send_cpu = asyncio.run(_send_tidal(endpoint, tokens, count, latency_count))
@@ -234,6 +256,7 @@ def _run_case(conn, method: str, tokens: int, count: int, latency_count: int, nb
         "msgs_per_s": rate, "mb_per_s": rate * nbytes / 1e6,
         "p50_latency_ms": float(np.percentile(lat_ms, 50)), "p99_latency_ms": float(np.percentile(lat_ms, 99)),
         "cpu_us_per_msg": (send_cpu + recv_cpu) / count * 1e6,
+        "send_cpu_us_per_msg": send_cpu / count * 1e6, "recv_cpu_us_per_msg": recv_cpu / count * 1e6,
     }
 
 

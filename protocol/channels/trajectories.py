@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
-from protocol.channels.fastio import FastSocket
+from protocol.channels.fastio import FastSocket, tune_allocator
 from protocol.channels.frames import (
     Ack,
     ChannelStats,
@@ -122,6 +122,7 @@ class TrajectorySender:
         return len(self._unacked)
 
     async def __aenter__(self) -> TrajectorySender:
+        tune_allocator()
         ctx = self._context or zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -294,6 +295,7 @@ class TrajectoryReceiver:
         self._io: FastSocket | None = None
 
     async def __aenter__(self) -> TrajectoryReceiver:
+        tune_allocator()
         ctx = self._context or zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
