@@ -21,7 +21,7 @@ def traj(tid: str, group: str, version: int, n_gen: int = 3) -> Trajectory:
 
 
 def test_stale_dropped_on_arrival_and_counted():
-    intake = Intake(IntakeConfig(batch_size=2, max_staleness=1))
+    intake = Intake(IntakeConfig(batch_size=2, max_staleness=1, group_size=1))
     # trained version 5: staleness 5-3 = 2 > 1 is dropped; 5-4 = 1 is kept
     assert intake.offer(traj("a", "ga", 3), version=5) == "stale"
     assert intake.offer(traj("b", "gb", 4), version=5) == "buffered"
@@ -33,7 +33,7 @@ def test_stale_dropped_on_arrival_and_counted():
 
 
 def test_buffered_ones_age_out_when_the_batch_forms():
-    intake = Intake(IntakeConfig(batch_size=2, max_staleness=0))
+    intake = Intake(IntakeConfig(batch_size=2, max_staleness=0, group_size=1))
     intake.offer(traj("a", "ga", 2), version=2)
     intake.offer(traj("b", "gb", 2), version=2)
     assert intake.take_batch(3) is None  # both are now 1 step stale
@@ -73,7 +73,7 @@ def test_full_buffer_releases_oldest_incomplete_group_instead_of_deadlocking():
 
 
 def test_duplicates_are_dropped_by_id():
-    intake = Intake(IntakeConfig(batch_size=1))
+    intake = Intake(IntakeConfig(batch_size=1, group_size=1))
     assert intake.offer(traj("a", "ga", 0), 0) == "buffered"
     assert intake.offer(traj("a", "ga", 0), 0) == "duplicate"
     assert intake.take_batch(0).ids == ["a"]
@@ -105,7 +105,7 @@ def test_config_rules_name_both_fields():
 
 
 def test_untrainable_trajectories_are_rejected_with_the_reason():
-    intake = Intake(IntakeConfig(batch_size=1), vocab_size=4, max_tokens=6)
+    intake = Intake(IntakeConfig(batch_size=1, group_size=1), vocab_size=4, max_tokens=6)
     assert intake.offer(traj("big", "g", 0), 0) == "rejected"  # token ids 0..4, vocabulary of 4
     assert "token id 4 is outside the vocabulary (size 4)" in intake.last_rejection
     assert intake.offer(traj("long", "g", 0, n_gen=6), 0) == "rejected"
