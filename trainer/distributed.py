@@ -3,10 +3,10 @@
 `torchrun --nproc-per-node N -m trainer CONFIG` (or `tidal trainer` under torchrun) starts N copies.
 Rank 0 forms each step's batch and broadcasts it to the others as the msgpack bytes of its
 trajectories in a uint8 tensor (no pickle on any wire, DESIGN.md invariant 6), preceded by a small
-header tensor saying what comes (a step, or stop). Every rank holds the whole batch and
-`Learner.train_step` takes its token-balanced share, with loss normalisers computed from the whole
-batch (global token count) and DDP averaging gradients: N ranks take the same optimizer step as one
-process would on the whole batch.
+header tensor saying what comes (a step, a gather for publishing or checkpointing under FSDP, or
+stop). Every rank holds the whole batch and `Learner.train_step` takes its token-balanced share, with
+loss normalisers computed from the whole batch (global token count) and DDP or FSDP2 averaging
+gradients: N ranks take the same optimizer step as one process would on the whole batch.
 
 With one process (no torchrun environment) `World` is a no-op and nothing here imports
 torch.distributed state.
