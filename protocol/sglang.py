@@ -6,6 +6,11 @@ numbers below (§1.2 ...) point there. Rules this module keeps:
 - Requests are encoded with `omit_defaults`, so a body carries only the keys its sender set (defaults
   are None or booleans: msgspec compares defaults by identity), and `SamplingParams` is the closed
   set of §1.2 (`forbid_unknown_fields`: an unknown key is a 400 upstream).
+- The same Structs decode what a server receives, as leniently as SGLang: unknown top-level keys are
+  skipped, JSON null is taken where SGLang's field is optional (every sampling key, §1.2), and a key
+  SGLang defaults may be absent. A field the client always sends but SGLang defaults is typed
+  `X | None = None` ("None: SGLang's default", named in its docstring), so `omit_defaults` cannot
+  drop it by identity; the server applies the default.
 - Responses are read leniently: unknown keys are skipped (wire Structs never forbid them, STYLE.md),
   and keys that only some responses carry default to `UNSET`, which encodes as "absent" and is falsy.
 - `finish_reason` is a tagged union on `type` (§1.4); a logprob entry is the 3-array
@@ -23,7 +28,7 @@ b'{"input_ids":[1,2],"sampling_params":{"max_new_tokens":4},"rid":"t0","stream":
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -33,6 +38,7 @@ from protocol.errors import ProtocolError
 __all__ = [
     "SSE_PREFIX",
     "SSE_DONE",
+    "WEIGHT_UPDATE_GROUP",
     "SamplingParams",
     "GenerateRequest",
     "Stop",
@@ -52,6 +58,7 @@ __all__ = [
     "InitWeightsUpdateGroupRequest",
     "DestroyWeightsUpdateGroupRequest",
     "UpdateWeightsFromDistributedRequest",
+    "UpdateWeightsFromTensorRequest",
     "UpdateWeightVersionRequest",
     "BeginWeightUpdateRequest",
     "EndWeightUpdateRequest",
@@ -79,6 +86,9 @@ SSE_PREFIX = b"data: "
 SSE_DONE = b"[DONE]"
 """The payload of the last event of every stream, /generate and /v1/completions alike."""
 
+WEIGHT_UPDATE_GROUP = "weight_update_group"
+"""SGLang's default `group_name` of the weight-update process group (§3.2)."""
+
 
 # --- /generate request (§1.1, §1.2) -------------------------------------------------------------
 
@@ -86,9 +96,10 @@ SSE_DONE = b"[DONE]"
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
     """`sampling_params` of /generate: the closed set of 0.5.23 (§1.2).
 
-    None means "not sent": the server's default applies (given in each docstring; a server may also
-    apply its model's `preferred_sampling_params`, so an RL client sends what its policy uses).
-    msgspec omits a default by identity, so only None and booleans serve as defaults here.
+    None (absent, or JSON null for any key) means the server's default, given in each docstring; a
+    server may also apply its model's `preferred_sampling_params`, so an RL client sends what its
+    policy uses. Flags default to SGLang's value, so a sender that sets the default leaves the key
+    out (msgspec omits a default by identity: only None and booleans serve as defaults here).
     """
 
     max_new_tokens: int | None = None
@@ -102,19 +113,23 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     top_k: int | None = None
     """-1 or the server's 2^30 (its default) mean the whole vocabulary."""
     min_p: float | None = None
+    """In [0, 1] (0.0)."""
     frequency_penalty: float | None = None
+    """In [-2, 2] (0.0)."""
     presence_penalty: float | None = None
+    """In [-2, 2] (0.0)."""
     repetition_penalty: float | None = None
+    """In (0, 2] (1.0)."""
     stop: str | list[str] | None = None
     """Stop strings (at most 32); matched on the detokenized text."""
     stop_token_ids: list[int] | None = None
     """Stop token ids, in addition to the model's EOS ids; the stop token stays in `output_ids`."""
     stop_regex: str | list[str] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
     """Affects `text` only, never `output_ids`."""
-    spaces_between_special_tokens: bool = True
-    no_stop_trim: bool = False
+    spaces_between_special_tokens: bool | None = True
+    no_stop_trim: bool | None = False
     """False: a matched stop string is cut from `text`; stop tokens are always kept in the ids."""
     n: int | None = None
     """Parallel samples (1); tidal sends n separate requests instead (§1.5: the server replaces rids)."""
@@ -123,32 +138,51 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
     sampling_seed: int | None = None
     logit_bias: dict[str, float] | None = None
     """Token id (as a string) -> additive bias."""
+    json_schema: Any = None
+    """This key and the seven below are in the closed set but unused by tidal; the contract does not
+    pin their types, so any JSON value decodes (the reference server refuses those it cannot honour)."""
+    regex: Any = None
+    ebnf: Any = None
+    structural_tag: Any = None
+    custom_params: Any = None
+    beam_width: Any = None
+    watermark: Any = None
+    choice: Any = None
 
 
 class GenerateRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """Body of `POST /generate` (§1.1). Exactly one of `text` / `input_ids`; a list value is a batch."""
+    """Body of `POST /generate` (§1.1). Exactly one of `text` / `input_ids`; a list value is a batch.
+
+    Unknown top-level keys are ignored, as SGLang does. Where SGLang's field is optional, null reads
+    as the default (`return_logprob`, `logprob_start_len`, `top_logprobs_num`); its plain bool flags
+    (`stream`, `return_text_in_logprobs`, ...) refuse null, and so do these.
+    """
 
     text: str | list[str] | None = None
     input_ids: list[int | list[int]] | None = None
     """Token ids (token in, token out: what RL sends); a list of lists is a batch."""
     sampling_params: SamplingParams | list[SamplingParams] | None = None
+    """One object for every item, or one per batch item."""
     rid: str | list[str] | None = None
     """Request id, echoed as `meta_info.id`; needed by /abort_request; must not prefix another rid."""
     stream: bool = False
-    return_logprob: bool | list[bool] = False
+    return_logprob: bool | list[bool] | None = False
     logprob_start_len: int | None = None
     """-1 (default): output logprobs only; k >= 0: also prompt positions k..end (first logprob null)."""
     top_logprobs_num: int | None = None
+    """0 (default): no top logprobs."""
     token_ids_logprob: list[int | list[int]] | None = None
     return_text_in_logprobs: bool = False
     lora_path: str | list[str | None] | None = None
     session_id: str | None = None
+    session_params: dict[str, Any] | None = None
     routing_key: str | None = None
     routed_dp_rank: int | None = None
     extra_key: str | None = None
     cache_salt: str | None = None
     priority: int | None = None
     return_prompt_token_ids: bool = False
+    return_routed_experts: bool = False
 
 
 # --- /generate response (§1.3, §1.4) ------------------------------------------------------------
@@ -282,24 +316,29 @@ class UpdateWeightsFromDiskRequest(msgspec.Struct, omit_defaults=True, kw_only=T
     flush_cache: bool = True
     torch_empty_cache: bool = False
     recapture_cuda_graph: bool = False
+    is_async: Any = None
+    """This key and the three below are accepted and unused in 0.5.23 (§3.1); any value decodes."""
+    keep_pause: Any = None
+    token_step: Any = None
+    manifest: Any = None
 
 
-class InitWeightsUpdateGroupRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """Join `torch.distributed` at tcp://master_address:master_port as rank `rank_offset + tp_rank`."""
+class InitWeightsUpdateGroupRequest(msgspec.Struct, kw_only=True):
+    """Join `torch.distributed` at tcp://master_address:master_port as rank `rank_offset + tp_rank`.
+    Every key is sent; the last two may be absent upstream, which gives SGLang's defaults."""
 
     master_address: str
     master_port: int | str
     """Upstream tests send a numeric string; both are accepted."""
     rank_offset: int
     world_size: int
-    group_name: str
-    """SGLang's default is "weight_update_group"; always sent."""
-    backend: str
-    """"nccl" on GPUs (SGLang's default), "gloo" on CPU; always sent."""
+    group_name: str = WEIGHT_UPDATE_GROUP
+    backend: str = "nccl"
+    """"nccl" on GPUs (SGLang's default), "gloo" on CPU."""
 
 
 class DestroyWeightsUpdateGroupRequest(msgspec.Struct):
-    group_name: str = "weight_update_group"
+    group_name: str = WEIGHT_UPDATE_GROUP
 
 
 class UpdateWeightsFromDistributedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -309,13 +348,28 @@ class UpdateWeightsFromDistributedRequest(msgspec.Struct, omit_defaults=True, kw
     dtypes: list[str]
     """torch dtype names without the `torch.` prefix, e.g. "bfloat16"."""
     shapes: list[list[int]]
-    group_name: str
+    group_name: str | None = None
+    """None: SGLang's default, `WEIGHT_UPDATE_GROUP`; tidal always names the group."""
     flush_cache: bool = True
     abort_all_requests: bool = False
     weight_version: str | None = None
     load_format: str | None = None
+    """None: one broadcast per name; "flattened_bucket": one flat broadcast for the whole bucket."""
     selector: Literal["all", "target", "draft"] | None = None
     """None: the server's default, "all"."""
+    torch_empty_cache: bool = False
+
+
+class UpdateWeightsFromTensorRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Colocated (same-GPU) update by CUDA-IPC handles (§3.4): base64 of a pickled list per TP rank,
+    which is why tidal never sends it; a CPU server accepts and ignores the payload."""
+
+    serialized_named_tensors: list[str]
+    load_format: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    selector: Literal["all", "target", "draft"] | None = None
     torch_empty_cache: bool = False
 
 
@@ -399,9 +453,11 @@ class ModelList(msgspec.Struct):
 
 
 class CompletionRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """`POST /v1/completions`: OpenAI's fields plus the SGLang/vLLM extras an RL client needs."""
+    """`POST /v1/completions`: OpenAI's fields plus the SGLang/vLLM extras an RL client needs (§5).
+    None means the server's default; unknown keys are ignored."""
 
-    model: str
+    model: str | None = None
+    """None: the served model (tidal always names it)."""
     prompt: str | list[int | str | list[int]]
     """Text, a batch of texts, token ids, or a batch of token-id lists."""
     max_tokens: int | None = None
@@ -409,14 +465,23 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
+    """None: 1."""
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    """`{"include_usage": true}` adds a last chunk carrying only `usage`."""
     logprobs: int | None = None
     """k: return the sampled token's logprob and the top k per position (0 = sampled only)."""
     echo: bool = False
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True

@@ -1,19 +1,21 @@
 """The reference server's view of SGLang's HTTP contract (protocols/sglang-http.md §0-§1).
 
-Owns request validation and the response shapes: a `/generate` body becomes a list of `Item`s
-(one per prompt and sample, §1.5) with fully resolved `Sampling`; anything that breaks the contract
-raises `ApiError` carrying the exact §0 envelope and status. `sampling_params` is a closed set:
-an unknown key is the serde-worded 400 of 0.5.23; `null` means "the default" (§1.2).
+Owns request validation: a `/generate` body, decoded with protocol/sglang.py's wire Structs,
+becomes a list of `Item`s (one per prompt and sample, §1.5) with fully resolved `Sampling`; anything
+that breaks the contract raises `ApiError` carrying the exact §0 envelope and status.
+`sampling_params` is a closed set: an unknown key is the serde-worded 400 of 0.5.23; `null` means
+"the default" (§1.2).
 """
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
+from protocol.sglang import ControlResponse, GenerateRequest, SamplingParams
+
 __all__ = [
-    "ApiError", "GenerateRequest", "Sampling", "Item", "parse_generate", "framework_error",
+    "ApiError", "Sampling", "Item", "parse_generate", "resolve_sampling", "framework_error",
     "contract_error", "request_error", "control_error", "SAMPLING_KEYS", "json_encode",
 ]
 
@@ -24,7 +26,7 @@ json_encode = _encoder.encode
 class ApiError(Exception):
     """A rejected request: HTTP status and the JSON body to send (one of the §0 envelopes)."""
 
-    def __init__(self, status: int, body: dict, message: str):
+    def __init__(self, status: int, body: dict | msgspec.Struct, message: str):
         super().__init__(message)
         self.status = status
         self.body = body
@@ -49,61 +51,11 @@ def request_error(message: str, status: int = 400) -> ApiError:
 
 def control_error(message: str) -> ApiError:
     """§0 row 5: a control endpoint that failed (`success: false`)."""
-    return ApiError(400, {"success": False, "message": message}, message)
-
-
-class SamplingParams(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """§1.2, every key optional: `None` (absent or JSON null) means the server default."""
-
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stop_regex: str | list[str] | None = None
-    ignore_eos: bool | None = None
-    skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
-    no_stop_trim: bool | None = None
-    n: int | None = None
-    stream_interval: int | None = None
-    sampling_seed: int | None = None
-    logit_bias: dict[str, float] | None = None
-    json_schema: Any = None
-    regex: Any = None
-    ebnf: Any = None
-    structural_tag: Any = None
-    custom_params: Any = None
-    beam_width: Any = None
-    watermark: Any = None
-    choice: Any = None
+    return ApiError(400, ControlResponse(success=False, message=message), message)
 
 
 SAMPLING_KEYS: tuple[str, ...] = SamplingParams.__struct_fields__
 _UNSUPPORTED = ("stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "beam_width", "watermark", "choice")
-
-
-class GenerateRequest(msgspec.Struct):
-    """§1.1 top level; unknown top-level keys are ignored, as SGLang does."""
-
-    text: str | list[str] | None = None
-    input_ids: list[int | list[int]] | None = None
-    """[int] for one prompt, [[int]] for a batch (msgspec allows one array type per union)."""
-    sampling_params: dict | list[dict] | None = None
-    rid: str | list[str] | None = None
-    stream: bool | None = None
-    return_logprob: bool | list[bool] | None = None
-    logprob_start_len: int | None = None
-    top_logprobs_num: int | None = None
-    return_text_in_logprobs: bool | None = None
-    return_prompt_token_ids: bool | None = None
-    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,19 +92,9 @@ def _check(ok: bool, message: str) -> None:
         raise request_error(message)
 
 
-def resolve_sampling(raw: dict | None, *, stream_interval: int = 1) -> Sampling:
-    """Validate one `sampling_params` object against the closed set and SGLang's ranges (§1.2)."""
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise framework_error(f"sampling_params: expected an object, got {type(raw).__name__}")
-    unknown = [k for k in raw if k not in SAMPLING_KEYS]
-    if unknown:
-        expected = ", ".join(f"`{k}`" for k in SAMPLING_KEYS)
-        raise contract_error(f"unknown field `{unknown[0]}`, expected one of {expected}")
-    try:
-        p = msgspec.convert(raw, SamplingParams)
-    except msgspec.ValidationError as exc:
-        raise framework_error(f"sampling_params: {exc}") from None
+def resolve_sampling(p: SamplingParams | None, *, stream_interval: int = 1) -> Sampling:
+    """Fill in SGLang's defaults for absent and null keys and check its ranges (§1.2)."""
+    p = SamplingParams() if p is None else p
     for key in _UNSUPPORTED:
         if getattr(p, key) is not None:
             raise request_error(f"{key} is not supported by the tidal reference server.")
@@ -221,6 +163,22 @@ class Item:
 _request_decoder = msgspec.json.Decoder(GenerateRequest)
 
 
+def _unknown_sampling_key(body: bytes) -> str | None:
+    """The first key of a `sampling_params` object outside the closed set, if the body is JSON at all
+    (a typed decode may stop at a wrong type before reaching malformed JSON further on)."""
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    params = raw.get("sampling_params") if isinstance(raw, dict) else None
+    for obj in params if isinstance(params, list) else [params]:
+        if isinstance(obj, dict):
+            for key in obj:
+                if key not in SAMPLING_KEYS:
+                    return key
+    return None
+
+
 def _pick(value, i: int, default):
     """Batch fields are either one value for every item or a list with one per item."""
     if isinstance(value, list):
@@ -235,6 +193,10 @@ def parse_generate(body: bytes, *, stream_interval: int = 1) -> tuple[GenerateRe
     try:
         req = _request_decoder.decode(body)
     except msgspec.ValidationError as exc:
+        unknown = _unknown_sampling_key(body)
+        if unknown is not None:
+            expected = ", ".join(f"`{k}`" for k in SAMPLING_KEYS)
+            raise contract_error(f"unknown field `{unknown}`, expected one of {expected}") from None
         raise framework_error(f"invalid /generate request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise framework_error(f"JSON decode error: {exc}") from None

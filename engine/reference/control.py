@@ -9,93 +9,32 @@ one case the contract names: weights updated but the cache not flushed.
 
 import asyncio
 import os
-from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from engine.reference.api import control_error, framework_error, json_encode
 from engine.reference.config import ServerState
+from protocol.sglang import (
+    WEIGHT_UPDATE_GROUP,
+    AbortRequest,
+    BeginWeightUpdateRequest,
+    ContinueRequest,
+    ControlResponse,
+    DestroyWeightsUpdateGroupRequest,
+    EndWeightUpdateRequest,
+    InitWeightsUpdateGroupRequest,
+    PauseRequest,
+    StatusResponse,
+    UpdateWeightsFromDiskRequest,
+    UpdateWeightsFromDistributedRequest,
+    UpdateWeightsFromTensorRequest,
+    UpdateWeightVersionRequest,
+)
 
 __all__ = ["routes"]
 
 routes = web.RouteTableDef()
-
-
-class PauseReq(msgspec.Struct):
-    mode: Literal["abort", "retract", "in_place"] = "abort"
-
-
-class ContinueReq(msgspec.Struct):
-    torch_empty_cache: bool = True
-
-
-class AbortReq(msgspec.Struct):
-    rid: str | None = ""
-    abort_all: bool = False
-
-
-class UpdateFromDiskReq(msgspec.Struct):
-    model_path: str
-    load_format: str | None = None
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-    flush_cache: bool = True
-    torch_empty_cache: bool = False
-    recapture_cuda_graph: bool = False
-    is_async: Any = None
-    keep_pause: Any = None
-    token_step: Any = None
-    manifest: Any = None
-
-
-class UpdateVersionReq(msgspec.Struct):
-    new_version: str
-    abort_all_requests: bool = True
-
-
-class InitGroupReq(msgspec.Struct):
-    master_address: str
-    master_port: int | str
-    rank_offset: int
-    world_size: int
-    group_name: str = "weight_update_group"
-    backend: str = "nccl"
-
-
-class DestroyGroupReq(msgspec.Struct):
-    group_name: str = "weight_update_group"
-
-
-class UpdateFromDistributedReq(msgspec.Struct):
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    group_name: str = "weight_update_group"
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-    load_format: str | None = None
-    selector: str = "all"
-    torch_empty_cache: bool = False
-
-
-class UpdateFromTensorReq(msgspec.Struct):
-    serialized_named_tensors: list[str]
-    load_format: str | None = None
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: str | None = None
-    selector: str = "all"
-    torch_empty_cache: bool = False
-
-
-class BeginUpdateReq(msgspec.Struct):
-    selector: str = "all"
-
-
-class EndUpdateReq(msgspec.Struct):
-    pass
 
 
 async def _body(request: web.Request, cls: type):
@@ -109,8 +48,8 @@ async def _body(request: web.Request, cls: type):
         raise framework_error(f"{request.path}: {exc}") from None
 
 
-def _ok(**fields) -> web.Response:
-    return web.Response(body=json_encode(fields), content_type="application/json")
+def _ok(reply: msgspec.Struct) -> web.Response:
+    return web.Response(body=json_encode(reply), content_type="application/json")
 
 
 def _flushable(state: ServerState) -> bool:
@@ -131,21 +70,21 @@ def _flush(state: ServerState) -> None:
 
 @routes.post("/pause_generation")
 async def pause_generation(request: web.Request) -> web.Response:
-    req = await _body(request, PauseReq)
+    req = await _body(request, PauseRequest)
     await request.app["state"].scheduler.pause(req.mode)
-    return _ok(message="Generation paused successfully.", status="ok")
+    return _ok(StatusResponse("Generation paused successfully."))
 
 
 @routes.post("/continue_generation")
 async def continue_generation(request: web.Request) -> web.Response:
-    await _body(request, ContinueReq)
+    await _body(request, ContinueRequest)
     request.app["state"].scheduler.resume()
-    return _ok(message="Generation continued successfully.", status="ok")
+    return _ok(StatusResponse("Generation continued successfully."))
 
 
 @routes.post("/abort_request")
 async def abort_request(request: web.Request) -> web.Response:
-    req = await _body(request, AbortReq)
+    req = await _body(request, AbortRequest)
     state: ServerState = request.app["state"]
     if req.abort_all:
         state.scheduler.abort(abort_all=True)
@@ -213,7 +152,7 @@ def _finish_update(state: ServerState, version: str | None, flush: bool, message
 
 @routes.post("/update_weights_from_disk")
 async def update_weights_from_disk(request: web.Request) -> web.Response:
-    req = await _body(request, UpdateFromDiskReq)
+    req = await _body(request, UpdateWeightsFromDiskRequest)
     state: ServerState = request.app["state"]
 
     async def load():
@@ -230,23 +169,24 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
         raise control_error(f"Failed to update weights: {exc}. Rolling back to the old weights.") from None
     state.model_path = state.served_model_name = req.model_path
     message = _finish_update(state, req.weight_version, req.flush_cache, "Succeeded to update model weights.")
-    return _ok(success=True, message=message, num_paused_requests=paused)
+    return _ok(ControlResponse(success=True, message=message, num_paused_requests=paused))
 
 
 @routes.post("/update_weight_version")
 async def update_weight_version(request: web.Request) -> web.Response:
-    req = await _body(request, UpdateVersionReq)
+    req = await _body(request, UpdateWeightVersionRequest)
     state: ServerState = request.app["state"]
     if req.abort_all_requests:
         state.scheduler.abort(abort_all=True)
     async with state.scheduler.model_lock:
         state.scheduler.version = req.new_version
-    return _ok(success=True, message=f"Weight version updated to {req.new_version}", new_version=req.new_version)
+    return _ok(ControlResponse(success=True, message=f"Weight version updated to {req.new_version}",
+                               new_version=req.new_version))
 
 
 @routes.post("/init_weights_update_group")
 async def init_weights_update_group(request: web.Request) -> web.Response:
-    req = await _body(request, InitGroupReq)
+    req = await _body(request, InitWeightsUpdateGroupRequest)
     state: ServerState = request.app["state"]
     if state.simulated:
         raise control_error("Failed to initialize custom process group: not available with --simulate.")
@@ -262,17 +202,17 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
     except Exception as exc:  # rendezvous failures are reported, the server keeps serving
         raise control_error(f"Failed to initialize custom process group: {exc}") from None
     state.groups[req.group_name] = group
-    return _ok(success=True, message="Succeeded to initialize custom process group.")
+    return _ok(ControlResponse(success=True, message="Succeeded to initialize custom process group."))
 
 
 @routes.post("/destroy_weights_update_group")
 async def destroy_weights_update_group(request: web.Request) -> web.Response:
-    req = await _body(request, DestroyGroupReq)
+    req = await _body(request, DestroyWeightsUpdateGroupRequest)
     group = request.app["state"].groups.pop(req.group_name, None)
     if group is None:
         raise control_error("The group to be destroyed does not exist.")
     group.close()
-    return _ok(success=True, message="Succeeded to destroy custom process group.")
+    return _ok(ControlResponse(success=True, message="Succeeded to destroy custom process group."))
 
 
 def _check_session(state: ServerState, what: str) -> None:
@@ -282,12 +222,13 @@ def _check_session(state: ServerState, what: str) -> None:
 
 @routes.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: web.Request) -> web.Response:
-    req = await _body(request, UpdateFromDistributedReq)
+    req = await _body(request, UpdateWeightsFromDistributedRequest)
     state: ServerState = request.app["state"]
     _check_session(state, "update_weights_from_distributed")
-    group = state.groups.get(req.group_name)
+    group_name = req.group_name or WEIGHT_UPDATE_GROUP
+    group = state.groups.get(group_name)
     if group is None:
-        raise control_error(f"Failed to update parameter online: no group named {req.group_name!r}; "
+        raise control_error(f"Failed to update parameter online: no group named {group_name!r}; "
                             "call /init_weights_update_group first.")
     runner = state.stepper
 
@@ -304,13 +245,13 @@ async def update_weights_from_distributed(request: web.Request) -> web.Response:
         state.count("weight_update_failures")
         raise control_error(f"Failed to update parameter online: {exc}") from None
     message = _finish_update(state, req.weight_version, req.flush_cache, "Succeeded to update parameter online.")
-    return _ok(success=True, message=message)
+    return _ok(ControlResponse(success=True, message=message))
 
 
 @routes.post("/update_weights_from_tensor")
 async def update_weights_from_tensor(request: web.Request) -> web.Response:
     """Colocated CUDA-IPC updates cannot reach a CPU server: accepted, payload ignored (§3.4)."""
-    req = await _body(request, UpdateFromTensorReq)
+    req = await _body(request, UpdateWeightsFromTensorRequest)
     state: ServerState = request.app["state"]
     _check_session(state, "update_weights_from_tensor")
 
@@ -319,24 +260,24 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
 
     await _locked_update(state, req.abort_all_requests, load)
     message = _finish_update(state, req.weight_version, req.flush_cache, "Succeeded to update model weights.")
-    return _ok(success=True, message=message)
+    return _ok(ControlResponse(success=True, message=message))
 
 
 @routes.post("/begin_weight_update")
 async def begin_weight_update(request: web.Request) -> web.Response:
-    await _body(request, BeginUpdateReq)
+    await _body(request, BeginWeightUpdateRequest)
     state: ServerState = request.app["state"]
     if state.update_session_open:
         raise control_error("a weight-update session is already open")
     state.update_session_open = True
-    return _ok(success=True, message="Weight update session opened.")
+    return _ok(ControlResponse(success=True, message="Weight update session opened."))
 
 
 @routes.post("/end_weight_update")
 async def end_weight_update(request: web.Request) -> web.Response:
-    await _body(request, EndUpdateReq)
+    await _body(request, EndWeightUpdateRequest)
     state: ServerState = request.app["state"]
     if not state.update_session_open:
         raise control_error("no weight-update session is open; call begin_weight_update() first")
     state.update_session_open = False
-    return _ok(success=True, message="Weight update session closed.")
+    return _ok(ControlResponse(success=True, message="Weight update session closed."))

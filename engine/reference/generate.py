@@ -16,11 +16,12 @@ from aiohttp import web
 from engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
 from engine.reference.config import ServerState
 from engine.reference.scheduler import Seq
+from protocol.sglang import SSE_DONE, SSE_PREFIX, StreamError, StreamErrorDetail
 
 __all__ = ["handle_generate", "admit", "Emitter", "OutputText", "sse_headers"]
 
 sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_DONE = b"data: [DONE]\n\n"
+_DONE = SSE_PREFIX + SSE_DONE + b"\n\n"
 
 
 def admit(state: ServerState, items: list[Item]) -> list[Seq]:
@@ -170,7 +171,7 @@ async def _stream_one(resp: web.StreamResponse, em: Emitter, interval: int) -> N
         n = len(seq.output_ids)
         if not seq.finished and (n == em.sent_tokens or (em.chunks > 0 and n - em.sent_tokens < interval)):
             continue
-        await resp.write(b"data: " + json_encode(em.body(stream=True)) + b"\n\n")
+        await resp.write(SSE_PREFIX + json_encode(em.body(stream=True)) + b"\n\n")
         if seq.finished:
             return
 
@@ -179,9 +180,8 @@ async def _write_error_event(request: web.Request, err: ApiError) -> web.StreamR
     """§1.6: with stream true, a processing-time rejection is HTTP 200 + one error event + [DONE]."""
     resp = web.StreamResponse(status=200, headers=sse_headers)
     await resp.prepare(request)
-    event = {"error": {"message": err.message, "type": "invalid_request_error", "code": err.status,
-                       "retryable": err.status >= 500}}
-    await resp.write(b"data: " + json_encode(event) + b"\n\n" + _DONE)
+    event = StreamError(StreamErrorDetail(err.message, code=err.status, retryable=err.status >= 500))
+    await resp.write(SSE_PREFIX + json_encode(event) + b"\n\n" + _DONE)
     return resp
 
 

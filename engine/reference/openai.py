@@ -18,42 +18,14 @@ from engine.reference.api import ApiError, Item, json_encode, resolve_sampling
 from engine.reference.config import ServerState
 from engine.reference.generate import OutputText, admit, sse_headers
 from engine.reference.scheduler import Seq
+from protocol.sglang import CompletionRequest, SamplingParams
 
-__all__ = ["routes", "CompletionRequest"]
+__all__ = ["routes"]
+
+_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's (and SGLang's) `max_tokens` when the request leaves it out."""
 
 routes = web.RouteTableDef()
-
-
-class CompletionRequest(msgspec.Struct):
-    """§5 fields; unknown keys are ignored."""
-
-    prompt: str | list[str | int | list[int]]
-    """str, [str], [int] or [[int]] (checked in `_items`: msgspec allows one array type per union)."""
-    model: str | None = None
-    max_tokens: int | None = 16
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    logprobs: int | None = None
-    echo: bool = False
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    no_stop_trim: bool = False
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    rid: str | None = None
-    return_token_ids: bool = False
-    user: Any = None
 
 
 def _error(message: str, status: int = 400) -> ApiError:
@@ -76,26 +48,27 @@ def _items(req: CompletionRequest, state: ServerState) -> list[Item]:
         raise _error("prompt: expected a string, [string], [int] or [[int]], got a mix")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise _error("prompt cannot be empty.")
-    raw = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-           "top_k": req.top_k, "min_p": req.min_p, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
-           "ignore_eos": req.ignore_eos, "skip_special_tokens": req.skip_special_tokens,
-           "no_stop_trim": req.no_stop_trim, "frequency_penalty": req.frequency_penalty,
-           "presence_penalty": req.presence_penalty, "repetition_penalty": req.repetition_penalty,
-           "min_new_tokens": req.min_tokens, "logit_bias": req.logit_bias, "sampling_seed": req.seed}
+    params = SamplingParams(
+        max_new_tokens=_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+        no_stop_trim=req.no_stop_trim, frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty, repetition_penalty=req.repetition_penalty,
+        min_new_tokens=req.min_tokens, logit_bias=req.logit_bias, sampling_seed=req.seed)
     try:
-        sampling = resolve_sampling({k: v for k, v in raw.items() if v is not None},
-                                    stream_interval=state.cfg.server.stream_interval)
+        sampling = resolve_sampling(params, stream_interval=state.cfg.server.stream_interval)
     except ApiError as err:
         raise _error(err.message) from None
-    if req.n < 1:
-        raise _error(f"n must be at least 1, got {req.n}.")
+    n = 1 if req.n is None else req.n
+    if n < 1:
+        raise _error(f"n must be at least 1, got {n}.")
     base = req.rid or uuid.uuid4().hex
     items = []
     for i, p in enumerate(prompts):
-        for j in range(req.n):
-            idx = i * req.n + j
+        for j in range(n):
+            idx = i * n + j
             items.append(Item(
-                index=idx, rid=base if len(prompts) * req.n == 1 else f"{base}_{idx}",
+                index=idx, rid=base if len(prompts) * n == 1 else f"{base}_{idx}",
                 input_ids=p if isinstance(p, list) else None, text=p if isinstance(p, str) else None,
                 sampling=sampling, return_logprob=req.logprobs is not None, logprob_start_len=-1,
                 top_logprobs_num=req.logprobs or 0, return_text_in_logprobs=True, return_prompt_token_ids=False,
@@ -178,7 +151,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         choices = [_Choice(state, s, req) for s in seqs]
         if not req.stream:
             await asyncio.gather(*(s.done.wait() for s in seqs))
-            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n])
+            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n or 1])
             completion_tokens = sum(len(s.output_ids) for s in seqs)
             return web.Response(content_type="application/json", body=json_encode(base | {
                 "choices": [c.delta() for c in choices],
@@ -205,7 +178,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             for choice in choices:
                 tg.create_task(stream_one(choice))
         if (req.stream_options or {}).get("include_usage"):
-            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n])
+            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n or 1])
             completion_tokens = sum(len(s.output_ids) for s in seqs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}

@@ -26,6 +26,7 @@ from engine.reference.generate import handle_generate
 from engine.reference.scheduler import Scheduler, Seq
 from protocol.config import add_config_args, config_from_args
 from protocol.errors import ConfigError
+from protocol.sglang import ModelCard, ModelInfo, ModelList
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -111,14 +112,11 @@ async def model_info(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
     if request.path == "/get_model_info":
         log.warning("/get_model_info is deprecated; use /model_info")
-    return _json({
-        "model_path": state.model_path, "served_model_name": state.served_model_name,
-        "tokenizer_path": state.cfg.model.path, "is_generation": True, "preferred_sampling_params": None,
-        "weight_version": state.scheduler.version, "load_format": "auto", "reasoning_parser": None,
-        "tool_call_parser": None, "disaggregation_mode": "null", "has_image_understanding": False,
-        "has_audio_understanding": False, "model_type": state.stepper.model_type,
-        "architectures": state.stepper.architectures,
-    })
+    return _json(ModelInfo(
+        model_path=state.model_path, served_model_name=state.served_model_name,
+        tokenizer_path=state.cfg.model.path, weight_version=state.scheduler.version, load_format="auto",
+        model_type=state.stepper.model_type, architectures=state.stepper.architectures,
+    ))
 
 
 async def server_info(request: web.Request) -> web.Response:
@@ -142,14 +140,13 @@ async def server_info(request: web.Request) -> web.Response:
     return _json(info)
 
 
-def _model_card(state: ServerState) -> dict:
-    return {"id": state.served_model_name, "object": "model", "created": int(state.startup_time),
-            "owned_by": "sglang", "root": state.served_model_name, "parent": None,
-            "max_model_len": state.stepper.context_length}
+def _model_card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.served_model_name, created=int(state.startup_time), root=state.served_model_name,
+                     max_model_len=state.stepper.context_length)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": [_model_card(request.app["state"])]})
+    return _json(ModelList([_model_card(request.app["state"])]))
 
 
 async def get_model(request: web.Request) -> web.Response:
