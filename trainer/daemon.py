@@ -131,16 +131,14 @@ class Daemon:
         self.dedup = None
         restored = self.checkpointer.load()
         self.resumed_from = None if restored is None else restored.path
-        model_cfg = self.learner.base_model.config
-        limits = {"vocab_size": model_cfg.vocab_size, "max_tokens": getattr(model_cfg, "max_position_embeddings", None)}
         if restored is not None:
             self.world.load_state(self.learner, restored.learner_state)
-            self.intake = Intake(cfg.intake, restored.meta.intake, **limits)
+            self.intake = Intake(cfg.intake, restored.meta.intake, check=self._untrainable)
             self.counters.update(restored.meta.counters)
             self.dedup = restored.meta.dedup
             self.telemetry.event("resume", self.version, path=str(restored.path))
         else:
-            self.intake = Intake(cfg.intake, **limits)
+            self.intake = Intake(cfg.intake, check=self._untrainable)
             self.telemetry.event("start", self.version)
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
         self._stop = asyncio.Event()
@@ -151,6 +149,13 @@ class Daemon:
     @property
     def version(self) -> int:
         return self.learner.version
+
+    def _untrainable(self, traj) -> str | None:
+        """Why this model cannot train `traj` (the intake rejects and counts it), or None."""
+        positions = getattr(self.learner.base_model.config, "max_position_embeddings", None)
+        if positions is not None and len(traj) > positions:
+            return f"trajectory {traj.id}: {len(traj)} tokens, more than the model's {positions} positions"
+        return self.learner.reject_reason(traj)
 
     def status(self, health: str | None = None) -> TrainerStatus:
         return TrainerStatus(

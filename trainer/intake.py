@@ -17,6 +17,7 @@ Invariants kept here (DESIGN.md):
 import asyncio
 import logging
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -67,11 +68,13 @@ class Batch:
 class Intake:
     """Groups trajectories, drops stale ones, and hands out batches of about B (pure: no IO, no clock)."""
 
-    def __init__(self, cfg: IntakeConfig, state: IntakeState | None = None, *, vocab_size: int | None = None,
-                 max_tokens: int | None = None):
+    def __init__(self, cfg: IntakeConfig, state: IntakeState | None = None, *,
+                 check: Callable[[Trajectory], str | None] | None = None):
+        """`check` says why the model cannot train a well-formed trajectory (None if it can): such a
+        trajectory would fail the whole step, so it is rejected and counted instead (the daemon passes
+        `Learner.reject_reason` and the model's position limit)."""
         self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.max_tokens = max_tokens
+        self.check = check
         self.last_rejection = ""
         self.counters: Counter[str] = Counter()
         self._groups: dict[str, _Group] = {}
@@ -92,10 +95,10 @@ class Intake:
         group = self._groups.get(traj.group_id)
         if group is None:
             group = self._groups[traj.group_id] = _Group()
-        problem = self._check(traj)
+        problem = self.check(traj) if self.check is not None else None
         if problem:  # counts towards its group's completion, as a stale member does
             self.counters["rejected"] += 1
-            self.last_rejection = f"trajectory {traj.id} (group {traj.group_id}): {problem}"
+            self.last_rejection = f"group {traj.group_id}: {problem}"
             group.dropped += 1
             outcome = "rejected"
         elif traj.staleness(version) > self.cfg.max_staleness:
@@ -111,16 +114,6 @@ class Intake:
         if len(group.members) + group.dropped == self.cfg.group_size:
             self._close(traj.group_id)
         return outcome
-
-    def _check(self, traj: Trajectory) -> str:
-        """What makes a well-formed trajectory untrainable by this model ("" if nothing): it would
-        otherwise fail the whole step. Such a trajectory is counted and never buffered."""
-        n = len(traj)
-        if self.max_tokens is not None and n > self.max_tokens:
-            return f"{n} tokens, more than the model's {self.max_tokens} positions"
-        if self.vocab_size is not None and n and int(traj.token_ids().max()) >= self.vocab_size:
-            return f"token id {int(traj.token_ids().max())} is outside the vocabulary (size {self.vocab_size})"
-        return ""
 
     @property
     def size(self) -> int:

@@ -79,7 +79,10 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
         id=f"bad-{i}", group_id="bad", env_id="x", task_seed=0, tokens=[10**6] * len(stale[0]),
         loss_mask=stale[0].mask(), behav_logp=stale[0].behav_logps(), versions=stale[0].token_versions(),
         turns=[], reward=0.0,
-    ) for i in range(3)]
+    ) for i in range(2)]
+    bad.append(Trajectory.build(  # one token: nothing to predict
+        id="bad-2", group_id="bad2", env_id="x", task_seed=0, tokens=[9], loss_mask=[1], behav_logp=[-1.0],
+        versions=[0], turns=[], reward=0.0))
     ready = trainer.ready()
     async with (
         StatusSubscriber(ready["status_endpoint"]) as sub,

@@ -104,20 +104,23 @@ def test_config_rules_name_both_fields():
         load_config(IntakeConfig, overrides=["batch_size=6", "group_size=4"])
 
 
+def short(traj: Trajectory) -> str | None:
+    """A stand-in for Learner.reject_reason: fewer than 5 tokens cannot be trained."""
+    return f"trajectory {traj.id}: {len(traj)} tokens" if len(traj) < 5 else None
+
+
 def test_untrainable_trajectories_are_rejected_with_the_reason():
-    intake = Intake(IntakeConfig(batch_size=1, group_size=1), vocab_size=4, max_tokens=6)
-    assert intake.offer(traj("big", "g", 0), 0) == "rejected"  # token ids 0..4, vocabulary of 4
-    assert "token id 4 is outside the vocabulary (size 4)" in intake.last_rejection
-    assert intake.offer(traj("long", "g", 0, n_gen=6), 0) == "rejected"
-    assert "8 tokens, more than the model's 6 positions" in intake.last_rejection
-    assert intake.offer(traj("ok", "g", 0, n_gen=2), 0) == "buffered"
-    assert intake.counters["rejected"] == 2 and intake.take_batch(0).ids == ["ok"]
+    intake = Intake(IntakeConfig(batch_size=1, group_size=1), check=short)
+    assert intake.offer(traj("tiny", "g", 0, n_gen=1), 0) == "rejected"
+    assert intake.last_rejection == "group g: trajectory tiny: 3 tokens"
+    assert intake.offer(traj("ok", "g", 0), 0) == "buffered"
+    assert intake.counters["rejected"] == 1 and intake.take_batch(0).ids == ["ok"]
 
 
 def test_a_rejected_member_still_completes_its_group():
-    intake = Intake(IntakeConfig(batch_size=2, group_size=2), vocab_size=5)
+    intake = Intake(IntakeConfig(batch_size=2, group_size=2), check=short)
     intake.offer(traj("a1", "A", 0), 0)
-    assert intake.offer(traj("a2", "A", 0, n_gen=4), 0) == "rejected"  # token id 5
+    assert intake.offer(traj("a2", "A", 0, n_gen=1), 0) == "rejected"
     intake.offer(traj("b1", "B", 0), 0)
     intake.offer(traj("b2", "B", 0), 0)
     assert intake.take_batch(0).ids == ["a1"] and intake.take_batch(0).ids == ["b1", "b2"]
