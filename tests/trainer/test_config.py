@@ -57,3 +57,13 @@ def test_group_relative_advantages_need_groups(capsys):
     assert "learner.advantage.type = 'grpo' compares members of a group, so intake.group_size must be >= 2" in (
         capsys.readouterr().err)
     assert tidal([*argv, "--set", "learner.advantage.type='rebn'", "--print-config"]) == 0
+
+
+def test_the_trainer_imports_neither_engine_nor_envs():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.daemon, trainer.publish, trainer.distributed; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'envs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
