@@ -240,10 +240,12 @@ class MetaInfo(msgspec.Struct, kw_only=True):
     id: str
     finish_reason: FinishReason | None = None
     """None on every stream chunk but the last."""
-    prompt_tokens: int = 0
+    prompt_tokens: int | UnsetType = 0
+    """Absent (0 here) only on an abort in the waiting queue; a server sends UNSET to leave it out."""
     completion_tokens: int = 0
     """Cumulative in every streaming mode."""
-    cached_tokens: int = 0
+    cached_tokens: int | UnsetType = 0
+    """Prompt tokens served from the prefix cache; absent (0 here) exactly when `prompt_tokens` is."""
     weight_version: str = "default"
     """Version of the last span (older servers: the server's current version)."""
     input_token_logprobs: list[TokenLogprob] | UnsetType = UNSET
@@ -506,7 +508,11 @@ class CompletionChoice(msgspec.Struct, kw_only=True):
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     matched_stop: int | str | None = None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None | UnsetType = None
+    """With `return_token_ids`: the generated ids. Absent reads as None; a server sends UNSET to leave
+    it out (here and for the optional keys below)."""
+    prompt_token_ids: list[int] | None | UnsetType = None
+    """With `return_token_ids`: the prompt's ids, on the first chunk of a stream."""
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -523,9 +529,10 @@ class CompletionResponse(msgspec.Struct, kw_only=True):
     created: int = 0
     model: str = ""
     choices: list[CompletionChoice] = []
-    usage: Usage | None = None
-    metadata: dict | None = None
-    """SGLang: `{"weight_version": ...}` (+ `weight_versions`)."""
+    usage: Usage | None | UnsetType = None
+    """Whole responses, and the last chunk of a stream with `stream_options.include_usage`."""
+    metadata: dict[str, Any] | None | UnsetType = None
+    """SGLang: `{"weight_version": ...}` (+ `weight_versions`); on a stream's finishing chunks only."""
 
 
 # --- encode / decode ----------------------------------------------------------------------------

@@ -12,11 +12,23 @@ import time
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 from engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
 from engine.reference.config import ServerState
-from engine.reference.scheduler import Seq
-from protocol.sglang import SSE_DONE, SSE_PREFIX, StreamError, StreamErrorDetail
+from engine.reference.scheduler import ABORTED_WAITING, Seq
+from protocol.sglang import (
+    SSE_DONE,
+    SSE_PREFIX,
+    Abort,
+    GenerateResponse,
+    MetaInfo,
+    Stop,
+    StreamError,
+    StreamErrorDetail,
+    TokenLogprob,
+    WeightVersionSpan,
+)
 
 __all__ = ["handle_generate", "admit", "Emitter", "OutputText", "sse_headers"]
 
@@ -83,11 +95,11 @@ class OutputText:
         prefix) are held back, never below the `sent` characters already streamed."""
         seq, s, fin = self.seq, self.seq.sampling, self.seq.finish
         n = len(seq.output_ids)
-        if fin and fin["type"] == "stop" and isinstance(fin["matched"], int) and not s.no_stop_trim:
+        if isinstance(fin, Stop) and isinstance(fin.matched, int) and not s.no_stop_trim:
             n -= 1
         text = self._decode(n)
-        if fin and fin["type"] == "stop" and isinstance(fin["matched"], str) and not s.no_stop_trim:
-            cut = text.find(fin["matched"])
+        if isinstance(fin, Stop) and isinstance(fin.matched, str) and not s.no_stop_trim:
+            cut = text.find(fin.matched)
             return text[:cut] if cut >= 0 else text
         if not fin and hold:
             return text[: max(sent, len(text) - hold)]
@@ -108,55 +120,51 @@ class Emitter:
         self._text = OutputText(state.stepper, seq)
         self._hold = max((len(x) for x in seq.sampling.stop), default=1) - 1
 
-    def _triples(self, logprobs, ids, with_text: bool) -> list:
+    def _logprobs(self, logprobs, ids, with_text: bool) -> list[TokenLogprob]:
         token_text = self.state.stepper.token_text
-        return [[lp, t, token_text(t) if with_text else None] for lp, t in zip(logprobs, ids, strict=True)]
+        return [TokenLogprob(lp, t, token_text(t) if with_text else None) for lp, t in zip(logprobs, ids, strict=True)]
 
-    def body(self, *, stream: bool) -> dict:
+    def body(self, *, stream: bool) -> GenerateResponse:
         """The body for the current state: a final response when the sequence finished."""
         seq, item, state = self.seq, self.seq.item, self.state
         final = seq.finished
         n = len(seq.output_ids)
         lo = self.sent_tokens if (stream and self.incremental) else 0
         text = self._text.text(hold=self._hold, sent=self.sent_text)
-        queued_abort = final and not seq.started and seq.finish.get("message") == "Abort in waiting queue"
-        meta: dict = {"id": seq.rid, "finish_reason": seq.finish}
-        if not queued_abort:
-            meta["prompt_tokens"] = len(seq.prompt)
-        version = seq.weight_version if final and seq.spans else state.scheduler.version
-        meta["weight_version"] = version
-        meta["num_retractions"] = seq.num_retractions
+        queued_abort = seq.finish == ABORTED_WAITING  # carries neither prompt_tokens nor cached_tokens
+        meta = MetaInfo(
+            id=seq.rid, finish_reason=seq.finish, prompt_tokens=UNSET if queued_abort else len(seq.prompt),
+            completion_tokens=n, cached_tokens=UNSET if queued_abort else seq.cached_tokens,
+            weight_version=seq.weight_version if final and seq.spans else state.scheduler.version,
+            num_retractions=seq.num_retractions, reasoning_tokens=0,
+        )
         if item.return_logprob:
             with_text = item.return_text_in_logprobs
             first = self.chunks == 0
             if item.logprob_start_len >= 0 and seq.input_logprobs is not None and (first or not self.incremental):
                 start = item.logprob_start_len
-                meta["input_token_logprobs"] = self._triples(seq.input_logprobs, seq.prompt[start:], with_text)
+                meta.input_token_logprobs = self._logprobs(seq.input_logprobs, seq.prompt[start:], with_text)
             else:
-                meta["input_token_logprobs"] = []
-            meta["output_token_logprobs"] = self._triples(seq.output_logprobs[lo:n], seq.output_ids[lo:n], with_text)
-            meta["output_token_logprobs_length"] = n
+                meta.input_token_logprobs = []
+            meta.output_token_logprobs = self._logprobs(seq.output_logprobs[lo:n], seq.output_ids[lo:n], with_text)
+            meta.output_token_logprobs_length = n
             if item.top_logprobs_num > 0:
                 tops = (seq.output_top or [])[lo:n]
-                meta["output_top_logprobs"] = [self._triples([p for p, _ in top], [t for _, t in top], with_text)
-                                               for top in tops]
+                meta.output_top_logprobs = [self._logprobs([p for p, _ in top], [t for _, t in top], with_text)
+                                            for top in tops]
                 if item.logprob_start_len >= 0 and (first or not self.incremental):
-                    meta["input_top_logprobs"] = [None] * (len(seq.prompt) - item.logprob_start_len)
-        meta["reasoning_tokens"] = 0
-        meta["completion_tokens"] = n
-        if not queued_abort:
-            meta["cached_tokens"] = seq.cached_tokens
+                    meta.input_top_logprobs = [None] * (len(seq.prompt) - item.logprob_start_len)
         if final:
-            meta["weight_versions"] = [{"version": v, "start": a, "end": b} for v, a, b in seq.spans]
-            meta["e2e_latency"] = time.monotonic() - seq.created
+            meta.weight_versions = [WeightVersionSpan(v, a, b) for v, a, b in seq.spans]
+            meta.e2e_latency = time.monotonic() - seq.created
         if not stream or self.chunks == 0:
-            meta["response_sent_to_client_ts"] = time.time()
-        out = {"text": text[self.sent_text:] if (stream and self.incremental) else text,
-               "output_ids": seq.output_ids[lo:n], "meta_info": meta}
-        if item.return_prompt_token_ids:
-            out["prompt_token_ids"] = seq.prompt
-        if self.batch_index is not None:
-            out["index"] = self.batch_index
+            meta.response_sent_to_client_ts = time.time()
+        out = GenerateResponse(
+            text=text[self.sent_text:] if (stream and self.incremental) else text,
+            output_ids=seq.output_ids[lo:n], meta_info=meta,
+            index=UNSET if self.batch_index is None else self.batch_index,
+            prompt_token_ids=seq.prompt if item.return_prompt_token_ids else UNSET,
+        )
         self.sent_tokens = n
         self.sent_text = len(text)
         self.chunks += 1
@@ -209,19 +217,17 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
                 return await _write_error_event(request, err)
             raise
         incremental = state.cfg.server.incremental_streaming_output
-        emitters = [Emitter(state, s, incremental=incremental, batch_index=(s.item.index if batch else None))
-                    for s in seqs]
+        emitters = [Emitter(state, s, incremental=incremental,
+                            batch_index=s.item.index if batch and stream else None) for s in seqs]
         if not stream:
             await asyncio.gather(*(s.done.wait() for s in seqs))
-            failed = next((s.finish for s in seqs if s.finish.get("status_code")), None)
+            failed = next((s.finish for s in seqs if isinstance(s.finish, Abort) and s.finish.status_code), None)
             if failed is not None:  # §0 row 4: a server-side abort with a status is an HTTP error
-                status = failed["status_code"]
+                status = failed.status_code
                 return web.Response(status=status, content_type="application/json", body=json_encode({
-                    "object": "error", "message": failed["message"], "type": str(status), "param": None,
+                    "object": "error", "message": failed.message, "type": str(status), "param": None,
                     "code": status}))
             bodies = [em.body(stream=False) for em in emitters]
-            for b in bodies:
-                b.pop("index", None)
             return web.Response(body=json_encode(bodies if batch else bodies[0]), content_type="application/json")
         resp = web.StreamResponse(status=200, headers=sse_headers)
         await resp.prepare(request)

@@ -9,16 +9,29 @@ sampled tokens' logprobs (the §1.4 definition, see runner.py) and the top k per
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
 
 from engine.reference.api import ApiError, Item, json_encode, resolve_sampling
 from engine.reference.config import ServerState
 from engine.reference.generate import OutputText, admit, sse_headers
 from engine.reference.scheduler import Seq
-from protocol.sglang import CompletionRequest, SamplingParams
+from protocol.sglang import (
+    SSE_DONE,
+    SSE_PREFIX,
+    Abort,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Length,
+    SamplingParams,
+    Stop,
+    Usage,
+    WeightVersionSpan,
+)
 
 __all__ = ["routes"]
 
@@ -76,11 +89,16 @@ def _items(req: CompletionRequest, state: ServerState) -> list[Item]:
     return items
 
 
-def _finish(seq: Seq) -> tuple[str | None, Any]:
-    fin = seq.finish
-    if fin is None:
-        return None, None
-    return fin["type"], fin.get("matched")
+def _finish(seq: Seq) -> tuple[str | None, int | str | list[int] | None]:
+    """`finish_reason` and `matched_stop` of a choice (§5)."""
+    match seq.finish:
+        case Stop(matched=matched):
+            return "stop", matched
+        case Length():
+            return "length", None
+        case Abort():
+            return "abort", None
+    return None, None
 
 
 class _Choice:
@@ -92,7 +110,7 @@ class _Choice:
         self.sent_text = 0
         self._text = OutputText(state.stepper, seq)
 
-    def delta(self) -> dict:
+    def delta(self) -> CompletionChoice:
         seq, req = self.seq, self.req
         n = len(seq.output_ids)
         lo = self.sent_tokens
@@ -101,22 +119,21 @@ class _Choice:
         if req.echo and lo == 0:
             piece = (seq.item.text or self.state.stepper.decode(seq.prompt)) + piece
         kind, matched = _finish(seq)
-        out = {"index": seq.item.index, "text": piece, "logprobs": None, "finish_reason": kind,
-               "matched_stop": matched}
+        out = CompletionChoice(index=seq.item.index, text=piece, finish_reason=kind, matched_stop=matched,
+                               token_ids=UNSET, prompt_token_ids=UNSET)
         if req.logprobs is not None:
             token_text = self.state.stepper.token_text
             ids = seq.output_ids[lo:n]
             tops = (seq.output_top or [])[lo:n] if req.logprobs > 0 else [None] * len(ids)
-            out["logprobs"] = {
-                "tokens": [token_text(t) for t in ids],
-                "token_logprobs": seq.output_logprobs[lo:n],
-                "top_logprobs": [None if top is None else {token_text(t): lp for lp, t in top} for top in tops],
-                "text_offset": [-1] * len(ids),
-            }
+            out.logprobs = CompletionLogprobs(
+                tokens=[token_text(t) for t in ids], token_logprobs=seq.output_logprobs[lo:n],
+                top_logprobs=[None if top is None else {token_text(t): lp for lp, t in top} for top in tops],
+                text_offset=[-1] * len(ids),
+            )
         if req.return_token_ids:
-            out["token_ids"] = seq.output_ids[lo:n]
+            out.token_ids = seq.output_ids[lo:n]
             if lo == 0:
-                out["prompt_token_ids"] = seq.prompt
+                out.prompt_token_ids = seq.prompt
         self.sent_tokens = n
         self.sent_text = len(text)
         return out
@@ -125,8 +142,15 @@ class _Choice:
 def _metadata(seqs: list[Seq], state: ServerState) -> dict:
     spans = seqs[0].spans if len(seqs) == 1 else []
     version = seqs[0].weight_version if len(seqs) == 1 and spans else state.scheduler.version
-    return {"weight_version": version,
-            "weight_versions": [{"version": v, "start": a, "end": b} for v, a, b in spans]}
+    return {"weight_version": version, "weight_versions": [WeightVersionSpan(v, a, b) for v, a, b in spans]}
+
+
+def _usage(seqs: list[Seq], n: int) -> Usage:
+    """Each prompt counted once however many samples it has (n per prompt, adjacent)."""
+    prompt_tokens = sum(len(s.prompt) for s in seqs[::n])
+    completion_tokens = sum(len(s.output_ids) for s in seqs)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 @routes.post("/v1/completions")
@@ -139,8 +163,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except msgspec.DecodeError as exc:
         raise _error(f"invalid /v1/completions request: {exc}") from None
     items = _items(req, state)
-    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": state.served_model_name}
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def response(choices: list[CompletionChoice], usage=UNSET, metadata=UNSET) -> CompletionResponse:
+        return CompletionResponse(id=cid, created=created, model=state.served_model_name, choices=choices,
+                                  usage=usage, metadata=metadata)
+
     await state.scheduler.gen_lock.acquire_read()
     seqs: list[Seq] = []
     try:
@@ -151,14 +179,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         choices = [_Choice(state, s, req) for s in seqs]
         if not req.stream:
             await asyncio.gather(*(s.done.wait() for s in seqs))
-            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n or 1])
-            completion_tokens = sum(len(s.output_ids) for s in seqs)
-            return web.Response(content_type="application/json", body=json_encode(base | {
-                "choices": [c.delta() for c in choices],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-                "metadata": _metadata(seqs, state),
-            }))
+            return web.Response(content_type="application/json", body=json_encode(response(
+                [c.delta() for c in choices], usage=_usage(seqs, req.n or 1), metadata=_metadata(seqs, state))))
         resp = web.StreamResponse(status=200, headers=sse_headers)
         await resp.prepare(request)
 
@@ -167,10 +189,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             while True:
                 await seq.changed.wait()
                 seq.changed.clear()
-                chunk = base | {"choices": [choice.delta()]}
+                chunk = response([choice.delta()])
                 if seq.finished:
-                    chunk["metadata"] = _metadata([seq], state)
-                await resp.write(b"data: " + json_encode(chunk) + b"\n\n")
+                    chunk.metadata = _metadata([seq], state)
+                await resp.write(SSE_PREFIX + json_encode(chunk) + b"\n\n")
                 if seq.finished:
                     return
 
@@ -178,12 +200,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             for choice in choices:
                 tg.create_task(stream_one(choice))
         if (req.stream_options or {}).get("include_usage"):
-            prompt_tokens = sum(len(s.prompt) for s in seqs[:: req.n or 1])
-            completion_tokens = sum(len(s.output_ids) for s in seqs)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
-            await resp.write(b"data: " + json_encode(base | {"choices": [], "usage": usage}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            chunk = response([], usage=_usage(seqs, req.n or 1))
+            await resp.write(SSE_PREFIX + json_encode(chunk) + b"\n\n")
+        await resp.write(SSE_PREFIX + SSE_DONE + b"\n\n")
         return resp
     finally:
         for seq in seqs:

@@ -22,14 +22,15 @@ from typing import Any, Protocol
 
 from engine.reference.api import Item, Sampling
 from engine.reference.prefix_cache import PrefixCache
+from protocol.sglang import Abort, FinishReason, Length, Stop
 
 __all__ = ["Seq", "Stepper", "Scheduler", "RWLock", "ABORTED", "ABORTED_WAITING"]
 
 log = logging.getLogger(__name__)
 
-ABORTED = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+ABORTED = Abort(message="Aborted", status_code=None, err_type=None)
 """finish_reason of a request aborted while running (§1.4)."""
-ABORTED_WAITING = {"type": "abort", "message": "Abort in waiting queue"}
+ABORTED_WAITING = Abort(message="Abort in waiting queue")
 """finish_reason of a request aborted before it ever ran (§1.4): only two keys."""
 
 
@@ -47,7 +48,7 @@ class Seq:
     output_top: list[list[tuple[float, int]]] | None = None
     input_logprobs: list[float | None] | None = None
     spans: list[list] = field(default_factory=list)
-    finish: dict | None = None
+    finish: FinishReason | None = None
     started: bool = False
     num_retractions: int = 0
     cached_tokens: int = 0
@@ -179,7 +180,7 @@ class Scheduler:
         """Queue a sequence (the caller checked that its rid is free)."""
         self.seqs[seq.rid] = seq
         if seq.sampling.max_new_tokens == 0:
-            self._finish(seq, {"type": "length", "length": 0})
+            self._finish(seq, Length(length=0))
             return
         self.waiting.append(seq)
         self._wake.set()
@@ -188,7 +189,7 @@ class Scheduler:
         """Abort in-flight sequences whose rid starts with `rid` (SGLang matches by prefix), or all."""
         victims = [s for r, s in self.seqs.items() if abort_all or (rid is not None and r.startswith(rid))]
         for seq in victims:
-            self._finish(seq, dict(ABORTED) if seq.started else dict(ABORTED_WAITING))
+            self._finish(seq, ABORTED if seq.started else ABORTED_WAITING)
         self.running = [s for s in self.running if not s.finished]
         if victims:
             self.waiting = collections.deque(s for s in self.waiting if not s.finished)
@@ -197,15 +198,15 @@ class Scheduler:
     def cancel(self, seq: Seq) -> None:
         """Abort this one sequence if it has not finished (its client went away)."""
         if not seq.finished:
-            self._finish(seq, dict(ABORTED) if seq.started else dict(ABORTED_WAITING))
+            self._finish(seq, ABORTED if seq.started else ABORTED_WAITING)
             self.running = [s for s in self.running if not s.finished]
             self.waiting = collections.deque(s for s in self.waiting if not s.finished)
 
-    def _finish(self, seq: Seq, reason: dict) -> None:
+    def _finish(self, seq: Seq, reason: FinishReason) -> None:
         if seq.finished:
             return
         seq.finish = reason
-        if reason["type"] == "abort":
+        if isinstance(reason, Abort):
             self.requests_aborted += 1
         self.requests_finished += 1
         if seq not in self._stepping:  # the model thread may be reading its KV: released after the step
@@ -268,10 +269,10 @@ class Scheduler:
                     if seq.finished:  # aborted during the step: its KV is free only now
                         self.stepper.release(seq)
                 if isinstance(out, Exception):
-                    failed = {"type": "abort", "message": f"generation step failed: {out!r}",
-                              "status_code": 500, "err_type": "InternalServerError"}
+                    failed = Abort(message=f"generation step failed: {out!r}", status_code=500,
+                                   err_type="InternalServerError")
                     for seq in batch:
-                        self._finish(seq, dict(failed))
+                        self._finish(seq, failed)
                     self.running = []
                     continue
                 self.steps += 1
@@ -288,21 +289,21 @@ class Scheduler:
                         seq.changed.set()
                 self.running = [s for s in self.running if not s.finished]
 
-    def _stop_reason(self, seq: Seq, token: int) -> dict | None:
+    def _stop_reason(self, seq: Seq, token: int) -> FinishReason | None:
         s = seq.sampling
         n = len(seq.output_ids)
         if n >= s.min_new_tokens and token in seq.stop_ids:
-            return {"type": "stop", "matched": token}
+            return Stop(matched=token)
         if s.stop and n >= s.min_new_tokens:
             longest = max(len(x) for x in s.stop)
             tail = self.stepper.decode(seq.output_ids[-(longest + 4):], s.skip_special_tokens)
             for stop in s.stop:
                 if stop in tail:
-                    return {"type": "stop", "matched": stop}
+                    return Stop(matched=stop)
         if n >= s.max_new_tokens:
-            return {"type": "length", "length": s.max_new_tokens}
+            return Length(length=s.max_new_tokens)
         if len(seq.prompt) + n >= self.stepper.context_length:
-            return {"type": "length", "length": n}
+            return Length(length=n)
         return None
 
     def internal_state(self) -> dict:

@@ -26,7 +26,7 @@ from engine.reference.generate import handle_generate
 from engine.reference.scheduler import Scheduler, Seq
 from protocol.config import add_config_args, config_from_args
 from protocol.errors import ConfigError
-from protocol.sglang import ModelCard, ModelInfo, ModelList
+from protocol.sglang import Abort, ModelCard, ModelInfo, ModelList
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -94,7 +94,7 @@ async def _probe(state: ServerState) -> bool:
         return False
     finally:
         sched.cancel(seq)
-    return seq.finish["type"] != "abort"
+    return not isinstance(seq.finish, Abort)
 
 
 async def health(request: web.Request) -> web.Response:
