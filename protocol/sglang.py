@@ -51,6 +51,7 @@ __all__ = [
     "GenerateResponse",
     "StreamErrorDetail",
     "StreamError",
+    "ErrorResponse",
     "AbortRequest",
     "PauseRequest",
     "ContinueRequest",
@@ -286,6 +287,17 @@ class StreamError(msgspec.Struct):
     """A processing-time rejection inside a stream: HTTP 200, this one event, then `[DONE]` (§1.6)."""
 
     error: StreamErrorDetail
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """The web framework's error envelope (§0 rows 1 and 4, and every /v1 error); `type` names the
+    cause ("Bad Request", "BadRequestError", or the status as a string for a scheduler abort)."""
+
+    object: str = "error"
+    message: str
+    type: str
+    param: str | None = None
+    code: int
 
 
 # --- control and weight endpoints (§3, §4): every POST carries a JSON object, `{}` at least ------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from protocol.sglang import ControlResponse, GenerateRequest, SamplingParams
+from protocol.sglang import ControlResponse, ErrorResponse, GenerateRequest, SamplingParams
 
 __all__ = [
     "ApiError", "Sampling", "Item", "parse_generate", "resolve_sampling", "framework_error",
@@ -24,19 +24,23 @@ json_encode = _encoder.encode
 
 
 class ApiError(Exception):
-    """A rejected request: HTTP status and the JSON body to send (one of the §0 envelopes)."""
+    """A rejected request: HTTP status and the JSON body to send (one of the §0 envelopes).
 
-    def __init__(self, status: int, body: dict | msgspec.Struct, message: str):
+    `processing`: rejected while processing (§0 row 3), which a stream reports as an in-stream
+    error event with HTTP 200 (§1.6) instead of this status and body.
+    """
+
+    def __init__(self, status: int, body: dict | msgspec.Struct, message: str, *, processing: bool = False):
         super().__init__(message)
         self.status = status
         self.body = body
         self.message = message
+        self.processing = processing
 
 
 def framework_error(message: str, status: int = 400) -> ApiError:
     """§0 row 1: malformed JSON, wrong types, missing required body (the web framework's envelope)."""
-    body = {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": status}
-    return ApiError(status, body, message)
+    return ApiError(status, ErrorResponse(message=message, type="Bad Request", code=status), message)
 
 
 def contract_error(message: str) -> ApiError:
@@ -46,7 +50,7 @@ def contract_error(message: str) -> ApiError:
 
 def request_error(message: str, status: int = 400) -> ApiError:
     """§0 row 3: rejected while processing (empty ids, duplicate rid, bad sampling value)."""
-    return ApiError(status, {"error": {"message": message}}, message)
+    return ApiError(status, {"error": {"message": message}}, message, processing=True)
 
 
 def control_error(message: str) -> ApiError:

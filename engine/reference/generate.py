@@ -21,6 +21,7 @@ from protocol.sglang import (
     SSE_DONE,
     SSE_PREFIX,
     Abort,
+    ErrorResponse,
     GenerateResponse,
     MetaInfo,
     Stop,
@@ -203,7 +204,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         stream = bool(req.stream)
     except ApiError as err:
         state.count("generate_rejected")
-        if isinstance(err.body.get("error"), dict) and _wants_stream(body):
+        if err.processing and _wants_stream(body):
             return await _write_error_event(request, err)
         raise
     await state.scheduler.gen_lock.acquire_read()
@@ -224,9 +225,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
             failed = next((s.finish for s in seqs if isinstance(s.finish, Abort) and s.finish.status_code), None)
             if failed is not None:  # §0 row 4: a server-side abort with a status is an HTTP error
                 status = failed.status_code
-                return web.Response(status=status, content_type="application/json", body=json_encode({
-                    "object": "error", "message": failed.message, "type": str(status), "param": None,
-                    "code": status}))
+                return web.Response(status=status, content_type="application/json", body=json_encode(
+                    ErrorResponse(message=failed.message, type=str(status), code=status)))
             bodies = [em.body(stream=False) for em in emitters]
             return web.Response(body=json_encode(bodies if batch else bodies[0]), content_type="application/json")
         resp = web.StreamResponse(status=200, headers=sse_headers)

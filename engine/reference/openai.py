@@ -26,6 +26,7 @@ from protocol.sglang import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     Length,
     SamplingParams,
     Stop,
@@ -42,8 +43,7 @@ routes = web.RouteTableDef()
 
 
 def _error(message: str, status: int = 400) -> ApiError:
-    body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
-    return ApiError(status, body, message)
+    return ApiError(status, ErrorResponse(message=message, type="BadRequestError", code=status), message)
 
 
 def _items(req: CompletionRequest, state: ServerState) -> list[Item]:

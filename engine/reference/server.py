@@ -26,7 +26,7 @@ from engine.reference.generate import handle_generate
 from engine.reference.scheduler import Scheduler, Seq
 from protocol.config import add_config_args, config_from_args
 from protocol.errors import ConfigError
-from protocol.sglang import Abort, ModelCard, ModelInfo, ModelList
+from protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -69,8 +69,7 @@ async def _auth_and_errors(request: web.Request, handler):
     except Exception as exc:  # a bug answers a counted 500 envelope; the server keeps serving
         log.exception("%s %s failed", request.method, request.path)
         request.app["state"].count("internal_errors")
-        body = {"object": "error", "message": f"internal error: {exc!r}", "type": "InternalServerError",
-                "param": None, "code": 500}
+        body = ErrorResponse(message=f"internal error: {exc!r}", type="InternalServerError", code=500)
         return web.Response(status=500, body=json_encode(body), content_type="application/json")
 
 
