@@ -71,6 +71,9 @@ class CheckpointConfig(Strict):
     """Write a checkpoint after every this many steps (0: only on SIGTERM and intake pressure)."""
     keep_last: PosInt = 2
     """Checkpoints kept; older ones are deleted after a newer one is durable."""
+    overlap: bool = True
+    """Write while training goes on, from a CPU copy of model and optimiser state (that much memory);
+    deliveries are acknowledged only once the write is durable either way."""
 
 
 class NoPublish(Strict, tag="none", tag_field="type"):

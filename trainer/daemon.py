@@ -144,6 +144,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._checkpointed = None if restored is None else restored.meta.version
         self._publishing: asyncio.Task | None = None
+        self._saving: asyncio.Task | None = None
         self.health = "ok"
 
     @property
@@ -202,9 +203,11 @@ class Daemon:
                     pumping = tg.create_task(pump.run())
                     await self._loop()
                     await self._checkpoint()
+                    await self._checkpointed_all()
                     await asyncio.sleep(ACK_GRACE_S)
                     pumping.cancel()
             finally:
+                await self._checkpointed_all()
                 await self._published()
                 if self.world.distributed:
                     await asyncio.to_thread(self.world.send, STOP)
@@ -318,7 +321,10 @@ class Daemon:
         })
 
     async def _checkpoint(self) -> None:
-        """Snapshot (no await in between, so it is consistent), write off the loop, then acknowledge."""
+        """Snapshot intake, dedup state and learner together (no await between the first two and
+        nothing trains during the third), write, then acknowledge what it covers. With
+        `checkpoint.overlap` the write runs from a CPU copy while training goes on; one at a time."""
+        await self._checkpointed_all()
         covered = self._pump.pending()
         if (self.version, len(covered)) == (self._checkpointed, 0):
             return  # the newest checkpoint already holds exactly this
@@ -329,9 +335,36 @@ class Daemon:
             counters=dict(self.counters),
         )
         state = await asyncio.to_thread(self._gather, GATHER_STATE)
+        if self.cfg.checkpoint.overlap:
+            if not self.world.sharded:  # FSDP's gathered state is a fresh CPU copy already
+                state = await asyncio.to_thread(_copy_tensors, state)
+            self._saving = asyncio.create_task(self._save(state, meta, covered))
+        else:
+            await self._save(state, meta, covered)
+
+    async def _save(self, state: dict, meta: CheckpointMeta, covered: list) -> None:
         path = await asyncio.to_thread(self.checkpointer.save, state, meta)
-        self._pump.covered_by_checkpoint(len(covered))
-        self.telemetry.event("checkpoint", self.version, path=str(path))
+        self._pump.covered_by_checkpoint(covered)
+        self.telemetry.event("checkpoint", meta.version, path=str(path))
+
+    async def _checkpointed_all(self) -> None:
+        """Wait for the checkpoint being written, if any (a failure to write is fatal: it raises here)."""
+        if self._saving is not None:
+            saving, self._saving = self._saving, None
+            await saving
+
+
+def _copy_tensors(obj):
+    """`obj` with every tensor copied to CPU memory (nested dicts and lists), for a write in the background."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_copy_tensors(v) for v in obj)
+    return obj
 
 
 def _follow(cfg: TrainerConfig, world: World) -> int:

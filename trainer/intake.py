@@ -282,11 +282,13 @@ class IntakePump:
             self._changed.notify_all()
             return batch
 
-    def covered_by_checkpoint(self, n: int) -> None:
-        """A checkpoint taken when `n` deliveries were uncommitted is durable: acknowledge those."""
-        done, self._uncommitted = self._uncommitted[:n], self._uncommitted[n:]
-        if done:
-            self.receiver.commit(done)
+    def covered_by_checkpoint(self, covered: list) -> None:
+        """A checkpoint holding `covered` (the `pending()` of its snapshot) is durable: acknowledge them
+        (some may have been acknowledged by `stepped` meanwhile; acknowledging twice is harmless)."""
+        done = {id(d) for d in covered}
+        self._uncommitted = [d for d in self._uncommitted if id(d) not in done]
+        if covered:
+            self.receiver.commit(covered)
         self._update_pressure()
 
     def stepped(self) -> None:

@@ -165,8 +165,11 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
                 await watch.version(k)
                 for t in groups[k]:
                     await tx.send(Producer.retag(t, k))
-            await watch.version(3)  # step 3's data is sent; the checkpoint at version 2 is durable
+            await watch.version(3)  # step 3's data is sent
             watch.close()
+        async with asyncio.timeout(60):  # the checkpoint at version 2 is durable (written in the background)
+            while not any(r["event"] == "checkpoint" and r["step"] == 2 for r in records(trainer.jsonl)):
+                await asyncio.sleep(0.05)
         trainer.signal(signal.SIGKILL)
         await asyncio.to_thread(trainer.wait)
         await asyncio.to_thread(trainer.start)  # resumes from step-00000002; the sender resends the rest

@@ -145,7 +145,7 @@ async def test_pump_acknowledges_used_ones_per_step_and_the_rest_at_checkpoint()
                     await asyncio.sleep(0.01)
             pump.stepped()  # commit = "step": everything but the buffered b1
             assert pump.uncommitted == 1 and not await tx.flush(timeout=0.5) and tx.unacked == 1
-            pump.covered_by_checkpoint(len(pump.pending()))
+            pump.covered_by_checkpoint(pump.pending())
             assert await tx.flush(timeout=5) and intake.counters["duplicate"] == 1
         finally:
             task.cancel()
