@@ -260,3 +260,47 @@ def test_info_and_control_examples():
 def test_unknown_sampling_key_is_rejected_as_0_5_23_does():
     with pytest.raises(msgspec.ValidationError, match="unknown field `max_tokens`"):
         msgspec.json.decode(b'{"max_tokens": 3}', type=wire.SamplingParams)
+
+
+# --- the one schema both sides use: complete per the contract, lenient where SGLang is ------------
+
+
+def test_schema_holds_the_contracts_closed_sampling_set_and_generate_keys():
+    assert set(wire.SamplingParams.__struct_fields__) == SAMPLING_KEYS
+    assert set(wire.GenerateRequest.__struct_fields__) == GENERATE_KEYS
+
+
+def test_null_is_the_default_for_every_sampling_key_and_an_unset_struct_sends_nothing():
+    params = msgspec.json.decode(msgspec.json.encode(dict.fromkeys(SAMPLING_KEYS)), type=wire.SamplingParams)
+    assert all(getattr(params, k) is None for k in SAMPLING_KEYS)
+    assert wire.encode(wire.SamplingParams()) == b"{}"
+    assert wire.encode(wire.SamplingParams(ignore_eos=False, skip_special_tokens=True)) == b"{}"
+
+
+def test_generate_request_takes_null_only_where_sglang_does():
+    req = msgspec.json.decode(b'{"input_ids":[1],"return_logprob":null,"logprob_start_len":null}',
+                              type=wire.GenerateRequest)
+    assert (req.return_logprob, req.logprob_start_len, req.stream) == (None, None, False)
+    with pytest.raises(msgspec.ValidationError, match="stream"):
+        msgspec.json.decode(b'{"input_ids":[1],"stream":null}', type=wire.GenerateRequest)
+
+
+def test_weight_requests_take_sglangs_defaults_when_keys_are_absent():
+    init = msgspec.json.decode(b'{"master_address":"h","master_port":"29500","rank_offset":1,"world_size":2}',
+                               type=wire.InitWeightsUpdateGroupRequest)
+    assert (init.group_name, init.backend, init.master_port) == ("weight_update_group", "nccl", "29500")
+    upd = msgspec.json.decode(b'{"names":[],"dtypes":[],"shapes":[]}', type=wire.UpdateWeightsFromDistributedRequest)
+    assert (upd.group_name, upd.flush_cache, upd.selector) == (None, True, None)
+    disk = msgspec.json.decode(b'{"model_path":"/c","is_async":true,"manifest":{"a":1}}',
+                               type=wire.UpdateWeightsFromDiskRequest)
+    assert wire.encode(disk) == b'{"model_path":"/c","is_async":true,"manifest":{"a":1}}'
+
+
+def test_a_sender_leaves_out_keys_that_decode_to_defaults():
+    meta = wire.MetaInfo(id="q", finish_reason=wire.Abort(message="Abort in waiting queue"),
+                         prompt_tokens=msgspec.UNSET, cached_tokens=msgspec.UNSET)
+    raw = msgspec.json.decode(wire.encode(meta))
+    assert "prompt_tokens" not in raw and "cached_tokens" not in raw and raw["completion_tokens"] == 0
+    choice = wire.CompletionChoice(text="a", token_ids=msgspec.UNSET, prompt_token_ids=msgspec.UNSET)
+    assert set(msgspec.json.decode(wire.encode(choice))) == {"index", "text", "logprobs", "finish_reason",
+                                                             "matched_stop"}

@@ -230,6 +230,24 @@ async def test_bad_generate_requests_get_error_envelopes(model_server, body, sta
         assert set(reply) == {"error"} and isinstance(reply["error"]["message"], str)
 
 
+async def test_null_sampling_values_mean_the_defaults_and_the_set_stays_closed(model_server):
+    """§1.2: JSON null on any key of the closed set is the server's default; an unknown key in any
+    item of a batch is the contract's 400, and a null `stream` (a plain bool upstream) the framework's."""
+    nulls = dict.fromkeys(["min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+                           "presence_penalty", "repetition_penalty", "stop", "stop_token_ids", "ignore_eos",
+                           "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n",
+                           "stream_interval", "sampling_seed", "logit_bias", "json_schema", "regex"])
+    status, body = await gen(model_server, {"input_ids": PROMPT, "return_logprob": None,
+                                            "sampling_params": {**nulls, "max_new_tokens": 3}})
+    assert status == 200 and 1 <= body["meta_info"]["completion_tokens"] <= 3
+    assert "output_token_logprobs" not in body["meta_info"]
+    status, reply = await gen(model_server, {"input_ids": [PROMPT, PROMPT],
+                                             "sampling_params": [{"max_new_tokens": 1}, {"max_tokens": 1}]})
+    assert status == 400 and reply["error"].startswith("unknown field `max_tokens`, expected one of")
+    status, reply = await gen(model_server, {"input_ids": PROMPT, "stream": None})
+    assert status == 400 and reply["type"] == "Bad Request" and "stream" in reply["message"]
+
+
 async def test_range_error_and_duplicate_rid(model_server):
     _, reply = await post(model_server.url + "/generate",
                           {"input_ids": [1, 2], "sampling_params": {"top_p": 1.5}})
