@@ -13,6 +13,9 @@ numbers below (§1.2 ...) point there. Rules this module keeps:
   drop it by identity; the server applies the default.
 - Responses are read leniently: unknown keys are skipped (wire Structs never forbid them, STYLE.md),
   and keys that only some responses carry default to `UNSET`, which encodes as "absent" and is falsy.
+  A key a reader defaults but a server sometimes leaves out (a queued abort's counters, the optional
+  /v1 keys) is typed `X | UnsetType` with the reader's default: absent decodes as that default, and
+  the reference server, which builds every body from these Structs, sets UNSET to omit it.
 - `finish_reason` is a tagged union on `type` (§1.4); a logprob entry is the 3-array
   `[logprob, token_id, text]` (`TokenLogprob`, `array_like`).
 

@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 import msgspec
 
 from engine.backends.errors import Unsupported
+from protocol import sglang as wire
 
 __all__ = ["Sampling", "Request", "Finish", "Chunk", "Backend"]
 
@@ -122,19 +123,19 @@ class Backend(abc.ABC):
         raise Unsupported(f"{type(self).__name__} cannot update weights from disk")
 
     async def init_weights_group(self, master_address: str, master_port: int, *,
-                                 group_name: str = "weight_update_group", backend: str = "gloo") -> int:
+                                 group_name: str = wire.WEIGHT_UPDATE_GROUP, backend: str = "gloo") -> int:
         """Have every server join a torch.distributed group whose rank 0 is the trainer; returns its
         world size. The trainer must join concurrently: the servers' calls block until the group forms."""
         raise Unsupported(f"{type(self).__name__} cannot join a weight-update group")
 
     async def update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str, *,
-        group_name: str = "weight_update_group",
+        group_name: str = wire.WEIGHT_UPDATE_GROUP,
     ) -> dict[str, str]:
         """Receive tensors broadcast from rank 0 (in this order, concurrently with this call)."""
         raise Unsupported(f"{type(self).__name__} cannot receive distributed weight updates")
 
-    async def destroy_weights_group(self, group_name: str = "weight_update_group") -> None:
+    async def destroy_weights_group(self, group_name: str = wire.WEIGHT_UPDATE_GROUP) -> None:
         raise Unsupported(f"{type(self).__name__} has no weight-update group")
 
     def stats(self) -> dict[str, int]:

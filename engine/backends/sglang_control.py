@@ -161,7 +161,7 @@ class SGLangControl:
             "update_weights_from_disk"))
 
     async def init_weights_group(self, master_address: str, master_port: int, *,
-                                 group_name: str = "weight_update_group", backend: str = "gloo") -> int:
+                                 group_name: str = wire.WEIGHT_UPDATE_GROUP, backend: str = "gloo") -> int:
         await self.start()
         servers = self._targets(healthy=False)
         world_size = 1 + len(servers) * self.cfg.tp_size
@@ -173,7 +173,7 @@ class SGLangControl:
 
     async def update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str, *,
-        group_name: str = "weight_update_group",
+        group_name: str = wire.WEIGHT_UPDATE_GROUP,
     ) -> dict[str, str]:
         await self.start()
         msg = wire.UpdateWeightsFromDistributedRequest(
@@ -197,7 +197,7 @@ class SGLangControl:
             if session:
                 await self._post(server, "/end_weight_update", wire.EndWeightUpdateRequest())
 
-    async def destroy_weights_group(self, group_name: str = "weight_update_group") -> None:
+    async def destroy_weights_group(self, group_name: str = wire.WEIGHT_UPDATE_GROUP) -> None:
         await self.start()
         msg = wire.DestroyWeightsUpdateGroupRequest(group_name=group_name)
         await self._fan_out([self._post(s, "/destroy_weights_update_group", msg)
