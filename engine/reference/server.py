@@ -258,6 +258,8 @@ async def serve(cfg: ServeConfig) -> None:
     try:
         await stop.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGTERM)  # a repeated SIGTERM while stopping changes nothing:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # without this it would kill the staged shutdown
         await runner.cleanup()
         if hasattr(stepper, "close"):
             stepper.close()
