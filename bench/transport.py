@@ -7,14 +7,16 @@ control) is compared in the same run with the same trajectories sent as (a) pick
 json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
 pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
 
-Each method runs two phases after an untimed warm-up, twice (the better round is reported):
-throughput (send N as fast as flow control allows, until the receiver has acknowledged the last)
-and latency (one at a time; one-way time from the send call to the decoded arrays in the receiver,
-on the shared monotonic clock). Every message
-is encoded at send time and decoded into numpy arrays at the receiver, as in real use.
+Every method has the same flow control: at most WINDOW messages unacknowledged, the receiver acking
+once per batch of queued messages. Each method runs two phases after an untimed warm-up, twice (the
+better round is reported): throughput (send N as fast as flow control allows, until the receiver has
+acknowledged the last) and latency (one at a time; one-way time from the send call to the decoded
+arrays in the receiver, on the shared monotonic clock). Every message is encoded at send time and
+decoded into numpy arrays at the receiver, as in real use.
 `cpu_us_per_msg` is the CPU time of both processes (zmq I/O threads included) per message in the
-throughput phase, and `cpu_vs_raw_zmq` its ratio to raw zmq: on a loaded machine these move far
-less than wall-clock rates do.
+throughput phase (`send_`/`recv_cpu_us_per_msg` per side), and `cpu_vs_raw_zmq` raw zmq's over
+ours: on a loaded machine these move far less than wall-clock rates do. `frame_bytes` is what our
+channel moves per trajectory (head and arrays); raw zmq sends that many bytes as one frame.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rich.console import Console
 
 from bench.report import bench_parser, emit
 from protocol.channels import TrajectoryReceiver, TrajectorySender
-from protocol.messages import Trajectory, Turn, encode
+from protocol.messages import Trajectory, Turn, encode_parts
 
 __all__ = ["main"]
 
@@ -168,7 +170,7 @@ def _receiver(conn) -> None:
 async def _send_tidal(endpoint: str, tokens: int, count: int, latency_count: int) -> tuple[float, float]:
     traj = make_trajectory(tokens)
     async with TrajectorySender(endpoint, "bench", window=WINDOW) as tx:
-        for _ in range(WARMUP):  # connect, and fill the pool of payload buffers (the steady state)
+        for _ in range(WARMUP):  # connect, and let both ends' allocators reach their steady state
             await tx.send(make_trajectory_like(traj, time.perf_counter()))
         await tx.flush()
         t0, cpu = time.perf_counter(), time.process_time()
@@ -272,7 +274,7 @@ def main(argv: list[str]) -> int:
     results = []
     try:
         for tokens in SIZES:
-            nbytes = len(encode(make_trajectory(tokens)))
+            nbytes = sum(len(part) for part in encode_parts(make_trajectory(tokens)))
             rows: dict[str, dict] = {}
             for rnd in range(ROUNDS):
                 for method in METHODS:

@@ -2,6 +2,8 @@
 
 Every message is a msgspec Struct in one tagged union, encoded as msgpack. Per-token arrays travel as
 raw little-endian bytes (`protocol.arrays`) and decode as zero-copy views into the received frame.
+On the trajectory channel a Trajectory travels as parts (`encode_parts`): a msgpack head with every
+field but the arrays, then each array as its own frame, sent and received without a copy.
 Decoding is strict: anything that is not a well-formed message of the current schema version raises
 `ProtocolError` naming the problem, and nothing else escapes `decode`.
 
@@ -45,8 +47,11 @@ __all__ = [
     "StatusMessage",
     "encode",
     "encode_into",
+    "encode_parts",
     "decode",
     "decode_trajectory",
+    "decode_parts",
+    "ARRAY_FIELDS",
     "decode_status",
 ]
 
@@ -318,6 +323,29 @@ _decoder = msgspec.msgpack.Decoder(Message)
 _trajectory_decoder = msgspec.msgpack.Decoder(Trajectory)
 _status_decoder = msgspec.msgpack.Decoder(StatusMessage)
 
+ARRAY_FIELDS = ("tokens", "loss_mask", "behav_logp", "versions")
+"""The per-token arrays of a Trajectory, in the order `encode_parts` sends them."""
+
+
+def _head_field(f: msgspec.structs.FieldInfo) -> tuple:
+    if f.default is not msgspec.NODEFAULT:
+        return f.name, f.type, f.default
+    if f.default_factory is not msgspec.NODEFAULT:
+        return f.name, f.type, msgspec.field(default_factory=f.default_factory)
+    return f.name, f.type
+
+
+_Head = msgspec.defstruct(
+    "TrajectoryHead",
+    [_head_field(f) for f in msgspec.structs.fields(Trajectory) if f.name not in ARRAY_FIELDS],
+    tag="trajectory",
+    kw_only=True,
+    gc=False,
+)
+"""A Trajectory without its arrays: typed on decode, validated with the arrays in `decode_parts`."""
+_HEAD_FIELDS = _Head.__struct_fields__
+_head_decoder = msgspec.msgpack.Decoder(_Head)
+
 
 def encode(msg: Message) -> bytes:
     """msgpack bytes of one message (reuses one encoder)."""
@@ -336,6 +364,31 @@ def _decode(decoder: msgspec.msgpack.Decoder, what: str, frame):
         raise ProtocolError(f"bad {what} frame ({len(frame)} bytes): {exc}") from None
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise ProtocolError(f"bad {what} frame: {type(exc).__name__}: {exc}") from None
+
+
+def encode_parts(traj: Trajectory) -> list:
+    """The trajectory as 5 frames: its msgpack head, then the arrays' own buffers (no copy).
+
+    For a multipart send (ZeroMQ sends the arrays from where they lie): `decode_parts` inverts it.
+    """
+    head = _Head(**{name: getattr(traj, name) for name in _HEAD_FIELDS})
+    return [_encoder.encode(head), traj.tokens, traj.loss_mask, traj.behav_logp, traj.versions]
+
+
+def decode_parts(parts: list) -> Trajectory:
+    """A Trajectory from the 5 frames of `encode_parts`, its arrays views into them, validated as
+    strictly as `decode_trajectory`. Raises ProtocolError on anything malformed."""
+    if len(parts) != 1 + len(ARRAY_FIELDS):
+        raise ProtocolError(f"bad trajectory: expected a head and {len(ARRAY_FIELDS)} arrays, got {len(parts)} parts")
+    head = _decode(_head_decoder, "trajectory head", parts[0])
+    tokens, loss_mask, behav_logp, versions = parts[1:]
+    try:
+        return Trajectory(
+            tokens=tokens, loss_mask=loss_mask, behav_logp=behav_logp, versions=versions,
+            **msgspec.structs.asdict(head),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad trajectory: {exc}") from None
 
 
 def decode(frame) -> Message:

@@ -1,7 +1,8 @@
 """The trajectory channel's own frames: a small delivery envelope beside each encoded Trajectory.
 
-The payload frame is exactly `messages.encode(traj)`, so the message stays the message; the envelope
-says who sent it and in which order. Engine -> trainer: `[Data, payload]` or `[Hello]`. Trainer ->
+The payload frames are exactly `messages.encode_parts(traj)` (a head, then the 4 arrays), so the
+message stays the message; the envelope says who sent it and in which order. Engine -> trainer:
+`[Data, head, tokens, loss_mask, behav_logp, versions]` or `[Hello]`. Trainer ->
 engine: `[Ack]`, the whole acknowledgement state of one stream (cumulative, so a lost ack costs
 nothing: the next one says it again). Every frame is decoded strictly; anything else is a
 `ProtocolError` that the reading side counts.
@@ -32,8 +33,9 @@ __all__ = [
     "BIND_RETRY_S",
 ]
 
-ENVELOPE_VERSION = 1
-"""Bumped on any change to Data, Hello or Ack other than appending a defaulted field."""
+ENVELOPE_VERSION = 2
+"""Bumped on any change to Data, Hello or Ack other than appending a defaulted field, or to the
+frames that follow Data (2: the trajectory as head and array frames instead of one payload)."""
 
 
 def _check(name: str, version: int) -> None:

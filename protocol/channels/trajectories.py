@@ -3,7 +3,8 @@
 DESIGN.md invariant 4 (no trajectory is lost) and 5 (bounded memory), over one ZeroMQ DEALER (each
 engine, connects) -> ROUTER (the trainer, binds) link:
 
-- Every trajectory travels as `[Data(engine_id, epoch, seq), encode(traj)]`. `epoch` names the
+- Every trajectory travels as `[Data(engine_id, epoch, seq), *encode_parts(traj)]`: a small head,
+  then the arrays, sent from the trajectory's own buffers without a copy. `epoch` names the
   engine incarnation (default: its start time in ns), so a restarted engine whose seqs start again
   at 1 is a new stream, never mistaken for duplicates. An engine that persists its spool may pass
   its old epoch to resume the old stream.
@@ -47,7 +48,7 @@ from protocol.channels.frames import (
     encode_frame,
 )
 from protocol.errors import ProtocolError
-from protocol.messages import Trajectory, decode_trajectory, encode_into
+from protocol.messages import ARRAY_FIELDS, Trajectory, decode_parts, encode_parts
 
 __all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS"]
 
@@ -68,11 +69,12 @@ async def _cancel(tasks: list[asyncio.Task]) -> None:
 
 
 class _Pending:
-    __slots__ = ("envelope", "traj", "sent_at")
+    """An unacknowledged trajectory as its frames: a resend sends them again, nothing re-encoded."""
 
-    def __init__(self, envelope: bytes, traj: Trajectory, sent_at: float) -> None:
-        self.envelope = envelope
-        self.traj = traj
+    __slots__ = ("frames", "sent_at")
+
+    def __init__(self, frames: list, sent_at: float) -> None:
+        self.frames = frames
         self.sent_at = sent_at
 
 
@@ -106,7 +108,6 @@ class TrajectorySender:
         self._context = context
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
-        self._scratch = bytearray()  # every payload is encoded here, then copied by ZeroMQ
         self._room = asyncio.Event()  # set while len(_unacked) < window; send() waits on it
         self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
         self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
@@ -145,32 +146,22 @@ class TrajectorySender:
     async def send(self, traj: Trajectory) -> int:
         """Send one trajectory; returns its seq. Waits while `window` trajectories are unacknowledged.
 
-        The trajectory is kept (and re-encoded for a resend) from the moment a seq is assigned
-        until the trainer commits it, so a cancelled `send` loses nothing. Do not mutate it after
-        sending: a resend would carry the change under the same seq.
+        The trajectory's frames are kept (and sent again on a resend) from the moment a seq is
+        assigned until the trainer commits it, so a cancelled `send` loses nothing. Its arrays are
+        sent from their own buffers, without a copy: do not mutate them after sending.
         """
         while len(self._unacked) >= self._window:
             self._room.clear()
             await self._room.wait()
-        encode_into(traj, self._scratch)  # may raise (not a Trajectory): before a seq is taken, no gap
+        frames = [b"", *encode_parts(traj)]  # may raise (not a Trajectory): before a seq is taken, no gap
         seq = self._next_seq
         self._next_seq += 1
-        self._unacked[seq] = pending = _Pending(b"", traj, time.monotonic())
-        pending.envelope = encode_frame(Data(self.engine_id, self.epoch, seq, self._floor()))
+        self._unacked[seq] = _Pending(frames, time.monotonic())
+        frames[0] = encode_frame(Data(self.engine_id, self.epoch, seq, self._floor()))
         self._empty.clear()
         self.stats.sent += 1
-        await self._send_scratch(pending.envelope)
+        await self._io.send(frames, copy=False)
         return seq
-
-    async def _send_scratch(self, envelope: bytes) -> None:
-        """Send the payload just encoded into the scratch buffer (no await in between).
-
-        One reused buffer stays hot in cache; keeping every unacknowledged payload encoded instead
-        would write each large trajectory to cold memory. ZeroMQ copies the frame at once; only
-        when the socket would block does the queued message get its own copy of the bytes.
-        """
-        if not self._io.try_send([envelope, self._scratch]):
-            await self._io.send([envelope, bytes(self._scratch)])
 
     def _floor(self) -> int:
         """The lowest unacknowledged seq (the next one if none): all below it are committed."""
@@ -250,8 +241,7 @@ class TrajectorySender:
                 continue
             pending.sent_at = time.monotonic()
             self.stats.resent += 1
-            encode_into(pending.traj, self._scratch)
-            await self._send_scratch(pending.envelope)
+            await self._io.send(pending.frames, copy=False)
 
 
 class TrajectoryReceiver:
@@ -390,9 +380,10 @@ class TrajectoryReceiver:
                 return None
             case Data(engine_id=engine_id, epoch=epoch, seq=seq, floor=floor):
                 self.stats.received += 1
-                if len(frames) != 3:
+                if len(frames) != 3 + len(ARRAY_FIELDS):
                     raise ProtocolError(
-                        f"data {engine_id}/{epoch}/{seq}: expected envelope and payload, got {len(frames) - 1} frames"
+                        f"data {engine_id}/{epoch}/{seq}: expected envelope, head and {len(ARRAY_FIELDS)} arrays, "
+                        f"got {len(frames) - 1} frames"
                     )
                 self._peer(engine_id, epoch, frames[0])
                 self._below(engine_id, epoch, floor)
@@ -410,7 +401,7 @@ class TrajectoryReceiver:
                     )
                 seen.add(seq)
                 try:
-                    traj = decode_trajectory(frames[2].buffer)
+                    traj = decode_parts([f.buffer for f in frames[2:]])
                 except ProtocolError as exc:
                     # Never decodable: commit it as consumed-nothing, so the engine stops resending
                     # it and the watermark moves on.

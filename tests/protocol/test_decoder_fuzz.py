@@ -19,7 +19,7 @@ from wire_strategies import trajectories
 from protocol.channels import TrajectoryReceiver
 from protocol.channels.frames import Data, Hello, decode_envelope, encode_frame
 from protocol.errors import ProtocolError
-from protocol.messages import decode_trajectory, encode
+from protocol.messages import decode_parts, encode_parts
 
 ENGINE, EPOCH = "fuzz", 1
 
@@ -43,7 +43,7 @@ class Live:
         sentinel = f"sentinel-{next(self.seqs)}"
         await self.dealer.send_multipart(frames)
         await self.dealer.send_multipart([encode_frame(Data(ENGINE, EPOCH, next(self.seqs), 1)),
-                                          encode(make_trajectory(sentinel))])
+                                          *encode_parts(make_trajectory(sentinel))])
         got = []
         async with asyncio.timeout(timeout):
             while not got or got[-1].traj.id != sentinel:
@@ -76,10 +76,10 @@ def _expected_rejection(frames: list[bytes]) -> bool:
         case Hello():
             return len(frames) != 1
         case Data():
-            if len(frames) != 2:
+            if len(frames) != 6:
                 return True
             try:
-                decode_trajectory(frames[1])
+                decode_parts(frames[1:])
             except ProtocolError:
                 return True
             return False
@@ -113,7 +113,7 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 @FUZZ
-@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=7))
 def test_random_frames(live, frames):
     expect = _expected_rejection(frames)
     assume(expect)  # a random frame that happens to be a valid envelope + trajectory proves nothing
@@ -123,16 +123,31 @@ def test_random_frames(live, frames):
 @FUZZ
 @given(st.data(), trajectories(max_tokens=16))
 def test_mutated_payloads(live, data, traj):
-    payload = data.draw(mutated(encode(traj)))
-    frames = [encode_frame(Data(ENGINE, EPOCH, next(live.seqs), 1)), payload]
+    parts = [bytes(p) for p in encode_parts(traj)]
+    which = data.draw(st.integers(0, len(parts) - 1))  # the head or one of the arrays
+    parts[which] = data.draw(mutated(parts[which]))
+    frames = [encode_frame(Data(ENGINE, EPOCH, next(live.seqs), 1)), *parts]
     _check(live, frames, _expected_rejection(frames))
+
+
+@FUZZ
+@given(st.data(), trajectories(max_tokens=16))
+def test_missing_or_extra_parts(live, data, traj):
+    parts = [bytes(p) for p in encode_parts(traj)]
+    if data.draw(st.booleans()):
+        del parts[data.draw(st.integers(0, len(parts) - 1))]
+    else:
+        parts.insert(data.draw(st.integers(0, len(parts))), data.draw(st.binary(max_size=16)))
+    frames = [encode_frame(Data(ENGINE, EPOCH, next(live.seqs), 1)), *parts]
+    assert _expected_rejection(frames)
+    _check(live, frames, True)
 
 
 @FUZZ
 @given(st.data())
 def test_mutated_envelopes(live, data):
     env = data.draw(mutated(encode_frame(Data(ENGINE, EPOCH, 10**9, 1))))
-    frames = [env, encode(make_trajectory("x"))]
+    frames = [env, *encode_parts(make_trajectory("x"))]
     expect = _expected_rejection(frames)
     if not expect:  # a still-valid envelope would reuse or skip seqs: only count rejections there
         assume(isinstance(decode_envelope(env), Hello))

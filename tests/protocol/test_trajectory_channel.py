@@ -13,7 +13,7 @@ from _actors import make_trajectory
 
 from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
 from protocol.channels.frames import Ack, Data, decode_envelope, encode_frame
-from protocol.messages import Trajectory, decode_trajectory, encode
+from protocol.messages import Trajectory, decode_parts, encode_parts
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -128,7 +128,7 @@ async def test_resend_after_timeout_when_the_trainer_never_saw_it():
                     env = decode_envelope(frames[0])
                     if isinstance(env, Data):
                         copies += 1
-                        assert decode_trajectory(frames[1]).id == "t0"
+                        assert decode_parts(frames[1:]).id == "t0"
                     committed = 1 if copies == 2 else 0
                     await router.send_multipart([peer, encode_frame(Ack(7, tx.epoch, committed, [], committed, []))])
             assert await tx.flush(5)
@@ -161,9 +161,9 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
         dealer.linger = 0
         dealer.connect(rx.endpoint)
         try:
-            good = encode(make_trajectory("good"))
-            await dealer.send_multipart([encode_frame(Data("raw", 1, 1, 1)), good[:-5]])
-            await dealer.send_multipart([encode_frame(Data("raw", 1, 2, 1)), good])
+            good = encode_parts(make_trajectory("good"))
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 1, 1)), *good[:-1], good[-1][:-4]])
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 2, 1)), *good])
             got = await _drain(rx, 1)
             assert (got[0].traj.id, got[0].seq) == ("good", 2)
             assert rx.stats.rejected == 1 and "raw/1/1" in rx.stats.last_error
@@ -223,15 +223,15 @@ async def test_receiver_without_state_meets_a_long_running_engine():
         dealer.linger = 0
         dealer.connect(rx.endpoint)
         try:
-            payload = encode(make_trajectory("late"))
+            payload = encode_parts(make_trajectory("late"))
             for seq in (1_000_001, 1_000_002):
-                await dealer.send_multipart([encode_frame(Data("old", 5, seq, 1_000_001)), payload])
+                await dealer.send_multipart([encode_frame(Data("old", 5, seq, 1_000_001)), *payload])
             got = await _drain(rx, 2)
             assert [d.seq for d in got] == [1_000_001, 1_000_002]
             mark = rx.dedup_state().streams[0]
             assert (mark.upto, mark.above) == (1_000_002, [])
-            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_000, 1_000_000)), payload])
-            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_003, 1_000_003)), payload])
+            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_000, 1_000_000)), *payload])
+            await dealer.send_multipart([encode_frame(Data("old", 5, 1_000_003, 1_000_003)), *payload])
             assert (await _drain(rx, 1))[0].seq == 1_000_003  # 1_000_000 lay below the floor: a duplicate
             assert rx.stats.duplicates == 1
         finally:
