@@ -1,5 +1,6 @@
 """protocol/messages.py: round trips of every message type, and strict decoding of bad frames."""
 
+import platform
 import re
 
 import msgspec
@@ -9,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire_strategies import messages, status_messages, trajectories
 
+from protocol.channels.fastio import tune_allocator
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    ARRAY_FIELDS,
     SCHEMA_VERSION,
     Pause,
     TrainerStatus,
@@ -18,9 +21,11 @@ from protocol.messages import (
     Turn,
     _generated_version_span,
     decode,
+    decode_parts,
     decode_status,
     decode_trajectory,
     encode,
+    encode_parts,
 )
 
 
@@ -130,3 +135,58 @@ def test_generated_version_span_matches_a_plain_loop(pairs):
         assert lo < 0
     else:
         assert (lo, hi) == (min(generated), max(generated))
+
+
+# --- the trajectory channel's framing: a head, then each array as its own frame
+
+
+@settings(max_examples=100, deadline=None)
+@given(trajectories())
+def test_parts_round_trip_without_copying_the_arrays(traj):
+    parts = encode_parts(traj)
+    assert len(parts) == 1 + len(ARRAY_FIELDS)
+    for part, name in zip(parts[1:], ARRAY_FIELDS, strict=True):
+        assert part is getattr(traj, name)  # sent from the trajectory's own buffer
+    frames = [bytearray(p) for p in parts]  # as received: one buffer per frame
+    got = decode_parts([memoryview(f) for f in frames])
+    assert got == traj
+    assert encode(got) == encode(traj)  # the same message as the single-frame encoding
+    if len(traj):
+        assert np.shares_memory(got.behav_logps(), np.frombuffer(frames[3], np.uint8))
+
+
+def _parts(frame: bytes) -> list:
+    """A BAD_FRAMES trajectory map split the way `encode_parts` splits a trajectory."""
+    fields = msgspec.msgpack.decode(frame)
+    head = {k: v for k, v in fields.items() if k not in ARRAY_FIELDS}
+    return [msgspec.msgpack.encode(head), *(fields[k] for k in ARRAY_FIELDS)]
+
+
+SPLITTABLE = [name for name in BAD_FRAMES if name not in ("garbage", "truncated", "empty",
+                                                                             "missing field", "unknown tag")]
+
+
+@pytest.mark.parametrize("name", SPLITTABLE)
+def test_parts_reject_what_a_whole_frame_rejects(name):
+    frame, expected = BAD_FRAMES[name]
+    with pytest.raises(ProtocolError, match=re.escape(expected)):
+        decode_parts(_parts(frame))
+
+
+def test_malformed_parts_raise_protocol_error():
+    good = encode_parts(_valid())
+    with pytest.raises(ProtocolError, match="expected a head and 4 arrays, got 4 parts"):
+        decode_parts(good[:4])
+    with pytest.raises(ProtocolError, match="expected a head and 4 arrays, got 6 parts"):
+        decode_parts([*good, b""])
+    with pytest.raises(ProtocolError, match="trajectory head"):
+        decode_parts([b"\xc1garbage", *good[1:]])
+    with pytest.raises(ProtocolError, match="trajectory head"):
+        decode_parts([encode(TrainerStatus(version=1, consumed=0)), *good[1:]])
+    with pytest.raises(ProtocolError, match="loss_mask is 3 bytes, expected 4"):
+        decode_parts([good[0], good[1], bytes(good[2])[:3], good[3], good[4]])
+    assert decode_parts(good) == _valid()
+
+
+def test_allocator_thresholds_are_accepted_where_libc_is_glibc():
+    assert tune_allocator() is (platform.libc_ver()[0] == "glibc")  # mallopt refuses out-of-range values
