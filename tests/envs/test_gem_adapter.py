@@ -114,3 +114,38 @@ def test_unknown_gem_id_names_it():
     with pytest.raises(ValueError, match="gem:game:NoSuchGame-v0"):
         envs.make("gem:game:NoSuchGame-v0")
     assert "gem:game:GuessTheNumber-v0-easy" in envs.list("gem")
+
+
+async def test_inline_fast_path_keeps_broken_check_and_subclass_overrides():
+    env = envs.make(f"gem:{GAME}")
+    await env.areset(0)
+    env.broken = "step timed out after 1s"
+    with pytest.raises(envs.EnvBroken, match="step timed out"):
+        await env.astep(SCRIPT[0])
+    with pytest.raises(envs.EnvBroken, match="step timed out"):
+        await env.areset(0)
+
+    from envs.adapters.gem import GemEnv
+
+    class Shouting(GemEnv):
+        def step(self, action):
+            obs, *rest = super().step(action)
+            return (obs.upper(), *rest)
+
+    shouting = Shouting(GAME)
+    await shouting.areset(0)
+    obs = (await shouting.astep(SCRIPT[0]))[0]
+    assert obs == obs.upper() and "25" in obs
+
+
+async def test_offloaded_thread_draws_from_its_own_env_while_the_loop_steps_others():
+    """A blocking env resetting in a worker thread and inline envs resetting on the loop at once
+    each see their own Random: the per-thread slot is not shared across threads."""
+    seeds = range(6)
+    expected = [envs.make(f"gem:{GAME}").reset(s)[0] for s in seeds]
+    offloaded = [envs.make(f"gem:{GAME}", blocking=True) for _ in seeds]
+    inline = [envs.make(f"gem:{GAME}") for _ in seeds]
+    for _ in range(3):
+        got = await asyncio.gather(*(e.areset(s) for e, s in zip(offloaded, seeds, strict=True)),
+                                   *(e.areset(s) for e, s in zip(inline, seeds, strict=True)))
+        assert [obs for obs, _ in got] == expected * 2
