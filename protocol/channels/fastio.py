@@ -70,7 +70,7 @@ class FastSocket:
             batch = []
             try:
                 while len(batch) < BATCH:
-                    batch.append(self._raw.recv_multipart(zmq.NOBLOCK, copy=False))
+                    batch.append(self._recv_message())
             except zmq.Again:
                 pass
             self._rearm()
@@ -78,6 +78,14 @@ class FastSocket:
                 await asyncio.sleep(0)  # let the consumer and the acks run: a steady stream never blocks
                 return batch
             await self.sock.poll(flags=zmq.POLLIN)
+
+    def _recv_message(self) -> list[zmq.Frame]:
+        """One queued multipart message (zmq.Again if none). `Frame.more` instead of pyzmq's
+        recv_multipart, which asks the socket for RCVMORE after every frame: half the cost at 7 frames."""
+        frames = [self._raw.recv(zmq.NOBLOCK, copy=False)]
+        while frames[-1].more:  # the rest of a multipart message is already here: never Again
+            frames.append(self._raw.recv(zmq.NOBLOCK, copy=False))
+        return frames
 
     async def send(self, frames: list, copy: bool = True) -> None:
         """Send one multipart message; waits only while the socket cannot take it."""
