@@ -1,6 +1,9 @@
-"""Per-token arrays on the wire: raw little-endian bytes inside msgpack, decoded without a copy.
+"""Per-token arrays on the wire: raw little-endian bytes, decoded without a copy.
 
-`np.frombuffer` over the received `bytes` gives a read-only view; nothing is parsed element by element.
+Inside msgpack (`messages.encode`), or each in its own ZeroMQ frame on the trajectory channel
+(`messages.encode_parts`: a large array then lands in its own malloc'd, aligned, buffer; small frames
+may share ZeroMQ's receive buffer at any offset). `np.frombuffer` over
+the received bytes gives a read-only view; nothing is parsed element by element.
 """
 
 import numpy as np
