@@ -46,34 +46,64 @@ _modules_seen = 0
 
 
 class _Outside:
-    """The `_RandomProxy._env` outside adapter calls: its `rng` is the real module."""
+    """The proxy's `_env` outside adapter calls: its `rng` is the real module."""
 
     rng = random
 
 
-class _RandomProxy(threading.local):
+class _RandomProxy:
     """Stands in for `random` inside GEM modules: `random.randint` & co. come from `rng` of the env
-    being called in this thread (`_env`, per thread, so offloaded envs in threads keep theirs), or
-    from the real module outside adapter calls.
+    being called (`_env`), or from the real module outside adapter calls.
 
     The hot path is the swap around each step, so it stores the env, which the call has in cache
     anyway, not its Random (a 2.5 KB object whose refcount a store would touch, a cache miss per step
     at 1024 envs). Lookups stay in C: a property whose getter is `attrgetter("_env.rng.randint")`,
     and no Python `__getattr__` (it would slow every lookup), so the module's other names are
-    copied onto the class."""
+    copied onto the class. `_env` is a slot: a store is ~10 ns, a `threading.local` one ~50 ns, and
+    there are two per step."""
+
+    __slots__ = ("_env",)
+
+    def __init__(self) -> None:
+        self._env: Any = _Outside
+
+
+class _ThreadRandomProxy(threading.local):
+    """`_RandomProxy` with one `_env` per thread, installed once a `gem:` env may run off the loop
+    thread (`_share_across_threads`): offloaded envs in worker threads then keep their own Random
+    while the loop steps inline ones."""
 
     def __init__(self) -> None:
         self._env: Any = _Outside
 
 
 for _name in dir(random):
-    if _name in _GLOBAL_RNG_FUNCTIONS:
-        setattr(_RandomProxy, _name, property(operator.attrgetter(f"_env.rng.{_name}")))
-    elif not _name.startswith("__"):
-        setattr(_RandomProxy, _name, getattr(random, _name))
+    for _cls in (_RandomProxy, _ThreadRandomProxy):
+        if _name in _GLOBAL_RNG_FUNCTIONS:
+            setattr(_cls, _name, property(operator.attrgetter(f"_env.rng.{_name}")))
+        elif not _name.startswith("__"):
+            setattr(_cls, _name, getattr(random, _name))
 
 
-_proxy = _RandomProxy()
+_proxy: _RandomProxy | _ThreadRandomProxy = _RandomProxy()
+"""What `random` is inside GEM modules. One slot while every `gem:` env is called inline on one
+thread; per thread from the first env that may be offloaded (`_share_across_threads`)."""
+
+
+def _share_across_threads() -> None:
+    """Give each thread its own `_env` from now on: a blocking `gem:` env runs in the offload pool.
+
+    Called when such an env is built or marked blocking, before it can run in a thread, so no call
+    is in flight on another thread; the switch is one-way for the process.
+    """
+    global _proxy
+    if isinstance(_proxy, _ThreadRandomProxy):
+        return
+    old, _proxy = _proxy, _ThreadRandomProxy()
+    for name in _patched:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "random", None) is old:
+            module.random = _proxy
 
 
 def _isolated_set_seed(seed: int | None = None) -> None:
@@ -156,8 +186,28 @@ class GemEnv(Env):
                 _patch_gem_modules()
         self.gem_env = inner
         cheap = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
+        self._broken: str | None = None
         self.blocking = (not cheap) if blocking is None else blocking
-        self.broken = None  # an instance value, as `blocking` is: the cheapest lookups for `astep`
+
+    @property  # type: ignore[override]
+    def blocking(self) -> bool:
+        return self._blocking
+
+    @blocking.setter
+    def blocking(self, value: bool) -> None:
+        if value:
+            _share_across_threads()  # before the env can run in an offload thread
+        self._blocking = value
+        self._inline = not value and self._broken is None
+
+    @property  # type: ignore[override]
+    def broken(self) -> str | None:
+        return self._broken
+
+    @broken.setter
+    def broken(self, reason: str | None) -> None:
+        self._broken = reason
+        self._inline = not self._blocking and reason is None
 
     @functools.cached_property
     def instructions(self) -> str:  # type: ignore[override]
@@ -196,7 +246,7 @@ class GemEnv(Env):
 
     async def areset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
         """`Env.areset`, with the inline case done in this one frame (see `astep`)."""
-        if self.blocking or self.broken is not None:
+        if not self._inline:
             return await super().areset(seed)
         _proxy._env = self
         try:
@@ -206,8 +256,9 @@ class GemEnv(Env):
 
     async def astep(self, action: str) -> StepResult:
         """`Env.astep`, with the inline case done in this one frame instead of calling `step`: the hot
-        path of 1024 concurrent episodes, where each frame and attribute lookup is a visible share."""
-        if self.blocking or self.broken is not None:
+        path of 1024 concurrent episodes, where each frame and attribute lookup is a visible share:
+        `_inline` (not blocking, not broken) is one lookup instead of two."""
+        if not self._inline:
             return await super().astep(action)
         _proxy._env = self
         try:

@@ -149,3 +149,33 @@ async def test_offloaded_thread_draws_from_its_own_env_while_the_loop_steps_othe
         got = await asyncio.gather(*(e.areset(s) for e, s in zip(offloaded, seeds, strict=True)),
                                    *(e.areset(s) for e, s in zip(inline, seeds, strict=True)))
         assert [obs for obs, _ in got] == expected * 2
+
+
+def test_marking_an_inline_env_blocking_gives_each_thread_its_own_rng():
+    """In a fresh process the proxy starts as one slot (inline envs only); marking an env blocking
+    after it was built switches to one slot per thread before the env can run in a worker thread."""
+    code = f"""
+import asyncio, json
+import envs
+from envs.adapters import gem as adapter
+
+async def main():
+    seeds = range(6)
+    expected = [envs.make("gem:{GAME}").reset(s)[0] for s in seeds]
+    assert type(adapter._proxy).__name__ == "_RandomProxy"
+    offloaded = [envs.make("gem:{GAME}") for _ in seeds]
+    for env in offloaded:
+        env.blocking = True
+    assert type(adapter._proxy).__name__ == "_ThreadRandomProxy"
+    inline = [envs.make("gem:{GAME}") for _ in seeds]
+    ok = True
+    for _ in range(3):
+        got = await asyncio.gather(*(e.areset(s) for e, s in zip(offloaded, seeds)),
+                                   *(e.areset(s) for e, s in zip(inline, seeds)))
+        ok = ok and [obs for obs, _ in got] == expected * 2
+    print(json.dumps(ok))
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) is True
