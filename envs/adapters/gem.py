@@ -7,8 +7,11 @@ GEM's `Env.reset(seed)` reseeds the process-wide `random` and its games draw fro
 episodes stepped in turn (as the engine does, 1024 at once) would consume one shared stream and
 stop being reproducible. Saving and restoring RNG state around each call would cost ~100 us per
 step (numpy's get_state alone is ~40 us), thirty times a GEM game step. Instead the `random` name
-inside GEM's modules is bound to a proxy that forwards to the Random of the env being called (a
-thread-local, so offloaded envs in threads keep theirs), and GEM's `set_seed` seeds that Random.
+inside GEM's modules is bound to a proxy that forwards to the Random of the env being called, and
+GEM's `set_seed` seeds that Random. The proxy holds one current env while every `gem:` env is called
+inline on the loop thread, and one per thread from the first env that is blocking (offloaded to
+worker threads): a store to a thread-local costs five times a plain one, twice a step. The rule
+that keeps this sound: an inline env is called from one thread at a time, the engine's loop.
 Outside an adapter call the proxy forwards to the real module, so GEM's own code (its vector envs)
 behaves as before. Invariant: a `gem:` episode is a function of its seed and actions alone, and
 equals the episode plain GEM gives for that seed in a fresh process.
