@@ -20,6 +20,7 @@ __all__ = [
     "DistributedPublish",
     "NoPublish",
     "MetricsConfig",
+    "FailuresConfig",
     "DistributedConfig",
     "TrainerConfig",
 ]
@@ -133,6 +134,19 @@ class MetricsConfig(Strict):
     """Show a rich live status line."""
 
 
+class FailuresConfig(Strict):
+    """What a failed training step does (an exception, a non-finite loss): it is logged with its
+    traceback and counted, its batch goes to the dead letter, and the daemon takes the next batch."""
+
+    dead_letter: str = "runs/trainer/dead_letter.jsonl"
+    """JSONL file of failed batches: one record per failed step, with the error, the traceback and the
+    whole trajectories (trainer/dead_letter.py reads them back). A record is durable before the
+    batch's deliveries are acknowledged, so a failed batch is never lost and never blocks the stream."""
+    max_consecutive: PosInt = 3
+    """Failed steps in a row that stop the daemon with an error (a persistent fault: a broken model,
+    a device that keeps failing) instead of dead-lettering every batch that arrives."""
+
+
 class DistributedConfig(Strict):
     """The training device, and scale-out across torchrun ranks."""
 
@@ -153,6 +167,7 @@ class TrainerConfig(Strict):
     checkpoint: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
     publish: DiskPublish | DistributedPublish | NoPublish = msgspec.field(default_factory=DiskPublish)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    failures: FailuresConfig = msgspec.field(default_factory=FailuresConfig)
     distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
     max_steps: NonNegInt = 0
     """Stop (with a checkpoint) after this many optimizer steps in total; 0 runs until SIGTERM."""

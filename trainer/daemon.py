@@ -6,6 +6,13 @@ trainer killed at any point and restarted continues at the checkpoint's version,
 channel's resends every trajectory is used exactly once (DESIGN.md invariant 4). SIGTERM (or SIGINT)
 is a staged shutdown: finish the running step, write a checkpoint, acknowledge, exit 0.
 
+A step that fails (an exception from the model, an out-of-memory, a loss that is not finite) is bad
+input, not a crash: it is logged with its traceback, counted (`trainer/step_errors`), leaves the
+model and optimiser as they were (trainer/learner.py `train_step`), and its batch goes to the dead
+letter (trainer/dead_letter.py), durably, before its deliveries are acknowledged like any other;
+then the next batch trains. `failures.max_consecutive` failed steps in a row stop the daemon with an
+error (after the usual final checkpoint), as a fault that persists is not the data's.
+
 Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
 tests check for loss and reuse); a resume writes `{"event": "resume", "step": v}`, after which
 records of steps >= v from before the restart are superseded.
@@ -14,9 +21,11 @@ records of steps >= v from before the restart are superseded.
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import time
+import traceback
 
 import aiohttp
 import msgspec
@@ -29,11 +38,15 @@ from protocol.messages import TrainerStatus
 from protocol.telemetry import Telemetry as SinkTelemetry
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
+from trainer.dead_letter import DeadLetter
 from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, STEP, STOP, World
 from trainer.intake import Batch, Intake, IntakePump
+from trainer.learner import NonFiniteStep
 from trainer.publish import PublishError, make_publisher
 
 __all__ = ["main", "Daemon"]
+
+log = logging.getLogger(__name__)
 
 ACK_GRACE_S = 0.2
 """After the final checkpoint's commit, time for the receiver's ack task to send before the socket closes.
@@ -102,6 +115,14 @@ class Telemetry:
                 f"{k.rsplit('/', 1)[-1]}={metrics[k]:.4g}" for k in shown if k in metrics
             ))
 
+    def step_error(self, version: int, metrics: dict[str, float], ids: list[str], error: str, tb: str) -> None:
+        self.sink.log({"event": "step_error", "ids": ",".join(ids), "error": error, "traceback": tb, **metrics},
+                      step=version)
+        self._board(version, metrics)
+        if self._console is not None:
+            self._console.log(f"[bold red]step v{version} failed[/bold red] ({len(ids)} trajectories to the "
+                              f"dead letter): {error}")
+
     def publish(self, version: int, metrics: dict[str, float]) -> None:
         self.sink.log({"event": "publish", **metrics}, step=version)
         self._board(version, metrics)
@@ -127,7 +148,13 @@ class Daemon:
         self.checkpointer = Checkpointer(cfg.checkpoint)
         self.checkpointer.discard_partial()
         self.telemetry = Telemetry(cfg.metrics)
-        self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0}
+        self.dead_letter = DeadLetter(cfg.failures.dead_letter)
+        self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0, "step_errors": 0,
+                                           "step_errors_non_finite": 0}
+        self.failing = 0
+        """Failed steps in a row."""
+        self.failure: str | None = None
+        """Why the daemon stops on its own (`failures.max_consecutive` reached), or None."""
         self.dedup = None
         restored = self.checkpointer.load()
         self.resumed_from = None if restored is None else restored.path
@@ -197,7 +224,8 @@ class Daemon:
                 await self._maybe_publish(force=True)
                 await self._published()
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
-            self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint, **urls)
+            self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint,
+                                 device=self.world.device, **urls)
             try:
                 async with asyncio.TaskGroup() as tg:
                     pumping = tg.create_task(pump.run())
@@ -213,7 +241,9 @@ class Daemon:
                     await asyncio.to_thread(self.world.send, STOP)
                 if self.publisher is not None:
                     await self.publisher.close()
-                await status.publish(self.status(health="stopped"))
+                await status.publish(self.status(health="stopped" if self.failure is None else self.failure[:200]))
+        if self.failure is not None:
+            raise TidalError(self.failure)
         return 0
 
     async def _loop(self) -> None:
@@ -234,19 +264,29 @@ class Daemon:
                     if not self._stop.is_set():
                         await self._checkpoint()  # intake pressure between steps
                     continue
-                await self._step(waiting.result())
+                trained = await self._step(waiting.result())
                 if cfg.intake.commit == "step":
-                    pump.stepped()
-                await self._maybe_publish()
-                due = cfg.checkpoint.every_steps and self.version % cfg.checkpoint.every_steps == 0
+                    pump.stepped()  # a failed batch is in the dead letter by now: acknowledged too
+                if self.failure is not None:
+                    return
+                if trained:
+                    await self._maybe_publish()
+                due = trained and cfg.checkpoint.every_steps and self.version % cfg.checkpoint.every_steps == 0
                 if due or pump.pressure.is_set():
                     await self._checkpoint()
         finally:
             stopping.cancel()
 
-    async def _step(self, batch: Batch) -> None:
+    async def _step(self, batch: Batch) -> bool:
+        """Train one batch; False if the step failed (handled by `_failed`)."""
         version = self.version
-        metrics = await asyncio.to_thread(self._train, batch.trajectories)
+        try:
+            metrics = await asyncio.to_thread(self._train, batch.trajectories)
+        except Exception as exc:  # bad input: counted and dead-lettered, the daemon goes on
+            await self._failed(version, batch, exc)
+            return False
+        self.failing = 0
+        self.health = "ok" if self.health.startswith("step failed") else self.health
         self.counters["steps"] += 1
         self.counters["trajectories"] += len(batch.trajectories)
         self.counters["tokens"] += sum(len(t) for t in batch.trajectories)
@@ -258,8 +298,34 @@ class Daemon:
             "trainer/intake/buffered": self.intake.size,
             "trainer/intake/uncommitted": self._pump.uncommitted,
             "trainer/publish/failures": self.counters.get("publish_failures", 0),
+            "trainer/step_errors": self.counters["step_errors"],
         }
         self.telemetry.step(version, record, ids=batch.ids)
+        await self.status_pub.publish(self.status())
+        return True
+
+    async def _failed(self, version: int, batch: Batch, exc: Exception) -> None:
+        """A failed step: log it with its traceback, count it, and write its batch to the dead letter
+        (durable before `_loop` lets the batch's deliveries be acknowledged); after
+        `failures.max_consecutive` in a row, set `failure` so the daemon stops."""
+        error = f"{type(exc).__name__}: {exc}"
+        tb = "".join(traceback.format_exception(exc))
+        log.error("step at version %d failed on %d trajectories (%s):\n%s", version, len(batch.ids),
+                  ", ".join(batch.ids[:8]), tb)
+        self.failing += 1
+        self.counters["step_errors"] += 1
+        self.counters["step_errors_non_finite"] += isinstance(exc, NonFiniteStep)
+        await asyncio.to_thread(self.dead_letter.append, version, error, tb, batch.trajectories)
+        self.telemetry.step_error(version, {
+            "trainer/step_errors": self.counters["step_errors"],
+            "trainer/step_errors_non_finite": self.counters["step_errors_non_finite"],
+            "trainer/step_errors_consecutive": self.failing,
+            "trainer/dead_letter_trajectories": len(batch.trajectories),
+        }, batch.ids, error[:2000], tb[-8000:])
+        self.health = f"step failed: {error}"[:200]
+        if self.failing >= self.cfg.failures.max_consecutive:
+            self.failure = (f"{self.failing} training steps in a row failed (failures.max_consecutive); the "
+                            f"last at version {version}: {error}"[:1000])
         await self.status_pub.publish(self.status())
 
     def _train(self, batch) -> dict[str, float]:
@@ -371,7 +437,10 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
     """Ranks > 0: train on what rank 0 broadcasts until it says stop.
 
     SIGTERM and SIGINT are ignored here: torchrun forwards them to every rank, and only rank 0 decides
-    when to stop (after its final checkpoint), then says so with STOP.
+    when to stop (after its final checkpoint), then says so with STOP. A failed step is logged and the
+    next command awaited, as rank 0 does: a non-finite step fails on every rank alike (the gradient
+    norm is global). An exception on some ranks only leaves the others waiting in a collective until
+    the backend's timeout; that case is not recovered here.
     """
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -382,7 +451,10 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
     while True:
         command, batch = world.receive()
         if command == STEP:
-            world.reduce_metrics(learner.train_step(batch))
+            try:
+                world.reduce_metrics(learner.train_step(batch))
+            except Exception:  # rank 0 counts it and dead-letters the batch
+                log.exception("step failed on rank %d", world.rank)
         elif command == GATHER_WEIGHTS:
             world.full_weights(learner)
         elif command == GATHER_STATE:

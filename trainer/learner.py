@@ -42,7 +42,7 @@ from trainer.advantages import AdvantageConfig, GAEConfig, GRPOConfig, Reinforce
 from trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
 from trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
 
-__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "STALENESS_BUCKETS", "METRICS"]
+__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "NonFiniteStep", "STALENESS_BUCKETS", "METRICS"]
 
 STALENESS_BUCKETS = ("0", "1", "2", "3", "4-7", "8+")
 """Histogram buckets of per-token staleness, reported as `trainer/staleness/<bucket>` fractions."""
@@ -66,7 +66,8 @@ METRICS = {
     "trainer/staleness/<bucket>": "fraction of trained tokens per staleness bucket (0, 1, 2, 3, 4-7, 8+)",
     "trainer/staleness_mean": "mean token staleness, versions",
     "trainer/staleness_max": "largest token staleness, versions",
-    "trainer/grad_norm": "global gradient norm before clipping (mean over the step's updates)",
+    "trainer/grad_norm": "global gradient norm before clipping (mean over the step's applied updates)",
+    "trainer/skipped_updates": "updates of the step skipped for a non-finite loss or gradient norm (count)",
     "trainer/lr": "learning rate after the step",
     "trainer/version": "policy version after the step",
     "trainer/step_s": "wall time of the step, seconds",
@@ -77,6 +78,11 @@ METRICS = {
     "trainer/micro_batches": "forward/backward passes of the step (this rank)",
 }
 """Every metric `train_step` returns, with its unit; metrics are this rank's."""
+
+
+class NonFiniteStep(ArithmeticError):
+    """Every update of a step had a non-finite loss or gradient norm, so none was applied: the model,
+    optimiser, schedule and version are as before the step (verl and AReaL skip such updates too)."""
 
 
 class ModelConfig(Strict):
@@ -255,7 +261,15 @@ class Learner:
     # --- the step ---------------------------------------------------------------------------------
 
     def train_step(self, batch: list[Trajectory]) -> dict[str, float]:
-        """One step on `batch` (every rank passes the same batch); returns `trainer/...` metrics."""
+        """One step on `batch` (every rank passes the same batch); returns `trainer/...` metrics.
+
+        An update whose loss or gradient norm is not finite is skipped (gradients zeroed, no optimiser
+        or schedule step) and counted; if every update is skipped the step raises `NonFiniteStep` and
+        the version stays. Any other exception also leaves no gradients behind and, when it comes
+        before the first update is applied (always, with one update per step), leaves model,
+        optimiser and version untouched; after k > 0 applied updates (`optim.minibatches` > 1) the
+        version still advances, since the weights changed, and a note on the exception says so.
+        """
         if not batch:
             raise ValueError("train_step: empty batch")
         reasons = [r for r in map(self.reject_reason, batch) if r]
@@ -282,22 +296,41 @@ class Learner:
 
         totals: dict[str, float] = {"loss": 0.0}
         grad_norms = []
-        for update in updates:
+        try:
+            for update in updates:
+                self.optimizer.zero_grad(set_to_none=True)
+                update_loss = 0.0
+                for k, mb in enumerate(update):
+                    with self._sync(last=k == len(update) - 1):
+                        loss, mb_metrics = self._loss(mb)
+                        (loss * self.world_size).backward()
+                    mb_metrics["loss"] = loss.detach()
+                    update_loss += float(mb_metrics["loss"])
+                    for name, value in mb_metrics.items():
+                        v = float(value)
+                        if name.endswith("_max"):
+                            totals[name] = max(totals.get(name, v), v)
+                        elif name.endswith("loss"):             # shares of the update's loss: they add up
+                            totals[name] = totals.get(name, 0.0) + v
+                        else:                                   # per-token means: weight by tokens
+                            totals[name] = totals.get(name, 0.0) + v * mb.n_tokens
+                norm = self._clip_and_step(finite_loss=math.isfinite(update_loss))
+                if norm is not None:
+                    grad_norms.append(norm)
+        except BaseException as exc:
             self.optimizer.zero_grad(set_to_none=True)
-            for k, mb in enumerate(update):
-                with self._sync(last=k == len(update) - 1):
-                    loss, mb_metrics = self._loss(mb)
-                    (loss * self.world_size).backward()
-                mb_metrics["loss"] = loss.detach()
-                for name, value in mb_metrics.items():
-                    v = float(value)
-                    if name.endswith("_max"):
-                        totals[name] = max(totals.get(name, v), v)
-                    elif name.endswith("loss"):             # shares of the update's loss: they add up
-                        totals[name] = totals.get(name, 0.0) + v
-                    else:                                   # per-token means: weight by tokens
-                        totals[name] = totals.get(name, 0.0) + v * mb.n_tokens
-            grad_norms.append(self._clip_and_step())
+            if self.device.type == "cuda":               # after an OOM, give the cached blocks back
+                torch.cuda.empty_cache()
+            if grad_norms:
+                self.version += 1
+                exc.add_note(f"train_step: {len(grad_norms)} of {len(updates)} updates were applied before "
+                             f"this failure; they are version {self.version}")
+            raise
+        if not grad_norms:
+            raise NonFiniteStep(
+                f"train_step: all {len(updates)} updates of version {self.version} had a non-finite loss "
+                f"({totals['loss']}) or gradient norm; skipped, nothing applied"
+            )
         self.version += 1
 
         trained = sum(mb.n_tokens for mb in mbs)
@@ -315,6 +348,7 @@ class Learner:
         metrics.update(self._staleness(batch, masks, self.version - 1))
         metrics.update({
             "trainer/grad_norm": float(np.mean(grad_norms)),
+            "trainer/skipped_updates": float(len(updates) - len(grad_norms)),
             "trainer/lr": self.scheduler.get_last_lr()[0],
             "trainer/version": float(self.version),
             "trainer/step_s": elapsed,
@@ -428,14 +462,20 @@ class Learner:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def _clip_and_step(self) -> float:
+    def _clip_and_step(self, *, finite_loss: bool) -> float | None:
+        """Clip and step; the gradient norm, or None when the loss or the norm is not finite: then the
+        update is skipped (gradients zeroed, no optimiser or schedule step). The norm is global (DDP
+        and FSDP reduce gradients first), so every rank skips the same updates."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (finite_loss and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         self.scheduler.step()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm)
+        return norm
 
     @staticmethod
     def _staleness(batch, masks, trained_version: int) -> dict[str, float]:
