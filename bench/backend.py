@@ -104,7 +104,7 @@ def _client(name: str, url: str, connections: int):
     if name == "tidal-sglang":
         return SGLangBackend(SGLangConfig(urls=[url], max_connections=connections, health_interval_s=3600))
     if name == "tidal-openai":
-        return OpenAIBackend(OpenAIConfig(url=url, max_connections=connections))
+        return OpenAIBackend(OpenAIConfig(urls=[url], max_connections=connections))
     return _OpenAIPackage(url, connections)
 
 

@@ -3,8 +3,11 @@ something (STYLE.md, "Variants are tagged unions").
 
     [backend]                      [backend]                     [backend]
     type = "sglang"                type = "openai"               type = "plugin"
-    urls = ["http://h1:30000",     url = "http://h:8000"         name = "echo"   # entry point
+    urls = ["http://h1:30000",     urls = ["http://h:8000"]      name = "echo"   # entry point
             "http://h2:30000"]     model = "Qwen/Qwen3-8B"       options = { delay_s = 0.0 }
+
+`sglang` and `openai` share the routing fields (`Routed`): several servers behind one client, the
+same `engine.backends.routing.Router` policy, health probes and retries.
 
 A plugin's `options` are validated against its class's `config_type` when the backend is created.
 """
@@ -16,7 +19,7 @@ from msgspec import Meta
 
 from protocol.config import Strict
 
-__all__ = ["SGLangConfig", "OpenAIConfig", "PluginConfig", "BackendConfig"]
+__all__ = ["Routed", "SGLangConfig", "OpenAIConfig", "PluginConfig", "BackendConfig"]
 
 Seconds = Annotated[float, Meta(gt=0)]
 
@@ -27,7 +30,41 @@ def _check_url(key: str, url: str) -> None:
         raise ValueError(f"{key}: expected a base URL like http://127.0.0.1:30000, got {url!r}")
 
 
-class SGLangConfig(Strict, tag="sglang", tag_field="type"):
+class Routed(Strict):
+    """Fields of a client of several servers: routing (engine/backends/routing.py), the connection
+    pool, timeouts, retries, ejection and health probes. Subclasses add `urls` and their own fields."""
+
+    balance: Literal["tokens", "requests"] = "tokens"
+    """Load measure for routing: in-flight tokens (prompt + budget) or in-flight requests."""
+    affinity: bool = True
+    """Send later requests of a session to the server that served its earlier ones (its prefix is cached)."""
+    affinity_slack: Annotated[int, Meta(ge=0)] = 16384
+    """Affinity yields when the holder's load exceeds the least-loaded server's by more than this
+    (in units of `balance`); a cache hit is worth less than a long queue."""
+    affinity_capacity: Annotated[int, Meta(ge=1)] = 1 << 17
+    """Sessions remembered (least recently used forgotten first): bounds the affinity table."""
+    max_connections: Annotated[int, Meta(ge=1)] = 8192
+    """Connection-pool size over all servers: a request beyond it waits for a free connection."""
+    connect_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 300.0
+    """Longest silence allowed between two stream events (or before a non-stream body)."""
+    max_retries: Annotated[int, Meta(ge=0)] = 3
+    """Times a failed request moves to another server, continuing from the tokens received."""
+    eject_after: Annotated[int, Meta(ge=1)] = 3
+    """Consecutive failed requests (5xx, timeout, bad response) that eject a server; a lost connection
+    ejects at once. An ejected server gets no requests until a health probe passes."""
+    health_interval_s: Seconds = 2.0
+    """Period of /health probes; an ejected server is re-admitted on its first healthy probe."""
+    health_timeout_s: Seconds = 5.0
+
+    def _check_urls(self, urls: list[str], key: str = "urls") -> None:
+        for i, url in enumerate(urls):
+            _check_url(f"{key}[{i}]", url)
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"{key}: each server once, got {urls}")
+
+
+class SGLangConfig(Routed, tag="sglang", tag_field="type"):
     """SGLang's native /generate on one or more servers (or one sglang-router URL)."""
 
     urls: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
@@ -43,30 +80,8 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     stream_interval: Annotated[int, Meta(ge=1)] | None = None
     """Tokens per stream event (SGLang's `stream_interval`); None: the server's `--stream-interval`.
     Larger values cut the client's per-event cost at thousands of concurrent streams."""
-    balance: Literal["tokens", "requests"] = "tokens"
-    """Load measure for routing: in-flight tokens (prompt + budget) or in-flight requests."""
-    affinity: bool = True
-    """Send later requests of a session to the server that served its earlier ones (its prefix is cached)."""
-    affinity_slack: Annotated[int, Meta(ge=0)] = 16384
-    """Affinity yields when the holder's load exceeds the least-loaded server's by more than this
-    (in units of `balance`); a cache hit is worth less than a long queue."""
-    affinity_capacity: Annotated[int, Meta(ge=1)] = 1 << 17
-    """Sessions remembered (least recently used forgotten first): bounds the affinity table."""
-    max_connections: Annotated[int, Meta(ge=1)] = 8192
-    """Connection-pool size over all servers: a request beyond it waits for a free connection."""
-    connect_timeout_s: Seconds = 5.0
-    read_timeout_s: Seconds = 300.0
-    """Longest silence allowed between two stream events (or before a non-stream body)."""
     control_timeout_s: Seconds = 600.0
     """Budget of one control call (pause, weight update, group init) per server."""
-    max_retries: Annotated[int, Meta(ge=0)] = 3
-    """Times a failed request moves to another server, continuing from the tokens received."""
-    eject_after: Annotated[int, Meta(ge=1)] = 3
-    """Consecutive failed requests (5xx, timeout, bad response) that eject a server; a lost connection
-    ejects at once. An ejected server gets no requests until a health probe passes."""
-    health_interval_s: Seconds = 2.0
-    """Period of /health probes; an ejected server is re-admitted on its first healthy probe."""
-    health_timeout_s: Seconds = 5.0
     pause_mode: Literal["abort", "retract", "in_place"] = "retract"
     """`/pause_generation` mode. abort: in-flight requests end and are resubmitted after resume with
     the tokens received; retract/in_place: they stay open and continue under the new weights."""
@@ -77,26 +92,23 @@ class SGLangConfig(Strict, tag="sglang", tag_field="type"):
     """GPUs per server: ranks each server takes in a distributed weight-update group."""
 
     def __post_init__(self):
-        for i, url in enumerate(self.urls):
-            _check_url(f"urls[{i}]", url)
-        for i, url in enumerate(self.control_urls):
-            _check_url(f"control_urls[{i}]", url)
-        if len(set(self.urls)) != len(self.urls):
-            raise ValueError(f"urls: each server once, got {self.urls}")
+        self._check_urls(self.urls)
+        self._check_urls(self.control_urls, "control_urls")
 
 
-class OpenAIConfig(Strict, tag="openai", tag_field="type"):
-    """An OpenAI-compatible `/v1/completions` server that returns token ids (vLLM, SGLang)."""
+class OpenAIConfig(Routed, tag="openai", tag_field="type"):
+    """OpenAI-compatible `/v1/completions` servers that return token ids (vLLM, SGLang)."""
 
-    url: str = "http://127.0.0.1:8000"
+    urls: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["http://127.0.0.1:8000"])
+    """Server base URLs; each request goes to one of them (see `balance`, `affinity`)."""
     model: str = "default"
+    """The `model` field of each request (vLLM checks it against its served model name)."""
     api_key: str | None = None
-    max_connections: Annotated[int, Meta(ge=1)] = 8192
-    connect_timeout_s: Seconds = 5.0
-    read_timeout_s: Seconds = 300.0
+    """Sent as `Authorization: Bearer`."""
 
     def __post_init__(self):
-        _check_url("url", self.url)
+        self._check_urls(self.urls)
 
 
 class PluginConfig(Strict, tag="plugin", tag_field="type"):

@@ -1,4 +1,4 @@
-"""The `openai` backend: an OpenAI-compatible `/v1/completions` server that takes and returns token ids.
+"""The `openai` backend: OpenAI-compatible `/v1/completions` servers that take and return token ids.
 
 What vLLM (and SGLang's OpenAI route) serve (contract §5): `prompt` as token ids, `logprobs: 0` for the
 sampled token's logprob, `return_token_ids: true` so each streamed choice carries its new `token_ids`
@@ -6,12 +6,20 @@ sampled token's logprob, `return_token_ids: true` so each streamed choice carrie
 `stop`, `length` or `abort`. The weight version comes from SGLang's `metadata`, which only the last
 chunk carries: earlier chunks are tagged with the last version this client saw ("" before any).
 
+Several servers behind one client, with the `sglang` backend's policy (engine/backends/routing.py):
+least-loaded with affinity per session key, ejection after failures, `/health` probes that re-admit.
+Invariant (DESIGN.md 1, 2): every token a server generated reaches the caller exactly once. A request
+that fails (connection lost, 5xx, timeout, a broken chunk) moves to another healthy server with
+`prompt = prompt + tokens received` and the remaining budget, so nothing is generated twice.
+
 No pause or weight routes exist in the OpenAI API, so those raise `Unsupported`; `abort` closes the
 stream, which makes vLLM and SGLang abort the request server-side.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -23,63 +31,135 @@ from engine.backends import http
 from engine.backends.base import Backend, Chunk, Finish, Request
 from engine.backends.config import OpenAIConfig
 from engine.backends.errors import BackendError, BadResponse, ServerUnavailable
+from engine.backends.routing import Router, Server
 from protocol import sglang as wire
 
 __all__ = ["OpenAIBackend"]
+
+log = logging.getLogger(__name__)
 
 _chunk = msgspec.json.Decoder(wire.CompletionResponse)
 
 
 class OpenAIBackend(Backend):
-    """Client of one OpenAI-compatible server; see `OpenAIConfig`."""
+    """Client of one or more OpenAI-compatible servers; see `OpenAIConfig`."""
 
     config_type = OpenAIConfig
 
     def __init__(self, cfg: OpenAIConfig | None = None):
         self.cfg = cfg = cfg or OpenAIConfig()
-        self.url = cfg.url.rstrip("/")
+        self.router = Router(cfg.urls, balance=cfg.balance, affinity=cfg.affinity, slack=cfg.affinity_slack,
+                             capacity=cfg.affinity_capacity, eject_after=cfg.eject_after)
         self.counters: Counter[str] = Counter()
         self._headers = {"Content-Type": "application/json"}
         if cfg.api_key:
             self._headers["Authorization"] = f"Bearer {cfg.api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task | None = None
+        self._inflight: dict[str, str] = {}
+        """request id -> the rid of its current attempt on the wire."""
         self._streams: dict[str, aiohttp.ClientResponse] = {}
-        """request id -> its open response, so `abort` can close it."""
+        """wire rid -> its open response, so `abort` can close it."""
         self._aborted: set[str] = set()
         self._version = ""
-        """The weight version the server last reported."""
+        """The weight version a server last reported."""
 
     async def start(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0),
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
-                                              sock_read=self.cfg.read_timeout_s),
-                headers=self._headers,
-            )
+        if self._session is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
+                                          sock_read=self.cfg.read_timeout_s),
+            headers=self._headers,
+        )
+        self._health_task = asyncio.create_task(self._health_loop(), name="openai-health")
 
     async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except asyncio.CancelledError:
+                pass
+            self._health_task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counters, in_flight=len(self._streams))
+        """Counters since start: requests, chunks, tokens, retries, aborts, ejections, readmissions,
+        errors_<kind> per `BackendError.kind`; gauges servers_healthy and in_flight."""
+        return dict(self.counters, servers_healthy=len(self.router.healthy), in_flight=len(self._inflight))
+
+    # --- generation --------------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         await self.start()
-        rid, s = request.request_id, request.sampling
-        body = wire.encode(wire.CompletionRequest(
-            model=self.cfg.model, prompt=request.input_ids, max_tokens=s.max_new_tokens,
-            temperature=s.temperature, top_p=s.top_p, top_k=None if s.top_k == -1 else s.top_k,
-            stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None, seed=s.seed,
-            ignore_eos=s.ignore_eos, stream=True, logprobs=0, return_token_ids=True, rid=rid))
+        rid, prompt = request.request_id, request.input_ids
+        received: list[int] = []
+        failed: set[Server] = set()
+        error: BackendError | None = None
+        retries = 0
         counters = self.counters
         counters["requests"] += 1
-        total = 0
-        url = self.url
+        try:
+            while True:
+                budget = request.sampling.max_new_tokens - len(received)
+                if rid in self._aborted or budget <= 0:  # between two attempts
+                    reason = "abort" if rid in self._aborted else "length"
+                    counters["aborts"] += reason == "abort"
+                    yield Chunk([], [], self._version, Finish(reason=reason, prompt_tokens=len(prompt),
+                                                              completion_tokens=len(received), retries=retries))
+                    return
+                server = self.router.pick(request.session_key, failed)
+                if server is None:
+                    raise error or ServerUnavailable(f"no healthy server among {len(self.router.servers)}",
+                                                     request_id=rid)
+                wire_rid = rid if not retries else f"{rid}@{retries}"
+                self._inflight[rid] = wire_rid
+                cost = len(prompt) + request.sampling.max_new_tokens
+                self.router.acquire(server, cost)
+                try:
+                    async with aclosing(self._attempt(server, wire_rid, request, received, budget)) as chunks:
+                        async for chunk in chunks:
+                            if chunk.finish is not None:
+                                chunk.finish.prompt_tokens = len(prompt)
+                                chunk.finish.completion_tokens = len(received)
+                                chunk.finish.retries = retries
+                                self.router.succeeded(server)
+                            yield chunk
+                    return
+                except BackendError as exc:
+                    counters[f"errors_{exc.kind}"] += 1
+                    if not exc.retryable or retries >= self.cfg.max_retries:
+                        raise
+                    if self.router.failed(server, hard=isinstance(exc, ServerUnavailable)):
+                        counters["ejections"] += 1
+                        log.warning("ejected %s: %s", server.url, exc)
+                    log.warning("retrying %s elsewhere after %d tokens: %s", rid, len(received), exc)
+                    error = exc
+                    failed.add(server)
+                    retries += 1
+                    counters["retries"] += 1
+                finally:
+                    self.router.release(server, cost)
+        finally:
+            self._inflight.pop(rid, None)
+            self._aborted.discard(rid)
+
+    async def _attempt(self, server: Server, wire_rid: str, request: Request, received: list[int],
+                       budget: int) -> AsyncIterator[Chunk]:
+        """One /v1/completions on one server for the rest of `request`: yield its new tokens (extending
+        `received`), the last chunk with its `Finish`."""
+        s, url, counters = request.sampling, server.url, self.counters
+        body = wire.encode(wire.CompletionRequest(
+            model=self.cfg.model, prompt=request.input_ids + received if received else request.input_ids,
+            max_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=None if s.top_k == -1 else s.top_k,
+            stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None, seed=s.seed,
+            ignore_eos=s.ignore_eos, stream=True, logprobs=0, return_token_ids=True, rid=wire_rid))
         final: Chunk | None = None
-        events = http.sse_post(self._session, url, "/v1/completions", body, rid, self.cfg.read_timeout_s,
+        events = http.sse_post(self._session, url, "/v1/completions", body, wire_rid, self.cfg.read_timeout_s,
                                self._streams)
         try:
             async with aclosing(events):
@@ -89,7 +169,7 @@ class OpenAIBackend(Backend):
                     try:
                         ev = _chunk.decode(payload)
                     except msgspec.DecodeError as exc:
-                        raise BadResponse(f"/v1/completions chunk: {exc}", url=url, request_id=rid) from None
+                        raise BadResponse(f"/v1/completions chunk: {exc}", url=url, request_id=wire_rid) from None
                     counters["chunks"] += 1
                     if ev.metadata and "weight_version" in ev.metadata:
                         self._version = str(ev.metadata["weight_version"])
@@ -99,46 +179,63 @@ class OpenAIBackend(Backend):
                     ids = choice.token_ids
                     if ids is None:
                         raise BadResponse("choices[0].token_ids missing: the server must honour "
-                                          "return_token_ids (SGLang, vLLM >= 0.10.2)", url=url, request_id=rid)
+                                          "return_token_ids (SGLang, vLLM >= 0.10.2)", url=url, request_id=wire_rid)
                     logprobs = choice.logprobs.token_logprobs if choice.logprobs is not None else []
                     if len(logprobs) != len(ids) or None in logprobs:
                         raise BadResponse(f"{len(ids)} token_ids but logprobs {logprobs!r}", url=url,
-                                          request_id=rid)
-                    total += len(ids)
+                                          request_id=wire_rid)
+                    received += ids
                     counters["tokens"] += len(ids)
                     if choice.finish_reason is None:
                         if ids:
                             yield Chunk(ids, logprobs, self._version)
                         continue
                     counters["aborts"] += choice.finish_reason == "abort"
-                    final = Chunk(ids, logprobs, self._version, Finish(
-                        reason=choice.finish_reason, matched=choice.matched_stop,
-                        prompt_tokens=len(request.input_ids), completion_tokens=total, server=url))
-        except BackendError as exc:
-            if final is None and isinstance(exc, ServerUnavailable) and rid in self._aborted:
-                counters["aborts"] += 1  # abort() closed the stream
-                final = Chunk([], [], self._version, Finish(reason="abort", prompt_tokens=len(request.input_ids),
-                                                            completion_tokens=total, server=url))
-            elif final is None:
-                counters[f"errors_{exc.kind}"] += 1
+                    final = Chunk(ids, logprobs, self._version,
+                                  Finish(reason=choice.finish_reason, matched=choice.matched_stop, server=url))
+        except ServerUnavailable:
+            if final is not None:
+                log.warning("ignored a fault after the last chunk of %s from %s", wire_rid, url)
+            elif request.request_id in self._aborted:  # abort() closed the stream
+                counters["aborts"] += 1
+                final = Chunk([], [], self._version, Finish(reason="abort", server=url))
+            else:
                 raise
-        finally:
-            self._aborted.discard(rid)
         if final is None:
-            counters["errors_bad_response"] += 1
-            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=rid)
+            raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=wire_rid)
         yield final
 
     async def abort(self, request_id: str) -> None:
-        resp = self._streams.get(request_id)
+        wire_rid = self._inflight.get(request_id)
+        if wire_rid is None:
+            return
+        self._aborted.add(request_id)
+        resp = self._streams.get(wire_rid)
         if resp is not None:
-            self._aborted.add(request_id)
             resp.close()
+
+    # --- health ------------------------------------------------------------------------------------
 
     async def health(self) -> dict[str, bool]:
         await self.start()
+        return dict(await asyncio.gather(*(self._probe(s) for s in self.router.servers)))
+
+    async def _probe(self, server: Server) -> tuple[str, bool]:
+        """GET /health; eject on failure, re-admit on success."""
         try:
-            await http.call(self._session, "GET", self.url, "/health", None, self.cfg.connect_timeout_s)
+            await http.call(self._session, "GET", server.url, "/health", None, self.cfg.health_timeout_s)
+            ok = True
         except BackendError:
-            return {self.url: False}
-        return {self.url: True}
+            ok = False
+        if ok and self.router.admit(server):
+            self.counters["readmissions"] += 1
+            log.info("re-admitted %s", server.url)
+        elif not ok and self.router.eject(server):
+            self.counters["ejections"] += 1
+            log.warning("ejected %s: /health failed", server.url)
+        return server.url, ok
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health_interval_s)
+            await asyncio.gather(*(self._probe(s) for s in self.router.servers))

@@ -169,14 +169,20 @@ class FakeSGLang:
         return web.Response(body=self._event(rid, ids, 0, len(ids), finish)[6:-2], content_type="application/json")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        """OpenAI-style deltas with `token_ids` (contract §5); fault `no_token_ids` leaves them out."""
+        """OpenAI-style deltas with `token_ids` (contract §5); fault `no_token_ids` leaves them out,
+        `drop` closes the connection after two tokens, `http_500` answers 500."""
         body = await request.read()
         self.bodies.append((request.path, body))
         req = json.loads(body)
         prompt, budget, rid = req["prompt"], req.get("max_tokens", 16), req.get("rid", "")
+        if self.faults.get(rid) == "http_500":
+            return web.json_response({"error": {"message": "scripted failure", "code": 500}}, status=500)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(budget):
+            if i == 2 and self.faults.get(rid) == "drop":
+                resp._req.transport.close()
+                return resp
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             t = token_at(prompt, i)

@@ -27,7 +27,7 @@ EXAMPLE = Path(__file__).parents[2] / "fixtures" / "example_backend"
 async def test_builtin_backends_keep_the_contract(kind):
     async with FakeSGLang(incremental=kind == "sglang-incremental", token_delay_s=0.001) as s:
         if kind == "openai":
-            backend = OpenAIBackend(OpenAIConfig(url=s.url))
+            backend = OpenAIBackend(OpenAIConfig(urls=[s.url]))
         else:
             backend = SGLangBackend(SGLangConfig(urls=[s.url], health_interval_s=60))
         async with backend:

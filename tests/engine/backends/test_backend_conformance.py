@@ -146,7 +146,7 @@ async def test_update_weights_from_distributed_body(sessions):
 
 
 async def test_v1_completions_body_and_stream():
-    async with FakeSGLang() as s, OpenAIBackend(OpenAIConfig(url=s.url, model="m")) as o:
+    async with FakeSGLang() as s, OpenAIBackend(OpenAIConfig(urls=[s.url], model="m")) as o:
         chunks = await drain(o, Request(input_ids=[1, 2], request_id="c1", sampling=Sampling(
             max_new_tokens=3, temperature=0.5, top_k=4, stop_token_ids=(9,))))
         s.faults["c2"] = "no_token_ids"

@@ -96,8 +96,8 @@ def test_server_urls_are_checked_at_load():
         load_config(EngineSection, overrides=['backend.urls=["http://127.0.0.1:30000", "127.0.0.1:30001"]'])
     with pytest.raises(ConfigError, match="each server once"):
         load_config(EngineSection, overrides=['backend.urls=["http://a:1", "http://a:1"]'])
-    with pytest.raises(ConfigError, match="url: expected a base URL"):
-        load_config(EngineSection, overrides=["backend.type=openai", "backend.url=localhost"])
+    with pytest.raises(ConfigError, match=r"urls\[0\]: expected a base URL"):
+        load_config(EngineSection, overrides=["backend.type=openai", 'backend.urls=["localhost"]'])
 
 
 def test_unregistered_broken_and_wrong_entry_points_name_the_problem(monkeypatch, tmp_path):

@@ -178,7 +178,7 @@ async def test_distributed_weight_update_over_gloo(server, tiny_model_dir, other
 async def test_openai_backend_streams_the_same_tokens_and_logprobs(server):
     async with client(server) as b:
         ids, logprobs, _ = await generate(b, "native", max_new_tokens=10, temperature=0.0)
-    async with OpenAIBackend(OpenAIConfig(url=server.url)) as o:
+    async with OpenAIBackend(OpenAIConfig(urls=[server.url])) as o:
         oids, ologprobs, chunks = await generate(o, "compat", max_new_tokens=10, temperature=0.0)
         health = await o.health()
     assert oids == ids and ologprobs == pytest.approx(logprobs, abs=1e-5)
@@ -187,7 +187,7 @@ async def test_openai_backend_streams_the_same_tokens_and_logprobs(server):
 
 
 async def test_openai_backend_abort_ends_the_stream(server):
-    async with OpenAIBackend(OpenAIConfig(url=server.url)) as o:
+    async with OpenAIBackend(OpenAIConfig(urls=[server.url])) as o:
         got, last = [], None
         async for chunk in o.generate(Request(input_ids=PROMPT, request_id="oa",
                                               sampling=Sampling(max_new_tokens=3000, temperature=0.0))):
