@@ -197,9 +197,17 @@ class Wrapper(Env):
     def instructions(self) -> str:  # type: ignore[override]
         return self.env.instructions
 
+    _own_spec: Any = None
+
     @property
     def spec(self) -> Any:  # type: ignore[override]
-        return self.env.spec
+        """The spec `envs.make` gave this wrapper (an entry point that returns its env wrapped), or
+        else the inner env's: the id of a wrapped env is that of the outermost registered object."""
+        return self._own_spec if self._own_spec is not None else self.env.spec
+
+    @spec.setter
+    def spec(self, value: Any) -> None:
+        self._own_spec = value
 
     @property
     def broken(self) -> str | None:  # type: ignore[override]

@@ -133,6 +133,9 @@ def spec(env_id: str) -> EnvSpec:
 def make(env_id: str, *, offload: str = "auto", **kwargs: Any) -> Env:
     """Build the env registered as `env_id` (or routed by its prefix) with defaults updated by kwargs.
 
+    The object built gets the spec, so its `id` is `env_id`; when an entry point returns a `Wrapper`,
+    the wrapper keeps the spec as its own and the env inside keeps whatever it had.
+
     `offload`: "auto" runs the env in this process (inline, or on the thread pool if it declares
     `blocking`); "process" hosts it in a child process of its own (`envs.process.ProcessEnv`), which
     a timeout can kill, for envs that hang, crash or share global state.

@@ -1,6 +1,7 @@
 """The registry: ids, defaults, prefix adapters, entry-point plugins, helpful errors."""
 
 import importlib.metadata
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,10 @@ import pytest
 import envs
 from envs import registry
 from envs.core import Env
+from envs.wrappers import TurnLimit
+
+EXAMPLE = Path(__file__).parents[1] / "fixtures" / "example_env"
+"""A third-party suite installed as a distribution would be: its `tidal.envs` entry point returns a wrapped env."""
 
 
 class Const(Env):
@@ -71,6 +76,21 @@ def test_entry_point_plugins_register_suites(clean_registry, monkeypatch):
     monkeypatch.setattr(registry, "_loaded", False)
     assert "plugin:Const-v0" in envs.list() and calls == [1]
     assert envs.make("plugin:Const-v0").reset()[0] == "a"
+
+
+def test_entry_point_env_that_comes_wrapped_gets_the_registered_spec(clean_registry, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setattr(registry, "_loaded", False)
+    assert envs.list("example") == ["example:Countdown-v0"]
+    env = envs.make("example:Countdown-v0", max_turns=2)
+    assert isinstance(env, TurnLimit) and type(env.unwrapped).__name__ == "Countdown"
+    assert env.id == "example:Countdown-v0" and env.spec.kwargs == {"start": 3}
+    assert env.unwrapped.spec is None, "the inner env was built by the entry point, not by make"
+    assert env.reset(seed=0)[0] == "3"
+    assert env.step("\\boxed{2}")[1:4] == (1.0, False, False)
+    assert env.step("\\boxed{9}")[1:4] == (0.0, False, True), "the shipped TurnLimit truncates at 2 turns"
+    outer = TurnLimit(env, max_turns=1)  # a wrapper nobody registered still shows the inner spec
+    assert outer.spec is env.spec and outer.id == "example:Countdown-v0"
 
 
 def test_envs_stands_alone_without_torch_engine_or_trainer():
