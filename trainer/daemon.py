@@ -476,9 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     world = World.from_env()
     world.strategy = cfg.distributed.strategy
-    world.init(cfg.distributed.backend, cfg.distributed.device)
-    _seed(cfg.seed)
     try:
+        world.init(cfg.distributed.backend, cfg.distributed.device)
+        _seed(cfg.seed)
         if world.rank:
             return _follow(cfg, world)
         daemon = Daemon(cfg, world)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from protocol.errors import ConfigError
 from protocol.messages import Trajectory
 
 __all__ = ["World", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE", "SUMMED_METRICS"]
@@ -63,11 +64,20 @@ class World:
         return self.size > 1
 
     def init(self, backend: str, device: str = "auto") -> None:
-        """Pick this rank's device ("auto": its GPU when there is one) and join torchrun's group."""
+        """Pick this rank's device and join torchrun's group. "auto" is each rank's own GPU when this
+        node has one per local rank, else the CPU for every rank (never a mix, never two ranks on
+        one GPU, which NCCL refuses)."""
         import torch
 
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if gpus >= local_ranks else "cpu"
+        if device == "cuda" and gpus <= self.local_rank:
+            raise ConfigError(
+                f"distributed.device = 'cuda' but local rank {self.local_rank} of {local_ranks} has no GPU "
+                f"({gpus} visible); start at most {gpus} ranks per node, or set distributed.device = 'cpu'"
+            )
         if device == "cuda":
             device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)

@@ -114,7 +114,9 @@ def init_weights_group(backend: str, store, world_size: int, group_name: str, ti
     device = "cuda" if backend == "nccl" else "cpu"
     prefix = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", store))
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(prefix, 0, world_size)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout  # else NCCL's 10 minutes: a server that never posts its receive hangs a publish
+        return dist.ProcessGroupNCCL(prefix, 0, world_size, options)
     return dist.ProcessGroupGloo(prefix, 0, world_size, timeout)
 
 
@@ -198,14 +200,19 @@ class DistributedPublisher:
         return buckets
 
     def _broadcast(self, bucket) -> None:
-        if self.cfg.flatten:  # one collective per bucket: latency once, one memcpy to pack
-            import torch
+        """Broadcast one bucket and wait until it is sent. NCCL sends from the GPU, so tensors held on
+        the CPU (the daemon's overlap copy) go there first; its wait() only orders streams, hence the
+        synchronize before the bucket counts as sent."""
+        import torch
 
-            flat = torch.cat([t.detach().reshape(-1) for _, t in bucket])
-            self._group.broadcast(flat, 0).wait()
-            return
-        for _, t in bucket:
-            self._group.broadcast(t.detach().contiguous(), 0).wait()
+        device = "cuda" if self.cfg.backend == "nccl" else None
+        tensors = [t.detach().to(device) for _, t in bucket]
+        if self.cfg.flatten:  # one collective per bucket: latency once, one memcpy to pack
+            tensors = [torch.cat([t.reshape(-1) for t in tensors])]
+        for t in tensors:
+            self._group.broadcast(t.contiguous(), 0).wait()
+        if device is not None:
+            torch.cuda.current_stream().synchronize()
 
     async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
         """Send every tensor to every server; the servers serve `version` when this returns.

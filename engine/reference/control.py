@@ -198,6 +198,7 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
         group = await asyncio.to_thread(
             WeightGroup, master_address=req.master_address, master_port=int(req.master_port),
             rank=req.rank_offset, world_size=req.world_size, group_name=req.group_name, backend=req.backend,
+            device=state.stepper.device if state.stepper.device.type == "cuda" else "cuda",
         )
     except Exception as exc:  # rendezvous failures are reported, the server keeps serving
         raise control_error(f"Failed to initialize custom process group: {exc}") from None

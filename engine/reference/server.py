@@ -129,7 +129,8 @@ async def server_info(request: web.Request) -> web.Response:
     sched = state.scheduler
     info.update({
         "mode": cfg.mode, "model_path": cfg.model.path, "tokenizer_path": cfg.model.path,
-        "served_model_name": state.served_model_name, "device": cfg.model.device, "dtype": cfg.model.dtype,
+        "served_model_name": state.served_model_name, "dtype": cfg.model.dtype,
+        "device": str(getattr(state.stepper, "device", cfg.model.device)),  # resolved: "auto" -> where it runs
         "random_seed": cfg.model.seed, "max_running_requests": sched.max_running,
         "context_length": state.stepper.context_length, "max_total_num_tokens": None,
         "max_req_input_len": state.stepper.context_length - 1, "version": "tidal-reference-0.1.0",

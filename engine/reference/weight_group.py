@@ -30,7 +30,10 @@ class WeightGroup:
     """A named process group this server belongs to, for receiving broadcast weights."""
 
     def __init__(self, *, master_address: str, master_port: int, rank: int, world_size: int,
-                 group_name: str, backend: str = "gloo", timeout_s: float = 300.0):
+                 group_name: str, backend: str = "gloo", timeout_s: float = 300.0,
+                 device: torch.device | str = "cuda"):
+        """`device`: the served model's GPU, where NCCL receives (ignored with gloo, which receives
+        on the CPU)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():
@@ -38,7 +41,9 @@ class WeightGroup:
         self.name = group_name
         self.rank = rank
         self.world_size = world_size
-        self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self.device = torch.device(device if backend == "nccl" else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         timeout = timedelta(seconds=timeout_s)
         self._store = dist.TCPStore(master_address, int(master_port), world_size, is_master=False,
                                     timeout=timeout)
@@ -46,7 +51,9 @@ class WeightGroup:
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
         else:
-            self.pg = dist.ProcessGroupNCCL(prefix, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefix, rank, world_size, options)
 
     def receive(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                 flattened: bool = False) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU validation run (for the `run` tool's device machine, from the repository root):
+#   bash tests/gpu/run_on_device.sh            with .whl/ carried (msgspec, pyzmq, tomli-w, pytest-asyncio, ...)
+# Installs the carried wheels where the packages are missing, prints what the machine has, then runs the GPU tests and the trainer and
+# reference-server suites (which pick the GPU by themselves: device "auto"), logging to $OUT/log.
+# No -x: one device run should report every failure. Locally: PYTHON=.venv/bin/python OUT=/tmp/out bash ...
+set -o pipefail
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-/tmp/tidal-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN} TOKENIZERS_PARALLELISM=false
+if ! "$PYTHON" -c "import msgspec, zmq, tomli_w, pytest_asyncio" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+    export PATH=/tmp/site/bin:$PATH
+else
+    export PYTHONPATH=$PWD
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+    "$PYTHON" - <<'PY'
+import msgspec, torch, transformers, zmq
+print(f"torch {torch.__version__} cuda {torch.version.cuda} available={torch.cuda.is_available()} "
+      f"gpus={torch.cuda.device_count()} nccl={torch.cuda.nccl.version() if torch.cuda.is_available() else None}")
+print(f"transformers {transformers.__version__} msgspec {msgspec.__version__} pyzmq {zmq.__version__}")
+PY
+    "$PYTHON" -m pytest tests/gpu tests/trainer tests/engine/reference -q --timeout 120 -p no:cacheprovider \
+        --durations=12 -rfEs "$@"
+} 2>&1 | tee "$OUT/log"
