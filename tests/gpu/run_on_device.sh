@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU validation run (for the `run` tool's device machine, from the repository root):
 #   bash tests/gpu/run_on_device.sh            with .whl/ carried (msgspec, pyzmq, tomli-w, pytest-asyncio, ...)
-# Installs the carried wheels where the packages are missing, prints what the machine has, then runs the GPU tests and the trainer and
-# reference-server suites (which pick the GPU by themselves: device "auto"), logging to $OUT/log.
+# Installs the carried wheels where the packages are missing, prints what the machine has, then runs
+# the GPU tests and the trainer and reference-server suites (which pick the GPU by themselves: device
+# "auto"), logging to $OUT/log.
 # No -x: one device run should report every failure. Locally: PYTHON=.venv/bin/python OUT=/tmp/out bash ...
 set -o pipefail
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/tidal-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN} TOKENIZERS_PARALLELISM=false
+# The image's own pytest plugins may not fit the carried pytest: load only the ones the suite uses.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 if ! "$PYTHON" -c "import msgspec, zmq, tomli_w, pytest_asyncio" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
@@ -26,5 +29,6 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda} available={torch.cud
 print(f"transformers {transformers.__version__} msgspec {msgspec.__version__} pyzmq {zmq.__version__}")
 PY
     "$PYTHON" -m pytest tests/gpu tests/trainer tests/engine/reference -q --timeout 120 -p no:cacheprovider \
+        -p pytest_asyncio.plugin -p pytest_timeout -p hypothesis.extra.pytestplugin \
         --durations=12 -rfEs "$@"
 } 2>&1 | tee "$OUT/log"
