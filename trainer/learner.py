@@ -157,6 +157,19 @@ def _balanced_shares(lengths: Sequence[int], world: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def _takes_boolean_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model computes lm_head only where a boolean (R, L) `logits_to_keep` is True (newer
+    transformers); older versions index with it as positions and fail, so they get every position."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False,
+                        logits_to_keep=torch.tensor([[False, True]], device=device))
+    except (IndexError, RuntimeError, TypeError):
+        return False
+    return out.logits.dim() == 2
+
+
 def _trained_mask(traj: Trajectory) -> np.ndarray:
     """The loss mask, except token 0 (nothing predicts it)."""
     m = traj.mask().astype(np.float64)
@@ -202,6 +215,7 @@ class Learner:
         self.version = 0
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.keeps_boolean_logits = _takes_boolean_logits_to_keep(model)
 
     def reject_reason(self, traj: Trajectory) -> str | None:
         """Why this model cannot train on `traj` (intake rejects and counts it), or None."""
@@ -219,12 +233,15 @@ class Learner:
         """log-probs (T,) of the trained tokens, and optionally entropy (T,), values (T,), last values (S,)."""
         dev = self.device
         index = mb.index.to(dev)
-        keep = torch.zeros(mb.input_ids.numel(), dtype=torch.bool, device=dev)
-        keep[index] = True                           # lm_head only at trained tokens: (T, V), not (R*L, V)
+        keep = 0                                     # every position, unless the model can do better:
+        if self.keeps_boolean_logits:                # lm_head only at trained tokens: (T, V), not (R*L, V)
+            keep = torch.zeros(mb.input_ids.numel(), dtype=torch.bool, device=dev)
+            keep[index] = True
+            keep = keep.view(mb.input_ids.shape)
         out = model(
             input_ids=mb.input_ids.to(dev), position_ids=mb.position_ids.to(dev),
             attention_mask=None if mb.attention_mask is None else mb.attention_mask.to(dev),
-            use_cache=False, output_hidden_states=values, logits_to_keep=keep.view(mb.input_ids.shape),
+            use_cache=False, output_hidden_states=values, logits_to_keep=keep,
         )
         logits = out.logits
         if logits.dim() == 3:                        # a model without boolean logits_to_keep: all positions
