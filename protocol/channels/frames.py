@@ -1,8 +1,11 @@
 """The trajectory channel's own frames: a small delivery envelope beside each encoded Trajectory.
 
-The payload frames are exactly `messages.encode_parts(traj)` (a head, then the 4 arrays), so the
-message stays the message; the envelope says who sent it and in which order. Engine -> trainer:
-`[Data, head, tokens, loss_mask, behav_logp, versions]` or `[Hello]`. Trainer ->
+A trajectory travels as two frames (`trajectory_frames`): the msgpack head of `messages.encode_parts`
+and its four arrays in one frame, in `PACKED_FIELDS` order (13 bytes per token), so the message stays
+the message; the envelope says who sent it and in which order. Engine -> trainer:
+`[Data, head, arrays]` or `[Hello]`. One arrays frame instead of four: each frame costs both ends
+Python calls, and each large one a zero-copy hand-off through pyzmq's garbage-collector thread,
+which together weighed more per 32k-token trajectory than encoding and validating it. Trainer ->
 engine: `[Ack]`, the whole acknowledgement state of one stream (cumulative, so a lost ack costs
 nothing: the next one says it again). Every frame is decoded strictly; anything else is a
 `ProtocolError` that the reading side counts.
@@ -14,10 +17,11 @@ import asyncio
 import time
 
 import msgspec
+import numpy as np
 import zmq
 
 from protocol.errors import ProtocolError
-from protocol.messages import Trajectory
+from protocol.messages import ARRAY_FIELDS, PACKED_FIELDS, Trajectory, decode_parts, encode_parts
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -29,13 +33,17 @@ __all__ = [
     "encode_frame",
     "decode_envelope",
     "decode_ack",
+    "trajectory_frames",
+    "trajectory_from_frames",
+    "BYTES_PER_TOKEN",
     "bind",
     "BIND_RETRY_S",
 ]
 
-ENVELOPE_VERSION = 2
+ENVELOPE_VERSION = 3
 """Bumped on any change to Data, Hello or Ack other than appending a defaulted field, or to the
-frames that follow Data (2: the trajectory as head and array frames instead of one payload)."""
+frames that follow Data (2: the trajectory as head and array frames instead of one payload; 3: the
+four arrays in one frame)."""
 
 
 def _check(name: str, version: int) -> None:
@@ -153,6 +161,59 @@ def decode_envelope(buf) -> Data | Hello:
 
 def decode_ack(buf) -> Ack:
     return _decode(_ack, "ack", buf)
+
+
+BYTES_PER_TOKEN = 13
+"""uint32 token + float32 behaviour logprob + int32 version + uint8 mask."""
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf, np.uint8).ctypes.data
+
+
+def _packed_span(views: tuple) -> memoryview | None:
+    """The one buffer the views lie in, back to back and in order, or None if they do not."""
+    base = views[0].obj
+    if base is None or any(v.obj is not base for v in views):
+        return None
+    try:
+        whole = memoryview(base).cast("B")
+    except TypeError:  # not a flat, contiguous buffer
+        return None
+    origin = _address(whole)
+    start = end = _address(views[0]) - origin
+    for v in views:
+        if _address(v) - origin != end:
+            return None
+        end += v.nbytes
+    return whole[start:end]
+
+
+def trajectory_frames(traj: Trajectory) -> list:
+    """`[head, arrays]`, the arrays frame a view of the trajectory's memory when they lie in one
+    buffer in PACKED_FIELDS order (`Trajectory.build` makes them so), else a copy. Small trajectories
+    are always copied: ZeroMQ copies a frame under pyzmq's COPY_THRESHOLD anyway, so one join costs
+    less than finding the buffer."""
+    head = encode_parts(traj)[0]
+    views = tuple(getattr(traj, name) for name in PACKED_FIELDS)
+    if len(traj) * BYTES_PER_TOKEN >= zmq.COPY_THRESHOLD and (span := _packed_span(views)) is not None:
+        return [head, span]
+    return [head, b"".join(views)]
+
+
+def trajectory_from_frames(head, arrays) -> Trajectory:
+    """The Trajectory of `trajectory_frames`, its arrays views into `arrays`, validated as strictly
+    as `messages.decode_parts`. Raises ProtocolError on anything malformed."""
+    arrays = memoryview(arrays).cast("B")
+    nbytes = len(arrays)
+    if nbytes % BYTES_PER_TOKEN:
+        raise ProtocolError(f"bad trajectory: arrays frame of {nbytes} bytes is not {BYTES_PER_TOKEN} bytes per token")
+    n = nbytes // BYTES_PER_TOKEN
+    views, offset = {}, 0
+    for name, size in zip(PACKED_FIELDS, (4 * n, 4 * n, 4 * n, n), strict=True):
+        views[name] = arrays[offset : offset + size]
+        offset += size
+    return decode_parts([head, *(views[name] for name in ARRAY_FIELDS)])
 
 
 BIND_RETRY_S = 2.0

@@ -3,8 +3,8 @@
 DESIGN.md invariant 4 (no trajectory is lost) and 5 (bounded memory), over one ZeroMQ DEALER (each
 engine, connects) -> ROUTER (the trainer, binds) link:
 
-- Every trajectory travels as `[Data(engine_id, epoch, seq), *encode_parts(traj)]`: a small head,
-  then the arrays, sent from the trajectory's own buffers without a copy. `epoch` names the
+- Every trajectory travels as `[Data(engine_id, epoch, seq), head, arrays]` (`frames.trajectory_frames`):
+  a small head, then the four arrays in one frame, sent from the trajectory's own buffer without a copy. `epoch` names the
   engine incarnation (default: its start time in ns), so a restarted engine whose seqs start again
   at 1 is a new stream, never mistaken for duplicates. An engine that persists its spool may pass
   its old epoch to resume the old stream.
@@ -46,9 +46,11 @@ from protocol.channels.frames import (
     decode_ack,
     decode_envelope,
     encode_frame,
+    trajectory_frames,
+    trajectory_from_frames,
 )
 from protocol.errors import ProtocolError
-from protocol.messages import ARRAY_FIELDS, Trajectory, decode_parts, encode_parts
+from protocol.messages import Trajectory
 
 __all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS"]
 
@@ -141,6 +143,7 @@ class TrajectorySender:
 
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
+        self._io.close()
         self._sock.close(linger=0)
 
     async def send(self, traj: Trajectory) -> int:
@@ -153,7 +156,7 @@ class TrajectorySender:
         while len(self._unacked) >= self._window:
             self._room.clear()
             await self._room.wait()
-        frames = [b"", *encode_parts(traj)]  # may raise (not a Trajectory): before a seq is taken, no gap
+        frames = [b"", *trajectory_frames(traj)]  # may raise (not a Trajectory): before a seq is taken, no gap
         seq = self._next_seq
         self._next_seq += 1
         self._unacked[seq] = _Pending(frames, time.monotonic())
@@ -307,6 +310,7 @@ class TrajectoryReceiver:
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
         self._flush_acks()  # what was committed is acknowledged before the socket goes
+        self._io.close()
         self._sock.close(linger=ACK_LINGER_MS)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
@@ -380,10 +384,9 @@ class TrajectoryReceiver:
                 return None
             case Data(engine_id=engine_id, epoch=epoch, seq=seq, floor=floor):
                 self.stats.received += 1
-                if len(frames) != 3 + len(ARRAY_FIELDS):
+                if len(frames) != 4:
                     raise ProtocolError(
-                        f"data {engine_id}/{epoch}/{seq}: expected envelope, head and {len(ARRAY_FIELDS)} arrays, "
-                        f"got {len(frames) - 1} frames"
+                        f"data {engine_id}/{epoch}/{seq}: expected envelope, head and arrays, got {len(frames) - 1} frames"
                     )
                 self._peer(engine_id, epoch, frames[0])
                 self._below(engine_id, epoch, floor)
@@ -401,7 +404,7 @@ class TrajectoryReceiver:
                     )
                 seen.add(seq)
                 try:
-                    traj = decode_parts([f.buffer for f in frames[2:]])
+                    traj = trajectory_from_frames(frames[2].buffer, frames[3].buffer)
                 except ProtocolError as exc:
                     # Never decodable: commit it as consumed-nothing, so the engine stops resending
                     # it and the watermark moves on.

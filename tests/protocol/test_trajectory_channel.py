@@ -12,8 +12,15 @@ import zmq.asyncio
 from _actors import make_trajectory
 
 from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
-from protocol.channels.frames import Ack, Data, decode_envelope, encode_frame
-from protocol.messages import Trajectory, decode_parts, encode_parts
+from protocol.channels.frames import (
+    Ack,
+    Data,
+    decode_envelope,
+    encode_frame,
+    trajectory_frames,
+    trajectory_from_frames,
+)
+from protocol.messages import Trajectory
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -128,7 +135,7 @@ async def test_resend_after_timeout_when_the_trainer_never_saw_it():
                     env = decode_envelope(frames[0])
                     if isinstance(env, Data):
                         copies += 1
-                        assert decode_parts(frames[1:]).id == "t0"
+                        assert trajectory_from_frames(*frames[1:]).id == "t0"
                     committed = 1 if copies == 2 else 0
                     await router.send_multipart([peer, encode_frame(Ack(7, tx.epoch, committed, [], committed, []))])
             assert await tx.flush(5)
@@ -161,7 +168,7 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
         dealer.linger = 0
         dealer.connect(rx.endpoint)
         try:
-            good = encode_parts(make_trajectory("good"))
+            good = trajectory_frames(make_trajectory("good"))
             await dealer.send_multipart([encode_frame(Data("raw", 1, 1, 1)), *good[:-1], good[-1][:-4]])
             await dealer.send_multipart([encode_frame(Data("raw", 1, 2, 1)), *good])
             got = await _drain(rx, 1)
@@ -223,7 +230,7 @@ async def test_receiver_without_state_meets_a_long_running_engine():
         dealer.linger = 0
         dealer.connect(rx.endpoint)
         try:
-            payload = encode_parts(make_trajectory("late"))
+            payload = trajectory_frames(make_trajectory("late"))
             for seq in (1_000_001, 1_000_002):
                 await dealer.send_multipart([encode_frame(Data("old", 5, seq, 1_000_001)), *payload])
             got = await _drain(rx, 2)
