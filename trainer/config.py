@@ -161,8 +161,9 @@ class DistributedConfig(Strict):
 class TrainerConfig(Strict):
     """Everything `tidal trainer CONFIG` reads."""
 
-    learner: LearnerConfig = msgspec.field(default_factory=LearnerConfig)
-    """Model, optimiser, loss, advantage estimator and packing (trainer/learner.py)."""
+    learner: LearnerConfig
+    """Model, optimiser, loss, advantage estimator and packing (trainer/learner.py). Required: it
+    names the model (`learner.model.path`), which has no default."""
     intake: IntakeConfig = msgspec.field(default_factory=IntakeConfig)
     checkpoint: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
     publish: DiskPublish | DistributedPublish | NoPublish = msgspec.field(default_factory=DiskPublish)

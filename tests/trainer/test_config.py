@@ -28,6 +28,13 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path, capsys):
     assert "every" in capsys.readouterr().err
 
 
+def test_print_config_without_a_model_names_the_missing_key(capsys):
+    assert tidal(["trainer", "--print-config"]) == 2
+    assert "missing required field `learner`" in capsys.readouterr().err
+    assert tidal(["trainer", "--print-config", "--set", "learner.optim.lr=1e-6"]) == 2
+    assert "missing required field `model` - at learner" in capsys.readouterr().err
+
+
 def test_missing_model_and_busy_endpoint_exit_2_with_the_reason(tmp_path, tiny_model_dir, capsys):
     import zmq
 
