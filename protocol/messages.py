@@ -22,6 +22,7 @@ bumps `SCHEMA_VERSION`, which every message carries and every reader checks.
 from __future__ import annotations
 
 import math
+import operator
 
 import msgspec
 import numpy as np
@@ -259,10 +260,14 @@ class WeightsPublished(msgspec.Struct, tag="weights", kw_only=True, frozen=True)
 
 class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
     """What engines need for staleness control (DESIGN.md invariant 3): admission allows at most
-    (version + 1 + max_staleness) * batch_size started trajectories."""
+    (version + 1 + max_staleness) * batch_size + dropped started trajectories."""
 
     version: int
     consumed: int
+    dropped: int = 0
+    """Trajectories the trainer took but will never train on (rejected at intake, dropped as stale,
+    dead-lettered by a failed step). They advance no version, so admission adds them back: without
+    that, every drop would shrink the engine's budget for good, and enough of them stall training."""
     batch_size: int = 1
     max_staleness: int = 0
     health: str = "ok"
@@ -270,10 +275,11 @@ class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         _check_schema("status", self.schema_version)
-        if self.version < 0 or self.consumed < 0 or self.batch_size < 1 or self.max_staleness < 0:
+        if min(self.version, self.consumed, self.dropped, self.max_staleness) < 0 or self.batch_size < 1:
             raise ValueError(
-                f"status: version {self.version}, consumed {self.consumed}, batch_size {self.batch_size} "
-                f"and max_staleness {self.max_staleness} must be >= 0 (batch_size >= 1)"
+                f"status: version {self.version}, consumed {self.consumed}, dropped {self.dropped}, "
+                f"batch_size {self.batch_size} and max_staleness {self.max_staleness} must be >= 0 "
+                "(batch_size >= 1)"
             )
 
 
@@ -347,11 +353,12 @@ _Head = msgspec.defstruct(
     "TrajectoryHead",
     [_head_field(f) for f in msgspec.structs.fields(Trajectory) if f.name not in ARRAY_FIELDS],
     tag="trajectory",
-    kw_only=True,
     gc=False,
 )
 """A Trajectory without its arrays: typed on decode, validated with the arrays in `decode_parts`."""
 _HEAD_FIELDS = _Head.__struct_fields__
+_head_values = operator.attrgetter(*_HEAD_FIELDS)
+"""A trajectory's head fields in `_Head`'s order, in one C call (built positionally on every send)."""
 _head_decoder = msgspec.msgpack.Decoder(_Head)
 
 
@@ -379,7 +386,7 @@ def encode_parts(traj: Trajectory) -> list:
 
     For a multipart send (ZeroMQ sends the arrays from where they lie): `decode_parts` inverts it.
     """
-    head = _Head(**{name: getattr(traj, name) for name in _HEAD_FIELDS})
+    head = _Head(*_head_values(traj))
     return [_encoder.encode(head), traj.tokens, traj.loss_mask, traj.behav_logp, traj.versions]
 
 

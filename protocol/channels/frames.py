@@ -14,10 +14,10 @@ nothing: the next one says it again). Every frame is decoded strictly; anything 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 
 import msgspec
-import numpy as np
 import zmq
 
 from protocol.errors import ProtocolError
@@ -167,8 +167,30 @@ BYTES_PER_TOKEN = 13
 """uint32 token + float32 behaviour logprob + int32 version + uint8 mask."""
 
 
+class _PyBuffer(ctypes.Structure):
+    """CPython's Py_buffer (in the stable ABI since 3.11)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer, _release_buffer = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
 def _address(buf) -> int:
-    return np.frombuffer(buf, np.uint8).ctypes.data
+    """Where a buffer's bytes start: half the cost of numpy's `ctypes.data`, on the send path."""
+    view = _PyBuffer()
+    _get_buffer(buf, view, 0)
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(view)
 
 
 def _packed_span(views: tuple) -> memoryview | None:

@@ -6,6 +6,7 @@ The multi-process SIGKILL test is test_kill_restart.py; these pin down each rule
 import asyncio
 
 import msgspec
+import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
@@ -20,7 +21,7 @@ from protocol.channels.frames import (
     trajectory_frames,
     trajectory_from_frames,
 )
-from protocol.messages import Trajectory
+from protocol.messages import PACKED_FIELDS, Trajectory
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -243,3 +244,54 @@ async def test_receiver_without_state_meets_a_long_running_engine():
             assert rx.stats.duplicates == 1
         finally:
             dealer.close(linger=0)
+
+
+def _big(i: int, n: int = 8192) -> Trajectory:
+    rng = np.random.default_rng(i)
+    mask = rng.integers(0, 2, n)
+    return Trajectory.build(
+        id=f"t{i}", group_id="g", env_id="e", task_seed=i, tokens=rng.integers(0, 1 << 32, n, dtype=np.uint32),
+        loss_mask=mask, behav_logp=np.where(mask, -rng.random(n), 0), versions=np.where(mask, i, -1),
+        turns=[], reward=0.0,
+    )
+
+
+def test_built_arrays_go_as_one_view_of_their_buffer_and_others_as_a_copy():
+    traj = _big(0)
+    head, arrays = trajectory_frames(traj)
+    assert arrays.obj is traj.tokens.obj  # the very buffer Trajectory.build filled: no copy
+    assert bytes(arrays) == b"".join(bytes(getattr(traj, f)) for f in PACKED_FIELDS)
+    # The same buffer's arrays out of order (logp and versions swapped) must not be sent as laid out.
+    swapped = msgspec.structs.replace(
+        traj, behav_logp=traj.versions, versions=traj.behav_logp, min_version=-1, max_version=-1
+    )
+    _, copied = trajectory_frames(swapped)
+    assert not isinstance(copied, memoryview)
+    assert bytes(copied) == b"".join(bytes(getattr(swapped, f)) for f in PACKED_FIELDS)
+    assert trajectory_from_frames(head, arrays) == traj
+
+
+async def test_large_trajectories_arrive_as_sent_whatever_their_buffers():
+    """Built (one buffer, sent as a view), assembled from separate arrays, and decoded-then-forwarded
+    trajectories all arrive with exactly the sender's arrays."""
+    built = [_big(i) for i in range(3)]
+    separate = [
+        Trajectory(**{**msgspec.structs.asdict(t), **{f: bytes(getattr(t, f)) for f in PACKED_FIELDS}})
+        for t in built
+    ]
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        async with TrajectorySender(rx.endpoint, "e0", window=4) as tx:
+            consumer = asyncio.create_task(_drain(rx, 6))
+            for t in built + separate:
+                await tx.send(t)
+            first = await consumer
+            assert await tx.flush(5)
+            forwarded = asyncio.create_task(_drain(rx, 3))
+            for d in first[:3]:  # their arrays are views into received frames
+                await tx.send(d.traj)
+            got = first + await forwarded
+            assert await tx.flush(5)
+    for d, t in zip(got, built + separate + built, strict=True):
+        assert d.traj == t
+        for f in PACKED_FIELDS:
+            assert bytes(getattr(d.traj, f)) == bytes(getattr(t, f))
