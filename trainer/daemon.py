@@ -150,7 +150,7 @@ class Daemon:
         self.telemetry = Telemetry(cfg.metrics)
         self.dead_letter = DeadLetter(cfg.failures.dead_letter)
         self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0, "step_errors": 0,
-                                           "step_errors_non_finite": 0}
+                                           "step_errors_non_finite": 0, "dead_lettered": 0}
         self.failing = 0
         """Failed steps in a row."""
         self.failure: str | None = None
@@ -187,10 +187,17 @@ class Daemon:
 
     def status(self, health: str | None = None) -> TrainerStatus:
         return TrainerStatus(
-            version=self.version, consumed=int(self.counters["trajectories"]),
+            version=self.version, consumed=int(self.counters["trajectories"]), dropped=self.dropped,
             batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness,
             health=health or self.health,
         )
+
+    @property
+    def dropped(self) -> int:
+        """`TrainerStatus.dropped`: taken, never to be trained on, since the first start (intake's
+        counters are checkpointed with it)."""
+        c = self.intake.counters
+        return int(self.counters["dead_lettered"] + c["rejected"] + c["stale_dropped"])
 
     async def run(self) -> int:
         from protocol.channels import DedupState, StatusPublisher, TrajectoryReceiver
@@ -315,6 +322,7 @@ class Daemon:
         self.failing += 1
         self.counters["step_errors"] += 1
         self.counters["step_errors_non_finite"] += isinstance(exc, NonFiniteStep)
+        self.counters["dead_lettered"] += len(batch.trajectories)
         await asyncio.to_thread(self.dead_letter.append, version, error, tb, batch.trajectories)
         self.telemetry.step_error(version, {
             "trainer/step_errors": self.counters["step_errors"],

@@ -112,6 +112,7 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     assert [s.consumed for s in statuses if s.health == "ok"] == [0, 4, 8, 12]
     assert statuses[-1].health == "stopped"
     assert final.consumed == 12 and final.batch_size == 4 and final.max_staleness == 1
+    assert final.dropped == 2 + 3  # the stale pair and the rejected three, given back to admission
 
     recs = records(trainer.jsonl)
     steps = [r for r in recs if r["event"] == "step"]

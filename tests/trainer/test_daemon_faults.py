@@ -181,6 +181,8 @@ async def test_daemon_dead_letters_failed_steps_trains_on_and_stops_on_persisten
         scrape = urllib.request.urlopen(ready["prometheus_url"], timeout=10).read()
         assert b"tidal_trainer_step_errors 2.0" in scrape and b"tidal_trainer_step_errors_non_finite 1.0" in scrape
         assert sub.latest_status.version == 2 and sub.latest_status.consumed == 8
+        # the dead-lettered batches are given back to the engines' admission budget
+        assert sub.latest_status.dropped == failed * 4
 
         # a fault that persists: three poisoned batches in a row stop the daemon with a clear error
         for k in range(3):
