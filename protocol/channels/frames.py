@@ -203,9 +203,12 @@ def _packed_span(views: tuple) -> memoryview | None:
     except TypeError:  # not a flat, contiguous buffer
         return None
     origin = _address(whole)
-    start = end = _address(views[0]) - origin
+    start = end = None
     for v in views:
-        if _address(v) - origin != end:
+        at = _address(v) - origin
+        if end is None:
+            start = end = at
+        elif at != end:
             return None
         end += v.nbytes
     return whole[start:end]

@@ -15,7 +15,7 @@ engine, connects) -> ROUTER (the trainer, binds) link:
   `resend_after_s` (lost on a broken connection). A trainer killed with SIGKILL and restarted from
   its checkpoint therefore loses nothing and, with the checkpointed `DedupState`, uses nothing twice.
 - Flow control: a sender holds at most `window` unacknowledged trajectories; `send` waits when the
-  window is full (a trainer that does not commit stalls its engines). The receiver buffers at most
+  window is full (a trainer that does not commit stalls its engines), until an eighth of it is free. The receiver buffers at most
   `capacity` deliveries; when full it stops reading and ZeroMQ's high-water marks push back to the
   senders' sockets. With capacity >= engines x window the receiver never stops reading.
 - Either side may restart while the other runs: the DEALER reconnects by itself, and `Hello`
@@ -52,9 +52,13 @@ from protocol.channels.frames import (
 from protocol.errors import ProtocolError
 from protocol.messages import Trajectory
 
-__all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS"]
+__all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS", "REOPEN_FRACTION"]
 
 log = logging.getLogger(__name__)
+
+REOPEN_FRACTION = 8
+"""A full window reopens once window // 8 (at least 1) of its trajectories are acknowledged: a blocked
+engine then sends a run of trajectories per wake-up instead of one per acknowledgement."""
 
 ACK_LINGER_MS = 200
 """How long a closing receiver's socket may keep trying to deliver its last acks."""
@@ -110,7 +114,8 @@ class TrajectorySender:
         self._context = context
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
-        self._room = asyncio.Event()  # set while len(_unacked) < window; send() waits on it
+        self._room = asyncio.Event()  # cleared by send() at a full window, set again at _reopen_at
+        self._reopen_at = window - max(1, window // REOPEN_FRACTION)
         self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
         self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
         self._trainer: int | None = None
@@ -213,7 +218,7 @@ class TrajectorySender:
         for seq in done:
             del self._unacked[seq]
         self.stats.acked += len(done)
-        if len(self._unacked) < self._window:
+        if len(self._unacked) <= self._reopen_at:
             self._room.set()
         if not self._unacked:
             self._empty.set()

@@ -79,6 +79,26 @@ async def test_window_back_pressure_until_commit():
             assert await tx.flush(timeout=5)
 
 
+async def test_full_window_reopens_once_an_eighth_is_committed():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0") as rx:
+        async with TrajectorySender(rx.endpoint, "e0", window=16) as tx:
+            for i in range(16):
+                await tx.send(make_trajectory(f"t{i}"))
+            blocked = asyncio.create_task(tx.send(make_trajectory("t16")))
+            got = await _drain(rx, 16)
+            rx.commit(got[:1])
+            async with asyncio.timeout(5):
+                while tx.unacked > 15:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not blocked.done()  # one free slot of 16: not yet reopened
+            rx.commit(got[1:2])
+            assert await asyncio.wait_for(blocked, 5) == 17
+            assert tx.unacked == 15
+            rx.commit(got[2:] + await _drain(rx, 1))
+            assert await tx.flush(timeout=5)
+
+
 async def test_checkpointed_consumer_restart_loses_and_repeats_nothing(endpoint):
     rx1 = TrajectoryReceiver(endpoint)
     await rx1.__aenter__()
