@@ -37,6 +37,8 @@ from trainer.config import DiskPublish, DistributedPublish
 __all__ = ["PublishError", "DiskPublisher", "DistributedPublisher", "make_publisher"]
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
+_SAME_GPU = ("NCCL refused the group: two of its processes are on one GPU (NCCL's 'Duplicate GPU detected'); "
+             "give the trainer and each server a GPU of its own, or set publish.backend = 'gloo'")
 
 
 class PublishError(TidalError, RuntimeError):
@@ -268,9 +270,11 @@ class DistributedPublisher:
                     asyncio.to_thread(self._broadcast, bucket),
                     return_exceptions=True,
                 )
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if any("Duplicate GPU" in str(e) for e in errors):
+                    raise PublishError(_SAME_GPU)
+                if errors:
+                    raise errors[0]
         except BaseException:
             if self._sessions:
                 await asyncio.gather(

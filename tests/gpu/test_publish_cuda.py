@@ -1,8 +1,8 @@
 """Weight publishing into `tidal serve` on CUDA, the update_weights_from_distributed flow of
 tests/trainer/test_publish.py with the trainer's tensors on the GPU: over gloo (trainer and server may
-share a GPU), and over NCCL (GPU to GPU). Each publish negates the output head, so the served greedy
-tokens change, and the served logprobs must equal the negated checkpoint's on the CPU, teacher-forced:
-every tensor arrived whole."""
+share a GPU), and over NCCL (GPU to GPU; on one GPU NCCL refuses, and the publish says so). Each
+publish negates the output head, so the served greedy tokens change, and the served logprobs must
+equal the negated checkpoint's on the CPU, teacher-forced: every tensor arrived whole."""
 
 import pytest
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from engine.reference.launch import ReferenceServer  # noqa: E402
 from trainer.config import DistributedPublish  # noqa: E402
-from trainer.publish import DistributedPublisher  # noqa: E402
+from trainer.publish import DistributedPublisher, PublishError  # noqa: E402
 
 PROMPT = [40, 41, 42, 43, 44]
 
@@ -77,8 +77,28 @@ async def test_gloo_publish_from_the_gpu_into_a_server_on_the_same_gpu(tiny_mode
     await publish_twice(tiny_model_dir, "cuda", cfg, first_on)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: two GPUs")
 @pytest.mark.parametrize("first_on", ["cuda", "cpu"])
 async def test_nccl_publish_into_a_server_on_another_gpu(tiny_model_dir, first_on):
-    server_gpu = min(1, torch.cuda.device_count() - 1)
     cfg = DistributedPublish(group_name="gpu_nccl", backend="nccl", bucket_mb=0.1, timeout_s=30)
-    await publish_twice(tiny_model_dir, f"cuda:{server_gpu}", cfg, first_on)
+    await publish_twice(tiny_model_dir, "cuda:1", cfg, first_on)
+
+
+async def test_nccl_publish_to_a_server_on_the_same_gpu_fails_clearly_and_the_server_serves_on(tiny_model_dir):
+    """NCCL joins no two processes on one GPU (a colocated trainer and server): the publish fails fast
+    with what to do instead, and the server keeps serving the weights it had."""
+    async with (ReferenceServer(tiny_model_dir, args=["--set", "model.device=cuda:0"]) as srv,
+                aiohttp.ClientSession() as http):
+        before = await served(http, srv.url)
+        cfg = DistributedPublish(servers=[srv.url], group_name="gpu_nccl", backend="nccl", timeout_s=30)
+        publisher = DistributedPublisher(cfg)
+        await publisher.start()
+        try:
+            with pytest.raises(PublishError, match=r"publishing version 1 to .* two of its processes are on one GPU"
+                                                   r".*publish.backend = 'gloo'"):
+                await publisher.publish(1, weights(tiny_model_dir, "cuda", flip=True))
+        finally:
+            await publisher.close()
+        after = await served(http, srv.url)
+    assert after[0] == before[0] and after[2] == before[2] == "default"
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
