@@ -4,7 +4,10 @@
 # Installs the carried wheels where the packages are missing, prints what the machine has, then runs
 # the GPU tests and the trainer and reference-server suites (which pick the GPU by themselves: device
 # "auto"), logging to $OUT/log.
-# No -x: one device run should report every failure. Locally: PYTHON=.venv/bin/python OUT=/tmp/out bash ...
+# No -x: one device run should report every failure. Verbose, so a log cut short still names each
+# test's outcome; pytest is interrupted (SIGINT: it still prints its summary) after $BUDGET_S seconds.
+# On the H100 the whole set took longer than one 400 s call: pass paths (and options) to run a part.
+# Locally: PYTHON=.venv/bin/python OUT=/tmp/out bash tests/gpu/run_on_device.sh
 set -o pipefail
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-/tmp/tidal-gpu-out}
@@ -20,6 +23,7 @@ if ! "$PYTHON" -c "import msgspec, zmq, tomli_w, pytest_asyncio" 2>/dev/null; th
 else
     export PYTHONPATH=$PWD
 fi
+[ $# -eq 0 ] && set -- tests/gpu tests/engine/reference tests/trainer     # else: paths and options to run
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
     "$PYTHON" - <<'PY'
@@ -28,7 +32,7 @@ print(f"torch {torch.__version__} cuda {torch.version.cuda} available={torch.cud
       f"gpus={torch.cuda.device_count()} nccl={torch.cuda.nccl.version() if torch.cuda.is_available() else None}")
 print(f"transformers {transformers.__version__} msgspec {msgspec.__version__} pyzmq {zmq.__version__}")
 PY
-    "$PYTHON" -m pytest tests/gpu tests/trainer tests/engine/reference -q --timeout 120 -p no:cacheprovider \
-        -p pytest_asyncio.plugin -p pytest_timeout -p hypothesis.extra.pytestplugin \
-        --durations=12 -rfEs "$@"
+    timeout -s INT "${BUDGET_S:-370}" "$PYTHON" -m pytest -v --tb=short --timeout 120 -p no:cacheprovider \
+        -p pytest_asyncio.plugin -p pytest_timeout -p hypothesis.extra.pytestplugin --durations=12 -rfEs \
+        "$@"
 } 2>&1 | tee "$OUT/log"
