@@ -287,6 +287,7 @@ class TrajectoryReceiver:
         self._peers: dict[tuple[str, int], bytes] = {}
         self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
         self._ack_wake = asyncio.Event()
+        self._reading = False  # the reader is between taking a batch and flushing the acks it led to
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
         self._sock: zmq.asyncio.Socket | None = None
@@ -348,7 +349,8 @@ class TrajectoryReceiver:
             if self._committed.get(d.engine_id, d.epoch).add(d.seq):
                 self.stats.committed += 1
             self._ack_due[(d.engine_id, d.epoch)] = None
-        self._ack_wake.set()
+        if not self._reading:  # else the reader sends them once its consumer has had its turn
+            self._ack_wake.set()
 
     def dedup_state(self, including: Iterable[Delivery] = ()) -> DedupState:
         """What is committed (plus `including`, about to be): save it with the consumer's checkpoint."""
@@ -358,7 +360,9 @@ class TrajectoryReceiver:
 
     async def _read(self) -> None:
         while True:
-            for frames in await self._io.recv_batch():
+            batch = await self._io.recv_batch()
+            self._reading = True
+            for frames in batch:
                 try:
                     delivery = self._accept(frames)
                 except ProtocolError as exc:
@@ -369,10 +373,18 @@ class TrajectoryReceiver:
                 if delivery is None:
                     continue
                 while len(self._items) >= self._capacity:
+                    self._reading = False  # commits made while the reader waits are acked at once
+                    self._flush_acks()
                     self._not_full.clear()
                     await self._not_full.wait()
+                    self._reading = True
                 self._items.append(delivery)
                 self._not_empty.set()
+            try:
+                await asyncio.sleep(0)  # the consumer runs between batches: a steady stream never blocks
+            finally:
+                self._reading = False
+            self._flush_acks()  # what the consumer committed meanwhile, without waking the ack task
 
     def _accept(self, frames: list[zmq.Frame]) -> Delivery | None:
         """One multipart message from an engine: a new Delivery, or None (heartbeat, duplicate)."""
