@@ -99,6 +99,24 @@ async def test_full_window_reopens_once_an_eighth_is_committed():
             assert await tx.flush(timeout=5)
 
 
+async def test_commit_while_the_reader_waits_for_room_is_acked_at_once():
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", capacity=2) as rx:
+        async with TrajectorySender(rx.endpoint, "e0", window=8) as tx:
+            for i in range(6):
+                await tx.send(make_trajectory(f"t{i}"))
+            held = await _drain(rx, 2)
+            async with asyncio.timeout(5):
+                while rx.queued < 2:  # the reader refilled the queue and waits for room again
+                    await asyncio.sleep(0.01)
+            rx.commit(held)
+            async with asyncio.timeout(5):
+                while tx.unacked > 4:
+                    await asyncio.sleep(0.01)
+            assert rx.queued == 2
+            rx.commit(await _drain(rx, 4))
+            assert await tx.flush(timeout=5)
+
+
 async def test_checkpointed_consumer_restart_loses_and_repeats_nothing(endpoint):
     rx1 = TrajectoryReceiver(endpoint)
     await rx1.__aenter__()
