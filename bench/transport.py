@@ -16,8 +16,8 @@ receiver, as in real use.
 
 Measured alike: both processes tune glibc's allocator (`fastio.tune_allocator`) before any method
 runs, so no method pays page faults that another avoids; every method runs in `rounds` interleaved
-turns, the order rotated each round. Rows report each method's best turn (`msgs_per_s`, latencies,
-CPU) and the median of its turns. The ratios `vs_pickle` and `vs_raw_zmq` are the median over rounds
+turns, the order rotated each round. Rows report each method's best turn (`msgs_per_s`, CPU), the
+median of its turns' rates, and the median of its turns' latency percentiles. The ratios `vs_pickle` and `vs_raw_zmq` are the median over rounds
 of the two rates measured in the same round, i.e. under the same background load (`best_vs_*`: the
 ratio of best turns, beside them). On a shared 2-core machine one short turn per method let the load
 decide the ratio (0.40 to 0.87 in five runs); a ratio of best turns still swings when one baseline
@@ -292,9 +292,11 @@ def _rounds(conn, console, tokens: int, size: dict, nbytes: int, rounds: int) ->
             runs.setdefault(method, []).append(_run_case(conn, method, tokens, count, latency_count, nbytes))
     rows = {}
     for method, turns in runs.items():
-        rows[method] = max(turns, key=lambda r: r["msgs_per_s"])
-        rows[method]["turns"] = len(turns)
-        rows[method]["median_msgs_per_s"] = statistics.median(r["msgs_per_s"] for r in turns)
+        row = rows[method] = dict(max(turns, key=lambda r: r["msgs_per_s"]))
+        row["turns"] = len(turns)
+        row["median_msgs_per_s"] = statistics.median(r["msgs_per_s"] for r in turns)
+        for key in ("p50_latency_ms", "p99_latency_ms"):  # a stall of the machine shows in one turn's tail
+            row[key] = statistics.median(r[key] for r in turns)
     ours = rows["tidal"]
     for other in ("pickle", "raw_zmq"):
         ours[f"vs_{other}"] = statistics.median(
