@@ -88,9 +88,13 @@ def test_packed_and_accumulated_step_equals_one_unpacked_forward(tiny_model_dir,
             torch.testing.assert_close(runs[name][1][pname], g, atol=1e-6, rtol=1e-4)
 
 
-def test_learner_logprobs_equal_a_plain_forward(tiny_model_dir):
-    # the learner computes logits only at trained tokens of packed rows; compare with full forwards
+@pytest.mark.parametrize("boolean_keep", [True, False], ids=["lm-head-at-trained-tokens", "all-positions-fallback"])
+def test_learner_logprobs_equal_a_plain_forward(tiny_model_dir, boolean_keep):
+    # the learner computes logits only at trained tokens of packed rows, or at every position for a
+    # model that reads a boolean logits_to_keep as positions (transformers 5.17); compare with full forwards
     learner = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=ppo", "packing.token_budget=64"))
+    assert learner.keeps_boolean_logits  # the tiny Llama under this transformers takes the boolean form
+    learner.keeps_boolean_logits = boolean_keep
     batch = batch_of(6, seed=7)
     masks = [t.mask().astype(float) for t in batch]
     for m in masks:
