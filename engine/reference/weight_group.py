@@ -36,8 +36,9 @@ class WeightGroup:
         on the CPU)."""
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
-        if backend == "nccl" and not torch.cuda.is_available():
-            backend = "gloo"
+        if backend == "nccl" and not torch.cuda.is_available():  # a trainer on NCCL would wait out its timeout
+            raise ValueError("backend nccl needs a GPU and this server has none: publish with "
+                             "publish.backend = 'gloo', or serve on a GPU")
         self.name = group_name
         self.rank = rank
         self.world_size = world_size

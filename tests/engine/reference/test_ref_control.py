@@ -246,6 +246,17 @@ async def test_distributed_update_over_gloo(server, other_model_dir, tiny_model_
         400, {"success": False, "message": "The group to be destroyed does not exist."})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a server without a GPU")
+async def test_nccl_group_without_a_gpu_is_refused_at_once(server):
+    # SGLang's default backend is nccl: a CPU server must say it cannot, not join over gloo while the
+    # trainer waits on NCCL until its timeout
+    status, reply = await post(server.url + "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": "1", "rank_offset": 1, "world_size": 2,
+        "group_name": "g", "backend": "nccl"})
+    assert status == 400 and reply["success"] is False
+    assert "backend nccl needs a GPU" in reply["message"] and "publish.backend = 'gloo'" in reply["message"]
+
+
 @pytest.mark.parametrize("path", ["/pause_generation", "/continue_generation", "/abort_request",
                                   "/update_weights_from_disk", "/init_weights_update_group"])
 async def test_control_endpoints_need_a_json_body(server, path):
