@@ -54,6 +54,9 @@ class SeqSet:
 
     def add(self, seq: int) -> bool:
         """Add `seq`; False when it was already in the set."""
+        if seq == self.upto + 1 and not self.above:  # the steady state: the next seq, in order
+            self.upto = seq
+            return True
         if seq in self:
             return False
         self.above.add(seq)

@@ -406,8 +406,9 @@ class TrajectoryReceiver:
                         f"data {engine_id}/{epoch}/{seq}: expected envelope, head and arrays, got {len(frames) - 1} frames"
                     )
                 self._peer(engine_id, epoch, frames[0])
-                self._below(engine_id, epoch, floor)
                 seen = self._seen.get(engine_id, epoch)
+                if floor > seen.upto + 1 or floor > self._committed.get(engine_id, epoch).upto + 1:
+                    self._below(engine_id, epoch, floor)
                 if seq in seen:
                     self.stats.duplicates += 1
                     if self._committed.contains(engine_id, epoch, seq):  # its ack was lost: say it again
