@@ -17,15 +17,16 @@ receiver, as in real use.
 Measured alike: both processes tune glibc's allocator (`fastio.tune_allocator`) before any method
 runs, so no method pays page faults that another avoids; every method runs in `rounds` interleaved
 turns, the order rotated each round. Rows report each method's best turn (`msgs_per_s`, CPU), the
-median of its turns' rates, and the median of its turns' latency percentiles. The ratios `vs_pickle` and `vs_raw_zmq` are the median over rounds
-of the two rates measured in the same round, i.e. under the same background load (`best_vs_*`: the
-ratio of best turns, beside them). On a shared 2-core machine one short turn per method let the load
-decide the ratio (0.40 to 0.87 in five runs); a ratio of best turns still swings when one baseline
-turn meets a quiet moment (raw zmq's CPU per message ranges from 120 to 210 us with the load).
+median of its turns' rates, and the median of its turns' latency percentiles. The ratios `vs_pickle`
+and `vs_raw_zmq` are the median over rounds of the two rates measured in the same round, i.e. under
+the same background load (`best_vs_*`: the ratio of best turns, beside them). On a shared 2-core
+machine one short turn per method let the load decide the ratio (0.40 to 0.72 in five runs of the
+same code); a ratio of best turns still swings when one baseline turn meets a quiet moment (raw
+zmq's CPU per message ranged from 120 to 210 us with the load).
 `cpu_us_per_msg` is the CPU time of both processes (zmq I/O threads included) per message in the
 throughput phase (`send_`/`recv_cpu_us_per_msg` per side), and `cpu_vs_raw_zmq` raw zmq's over
-ours: on a loaded machine these move far less than wall-clock rates do. `frame_bytes` is what our
-channel moves per trajectory (head and arrays); raw zmq sends that many bytes as one frame.
+ours. `frame_bytes` is what our channel moves per trajectory (envelope excluded: head and arrays);
+raw zmq sends that many bytes as one frame.
 """
 
 from __future__ import annotations
