@@ -7,16 +7,19 @@ Cases, all in one run:
   drivers: a direct synchronous loop, GEM's SyncVectorEnv, GEM's AsyncVectorEnv (a thread pool),
   and our `gem:` adapter under 1024 asyncio episodes; and the same direct-vs-asyncio pair for our
   own `games:GuessTheNumber-v0`.
-An asyncio episode yields to the loop once per step (a bare `yield`, what `asyncio.sleep(0)` does
-behind one more coroutine frame), as it does in the engine while it awaits the model, so "1024
-concurrent" means 1024 interleaved episodes, not one run to the end.
+An asyncio episode calls its env as `Env.inline_calls` tells an engine to: `reset`/`step` directly
+when the env allows it (a cheap env, stepped on the loop), else it awaits `areset`/`astep`. It yields
+to the loop once per step (a bare `yield`, what `asyncio.sleep(0)` does behind one more coroutine
+frame), as an engine's episode does while it awaits the model, so "1024 concurrent" means 1024
+interleaved episodes, not one run to the end.
 Compared cases run in interleaved turns (best turn kept, median reported too), so load from other
 processes hits them alike; plain GEM runs with the adapter's module patch undone (envs/adapters/gem.py).
 
 summary: `overhead_vs_direct` = direct steps/s / adapter steps/s at 1024 (target <= 1.5);
 `vs_gem_async_1024` = adapter steps/s / GEM AsyncVectorEnv steps/s at 1024 (target >= 3);
 `overhead_vs_direct_no_switch`: the same 1024 adapter envs stepped by awaiting `astep` in one loop,
-i.e. the env layer's own cost (in the engine an episode switches tasks anyway, awaiting the model);
+i.e. the awaited env layer's own cost (in the engine an episode switches tasks anyway, awaiting the
+model);
 `event_loop_us_per_step`: the driver with an env that does nothing, i.e. what one task switch per
 step costs on this machine, the part of the overhead that no env layer can remove.
 """
@@ -41,7 +44,7 @@ GEM_ID = "game:GuessTheNumber-v0-easy"
 OUR_ID = "games:GuessTheNumber-v0"
 CONCURRENCY = (1, 64, 1024)
 VEC_ENVS = 1024
-ROUNDS = 5
+ROUNDS = 7
 """Turns per compared case; the summary ratios use each case's best turn."""
 COMPARE_FACTOR = 2.5
 """Compared cases get this many times a suite case's time: their ratios are the point of the run."""
@@ -83,20 +86,25 @@ async def _drive(make: Callable[[], Env], concurrency: int, seconds: float, acti
 
     async def episode(k: int, env: Env, rng: random.Random) -> None:
         nonlocal steps, episodes, errors
+        calls = env.inline_calls()  # asked once per episode, as the engine does
         while not stop:
             if actions is None:
                 action = env.sample_action(rng)
             else:
                 action, k = actions[k & 4095], k + 7
             try:
-                _, _, terminated, truncated, _ = await env.astep(action)
+                _, _, terminated, truncated, _ = calls[1](action) if calls else await env.astep(action)
             except Exception:  # counted, and the episode starts over, as the engine would do
                 errors += 1
                 terminated = True
             steps += 1
             if terminated or truncated:
                 episodes += 1
-                await env.areset()
+                if calls:
+                    calls[0]()
+                else:
+                    await env.areset()
+                calls = env.inline_calls()
             await _yield_to_loop()
 
     rngs = [random.Random(i) for i in range(concurrency)]  # seeded before the clock starts

@@ -66,8 +66,9 @@ async def run_episode(env: Env, policy: Policy, seed: int | None = None, max_tur
     exception from the policy propagates: it is the caller's bug, not the env's.
     """
     ep = Episode(env.id, seed)
+    calls = env.inline_calls()  # a cheap env is called directly, others are awaited
     try:
-        obs, info = await env.areset(seed)
+        obs, info = calls[0](seed) if calls else await env.areset(seed)
     except Exception as exc:  # an env bug ends this episode only; it is recorded and counted
         return _failed(ep, exc, "reset")
     ep.observations.append(obs)
@@ -77,7 +78,7 @@ async def run_episode(env: Env, policy: Policy, seed: int | None = None, max_tur
         if inspect.isawaitable(action):
             action = await action
         try:
-            obs, reward, ep.terminated, ep.truncated, info = await env.astep(action)
+            obs, reward, ep.terminated, ep.truncated, info = calls[1](action) if calls else await env.astep(action)
         except Exception as exc:
             return _failed(ep, exc, "step")
         ep.actions.append(action)

@@ -269,6 +269,11 @@ class GemEnv(Env):
         finally:
             _proxy._env = _Outside
 
+    def inline_calls(self):
+        """`Env.inline_calls`: `reset` and `step` when inline (`astep` above is only their fast path).
+        A subclass that overrides `step`/`reset` keeps this; one that makes `astep` async must not."""
+        return (self.reset, self.step) if self._inline else None
+
     def sample_action(self, rng: random.Random) -> str:
         """GEM's `sample_random_action`, drawing from `rng` so the episode's own stream is untouched."""
         with self._own_rng(rng):

@@ -7,6 +7,7 @@ import pytest
 
 import envs
 from envs.core import Env, EnvBroken, Wrapper
+from envs.wrappers import TurnLimit
 
 
 class Counter(Env):
@@ -51,6 +52,28 @@ async def test_cheap_env_runs_inline_and_blocking_env_is_offloaded():
     main = threading.current_thread().name
     assert set(cheap.threads) == {main}
     assert all(name.startswith("tidal-env") for name in slow.threads)
+
+
+async def test_inline_calls_only_for_cheap_usable_envs_whose_async_methods_are_the_base():
+    cheap = Counter()
+    calls = cheap.inline_calls()
+    assert calls == (cheap.reset, cheap.step)
+    assert BlockingCounter().inline_calls() is None  # offloaded: awaited
+    assert TurnLimit(Counter(), 5).inline_calls() is None  # a wrapper's logic is in astep
+
+    class NativelyAsync(Counter):
+        async def astep(self, action):
+            return self.step(action)
+
+    assert NativelyAsync().inline_calls() is None
+    cheap.broken = "gone"
+    assert cheap.inline_calls() is None
+    # the direct calls and the awaited ones are the same episode
+    direct, awaited = Counter(), Counter()
+    reset, step = direct.inline_calls()
+    assert reset(0) == await awaited.areset(0)
+    for action in ("\\boxed{1}", "\\boxed{2}", "\\boxed{9}"):
+        assert step(action) == await awaited.astep(action)
 
 
 async def test_env_exception_becomes_counted_error_record():

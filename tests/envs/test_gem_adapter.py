@@ -179,3 +179,19 @@ asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) is True
+
+
+async def test_inline_calls_give_the_same_episodes_as_awaiting():
+    direct, awaited = envs.make(f"gem:{GAME}"), envs.make(f"gem:{GAME}")
+    reset, step = direct.inline_calls()
+    assert reset(3) == await awaited.areset(3)
+    for action in SCRIPT:
+        assert (got := step(action)) == await awaited.astep(action)
+        if got[2] or got[3]:
+            break
+    direct.blocking = True  # offloaded from now on: awaited, never called on the loop
+    assert direct.inline_calls() is None
+    direct.blocking = False
+    direct.broken = "abandoned"
+    assert direct.inline_calls() is None
+    assert envs.make(f"gem:{GAME}", wrappers="python_tool_no_int_reward").inline_calls() is None
