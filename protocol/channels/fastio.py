@@ -106,17 +106,19 @@ class FastSocket:
 
     async def recv_batch(self) -> list[list[zmq.Frame]]:
         """Wait for at least one message; return every queued one (up to BATCH), as zero-copy frames."""
-        raw = self._raw
-        while True:
-            batch = []
-            # EVENTS before each message instead of a final zmq.Again: raising one costs more than a
-            # message's frames (pyzmq builds the error and its enums in Python).
-            while len(batch) < BATCH and _get(raw, _EVENTS) & _POLLIN:
-                batch.append(self._recv_message())
-            self._rearm()
-            if batch:
-                return batch
+        while not (batch := self.recv_ready()):
             await self._wait(_POLLIN)
+        return batch
+
+    def recv_ready(self) -> list[list[zmq.Frame]]:
+        """The messages queued now (up to BATCH, maybe none), without waiting."""
+        raw, batch = self._raw, []
+        # EVENTS before each message instead of a final zmq.Again: raising one costs more than a
+        # message's frames (pyzmq builds the error and its enums in Python).
+        while len(batch) < BATCH and _get(raw, _EVENTS) & _POLLIN:
+            batch.append(self._recv_message())
+        self._rearm()
+        return batch
 
     def _recv_message(self) -> list[zmq.Frame]:
         """One queued multipart message (EVENTS said one is there). `Frame.more` instead of pyzmq's

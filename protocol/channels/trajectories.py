@@ -60,6 +60,13 @@ REOPEN_FRACTION = 8
 """A full window reopens once window // 8 (at least 1) of its trajectories are acknowledged: a blocked
 engine then sends a run of trajectories per wake-up instead of one per acknowledgement."""
 
+COALESCE_S, COALESCE_BATCH = 0.0005, 8
+"""While a stream flows (the last batch held more than one message), the reader waits COALESCE_S
+(up to a millisecond with asyncio's default selector) before taking a batch of fewer than
+COALESCE_BATCH, so that one wake-up, one consumer turn and one ack serve several trajectories:
+with ~2.5 messages per wake-up these cost both ends more than decoding a 32k-token trajectory.
+A lone trajectory (the last batch held one) is taken at once."""
+
 ACK_LINGER_MS = 200
 """How long a closing receiver's socket may keep trying to deliver its last acks."""
 
@@ -359,8 +366,13 @@ class TrajectoryReceiver:
     # --- engine -> trainer
 
     async def _read(self) -> None:
+        flowing = False
         while True:
             batch = await self._io.recv_batch()
+            if flowing and len(batch) < COALESCE_BATCH:
+                await asyncio.sleep(COALESCE_S)
+                batch += self._io.recv_ready()
+            flowing = len(batch) > 1
             self._reading = True
             for frames in batch:
                 try:
