@@ -57,7 +57,7 @@ WINDOW = 256
 WARMUP = WINDOW
 """Untimed messages first: connections made, buffers allocated; the timed part is the steady state."""
 SIZES = (4096, 32768)
-FULL = {"count": {4096: 6000, 32768: 1500}, "latency_count": 200, "slow_fraction": 0.03, "rounds": 5}
+FULL = {"count": {4096: 3000, 32768: 800}, "latency_count": 100, "slow_fraction": 0.06, "rounds": 9}
 QUICK = {"count": {4096: 300, 32768: 80}, "latency_count": 50, "slow_fraction": 0.2, "rounds": 2}
 """json is ~50x slower than the rest: it sends `slow_fraction` of the counts (a rate needs no more)."""
 

@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from protocol.errors import ProtocolError
-from protocol.messages import ARRAY_FIELDS, PACKED_FIELDS, Trajectory, decode_parts, encode_parts
+from protocol.messages import PACKED_FIELDS, Trajectory, decode_parts, encode_parts
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -234,11 +234,8 @@ def trajectory_from_frames(head, arrays) -> Trajectory:
     if nbytes % BYTES_PER_TOKEN:
         raise ProtocolError(f"bad trajectory: arrays frame of {nbytes} bytes is not {BYTES_PER_TOKEN} bytes per token")
     n = nbytes // BYTES_PER_TOKEN
-    views, offset = {}, 0
-    for name, size in zip(PACKED_FIELDS, (4 * n, 4 * n, 4 * n, n), strict=True):
-        views[name] = arrays[offset : offset + size]
-        offset += size
-    return decode_parts([head, *(views[name] for name in ARRAY_FIELDS)])
+    tokens, behav_logp, versions = arrays[: 4 * n], arrays[4 * n : 8 * n], arrays[8 * n : 12 * n]
+    return decode_parts([head, tokens, arrays[12 * n :], behav_logp, versions])  # in ARRAY_FIELDS order
 
 
 BIND_RETRY_S = 2.0

@@ -65,7 +65,8 @@ COALESCE_S, COALESCE_BATCH = 0.0005, 8
 (up to a millisecond with asyncio's default selector) before taking a batch of fewer than
 COALESCE_BATCH, so that one wake-up, one consumer turn and one ack serve several trajectories:
 with ~2.5 messages per wake-up these cost both ends more than decoding a 32k-token trajectory.
-A lone trajectory (the last batch held one) is taken at once."""
+A lone trajectory (the last batch held one) is taken at once, and so is every batch while the last
+sender had at most 2 x COALESCE_BATCH unacknowledged: a small window would otherwise wait each time."""
 
 ACK_LINGER_MS = 200
 """How long a closing receiver's socket may keep trying to deliver its last acks."""
@@ -295,6 +296,7 @@ class TrajectoryReceiver:
         self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
         self._ack_wake = asyncio.Event()
         self._reading = False  # the reader is between taking a batch and flushing the acks it led to
+        self._sender_unacked = 0  # seq - floor + 1 of the last data frame: its sender's unacknowledged
         self._failure: BaseException | None = None
         self._tasks: list[asyncio.Task] = []
         self._sock: zmq.asyncio.Socket | None = None
@@ -369,7 +371,7 @@ class TrajectoryReceiver:
         flowing = False
         while True:
             batch = await self._io.recv_batch()
-            if flowing and len(batch) < COALESCE_BATCH:
+            if flowing and len(batch) < COALESCE_BATCH and self._sender_unacked > 2 * COALESCE_BATCH:
                 await asyncio.sleep(COALESCE_S)
                 batch += self._io.recv_ready()
             flowing = len(batch) > 1
@@ -418,6 +420,7 @@ class TrajectoryReceiver:
                         f"data {engine_id}/{epoch}/{seq}: expected envelope, head and arrays, got {len(frames) - 1} frames"
                     )
                 self._peer(engine_id, epoch, frames[0])
+                self._sender_unacked = seq - floor + 1
                 seen = self._seen.get(engine_id, epoch)
                 if floor > seen.upto + 1 or floor > self._committed.get(engine_id, epoch).upto + 1:
                     self._below(engine_id, epoch, floor)
