@@ -14,6 +14,8 @@ frame), as an engine's episode does while it awaits the model, so "1024 concurre
 interleaved episodes, not one run to the end.
 Compared cases run in interleaved turns (best turn kept, median reported too), so load from other
 processes hits them alike; plain GEM runs with the adapter's module patch undone (envs/adapters/gem.py).
+The single-threaded cases (direct, adapter, no-switch, noop) take their turns first, before GEM's
+vector envs (2048 more envs and AsyncVectorEnv's 1024 threads) exist; those take theirs after.
 
 summary: `overhead_vs_direct` = direct steps/s / adapter steps/s at 1024 (target <= 1.5);
 `vs_gem_async_1024` = adapter steps/s / GEM AsyncVectorEnv steps/s at 1024 (target >= 3);
@@ -186,7 +188,7 @@ def main(argv: list[str]) -> int:
     results: list[dict] = []
 
     with Progress(transient=True) as progress:
-        todo = ROUNDS * (8 if have_gem else 2) + len(ids) * len(CONCURRENCY)
+        todo = ROUNDS * (9 if have_gem else 2) + len(ids) * len(CONCURRENCY)
         bar = progress.add_task("bench envs", total=todo)
 
         def rounds(measures: dict[tuple[str, str, int], Callable[[float], float | dict]]) -> None:
@@ -212,7 +214,6 @@ def main(argv: list[str]) -> int:
             from envs.adapters.gem import restore_gem_modules
 
             gem_pool = [gem.make(GEM_ID) for _ in range(VEC_ENVS)]
-            vectors = {mode: gem.make_vec([GEM_ID] * VEC_ENVS, async_mode=mode, seed=0) for mode in (False, True)}
 
             def plain_gem(measure: Callable[[float], float]) -> Callable[[float], float]:
                 def run(secs: float) -> float:
@@ -223,8 +224,6 @@ def main(argv: list[str]) -> int:
             rounds({
                 ("gem_direct", GEM_ID, VEC_ENVS): plain_gem(
                     lambda secs: _direct(gem_pool, actions, secs, lambda e, s: e.reset(seed=s))),
-                ("gem_sync_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[False], actions, secs)),
-                ("gem_async_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[True], actions, secs)),
                 **{("tidal_gem_adapter", f"gem:{GEM_ID}", c): (
                     lambda secs, c=c: _run_async(_drive(lambda: envs.make(f"gem:{GEM_ID}"), c, secs, actions))
                 ) for c in (1, VEC_ENVS)},
@@ -232,8 +231,16 @@ def main(argv: list[str]) -> int:
                     _sequential_awaits(lambda: envs.make(f"gem:{GEM_ID}"), VEC_ENVS, secs, actions)),
                 ("asyncio_noop_env", "noop", VEC_ENVS): lambda secs: _run_async(_drive(_Noop, VEC_ENVS, secs, actions)),
             })
+            del gem_pool
+            # GEM's vector envs (2048 more envs, a pool of 1024 threads) live only for their own rounds
+            vectors = {mode: gem.make_vec([GEM_ID] * VEC_ENVS, async_mode=mode, seed=0) for mode in (False, True)}
+            rounds({
+                ("gem_sync_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[False], actions, secs)),
+                ("gem_async_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[True], actions, secs)),
+            })
             for vec in vectors.values():
                 getattr(vec, "close", lambda: None)()
+            del vectors
 
         our_pool = [envs.make(OUR_ID) for _ in range(VEC_ENVS)]
         rounds({
