@@ -31,7 +31,7 @@ from engine.backends import http
 from engine.backends.base import Backend, Chunk, Finish, Request
 from engine.backends.config import OpenAIConfig
 from engine.backends.errors import BackendError, BadResponse, ServerUnavailable
-from engine.backends.routing import Router, Server
+from engine.backends.routing import Router, Server, count_failed_attempt
 from protocol import sglang as wire
 
 __all__ = ["OpenAIBackend"]
@@ -131,13 +131,8 @@ class OpenAIBackend(Backend):
                             yield chunk
                     return
                 except BackendError as exc:
-                    counters[f"errors_{exc.kind}"] += 1
-                    if not exc.retryable or retries >= self.cfg.max_retries:
-                        raise
-                    if self.router.failed(server, hard=isinstance(exc, ServerUnavailable)):
-                        counters["ejections"] += 1
-                        log.warning("ejected %s: %s", server.url, exc)
-                    log.warning("retrying %s elsewhere after %d tokens: %s", rid, len(received), exc)
+                    count_failed_attempt(self.router, server, exc, counters, retries=retries,
+                                         max_retries=self.cfg.max_retries, rid=rid, received=len(received))
                     error = exc
                     failed.add(server)
                     retries += 1

@@ -13,11 +13,16 @@ and `admit` when a health probe passes. All methods are synchronous, so no state
 (True, True)
 """
 
-from collections import OrderedDict
+import logging
+from collections import Counter, OrderedDict
 from collections.abc import Collection
 from typing import Literal
 
-__all__ = ["Server", "Router"]
+from engine.backends.errors import BackendError, ServerUnavailable
+
+__all__ = ["Server", "Router", "count_failed_attempt"]
+
+log = logging.getLogger(__name__)
 
 
 class Server:
@@ -121,3 +126,17 @@ class Router:
     @property
     def healthy(self) -> list[Server]:
         return [s for s in self.servers if s.healthy]
+
+
+def count_failed_attempt(router: Router, server: Server, exc: BackendError, counters: Counter, *,
+                         retries: int, max_retries: int, rid: str, received: int) -> None:
+    """A request's attempt on `server` failed with `exc`: count it, eject the server if due, and
+    re-raise `exc` unless the request may go on elsewhere (the caller then retries). Shared by the
+    backends that route, so they count and eject alike."""
+    counters[f"errors_{exc.kind}"] += 1
+    if not exc.retryable or retries >= max_retries:
+        raise exc
+    if router.failed(server, hard=isinstance(exc, ServerUnavailable)):
+        counters["ejections"] += 1
+        log.warning("ejected %s: %s", server.url, exc)
+    log.warning("retrying %s elsewhere after %d tokens: %s", rid, received, exc)

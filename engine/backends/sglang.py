@@ -34,7 +34,7 @@ from engine.backends.errors import (
     RequestRejected,
     ServerUnavailable,
 )
-from engine.backends.routing import Router, Server
+from engine.backends.routing import Router, Server, count_failed_attempt
 from engine.backends.sglang_control import SGLangControl
 from protocol import sglang as wire
 from protocol.errors import ProtocolError
@@ -226,13 +226,8 @@ class SGLangBackend(SGLangControl, Backend):
                         raise BackendError(f"aborted by the server {idle} times in a row without a token",
                                            url=server.url, request_id=rid)
                 except BackendError as exc:
-                    counters[f"errors_{exc.kind}"] += 1
-                    if not exc.retryable or retries >= self.cfg.max_retries:
-                        raise
-                    if self.router.failed(server, hard=isinstance(exc, ServerUnavailable)):
-                        counters["ejections"] += 1
-                        log.warning("ejected %s: %s", server.url, exc)
-                    log.warning("retrying %s elsewhere after %d tokens: %s", rid, len(received), exc)
+                    count_failed_attempt(self.router, server, exc, counters, retries=retries,
+                                         max_retries=self.cfg.max_retries, rid=rid, received=len(received))
                     error = exc
                     failed.add(server)
                     retries += 1
