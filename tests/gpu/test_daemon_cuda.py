@@ -14,18 +14,8 @@ import aiohttp  # noqa: E402
 
 from engine.reference.launch import ReferenceServer  # noqa: E402
 from protocol.channels import StatusSubscriber, TrajectorySender  # noqa: E402
-from tests.trainer.proc import records, trainer_toml  # noqa: E402
+from tests.trainer.proc import records, served, trainer_toml  # noqa: E402
 from tests.trainer.producer import Producer  # noqa: E402
-
-
-async def served(http: aiohttp.ClientSession, url: str) -> tuple[list[float], str]:
-    body = {"input_ids": [40, 41, 42], "return_logprob": True,
-            "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}}
-    async with http.post(f"{url}/generate", json=body) as resp:
-        out = await resp.json()
-    async with http.get(f"{url}/model_info") as resp:
-        version = (await resp.json())["weight_version"]
-    return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], version
 
 
 async def feed(trainer, groups: dict[int, list], until: int) -> None:

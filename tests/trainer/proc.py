@@ -31,6 +31,18 @@ def trainer_toml(tmp: Path, model_dir, **sections) -> dict:
     return cfg
 
 
+async def served(http, url: str) -> tuple[list[float], str]:
+    """Greedy logprobs of four tokens after a fixed prompt from a `tidal serve` at `url`, and its
+    weight version: what changes when a publish lands."""
+    body = {"input_ids": [40, 41, 42], "return_logprob": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}}
+    async with http.post(f"{url}/generate", json=body) as resp:
+        out = await resp.json()
+    async with http.get(f"{url}/model_info") as resp:
+        version = (await resp.json())["weight_version"]
+    return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], version
+
+
 def records(path: Path) -> list[dict]:
     if not path.exists():
         return []

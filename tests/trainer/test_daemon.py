@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from protocol.channels import StatusSubscriber, TrajectorySender
 from protocol.messages import TrainerStatus, Trajectory, WeightsPublished
-from tests.trainer.proc import records, trainer_toml
+from tests.trainer.proc import records, served, trainer_toml
 from tests.trainer.producer import Producer
 
 pytestmark = pytest.mark.slow
@@ -205,15 +205,6 @@ async def test_broadcasts_each_version_to_the_reference_server_and_survives_its_
     import aiohttp
 
     from engine.reference.launch import ReferenceServer
-
-    async def served(http, url) -> tuple[list[float], str]:
-        body = {"input_ids": [40, 41, 42], "return_logprob": True,
-                "sampling_params": {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}}
-        async with http.post(f"{url}/generate", json=body) as resp:
-            out = await resp.json()
-        async with http.get(f"{url}/model_info") as resp:
-            version = (await resp.json())["weight_version"]
-        return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]], version
 
     producer = Producer(tiny_model_dir, seed=2)
     groups = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(4)}
