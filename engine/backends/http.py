@@ -7,6 +7,7 @@ are split on the blank line as they arrive (one read may hold several events, or
 stream costs one await per network read, not per line.
 """
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -20,9 +21,30 @@ from engine.backends.errors import (
 )
 from protocol.sglang import SSE_DONE, SSE_PREFIX, error_message
 
-__all__ = ["sse_post", "call"]
+__all__ = ["sse_post", "call", "client_session", "stop_task"]
 
 _SKIP = len(SSE_PREFIX)
+
+
+def client_session(cfg, headers: dict[str, str]) -> aiohttp.ClientSession:
+    """The one pool a routing backend keeps (`cfg` is its `Routed` config): `max_connections` in all,
+    no cap per host, connect and read timeouts, and no total limit, since a stream lasts as long as
+    its generation."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s),
+        headers=headers,
+    )
+
+
+async def stop_task(task: asyncio.Task | None) -> None:
+    """Cancel a background task (a health loop) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 async def sse_post(session: aiohttp.ClientSession, url: str, path: str, body: bytes, rid: str,

@@ -139,22 +139,12 @@ class SGLangBackend(SGLangControl, Backend):
     async def start(self) -> None:
         if self._session is not None:
             return
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
-                                          sock_read=self.cfg.read_timeout_s),
-            headers=self._headers,
-        )
+        self._session = http.client_session(self.cfg, self._headers)
         self._health_task = asyncio.create_task(self._health_loop(), name="sglang-health")
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            try:
-                await self._health_task
-            except asyncio.CancelledError:
-                pass
-            self._health_task = None
+        await http.stop_task(self._health_task)
+        self._health_task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
