@@ -49,9 +49,22 @@ _modules_seen = 0
 
 
 class _Outside:
-    """The proxy's `_env` outside adapter calls: its `rng` is the real module."""
+    """The proxy's `_env` outside adapter calls: its `rng` and `draws` are the real module."""
 
-    rng = random
+    rng = draws = random
+
+
+class _Draws:
+    """The module-level functions of one Random (`randint` & co.), each bound once on first use, so a
+    proxy lookup is a dict hit instead of a bound method made per call (GEM draws in every reset)."""
+
+    def __init__(self, rng: random.Random):
+        self.__dict__["_rng"] = rng
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._rng, name)
+        self.__dict__[name] = value
+        return value
 
 
 class _RandomProxy:
@@ -60,7 +73,7 @@ class _RandomProxy:
 
     The hot path is the swap around each step, so it stores the env, which the call has in cache
     anyway, not its Random (a 2.5 KB object whose refcount a store would touch, a cache miss per step
-    at 1024 envs). Lookups stay in C: a property whose getter is `attrgetter("_env.rng.randint")`,
+    at 1024 envs). Lookups stay in C: a property whose getter is `attrgetter("_env.draws.randint")`,
     and no Python `__getattr__` (it would slow every lookup), so the module's other names are
     copied onto the class. `_env` is a slot: a store is ~10 ns, a `threading.local` one ~50 ns, and
     there are two per step."""
@@ -83,7 +96,7 @@ class _ThreadRandomProxy(threading.local):
 for _name in dir(random):
     for _cls in (_RandomProxy, _ThreadRandomProxy):
         if _name in _GLOBAL_RNG_FUNCTIONS:
-            setattr(_cls, _name, property(operator.attrgetter(f"_env.rng.{_name}")))
+            setattr(_cls, _name, property(operator.attrgetter(f"_env.draws.{_name}")))
         elif not _name.startswith("__"):
             setattr(_cls, _name, getattr(random, _name))
 
@@ -175,6 +188,8 @@ class GemEnv(Env):
         _patch_gem_modules()
         self.gem_id = gem_id
         self.rng = random.Random()
+        """This env's own Random, for its whole life (GEM's `set_seed` reseeds it in place)."""
+        self.draws = _Draws(self.rng)
         with self._own_rng():
             try:
                 inner = gem.make(gem_id, **kwargs)
@@ -202,6 +217,7 @@ class GemEnv(Env):
             _share_across_threads()  # before the env can run in an offload thread
         self._blocking = value
         self._inline = not value and self._broken is None
+        self._calls = (self.reset, self.step) if self._inline else None
 
     @property  # type: ignore[override]
     def broken(self) -> str | None:
@@ -211,6 +227,7 @@ class GemEnv(Env):
     def broken(self, reason: str | None) -> None:
         self._broken = reason
         self._inline = not self._blocking and reason is None
+        self._calls = (self.reset, self.step) if self._inline else None
 
     @functools.cached_property
     def instructions(self) -> str:  # type: ignore[override]
@@ -223,7 +240,7 @@ class GemEnv(Env):
             return describe()
 
     def _own_rng(self, rng: random.Random | None = None) -> "_Active":
-        return _Active(rng or self.rng)
+        return _Active(self.rng, self.draws) if rng is None else _Active(rng, _Draws(rng))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass that overrides `step`/`reset` gets `Env`'s `astep`/`areset`, which call them."""
@@ -270,9 +287,11 @@ class GemEnv(Env):
             _proxy._env = _Outside
 
     def inline_calls(self):
-        """`Env.inline_calls`: `reset` and `step` when inline (`astep` above is only their fast path).
-        A subclass that overrides `step`/`reset` keeps this; one that makes `astep` async must not."""
-        return (self.reset, self.step) if self._inline else None
+        """`Env.inline_calls`: `reset` and `step` when inline (`astep` above is only their fast path),
+        made when `blocking`/`broken` change rather than per episode (the env and its bound methods
+        form a cycle, which the collector frees). A subclass that overrides `step`/`reset` keeps
+        this; one that makes `astep` natively async must not."""
+        return self._calls
 
     def sample_action(self, rng: random.Random) -> str:
         """GEM's `sample_random_action`, drawing from `rng` so the episode's own stream is untouched."""
@@ -288,10 +307,10 @@ class GemEnv(Env):
 class _Active:
     """Makes `rng` the Random that GEM's `random` resolves to in this thread, for a block."""
 
-    __slots__ = ("rng", "prev")
+    __slots__ = ("rng", "draws", "prev")
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    def __init__(self, rng: random.Random, draws: _Draws):
+        self.rng, self.draws = rng, draws
 
     def __enter__(self) -> None:
         self.prev, _proxy._env = _proxy._env, self
