@@ -9,11 +9,13 @@ Cases, all in one run:
   own `games:GuessTheNumber-v0`.
 An asyncio episode calls its env as `Env.inline_calls` tells an engine to: `reset`/`step` directly
 when the env allows it (a cheap env, stepped on the loop), else it awaits `areset`/`astep`. It yields
-to the loop once per step (a bare `yield`, what `asyncio.sleep(0)` does behind one more coroutine
-frame), as an engine's episode does while it awaits the model, so "1024 concurrent" means 1024
-interleaved episodes, not one run to the end.
+to the loop once per step (`_TRIP`: the bare yield inside `asyncio.sleep(0)`), as an engine's
+episode does while it awaits the model, so "1024 concurrent" means 1024 interleaved episodes, not
+one run to the end.
 Compared cases run in interleaved turns (best turn kept, median reported too), so load from other
-processes hits them alike; plain GEM runs with the adapter's module patch undone (envs/adapters/gem.py).
+processes hits them alike. Each steps a pool built once before the clock and reset by seed at each
+turn, the direct loop's as much as ours. Plain GEM runs with the adapter's module patch undone
+(`plain_gem_modules`).
 The single-threaded cases (direct, adapter, no-switch, noop) take their turns first, before GEM's
 vector envs (2048 more envs and AsyncVectorEnv's 1024 threads) exist; those take theirs after.
 
@@ -27,13 +29,14 @@ step costs on this machine, the part of the overhead that no env layer can remov
 """
 
 import asyncio
+import functools
 import importlib.util
 import random
 import statistics
 import time
-import types
 from collections.abc import Callable
 
+import uvloop
 from rich.progress import Progress
 
 import envs
@@ -64,12 +67,16 @@ class _Noop(Env):
         return self._result
 
 
-@types.coroutine
-def _yield_to_loop():
-    """One trip through the event loop: the bare yield inside `asyncio.sleep(0)`, without the
-    coroutine frame that `sleep` adds around it (0.17 us of its 0.64 us here). The trip is what
-    interleaving costs; that frame is only this driver's way of asking for it."""
-    yield
+class _Trip:
+    """`await _TRIP` is one trip through the event loop: its iterator yields None once, which a Task
+    takes as "run me again after the others" (the bare yield inside `asyncio.sleep(0)`), with no
+    Python frame around it (`sleep(0)` adds two, 0.15 us of its 0.6 us here). The trip is what
+    interleaving costs; the frames were only this driver's way of asking for it."""
+
+    __await__ = functools.partial(iter, (None,))
+
+
+_TRIP = _Trip()
 
 
 def _random_actions(n: int = 4096) -> list[str]:
@@ -78,9 +85,13 @@ def _random_actions(n: int = 4096) -> list[str]:
     return [f"\\boxed{{{rng.randint(1, 10)}}}" for _ in range(n)]
 
 
-async def _drive(make: Callable[[], Env], concurrency: int, seconds: float, actions: list[str] | None) -> dict:
-    """Run `concurrency` episodes for `seconds`; each steps, resets when done, and yields per step."""
-    pool = [make() for _ in range(concurrency)]
+async def _drive(pool: list[Env], seconds: float, actions: list[str] | None) -> dict:
+    """Run one episode per env of `pool` for `seconds`; each steps, resets when done, and yields per step.
+
+    The loop is what an engine's episode does around the model: the env's calls fetched once per
+    episode (`Env.inline_calls`), one loop trip per step. Like `_direct` it counts in locals and
+    resets the same pool each turn, so the two differ only by the interleaving and the env layer.
+    """
     for i, env in enumerate(pool):
         await env.areset(i)
     steps = episodes = errors = 0
@@ -88,44 +99,47 @@ async def _drive(make: Callable[[], Env], concurrency: int, seconds: float, acti
 
     async def episode(k: int, env: Env, rng: random.Random) -> None:
         nonlocal steps, episodes, errors
-        calls = env.inline_calls()  # asked once per episode, as the engine does
+        fixed = actions is not None
+        n = ended = failed = 0
         while not stop:
-            if actions is None:
-                action = env.sample_action(rng)
-            else:
-                action, k = actions[k & 4095], k + 7
-            try:
-                _, _, terminated, truncated, _ = calls[1](action) if calls else await env.astep(action)
-            except Exception:  # counted, and the episode starts over, as the engine would do
-                errors += 1
-                terminated = True
-            steps += 1
-            if terminated or truncated:
-                episodes += 1
-                if calls:
-                    calls[0]()
+            calls = env.inline_calls()  # asked once per episode, as the engine does
+            step = calls[1] if calls else None
+            while not stop:
+                if fixed:
+                    action, k = actions[k & 4095], k + 7
                 else:
-                    await env.areset()
-                calls = env.inline_calls()
-            await _yield_to_loop()
+                    action = env.sample_action(rng)
+                try:
+                    _, _, terminated, truncated, _ = step(action) if step else await env.astep(action)
+                except Exception:  # counted, and the episode starts over, as the engine would do
+                    failed += 1
+                    terminated = True
+                n += 1
+                if terminated or truncated:
+                    break
+                await _TRIP
+            else:
+                break
+            ended += 1
+            if calls:
+                calls[0]()
+            else:
+                await env.areset()
+            await _TRIP
+        steps, episodes, errors = steps + n, episodes + ended, errors + failed
 
-    rngs = [random.Random(i) for i in range(concurrency)]  # seeded before the clock starts
+    rngs = [random.Random(i) for i in range(len(pool))]  # seeded before the clock starts
     tasks = [asyncio.create_task(episode(i, env, rngs[i])) for i, env in enumerate(pool)]
     start = time.perf_counter()
     await asyncio.sleep(seconds)
-    stop = True
-    elapsed, done = time.perf_counter() - start, steps
-    for task in tasks:
-        task.cancel()
+    stop = True  # episodes check it before each step, so every step counted ran before `elapsed`
+    elapsed = time.perf_counter() - start
     await asyncio.gather(*tasks, return_exceptions=True)
-    for env in pool:
-        env.close()
-    return {"steps_per_s": done / elapsed, "episodes": episodes, "errors": errors}
+    return {"steps_per_s": steps / elapsed, "episodes": episodes, "errors": errors}
 
 
-async def _sequential_awaits(make: Callable[[], Env], n: int, seconds: float, actions: list[str]) -> float:
-    """`_direct`'s loop over `n` envs, but through `await env.astep`: the env layer without task switches."""
-    pool = [make() for _ in range(n)]
+async def _sequential_awaits(pool: list[Env], seconds: float, actions: list[str]) -> float:
+    """`_direct`'s loop over `pool`, but through `await env.astep`: the env layer without task switches."""
     for i, env in enumerate(pool):
         await env.areset(i)
     steps, k = 0, 0
@@ -136,7 +150,7 @@ async def _sequential_awaits(make: Callable[[], Env], n: int, seconds: float, ac
             k += 7
             if terminated or truncated:
                 await env.areset()
-        steps += n
+        steps += len(pool)
     return steps / (time.perf_counter() - start)
 
 
@@ -168,14 +182,6 @@ def _gem_vector(vec, actions: list[str], seconds: float) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def _run_async(coro):
-    if importlib.util.find_spec("uvloop") is not None:
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
 def main(argv: list[str]) -> int:
     parser = bench_parser("envs", __doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, help="measuring time per suite case (default 2, --quick 0.3); "
@@ -187,7 +193,7 @@ def main(argv: list[str]) -> int:
     ids = envs.list()
     results: list[dict] = []
 
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, auto_refresh=False) as progress:  # no refresh thread taking the GIL mid-turn
         todo = ROUNDS * (9 if have_gem else 2) + len(ids) * len(CONCURRENCY)
         bar = progress.add_task("bench envs", total=todo)
 
@@ -202,7 +208,7 @@ def main(argv: list[str]) -> int:
                 for key, measure in measures.items():
                     got = measure(COMPARE_FACTOR * seconds / ROUNDS)
                     turns[key].append(got if isinstance(got, dict) else {"steps_per_s": got})
-                    progress.advance(bar)
+                    progress.update(bar, advance=1, refresh=True)
             for (case, env_id, c), runs in turns.items():
                 best = max(runs, key=lambda r: r["steps_per_s"])
                 results.append({"case": case, "env": env_id, "concurrency": c, **best,
@@ -211,27 +217,32 @@ def main(argv: list[str]) -> int:
         if have_gem:
             import gem
 
-            from envs.adapters.gem import restore_gem_modules
-
-            gem_pool = [gem.make(GEM_ID) for _ in range(VEC_ENVS)]
+            from envs.adapters.gem import plain_gem_modules
 
             def plain_gem(measure: Callable[[float], float]) -> Callable[[float], float]:
                 def run(secs: float) -> float:
-                    restore_gem_modules()  # plain GEM, as users run it, without the adapter's proxy
-                    return measure(secs)
+                    with plain_gem_modules():  # plain GEM, as users run it, without the adapter's proxy
+                        return measure(secs)
                 return run
 
+            # every case steps a pool built once, before the clock, and reset by seed each turn
+            gem_pool = [gem.make(GEM_ID) for _ in range(VEC_ENVS)]
+            adapter_pools = {c: [envs.make(f"gem:{GEM_ID}") for _ in range(c)] for c in (1, VEC_ENVS)}
+            noop_pool = [_Noop() for _ in range(VEC_ENVS)]
             rounds({
                 ("gem_direct", GEM_ID, VEC_ENVS): plain_gem(
                     lambda secs: _direct(gem_pool, actions, secs, lambda e, s: e.reset(seed=s))),
                 **{("tidal_gem_adapter", f"gem:{GEM_ID}", c): (
-                    lambda secs, c=c: _run_async(_drive(lambda: envs.make(f"gem:{GEM_ID}"), c, secs, actions))
-                ) for c in (1, VEC_ENVS)},
-                ("tidal_gem_adapter_no_switch", f"gem:{GEM_ID}", VEC_ENVS): lambda secs: _run_async(
-                    _sequential_awaits(lambda: envs.make(f"gem:{GEM_ID}"), VEC_ENVS, secs, actions)),
-                ("asyncio_noop_env", "noop", VEC_ENVS): lambda secs: _run_async(_drive(_Noop, VEC_ENVS, secs, actions)),
+                    lambda secs, pool=pool: uvloop.run(_drive(pool, secs, actions))
+                ) for c, pool in adapter_pools.items()},
+                ("tidal_gem_adapter_no_switch", f"gem:{GEM_ID}", VEC_ENVS): lambda secs: uvloop.run(
+                    _sequential_awaits(adapter_pools[VEC_ENVS], secs, actions)),
+                ("asyncio_noop_env", "noop", VEC_ENVS): lambda secs: uvloop.run(_drive(noop_pool, secs, actions)),
             })
-            del gem_pool
+            for env in (*adapter_pools[1], *adapter_pools[VEC_ENVS]):
+                env.close()
+            for pool in (gem_pool, noop_pool, *adapter_pools.values()):
+                pool.clear()
             # GEM's vector envs (2048 more envs, a pool of 1024 threads) live only for their own rounds
             vectors = {mode: gem.make_vec([GEM_ID] * VEC_ENVS, async_mode=mode, seed=0) for mode in (False, True)}
             rounds({
@@ -240,22 +251,26 @@ def main(argv: list[str]) -> int:
             })
             for vec in vectors.values():
                 getattr(vec, "close", lambda: None)()
-            del vectors
+            vectors.clear()
 
+        direct_pool = [envs.make(OUR_ID) for _ in range(VEC_ENVS)]
         our_pool = [envs.make(OUR_ID) for _ in range(VEC_ENVS)]
         rounds({
-            ("direct", OUR_ID, VEC_ENVS): lambda secs: _direct(our_pool, actions, secs, lambda e, s: e.reset(s)),
-            ("tidal_asyncio_fixed_actions", OUR_ID, VEC_ENVS): (
-                lambda secs: _run_async(_drive(lambda: envs.make(OUR_ID), VEC_ENVS, secs, actions))
-            ),
+            ("direct", OUR_ID, VEC_ENVS): lambda secs: _direct(direct_pool, actions, secs, lambda e, s: e.reset(s)),
+            ("tidal_asyncio_fixed_actions", OUR_ID, VEC_ENVS): lambda secs: uvloop.run(_drive(our_pool, secs, actions)),
         })
+        direct_pool.clear()
+        our_pool.clear()
 
         for env_id in ids:
             blocking = envs.make(env_id).blocking
             for c in CONCURRENCY:
-                row = _run_async(_drive(lambda env_id=env_id: envs.make(env_id), c, seconds, None))
+                pool = [envs.make(env_id) for _ in range(c)]
+                row = uvloop.run(_drive(pool, seconds, None))
+                for env in pool:
+                    env.close()
                 results.append({"case": "suite", "env": env_id, "concurrency": c, "blocking": blocking, **row})
-                progress.advance(bar)
+                progress.update(bar, advance=1, refresh=True)
 
     def rate(case: str, env: str, c: int = VEC_ENVS) -> float | None:
         return next((r["steps_per_s"] for r in results if (r["case"], r["env"], r["concurrency"]) == (case, env, c)), None)

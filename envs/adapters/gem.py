@@ -13,24 +13,37 @@ inline on the loop thread, and one per thread from the first env that is blockin
 worker threads): a store to a thread-local costs five times a plain one, twice a step. The rule
 that keeps this sound: an inline env is called from one thread at a time, the engine's loop.
 Outside an adapter call the proxy forwards to the real module, so GEM's own code (its vector envs)
-behaves as before. Invariant: a `gem:` episode is a function of its seed and actions alone, and
+behaves as before.
+
+Most GEM games draw only in `reset`, so an inline env's `step` is handed out bare: GEM's own bound
+method, with no swap around it (`inline_calls`; the swap's frame and stores are a tenth of a game
+step, a twentieth of the whole overhead budget). A draw made outside any swap then finds its env
+on the stack (`_bare_step_owner`): the step frame's `self` names it, so even that first draw comes
+from the env's own Random, and from then on that step code is called with the swap (Minesweeper
+draws its mines at the first reveal, 2048 a tile every move). Invariant: a `gem:` episode is a function of its seed and actions alone, and
 equals the episode plain GEM gives for that seed in a fresh process.
 
 Departure: GEM's `set_seed` also reseeds numpy's global RNG; no GEM env draws from it (Sokoban uses
 its own Generator), so the adapter leaves numpy's global state alone.
 """
 
+import contextlib
 import functools
+import logging
 import operator
 import random
 import sys
 import threading
+import types
+import weakref
 from typing import Any
 
 from envs.core import Env, StepResult
 from envs.registry import register_prefix
 
-__all__ = ["GemEnv", "gem_ids", "restore_gem_modules", "INSTALL_HINT"]
+__all__ = ["GemEnv", "gem_ids", "plain_gem_modules", "INSTALL_HINT"]
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[gem]'  (gem-llm==0.1.0)"
 
@@ -48,10 +61,57 @@ _original_set_seed = None
 _modules_seen = 0
 
 
-class _Outside:
-    """The proxy's `_env` outside adapter calls: its `rng` and `draws` are the real module."""
+_bare_steps: dict[types.CodeType, bool] = {}
+"""Code of the GEM `step` methods that may be handed out bare: True while they are (no draw seen
+in them), False once one drew. Keyed by code, so every class sharing a `step` learns together."""
+_owners: "weakref.WeakValueDictionary[int, GemEnv]" = weakref.WeakValueDictionary()
+"""id(GEM env) -> its GemEnv, for every env whose step code is in `_bare_steps`."""
 
-    rng = draws = random
+
+def _bare_step_owner() -> "GemEnv | None":
+    """The GemEnv whose bare step is on this thread's stack, if a draw outside any swap comes from one.
+
+    A draw in a bare step meets the proxy with no env set; walking up to the step's frame finds
+    the GEM env as its `self`, so the draw can still use that env's Random. The step code is marked
+    as drawing: its envs get the swapped step from their next episode on. Costs microseconds, and
+    runs once per drawing step code (plus the draws of steps already in flight).
+    """
+    if not _owners:
+        return None
+    frame = sys._getframe(2)  # the GEM code that draws: skip this and the property that called it
+    while frame is not None:
+        code = frame.f_code
+        if code in _bare_steps:  # a swapped step never gets here: its draws meet the proxy with its env set
+            gem_env = frame.f_locals.get(code.co_varnames[0])
+            owner = _owners.get(id(gem_env))
+            if owner is not None and owner.gem_env is gem_env:
+                if _bare_steps[code]:
+                    _bare_steps[code] = False
+                    for env in list(_owners.values()):
+                        if env._step_code is code:
+                            env._refresh_calls()
+                    log.info("gem:%s draws from random in step: its steps now run with the RNG swap", owner.gem_id)
+                return owner
+        frame = frame.f_back
+    return None
+
+
+class _OutsideState:
+    """The proxy's `_env` outside swaps: `rng` and `draws` are the real module, unless the draw
+    comes from a bare inline step (`_bare_step_owner`), which gets its own env's."""
+
+    @property
+    def rng(self) -> Any:
+        owner = _bare_step_owner()
+        return random if owner is None else owner.rng
+
+    @property
+    def draws(self) -> Any:
+        owner = _bare_step_owner()
+        return random if owner is None else owner.draws
+
+
+_Outside = _OutsideState()
 
 
 class _Draws:
@@ -124,11 +184,11 @@ def _share_across_threads() -> None:
 
 def _isolated_set_seed(seed: int | None = None) -> None:
     """GEM's `seeding.set_seed`, aimed at the calling env's Random instead of the global one."""
-    env = _proxy._env
-    if env is _Outside:
+    rng = _proxy._env.rng
+    if rng is random:
         _original_set_seed(seed)
     else:
-        env.rng.seed(seed)
+        rng.seed(seed)
 
 
 def _import_gem():
@@ -156,11 +216,21 @@ def _patch_gem_modules() -> None:
             module.set_seed = _isolated_set_seed
 
 
-def restore_gem_modules() -> None:
-    """Undo the patch: GEM's modules see the real `random` again until the next `GemEnv` is built.
+@contextlib.contextmanager
+def plain_gem_modules():
+    """GEM's modules with the real `random` for a block, the adapter's proxy again after it.
 
-    For measuring plain GEM in a process that also ran the adapter (bench/envs.py).
+    For measuring plain GEM in a process that also runs the adapter (bench/envs.py); no `gem:` env
+    may be called inside the block.
     """
+    _restore_gem_modules()
+    try:
+        yield
+    finally:
+        _patch_gem_modules()
+
+
+def _restore_gem_modules() -> None:
     global _original_set_seed, _modules_seen
     for name in _patched:
         module = sys.modules.get(name)
@@ -203,6 +273,9 @@ class GemEnv(Env):
                     inner = wrap(inner)
                 _patch_gem_modules()
         self.gem_env = inner
+        self._step_code = _bare_step_code(inner) if type(self).step is GemEnv.step else None
+        if self._step_code is not None:
+            _owners[id(inner)] = self
         cheap = gem_id.startswith(CHEAP_SUITES) and "tool" not in wrappers
         self._broken: str | None = None
         self.blocking = (not cheap) if blocking is None else blocking
@@ -216,8 +289,7 @@ class GemEnv(Env):
         if value:
             _share_across_threads()  # before the env can run in an offload thread
         self._blocking = value
-        self._inline = not value and self._broken is None
-        self._calls = (self.reset, self.step) if self._inline else None
+        self._refresh_calls()
 
     @property  # type: ignore[override]
     def broken(self) -> str | None:
@@ -226,8 +298,16 @@ class GemEnv(Env):
     @broken.setter
     def broken(self, reason: str | None) -> None:
         self._broken = reason
-        self._inline = not self._blocking and reason is None
-        self._calls = (self.reset, self.step) if self._inline else None
+        self._refresh_calls()
+
+    def _refresh_calls(self) -> None:
+        """Make `_inline` and the `inline_calls` pair: None unless inline; the bare GEM step while
+        its code has not drawn (module docstring), else the swapped `step`. Called when `blocking`,
+        `broken` or what the step code is known to do change, not per episode (the env and its
+        bound methods form a cycle, which the collector frees)."""
+        self._inline = not self._blocking and self._broken is None
+        bare = self._inline and _bare_steps.get(self._step_code, False)
+        self._calls = (self.reset, self.gem_env.step if bare else self.step) if self._inline else None
 
     @functools.cached_property
     def instructions(self) -> str:  # type: ignore[override]
@@ -288,9 +368,9 @@ class GemEnv(Env):
 
     def inline_calls(self):
         """`Env.inline_calls`: `reset` and `step` when inline (`astep` above is only their fast path),
-        made when `blocking`/`broken` change rather than per episode (the env and its bound methods
-        form a cycle, which the collector frees). A subclass that overrides `step`/`reset` keeps
-        this; one that makes `astep` natively async must not."""
+        the step bare while its code has not drawn (`_refresh_calls`). A subclass that overrides
+        `step`/`reset` keeps this, with its own `step`; one that makes `astep` natively async must
+        not."""
         return self._calls
 
     def sample_action(self, rng: random.Random) -> str:
@@ -302,6 +382,17 @@ class GemEnv(Env):
         close = getattr(self.gem_env, "close", None)
         if close is not None:
             close()
+
+
+def _bare_step_code(gem_env: Any) -> types.CodeType | None:
+    """The code of `gem_env`'s step if it may be handed out bare: a plain Python method, whose first
+    argument is the env, so `_bare_step_owner` can find the env from its frame. None for anything
+    else (decorated, builtin, `*args`), which always gets the swap."""
+    step = getattr(type(gem_env), "step", None)
+    if type(step) is not types.FunctionType or hasattr(step, "__wrapped__") or step.__code__.co_argcount < 2:
+        return None
+    _bare_steps.setdefault(step.__code__, True)
+    return step.__code__
 
 
 class _Active:

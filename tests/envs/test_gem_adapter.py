@@ -195,3 +195,59 @@ async def test_inline_calls_give_the_same_episodes_as_awaiting():
     direct.broken = "abandoned"
     assert direct.inline_calls() is None
     assert envs.make(f"gem:{GAME}", wrappers="python_tool_no_int_reward").inline_calls() is None
+
+
+def test_a_bare_step_that_draws_uses_its_own_rng_and_is_swapped_from_then_on():
+    """Inline steps are GEM's own methods, without the RNG swap, until their code draws: Minesweeper
+    draws its mines at the first reveal. That draw still comes from the env's own Random (found on
+    the stack), so a bare env, a swapped one and plain GEM in a fresh process give one episode;
+    GuessTheNumber, whose step never draws, stays bare; plain GEM in the same process is untouched."""
+    mines, actions = "game:Minesweeper-v0-easy", ["\\\\boxed{reveal 2 2}", "\\\\boxed{reveal 0 0}", "\\\\boxed{flag 4 4}",
+                                                "\\\\boxed{reveal 4 0}", "\\\\boxed{reveal 0 4}"]
+    episode = f"""
+def episode(reset, step, seed):
+    out = [reset(seed)[0]]
+    for a in {actions!r}:
+        obs, r, te, tr, _ = step(a)
+        out.append([obs, float(r), bool(te), bool(tr)])
+        if te or tr:
+            break
+    return out
+"""
+    plain = episode + f"""
+import json, gem
+env = gem.make({mines!r})
+print(json.dumps([episode(lambda s: env.reset(seed=s), env.step, seed) for seed in (3, 4)]))
+"""
+    ours = episode + f"""
+import json, random, gem, envs
+
+bare, swapped = envs.make("gem:{mines}"), envs.make("gem:{mines}")
+reset, step = bare.inline_calls()
+was_bare = step.__self__ is bare.gem_env
+random.seed(5)
+first = episode(reset, step, 3)  # draws in the bare step: caught, from bare's own Random
+outside = random.random()
+random.seed(5)
+untouched = outside == random.random()
+now_swapped = bare.inline_calls()[1] == bare.step and swapped.inline_calls()[1] == swapped.step
+second = episode(*bare.inline_calls(), 4)
+by_swap = [episode(swapped.reset, swapped.step, seed) for seed in (3, 4)]
+guess = envs.make("gem:{GAME}")
+for seed in range(5):
+    episode(*guess.inline_calls(), seed)
+stays_bare = guess.inline_calls()[1].__self__ is guess.gem_env
+raw = gem.make({mines!r})
+raw_episode = episode(lambda s: raw.reset(seed=s), raw.step, 3)
+print(json.dumps([was_bare, untouched, now_swapped, stays_bare, [first, second], by_swap, raw_episode]))
+"""
+
+    def run(code):
+        return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+    expected = run(plain)
+    was_bare, untouched, now_swapped, stays_bare, bare_episodes, swapped_episodes, raw_episode = run(ours)
+    assert was_bare and now_swapped and stays_bare and untouched
+    assert bare_episodes == swapped_episodes == expected
+    assert raw_episode == expected[0]
+    assert any("Game over" in o[0] or "revealed" in o[0] for o in expected[0][1:])  # the reveals ran
