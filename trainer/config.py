@@ -136,7 +136,9 @@ class MetricsConfig(Strict):
 
 class FailuresConfig(Strict):
     """What a failed training step does (an exception, a non-finite loss): it is logged with its
-    traceback and counted, its batch goes to the dead letter, and the daemon takes the next batch."""
+    traceback and counted, its batch goes to the dead letter, and the daemon takes the next batch.
+    Under torchrun only a non-finite step, which every rank sees alike, is handled so; an exception on
+    any rank ends the job, unacknowledged, for torchrun to restart (trainer/distributed.py)."""
 
     dead_letter: str = "runs/trainer/dead_letter.jsonl"
     """JSONL file of failed batches: one record per failed step, with the error, the traceback and the
@@ -156,6 +158,11 @@ class DistributedConfig(Strict):
     """Collective backend between trainer ranks (nccl between GPUs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: "auto" (each rank's GPU when there is one, else the CPU), "cpu" or "cuda"."""
+    timeout_s: Annotated[float, Meta(gt=0)] = 1800.0
+    """Longest a rank waits in one collective before it fails (torch.distributed's timeout; gloo's
+    default, NCCL's is 600). Ranks > 0 wait in a broadcast while rank 0 waits for a batch, so this
+    also bounds how long the trainer may go without one. A step that raises on some ranks does not
+    wait for it: the rank that raised ends the job at once (trainer/distributed.py)."""
 
 
 class TrainerConfig(Strict):

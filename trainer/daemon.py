@@ -13,6 +13,12 @@ letter (trainer/dead_letter.py), durably, before its deliveries are acknowledged
 then the next batch trains. `failures.max_consecutive` failed steps in a row stop the daemon with an
 error (after the usual final checkpoint), as a fault that persists is not the data's.
 
+Under torchrun that holds for a non-finite step, which every rank sees alike and all ranks agree on
+(`_step_together`). Any other exception may be one rank's alone while the others wait in a
+collective; the rank that raised ends the whole job at once (trainer/distributed.py `abort`), and
+rank 0 neither dead-letters nor acknowledges the batch: torchrun's agent stops the group and, with
+`--max-restarts`, restarts it from the last checkpoint, and the engines resend the batch.
+
 Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
 tests check for loss and reuse); a resume writes `{"event": "resume", "step": v}`, after which
 records of steps >= v from before the restart are superseded.
@@ -26,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import NoReturn
 
 import aiohttp
 import msgspec
@@ -39,7 +46,7 @@ from protocol.telemetry import Telemetry as SinkTelemetry
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
 from trainer.dead_letter import DeadLetter
-from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, STEP, STOP, World
+from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, STEP, STOP, RanksDisagree, World, abort
 from trainer.intake import Batch, Intake, IntakePump
 from trainer.learner import NonFiniteStep
 from trainer.publish import PublishError, make_publisher
@@ -290,6 +297,9 @@ class Daemon:
         try:
             metrics = await asyncio.to_thread(self._train, batch.trajectories)
         except Exception as exc:  # bad input: counted and dead-lettered, the daemon goes on
+            if self.world.distributed and not isinstance(exc, NonFiniteStep):
+                # perhaps this rank's alone: the job ends, nothing acknowledged
+                self._abort(f"step at version {version} failed on {_named(batch.ids)}", exc)
             await self._failed(version, batch, exc)
             return False
         self.failing = 0
@@ -336,10 +346,27 @@ class Daemon:
                             f"last at version {version}: {error}"[:1000])
         await self.status_pub.publish(self.status())
 
+    def _abort(self, what: str, exc: Exception) -> NoReturn:
+        """End the job (trainer/distributed.py `abort`), acknowledging nothing more; the JSONL record is
+        flushed and closed first."""
+        self.telemetry.close()
+        abort(self.world.rank, what, exc)
+
+    async def _gathered(self, what: str, gather, *args):
+        """`gather(*args)` in a thread. Under FSDP every rank joins its collectives, so a failure (perhaps
+        this rank's alone, an out-of-memory while gathering) ends the job as a failed step does."""
+        try:
+            return await asyncio.to_thread(gather, *args)
+        except Exception as exc:
+            if self.world.sharded:
+                self._abort(f"gathering {what} failed", exc)
+            raise
+
     def _train(self, batch) -> dict[str, float]:
-        if self.world.distributed:
-            self.world.send(STEP, batch)
-        return self.world.reduce_metrics(self.learner.train_step(batch))
+        if not self.world.distributed:
+            return self.learner.train_step(batch)
+        self.world.send(STEP, batch)
+        return _step_together(self.world, self.learner, batch)
 
     def _gather(self, command: int) -> dict:
         """Full weights (GATHER_WEIGHTS) or learner state (GATHER_STATE); with FSDP every rank joins."""
@@ -357,7 +384,7 @@ class Daemon:
             return
         await self._published()
         version = self.version
-        tensors = await asyncio.to_thread(self._weights_to_publish)
+        tensors = await self._gathered(f"the weights to publish version {version}", self._weights_to_publish)
         if self.cfg.publish.overlap:
             self._publishing = asyncio.create_task(self._publish(version, tensors))
         else:
@@ -408,7 +435,7 @@ class Daemon:
             dedup=msgspec.msgpack.encode(self.receiver.dedup_state(including=covered)),
             counters=dict(self.counters),
         )
-        state = await asyncio.to_thread(self._gather, GATHER_STATE)
+        state = await self._gathered(f"the state to checkpoint version {meta.version}", self._gather, GATHER_STATE)
         if self.cfg.checkpoint.overlap:
             if not self.world.sharded:  # FSDP's gathered state is a fresh CPU copy already
                 state = await asyncio.to_thread(_copy_tensors, state)
@@ -441,14 +468,43 @@ def _copy_tensors(obj):
     return obj
 
 
+def _named(ids: list[str]) -> str:
+    return f"{len(ids)} trajectories ({', '.join(ids[:8])}{', ...' if len(ids) > 8 else ''})"
+
+
+def _step_together(world: World, learner, batch: list) -> dict[str, float]:
+    """Every rank's step under torchrun: train, then agree (`World.reduce_step`, the one all-reduce
+    that also sums the step's metrics) on whether it failed.
+
+    Only `NonFiniteStep` joins the agreement: it is raised after the step's last collective, on every
+    rank alike since the gradient norm is global, so when every rank reports it, it is raised here on
+    every rank and the step is skipped as one process skips it. Any other exception propagates at
+    once, unagreed: the other ranks may be inside a collective of the step that this rank will never
+    join, so the caller ends the job. Ranks that disagree raise `RanksDisagree`.
+    """
+    version = learner.version
+    skipped = None
+    try:
+        metrics = learner.train_step(batch)
+    except NonFiniteStep as exc:
+        metrics, skipped = {}, exc
+    failed, metrics = world.reduce_step(metrics, failed=skipped is not None)
+    if failed == 0:
+        return metrics
+    if failed == world.size:
+        raise skipped
+    raise RanksDisagree(f"the step at version {version} was non-finite on {failed} of {world.size} ranks and "
+                        f"applied on the others (this rank: {'skipped' if skipped else 'applied'})") from skipped
+
+
 def _follow(cfg: TrainerConfig, world: World) -> int:
     """Ranks > 0: train on what rank 0 broadcasts until it says stop.
 
     SIGTERM and SIGINT are ignored here: torchrun forwards them to every rank, and only rank 0 decides
-    when to stop (after its final checkpoint), then says so with STOP. A failed step is logged and the
-    next command awaited, as rank 0 does: a non-finite step fails on every rank alike (the gradient
-    norm is global). An exception on some ranks only leaves the others waiting in a collective until
-    the backend's timeout; that case is not recovered here.
+    when to stop (after its final checkpoint), then says so with STOP. A non-finite step, skipped by
+    every rank together, is logged and the next command awaited (rank 0 counts it and dead-letters
+    the batch). Any other exception, in a step, a gather or a broadcast, ends the job (`abort`): the
+    other ranks would wait for this one in a collective until the backend's timeout.
     """
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -457,18 +513,26 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
     if restored is not None:
         world.load_state(learner, restored.learner_state)
     while True:
-        command, batch = world.receive()
-        if command == STEP:
-            try:
-                world.reduce_metrics(learner.train_step(batch))
-            except Exception:  # rank 0 counts it and dead-letters the batch
-                log.exception("step failed on rank %d", world.rank)
-        elif command == GATHER_WEIGHTS:
-            world.full_weights(learner)
-        elif command == GATHER_STATE:
-            world.full_state(learner)
-        else:
-            return 0
+        command, batch, version = None, [], learner.version
+        try:
+            command, batch = world.receive()
+            if command == STEP:
+                try:
+                    _step_together(world, learner, batch)
+                except NonFiniteStep:
+                    log.warning("step at version %d skipped on rank %d (non-finite on every rank)", version,
+                                world.rank, exc_info=True)
+            elif command == GATHER_WEIGHTS:
+                world.full_weights(learner)
+            elif command == GATHER_STATE:
+                world.full_state(learner)
+            else:
+                return 0
+        except Exception as exc:
+            what = {STEP: f"step at version {version} failed on {_named([t.id for t in batch])}",
+                    GATHER_WEIGHTS: "gathering the weights to publish failed",
+                    GATHER_STATE: "gathering the state to checkpoint failed"}
+            abort(world.rank, what.get(command, "waiting for rank 0's next command failed"), exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     world = World.from_env()
     world.strategy = cfg.distributed.strategy
     try:
-        world.init(cfg.distributed.backend, cfg.distributed.device)
+        world.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
         _seed(cfg.seed)
         if world.rank:
             return _follow(cfg, world)

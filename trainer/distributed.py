@@ -8,19 +8,35 @@ stop). Every rank holds the whole batch and `Learner.train_step` takes its token
 loss normalisers computed from the whole batch (global token count) and DDP or FSDP2 averaging
 gradients: N ranks take the same optimizer step as one process would on the whole batch.
 
+A step ends alike on every rank or the job ends: after each step every rank joins one all-reduce
+of its failure flag (with SUMMED_METRICS), so a non-finite step, which every rank sees (the gradient
+norm is global), is skipped by all of them together. Any other failure may be this rank's alone (an
+out-of-memory on one GPU) while the others wait in a collective it will never join; the rank that
+sees it `abort`s: it says which rank failed and why, and exits at once, so torchrun's agent tears
+the group down (and with `--max-restarts` starts it again from the last checkpoint, the engines
+resending every batch rank 0 has not acknowledged) instead of every rank hanging until the timeout.
+
 With one process (no torchrun environment) `World` is a no-op and nothing here imports
 torch.distributed state.
 """
 
+import json
+import logging
 import os
+import sys
+import time
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
 
 import msgspec
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, TidalError
 from protocol.messages import Trajectory
 
-__all__ = ["World", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE", "SUMMED_METRICS"]
+__all__ = ["World", "RanksDisagree", "abort", "ABORT_EXIT", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE",
+           "SUMMED_METRICS"]
 
 STEP = 1
 """Header command: a batch follows."""
@@ -34,8 +50,48 @@ GATHER_STATE = 4
 SUMMED_METRICS = ("trainer/loss", "trainer/tokens", "trainer/trained_tokens")
 """Learner metrics that are each rank's share of the step's total (summed across ranks for reports)."""
 
+ABORT_EXIT = 3
+"""Exit status of a rank that `abort`s (2 is a configuration or start-up error): torchrun's agent
+sees a worker fail, stops the others and restarts the group or exits non-zero itself."""
+
 _batch_decoder = msgspec.msgpack.Decoder(list[Trajectory])
 _batch_encoder = msgspec.msgpack.Encoder()
+
+
+class RanksDisagree(TidalError, RuntimeError):
+    """A step failed on some ranks and not on others, though each reached the agreement: the ranks'
+    weights may now differ, so no rank can go on."""
+
+
+def _restarts_share_the_store() -> bool:
+    """Whether torchrun may restart this group (`--max-restarts`) over the agent's shared TCPStore, whose
+    keys outlive an attempt (torch's process-group keys carry no attempt in their names)."""
+    return (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def abort(rank: int, what: str, exc: BaseException) -> NoReturn:
+    """End this rank's process now: the error and its traceback to stderr (and to torchrun's error
+    file, so its summary shows them), logs flushed, then `os._exit(ABORT_EXIT)`.
+
+    Not `sys.exit`: that would wait for threads stuck in collectives and run `destroy_process_group`,
+    which can hang on a group that a failed rank left mid-collective.
+    """
+    tb = "".join(traceback.format_exception(exc))
+    message = f"rank {rank}: {what}: {type(exc).__name__}: {exc}"
+    print(f"tidal trainer: {message}; ending the job (torchrun restarts it from the last checkpoint "
+          f"with --max-restarts; unacknowledged batches are resent)\n{tb}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # the format of torch.distributed.elastic's ErrorHandler.record_exception
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": message, "extraInfo": {
+                    "py_callstack": tb, "timestamp": str(int(time.time()))}}}, f)
+        except OSError as err:
+            print(f"tidal trainer: rank {rank}: cannot write {error_file}: {err}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(ABORT_EXIT)
 
 
 @dataclass
@@ -63,10 +119,10 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def init(self, backend: str, device: str = "auto") -> None:
+    def init(self, backend: str, device: str = "auto", timeout_s: float | None = None) -> None:
         """Pick this rank's device and join torchrun's group. "auto" is each rank's own GPU when this
         node has one per local rank, else the CPU for every rank (never a mix, never two ranks on
-        one GPU, which NCCL refuses)."""
+        one GPU, which NCCL refuses). `timeout_s` bounds each collective (None: torch's default)."""
         import torch
 
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -85,8 +141,14 @@ class World:
         if self.distributed:
             import torch.distributed as dist
 
+            if self.rank == 0 and _restarts_share_the_store():
+                print("tidal trainer: torchrun --max-restarts with the TCPStore its agent shares: a restarted group "
+                      "can read the previous attempt's addresses and fail or hang while it forms (seen with torch "
+                      "2.13; pytorch/pytorch#135712, #167288); start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                      file=sys.stderr, flush=True)
             if not dist.is_initialized():
-                dist.init_process_group(backend=backend)
+                timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+                dist.init_process_group(backend=backend, timeout=timeout)
 
     def close(self) -> None:
         if self.distributed:
@@ -193,11 +255,15 @@ class World:
         dist.broadcast(buf, src=0)
         return command, _batch_decoder.decode(buf.cpu().numpy().tobytes())
 
-    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Every rank calls this after a step: SUMMED_METRICS become the whole step's values."""
+    def reduce_step(self, metrics: dict[str, float], *, failed: bool) -> tuple[int, dict[str, float]]:
+        """Every rank calls this after each step, failed or not: one all-reduce sums the ranks' failure
+        flags and their SUMMED_METRICS. Returns how many ranks failed (the same on every rank) and
+        `metrics` with SUMMED_METRICS made the whole step's values."""
         if not self.distributed:
-            return metrics
-        names = [n for n in SUMMED_METRICS if n in metrics]
-        for name, total in zip(names, self.all_reduce([metrics[n] for n in names]), strict=True):
-            metrics[name] = float(total)
-        return metrics
+            return int(failed), metrics
+        shares = [metrics.get(name, 0.0) for name in SUMMED_METRICS]  # same length on every rank
+        failures, *totals = self.all_reduce([float(failed), *shares])
+        for name, total in zip(SUMMED_METRICS, totals, strict=True):
+            if name in metrics:
+                metrics[name] = float(total)
+        return round(failures), metrics

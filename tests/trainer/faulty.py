@@ -5,14 +5,18 @@ The model's forward raises the `torch.OutOfMemoryError` a CUDA allocation raises
 holds at least POISON_RUN copies of the token POISON (random trajectories over the tiny model's 263
 ids practically never do), so a test fails exactly the step whose batch holds a poisoned trajectory.
 With `grad_only` the hook fires only in passes that record a graph (the update, not the no-grad pass).
+Under torchrun, ATTEMPTS_ENV makes the fault transient: gone once torchrun restarts the group.
 """
 
+import os
 import sys
 
 import torch
 
 POISON = 13
 POISON_RUN = 16
+ATTEMPTS_ENV = "TIDAL_FAULTY_ATTEMPTS"
+"""Set to n: only the first n attempts of a torchrun job (its TORCHELASTIC_RESTART_COUNT) are poisoned."""
 
 
 def poison(model: torch.nn.Module, *, grad_only: bool = False) -> None:
@@ -35,7 +39,9 @@ def main() -> int:
         poison(learner.base_model)
         return learner
 
-    daemon._build_learner = build_poisoned
+    attempts = os.environ.get(ATTEMPTS_ENV)
+    if attempts is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) < int(attempts):
+        daemon._build_learner = build_poisoned
     return daemon.main()
 
 
