@@ -160,9 +160,17 @@ class DistributedConfig(Strict):
     """Where to train: "auto" (each rank's GPU when there is one, else the CPU), "cpu" or "cuda"."""
     timeout_s: Annotated[float, Meta(gt=0)] = 1800.0
     """Longest a rank waits in one collective before it fails (torch.distributed's timeout; gloo's
-    default, NCCL's is 600). Ranks > 0 wait in a broadcast while rank 0 waits for a batch, so this
-    also bounds how long the trainer may go without one. A step that raises on some ranks does not
-    wait for it: the rank that raised ends the job at once (trainer/distributed.py)."""
+    default, NCCL's is 600). Ranks > 0 wait for rank 0's next command in a broadcast; while rank 0
+    waits for a batch it tells them to keep waiting every `idle_every_s`, so the trainer may go
+    without batches for any time, but a rank 0 silent this long ends the job. A step that raises on
+    some ranks does not wait for it: the rank that raised ends the job at once (trainer/distributed.py)."""
+
+    @property
+    def idle_every_s(self) -> float:
+        """How often rank 0, waiting for a batch, sends the other ranks IDLE (trainer/distributed.py): a
+        quarter of `timeout_s`, so that an IDLE may come three quarters of it late (rank 0's event loop
+        busy, a command's own work between the two) before a waiting rank times out."""
+        return self.timeout_s / 4
 
 
 class TrainerConfig(Strict):

@@ -46,7 +46,7 @@ from protocol.telemetry import Telemetry as SinkTelemetry
 from trainer.checkpoint import Checkpointer, CheckpointMeta
 from trainer.config import MetricsConfig, TrainerConfig
 from trainer.dead_letter import DeadLetter
-from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, STEP, STOP, RanksDisagree, World, abort
+from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, IDLE, STEP, STOP, RanksDisagree, World, abort
 from trainer.intake import Batch, Intake, IntakePump
 from trainer.learner import NonFiniteStep
 from trainer.publish import PublishError, make_publisher
@@ -269,7 +269,10 @@ class Daemon:
                     return
                 waiting = asyncio.create_task(pump.next_batch())
                 pressed = asyncio.create_task(pump.pressure.wait())
-                await asyncio.wait({waiting, stopping, pressed}, return_when=asyncio.FIRST_COMPLETED)
+                try:  # the other ranks wait for the next command meanwhile: IDLE keeps them waiting
+                    await self.world.keep_alive({waiting, stopping, pressed}, cfg.distributed.idle_every_s)
+                except Exception as exc:  # an IDLE broadcast failed: another rank is gone
+                    self._abort("telling the other ranks to keep waiting failed", exc)
                 pressed.cancel()
                 if not waiting.done():  # next_batch holds nothing across an await: cancelling loses nothing
                     waiting.cancel()
@@ -498,13 +501,10 @@ def _step_together(world: World, learner, batch: list) -> dict[str, float]:
 
 
 def _follow(cfg: TrainerConfig, world: World) -> int:
-    """Ranks > 0: train on what rank 0 broadcasts until it says stop.
+    """Ranks > 0: train on what rank 0 broadcasts until it says stop (`_obey`).
 
     SIGTERM and SIGINT are ignored here: torchrun forwards them to every rank, and only rank 0 decides
-    when to stop (after its final checkpoint), then says so with STOP. A non-finite step, skipped by
-    every rank together, is logged and the next command awaited (rank 0 counts it and dead-letters
-    the batch). Any other exception, in a step, a gather or a broadcast, ends the job (`abort`): the
-    other ranks would wait for this one in a collective until the backend's timeout.
+    when to stop (after its final checkpoint), then says so with STOP.
     """
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
@@ -512,10 +512,25 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
     restored = Checkpointer(cfg.checkpoint).load()
     if restored is not None:
         world.load_state(learner, restored.learner_state)
+    return _obey(world, learner)
+
+
+def _obey(world: World, learner) -> int:
+    """Carry out rank 0's commands until STOP (then 0); IDLE (rank 0 is waiting for a batch) only means
+    wait again.
+
+    A non-finite step, skipped by every rank together, is logged and the next command awaited (rank 0
+    counts it and dead-letters the batch). Any other exception ends the job (`abort`): in a step or a
+    gather, as the other ranks would wait for this one in a collective until the backend's timeout;
+    in `receive`, as rank 0 has said nothing for `distributed.timeout_s` (it is gone or hangs); and an
+    unknown command.
+    """
     while True:
         command, batch, version = None, [], learner.version
         try:
             command, batch = world.receive()
+            if command == IDLE:
+                continue
             if command == STEP:
                 try:
                     _step_together(world, learner, batch)
@@ -526,8 +541,11 @@ def _follow(cfg: TrainerConfig, world: World) -> int:
                 world.full_weights(learner)
             elif command == GATHER_STATE:
                 world.full_state(learner)
-            else:
+            elif command == STOP:
                 return 0
+            else:
+                raise TidalError(f"unknown command {command} from rank 0 (expected STEP {STEP}, STOP {STOP}, "
+                                 f"GATHER_WEIGHTS {GATHER_WEIGHTS}, GATHER_STATE {GATHER_STATE} or IDLE {IDLE})")
         except Exception as exc:
             what = {STEP: f"step at version {version} failed on {_named([t.id for t in batch])}",
                     GATHER_WEIGHTS: "gathering the weights to publish failed",

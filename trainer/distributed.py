@@ -3,9 +3,9 @@
 `torchrun --nproc-per-node N -m trainer CONFIG` (or `tidal trainer` under torchrun) starts N copies.
 Rank 0 forms each step's batch and broadcasts it to the others as the msgpack bytes of its
 trajectories in a uint8 tensor (no pickle on any wire, DESIGN.md invariant 6), preceded by a small
-header tensor saying what comes (a step, a gather for publishing or checkpointing under FSDP, or
-stop). Every rank holds the whole batch and `Learner.train_step` takes its token-balanced share, with
-loss normalisers computed from the whole batch (global token count) and DDP or FSDP2 averaging
+header tensor saying what comes (a step, a gather for publishing or checkpointing under FSDP, stop,
+or idle). Every rank holds the whole batch and `Learner.train_step` takes its token-balanced share,
+with loss normalisers computed from the whole batch (global token count) and DDP or FSDP2 averaging
 gradients: N ranks take the same optimizer step as one process would on the whole batch.
 
 A step ends alike on every rank or the job ends: after each step every rank joins one all-reduce
@@ -16,17 +16,26 @@ sees it `abort`s: it says which rank failed and why, and exits at once, so torch
 the group down (and with `--max-restarts` starts it again from the last checkpoint, the engines
 resending every batch rank 0 has not acknowledged) instead of every rank hanging until the timeout.
 
+Ranks > 0 wait for rank 0's next command in a broadcast, which fails after `distributed.timeout_s`
+like any collective. So a rank 0 that waits for a batch tells them to keep waiting: IDLE every
+`distributed.idle_every_s` since its last command (`World.keep_alive`). It sends IDLE from the one
+coroutine that sends every command, between commands, so every rank sees the same commands in the
+same order, one collective at a time; a rank 0 whose loop no longer runs sends nothing, and the
+others still time out.
+
 With one process (no torchrun environment) `World` is a no-op and nothing here imports
 torch.distributed state.
 """
 
+import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import NoReturn
 
@@ -36,7 +45,7 @@ from protocol.errors import ConfigError, TidalError
 from protocol.messages import Trajectory
 
 __all__ = ["World", "RanksDisagree", "abort", "ABORT_EXIT", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE",
-           "SUMMED_METRICS"]
+           "IDLE", "SUMMED_METRICS"]
 
 STEP = 1
 """Header command: a batch follows."""
@@ -46,6 +55,8 @@ GATHER_WEIGHTS = 3
 """Header command (FSDP): every rank joins gathering the full weights, rank 0 publishes them."""
 GATHER_STATE = 4
 """Header command (FSDP): every rank joins gathering model and optimiser state, rank 0 checkpoints it."""
+IDLE = 5
+"""Header command: nothing yet, wait for the next command (the wait's timeout starts again)."""
 
 SUMMED_METRICS = ("trainer/loss", "trainer/tokens", "trainer/trained_tokens")
 """Learner metrics that are each rank's share of the step's total (summed across ranks for reports)."""
@@ -106,6 +117,8 @@ class World:
     strategy: str = "ddp"
     """"ddp" (every rank holds the weights) or "fsdp" (FSDP2 fully_shard: weights and optimiser state
     sharded, so publishing and checkpointing are collectives every rank joins)."""
+    sent_at: float = field(default=-math.inf, repr=False)
+    """Rank 0: `time.monotonic()` when its last command went out (-inf: none yet)."""
 
     @classmethod
     def from_env(cls) -> "World":
@@ -240,6 +253,29 @@ class World:
         dist.broadcast(torch.tensor([command, len(payload)], dtype=torch.int64, device=self.device), src=0)
         if payload:
             dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), src=0)
+        self.sent_at = time.monotonic()
+
+    async def keep_alive(self, waits: set[asyncio.Future], every_s: float) -> None:
+        """Rank 0: wait until one of `waits` is done, sending IDLE whenever `every_s` have passed since
+        the last command, so that the other ranks' `receive` does not time out while there is nothing
+        to send. One process: a plain wait.
+
+        Call it only between commands, from the code that sends them (never while a command's
+        collectives run in a thread). An IDLE cancelled while it is being sent is waited for (its
+        thread cannot be stopped), so that the next command never overtakes it.
+        """
+        while True:
+            due = self.sent_at + every_s - time.monotonic() if self.distributed else None
+            done, _ = await asyncio.wait(waits, timeout=None if due is None else max(due, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return
+            beat = asyncio.ensure_future(asyncio.to_thread(self.send, IDLE))
+            try:
+                await asyncio.shield(beat)
+            except asyncio.CancelledError:
+                await asyncio.gather(beat, return_exceptions=True)
+                raise
 
     def receive(self) -> tuple[int, list[Trajectory]]:
         """Ranks > 0: wait for rank 0's next command and batch."""

@@ -1,5 +1,9 @@
 """Fixtures of the trainer tests: daemon children that are always stopped."""
 
+import contextlib
+import signal
+import subprocess
+
 import pytest
 
 from tests.trainer.proc import TrainerProcess
@@ -18,3 +22,23 @@ def trainer_process(tmp_path):
     yield make
     for proc in made:
         proc.stop()
+
+
+@pytest.fixture
+def torchrun_job(trainer_process):
+    """`trainer_process` for torchrun jobs: a job still running at teardown gets SIGTERM, so that
+    torchrun's agent stops its workers (they run in sessions of their own: a SIGKILL to torchrun
+    alone would leave them waiting in a collective)."""
+    made = []
+
+    def make(cfg: dict, argv: tuple, **kw):
+        job = trainer_process(cfg, argv=argv, **kw)
+        made.append(job)
+        return job
+
+    yield make
+    for job in made:
+        if job.proc is not None and job.proc.poll() is None:
+            job.signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(90)

@@ -90,7 +90,24 @@ class TrainerProcess:
         raise AssertionError(f"trainer not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        return (self.tmp / f"trainer-{self.starts}.log").read_text(errors="replace")[-4000:]
+        return self.output()[-4000:]
+
+    def output(self) -> str:
+        """All of the child's output (`log()` is its tail: torchrun's summary alone can fill it)."""
+        return (self.tmp / f"trainer-{self.starts}.log").read_text(errors="replace")
+
+    def ranks(self) -> dict[int, int]:
+        """A torchrun child's workers, rank: pid (the agent's children, each in a session of its own,
+        so a signal to the agent's process group does not reach them)."""
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+                environ = (stat.parent / "environ").read_bytes().split(b"\0") if ppid == self.proc.pid else []
+            except (OSError, ValueError):  # gone meanwhile, or not ours to read
+                continue
+            found |= {int(kv[5:]): int(stat.parent.name) for kv in environ if kv.startswith(b"RANK=")}
+        return found
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -9,9 +9,6 @@ longest to rank 0, the next to rank 1, then each to the less loaded rank, so in 
 """
 
 import asyncio
-import contextlib
-import signal
-import subprocess
 
 import pytest
 
@@ -33,31 +30,6 @@ COLLECTIVE_TIMEOUT_S = 600.0
 
 JOB_LIMIT_S = 120.0
 """How long a test waits for a job to end by itself: starts, a few steps, and a failed rank's teardown."""
-
-
-@pytest.fixture
-def torchrun_job(trainer_process):
-    """`trainer_process` for torchrun jobs: a job still running at teardown gets SIGTERM, so that
-    torchrun's agent stops its workers (they run in sessions of their own: a SIGKILL to torchrun
-    alone would leave them waiting in a collective)."""
-    made = []
-
-    def make(cfg: dict, argv: tuple, **kw):
-        job = trainer_process(cfg, argv=argv, **kw)
-        made.append(job)
-        return job
-
-    yield make
-    for job in made:
-        if job.proc is not None and job.proc.poll() is None:
-            job.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                job.wait(90)
-
-
-def output(job) -> str:
-    """All of a job's output (`log()` is its tail: torchrun's summary alone can fill it)."""
-    return (job.tmp / f"trainer-{job.starts}.log").read_text(errors="replace")
 
 
 def config(tmp_path, tiny_model_dir, **sections) -> dict:
@@ -107,7 +79,7 @@ async def test_a_step_failing_on_one_rank_ends_the_job_at_once_unacknowledged(
         # JOB_LIMIT_S; wait raises TimeoutExpired then)
         assert await asyncio.to_thread(job.wait, JOB_LIMIT_S) != 0, job.log()
         assert tx.unacked == len(faulty), "the failed batch is still the engine's, to resend"
-    log = output(job)
+    log = job.output()
     assert ("tidal trainer: rank 1: step at version 1 failed on 4 trajectories (mix-0, mix-1, plain-0, plain-1): "
             "OutOfMemoryError: CUDA out of memory") in log and "Traceback" in log, log
     recs = records(job.jsonl)
@@ -138,7 +110,7 @@ async def test_a_restarted_job_trains_the_batch_a_transient_fault_on_rank_0_fail
         # the sender resends the batch, the job trains it and stops at max_steps
         assert await asyncio.to_thread(job.wait, JOB_LIMIT_S) == 0, job.log()
         assert await tx.flush(timeout=10)
-    log = output(job)
+    log = job.output()
     assert ("tidal trainer: rank 0: step at version 1 failed on 4 trajectories (mix-0, mix-1, plain-0, plain-1): "
             "OutOfMemoryError: CUDA out of memory") in log, log
     recs = records(job.jsonl)
@@ -178,4 +150,4 @@ async def test_a_non_finite_step_is_skipped_on_every_rank_and_the_job_goes_on(tm
     assert errors[0]["error"].startswith("NonFiniteStep") and errors[0]["trainer/step_errors_non_finite"] == 1
     assert [(r["step"], r["ids"].split(",")) for r in recs if r["event"] == "step"] == [(0, [t.id for t in trained])]
     assert [b.ids for b in dead_letter.read(tmp_path / "dead.jsonl")] == [[t.id for t in skipped]]
-    assert "skipped on rank 1 (non-finite on every rank)" in output(job)
+    assert "skipped on rank 1 (non-finite on every rank)" in job.output()
