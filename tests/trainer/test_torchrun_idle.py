@@ -22,10 +22,12 @@ from trainer.learner import Learner
 
 pytestmark = pytest.mark.slow
 
-COLLECTIVE_TIMEOUT_S = 4.0
-"""distributed.timeout_s of these jobs: a rank waiting in a broadcast this long without a word fails."""
+COLLECTIVE_TIMEOUT_S = 10.0
+"""distributed.timeout_s of these jobs: a rank waiting in a broadcast this long without a word fails.
+Short enough to idle through several, long enough that every real collective (an FSDP gather, the
+final checkpoint) finishes well within it on a loaded 2-core machine (4 s did not, once)."""
 
-IDLE_S = 4 * COLLECTIVE_TIMEOUT_S
+IDLE_S = 2.5 * COLLECTIVE_TIMEOUT_S
 """How long the idle job gets no trajectories."""
 
 JOB_LIMIT_S = 120.0
