@@ -3,13 +3,15 @@ r"""The math suite: generated arithmetic and word problems, and problems from a 
 Ids (registered on import):
 - `math:Arithmetic-v0`: expressions over + - * / (`depth`, `max_value` set the difficulty);
 - `math:WordProblems-v0`: templated word problems;
-- `math:Problems-v0`: a JSONL/Parquet file (`path=`, `question_key=`, `answer_key=`), by default
-  the small set shipped in `data/problems.jsonl`.
+- `math:Problems-v0`: a JSONL/Parquet file or a `datasets` directory saved to disk (`path=`,
+  `question_key=`, `answer_key=`), by default the small set shipped in `data/problems.jsonl`; or a
+  `datasets` dataset (`dataset="openai/gsm8k", dataset_config="main", split="test"`, or
+  `dataset="json", data_files=...`).
 Each accepts `max_attempts` (1: single-turn). Answers go in `\boxed{}`; see `verify.py`.
 """
 
 from envs.math.env import FORMAT_PENALTY, MathEnv
-from envs.math.tasks import MathTask, arithmetic_task, load_tasks, word_problem_task
+from envs.math.tasks import MathTask, arithmetic_task, load_dataset_tasks, load_tasks, word_problem_task
 from envs.math.verify import extract_answer, is_correct, parse_number
 from envs.registry import register
 
@@ -20,6 +22,7 @@ __all__ = [
     "arithmetic_task",
     "extract_answer",
     "is_correct",
+    "load_dataset_tasks",
     "load_tasks",
     "parse_number",
     "word_problem_task",

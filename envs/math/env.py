@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from envs.answers import clip
 from envs.core import Env, EnvError, Solver, StepResult
-from envs.math.tasks import DEFAULT_PROBLEMS, MathTask, arithmetic_task, load_tasks, word_problem_task
+from envs.math.tasks import (
+    DEFAULT_PROBLEMS,
+    MathTask,
+    arithmetic_task,
+    load_dataset_tasks,
+    load_tasks,
+    word_problem_task,
+)
 from envs.math.verify import extract_answer, is_correct
 
 __all__ = ["MathEnv", "FORMAT_PENALTY"]
@@ -37,6 +44,13 @@ def _load_once(path: Path, mtime_ns: int, question_key: str, answer_key: str) ->
     return tuple(load_tasks(path, question_key, answer_key))
 
 
+@functools.lru_cache(maxsize=16)
+def _dataset_once(name: str, config: str | None, split: str, data_files: Any, question_key: str,
+                  answer_key: str) -> tuple[MathTask, ...]:
+    """One loaded copy of a `datasets` dataset for every env that reads it."""
+    return tuple(load_dataset_tasks(name, config, split, data_files, question_key, answer_key))
+
+
 class MathEnv(Env):
     r"""Maths questions from a generator or a local file.
 
@@ -58,6 +72,10 @@ class MathEnv(Env):
         depth: int = 2,
         max_value: int = 20,
         max_attempts: int = 1,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        data_files: str | list[str] | None = None,
     ):
         if source not in ("arithmetic", "word", "file"):
             raise ValueError(f"MathEnv source: expected 'arithmetic', 'word' or 'file', got {source!r}")
@@ -65,7 +83,13 @@ class MathEnv(Env):
             raise ValueError(f"MathEnv: depth, max_value and max_attempts must be >= 1, got {depth}, "
                              f"{max_value}, {max_attempts}")
         self.source, self.depth, self.max_value, self.max_attempts = source, depth, max_value, max_attempts
-        self.tasks = _shared_tasks(Path(path).resolve(), question_key, answer_key) if source == "file" else None
+        if source != "file":
+            self.tasks = None
+        elif dataset is not None:  # datasets.load_dataset(dataset, dataset_config, split=, data_files=)
+            files = tuple(data_files) if isinstance(data_files, list) else data_files
+            self.tasks = _dataset_once(dataset, dataset_config, split, files, question_key, answer_key)
+        else:
+            self.tasks = _shared_tasks(Path(path).resolve(), question_key, answer_key)
         self.task: MathTask | None = None
         self.attempts = 0
         self.done = False

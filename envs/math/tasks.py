@@ -1,4 +1,5 @@
-"""Where maths questions come from: a local JSONL/Parquet file, or generated from a seeded RNG.
+"""Where maths questions come from: a local JSONL/Parquet file, a `datasets` dataset (a hub name
+or one saved to disk), or generated from a seeded RNG.
 
 Every generator is a pure function of its `random.Random`, so a task is fixed by the episode seed.
 Reference answers are exact (computed with `Fraction`) and written in their simplest form:
@@ -8,10 +9,11 @@ an integer, or `p/q` in lowest terms.
 import random
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-__all__ = ["MathTask", "load_tasks", "arithmetic_task", "word_problem_task", "format_answer", "DEFAULT_PROBLEMS"]
+__all__ = ["MathTask", "load_tasks", "load_dataset_tasks", "arithmetic_task", "word_problem_task", "format_answer", "DEFAULT_PROBLEMS"]
 
 DEFAULT_PROBLEMS = Path(__file__).with_name("data") / "problems.jsonl"
 """A small hand-written problem set shipped with the package."""
@@ -37,9 +39,16 @@ def _reference(raw: object) -> str:
 
 
 def load_tasks(path: str | Path, question_key: str = "question", answer_key: str = "answer") -> list[MathTask]:
-    """Tasks from a JSONL file (one object per line) or a Parquet file (needs pyarrow)."""
+    """Tasks from a JSONL file (one object per line), a Parquet file (needs pyarrow), or a directory
+    written by `datasets.Dataset.save_to_disk` (needs datasets)."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    if path.is_dir():
+        datasets = _import_datasets(path)
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            raise ValueError(f"{path}: a DatasetDict with splits {sorted(data)}; point path at one split's directory")
+        rows = data.select_columns(_present(data.column_names, path, question_key, answer_key)).to_list()
+    elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -53,13 +62,45 @@ def load_tasks(path: str | Path, question_key: str = "question", answer_key: str
                     rows.append(msgspec.json.decode(line))
                 except msgspec.DecodeError as exc:
                     raise ValueError(f"{path}:{lineno}: not JSON: {exc}") from exc
+    return _tasks(rows, str(path), path.name, question_key, answer_key)
+
+
+def load_dataset_tasks(name: str, config: str | None = None, split: str = "train", data_files: Any = None,
+                       question_key: str = "question", answer_key: str = "answer") -> list[MathTask]:
+    """Tasks from `datasets.load_dataset(name, config, split=split, data_files=data_files)`: a hub
+    dataset (e.g. "openai/gsm8k", config "main", where the hub or its cache is reachable) or a
+    builder over local files ("json", "parquet", "csv" with `data_files`). GSM8K's "#### 42" answers
+    are read as 42."""
+    where = f"{name}{':' + config if config else ''}[{split}]"
+    datasets = _import_datasets(where)
+    data = datasets.load_dataset(name, config, split=split, data_files=data_files)
+    rows = data.select_columns(_present(data.column_names, where, question_key, answer_key)).to_list()
+    return _tasks(rows, where, where, question_key, answer_key)
+
+
+def _import_datasets(what: object):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"reading {what} needs the datasets package: pip install datasets") from None
+    return datasets
+
+
+def _present(columns: list[str], where: object, *keys: str) -> list[str]:
+    missing = [k for k in keys if k not in columns]
+    if missing:
+        raise ValueError(f"{where}: expected keys {keys[0]!r} and {keys[1]!r}, the columns are {columns}")
+    return list(keys)
+
+
+def _tasks(rows: list, where: str, source: str, question_key: str, answer_key: str) -> list[MathTask]:
     tasks = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or question_key not in row or answer_key not in row:
-            raise ValueError(f"{path}: row {i}: expected keys {question_key!r} and {answer_key!r}")
-        tasks.append(MathTask(str(row[question_key]), _reference(row[answer_key]), f"{path.name}:{i}"))
+            raise ValueError(f"{where}: row {i}: expected keys {question_key!r} and {answer_key!r}")
+        tasks.append(MathTask(str(row[question_key]), _reference(row[answer_key]), f"{source}:{i}"))
     if not tasks:
-        raise ValueError(f"{path}: no tasks")
+        raise ValueError(f"{where}: no tasks")
     return tasks
 
 

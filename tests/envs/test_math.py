@@ -134,17 +134,33 @@ def test_load_tasks_from_jsonl_with_custom_keys(tmp_path):
         load_tasks(path)
 
 
-def test_parquet_needs_pyarrow_or_reads_it(tmp_path):
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        with pytest.raises(ImportError, match="pip install pyarrow"):
-            load_tasks(tmp_path / "x.parquet")
-        return
+def test_parquet_file_is_read(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "x.parquet"
-    pq.write_table(pa.table({"question": ["3*3?"], "answer": ["9"]}), path)
-    assert load_tasks(path)[0].answer == "9"
+    pq.write_table(pa.table({"question": ["3*3?", "2+5?"], "answer": ["9", "#### 7"]}), path)
+    assert [(t.question, t.answer) for t in load_tasks(path)] == [("3*3?", "9"), ("2+5?", "7")]
+    env = envs.make("math:Problems-v0", path=str(path))
+    question, _ = env.reset(seed=1)
+    assert env.step(env.solver()(question))[1] == 1.0
+
+
+def test_datasets_dataset_saved_to_disk_or_loaded_by_name(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"problem": "What is 6*7?", "solution": "#### 42"}, {"problem": "What is 1/2+1/4?", "solution": "3/4"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved = envs.make("math:Problems-v0", path=str(tmp_path / "saved"), question_key="problem", answer_key="solution")
+    by_name = envs.make("math:Problems-v0", dataset="json", data_files=str(tmp_path / "rows.jsonl"),
+                        question_key="problem", answer_key="solution")
+    for env in (saved, by_name):
+        assert sorted((t.question, t.answer) for t in env.tasks) == [("What is 1/2+1/4?", "3/4"), ("What is 6*7?", "42")]
+        question, _ = env.reset(seed=0)
+        assert env.step(env.solver()(question))[1] == 1.0
+    with pytest.raises(ValueError, match="expected keys 'question' and 'answer', the columns are"):
+        envs.make("math:Problems-v0", dataset="json", data_files=str(tmp_path / "rows.jsonl"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\]"):
+        load_tasks(tmp_path / "splits", "problem", "solution")
 
 
 def test_garbage_is_a_wrong_answer_not_an_exception():
