@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/tidal run
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine trainer envs protocol bench tests
+	$(BIN)/ruff check tidal engine trainer envs protocol bench tests
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -29,10 +29,17 @@ import time
 import uvloop
 from rich.console import Console
 from rich.progress import Progress
-
-from bench.report import bench_parser, emit
-from engine.backends import Chunk, OpenAIBackend, OpenAIConfig, Request, Sampling, SGLangBackend, SGLangConfig
-from engine.reference.launch import ReferenceServer
+from tidal.bench.report import bench_parser, emit
+from tidal.engine.backends import (
+    Chunk,
+    OpenAIBackend,
+    OpenAIConfig,
+    Request,
+    Sampling,
+    SGLangBackend,
+    SGLangConfig,
+)
+from tidal.engine.reference.launch import ReferenceServer
 
 __all__ = ["main"]
 

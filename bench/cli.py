@@ -7,11 +7,11 @@ import sys
 __all__ = ["BENCHES", "main"]
 
 BENCHES = {
-    "transport": "bench.transport",
-    "backend": "bench.backend",
-    "envs": "bench.envs",
-    "trainer": "bench.trainer",
-    "serve": "bench.serve",
+    "transport": "tidal.bench.transport",
+    "backend": "tidal.bench.backend",
+    "envs": "tidal.bench.envs",
+    "trainer": "tidal.bench.trainer",
+    "serve": "tidal.bench.serve",
 }
 
 

@@ -38,10 +38,10 @@ from collections.abc import Callable
 
 import uvloop
 from rich.progress import Progress
+from tidal.bench.report import bench_parser, emit
+from tidal.envs.core import Env
 
-import envs
-from bench.report import bench_parser, emit
-from envs.core import Env
+from tidal import envs
 
 __all__ = ["main"]
 
@@ -216,8 +216,7 @@ def main(argv: list[str]) -> int:
 
         if have_gem:
             import gem
-
-            from envs.adapters.gem import plain_gem_modules
+            from tidal.envs.adapters.gem import plain_gem_modules
 
             def plain_gem(measure: Callable[[float], float]) -> Callable[[float], float]:
                 def run(secs: float) -> float:

@@ -18,9 +18,8 @@ import time
 import aiohttp
 import msgspec
 import uvloop
-
-from bench.report import bench_parser, emit
-from engine.reference.launch import ReferenceServer
+from tidal.bench.report import bench_parser, emit
+from tidal.engine.reference.launch import ReferenceServer
 
 __all__ = ["main"]
 

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from bench.report import bench_parser, emit
+from tidal.bench.report import bench_parser, emit
 
 __all__ = ["main"]
 
@@ -35,7 +34,7 @@ TOKEN_BUDGET = 2048
 
 def _batch(n: int, max_len: int, seed: int):
     """Long-tailed multi-turn-shaped trajectories: prompt | turn | observation | turn, GRPO groups of 4."""
-    from protocol.messages import Trajectory, Turn
+    from tidal.protocol.messages import Trajectory, Turn
 
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(4.5, 0.9, n), 16, max_len).astype(int)
@@ -64,8 +63,8 @@ to show what a dense-mask kernel (sdpa on CPU) pays for it."""
 
 
 def _learner(model_dir: Path, overrides: list[str]):
-    from protocol.config import load_config
-    from trainer.learner import Learner, LearnerConfig
+    from tidal.protocol.config import load_config
+    from tidal.trainer.learner import Learner, LearnerConfig
 
     return Learner(load_config(LearnerConfig, overrides=[
         f"model.path={model_dir}", "model.dtype=float32", "advantage.type=grpo", "loss.type=ppo",
@@ -110,11 +109,10 @@ def _memcpy_ms_per_mb() -> float:
 
 async def _publish(model_dir: Path, out_dir: Path, repeats: int) -> list[dict]:
     import torch
+    from tidal.engine.reference.launch import ReferenceServer
+    from tidal.trainer.config import DiskPublish, DistributedPublish
+    from tidal.trainer.publish import DiskPublisher, DistributedPublisher
     from transformers import AutoModelForCausalLM
-
-    from engine.reference.launch import ReferenceServer
-    from trainer.config import DiskPublish, DistributedPublish
-    from trainer.publish import DiskPublisher, DistributedPublisher
 
     tensors = dict(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict())
     mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
@@ -153,7 +151,7 @@ def main(argv: list[str]) -> int:
     parser = bench_parser("trainer", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
-    from engine.reference.tiny import build_tiny_model
+    from tidal.engine.reference.tiny import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="tidal-bench-trainer-") as tmp:
         tmp = Path(tmp)

@@ -2,7 +2,7 @@
 
 Trajectories of 4k and 32k tokens go from a sender (this process, the engine's role) to a receiver
 in a child process (the trainer's role) over tcp loopback, the way the daemons run. Our channel
-(`protocol.channels`: msgpack + zero-copy arrays, envelopes, commit-driven acks, windowed flow
+(`tidal.protocol.channels`: msgpack + zero-copy arrays, envelopes, commit-driven acks, windowed flow
 control) is compared in the same run with the same trajectories sent as (a) pickle over zmq, (b)
 json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
 pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
@@ -42,12 +42,11 @@ import msgspec
 import numpy as np
 import zmq
 from rich.console import Console
-
-from bench.report import bench_parser, emit
-from protocol.channels import TrajectoryReceiver, TrajectorySender
-from protocol.channels.fastio import tune_allocator
-from protocol.channels.frames import trajectory_frames
-from protocol.messages import Trajectory, Turn
+from tidal.bench.report import bench_parser, emit
+from tidal.protocol.channels import TrajectoryReceiver, TrajectorySender
+from tidal.protocol.channels.fastio import tune_allocator
+from tidal.protocol.channels.frames import trajectory_frames
+from tidal.protocol.messages import Trajectory, Turn
 
 __all__ = ["main"]
 

@@ -1,6 +1,6 @@
 """tidal environments: an async text Env API (GEM/Gymnasium shapes), a registry, wrappers, suites.
 
-    import envs
+    from tidal import envs
     env = envs.make("games:GuessTheNumber-v0", difficulty="easy")
     obs, info = await env.areset(seed=0)
     obs, reward, terminated, truncated, info = await env.astep(r"\\boxed{5}")
@@ -14,9 +14,9 @@ tools/, adapters/ (gem:, agentgym:).
 This package stands alone: it never imports engine/ or trainer/.
 """
 
-from envs.answers import extract_boxed, final_answer
-from envs.check import EnvCheckError, acheck_env, check_env
-from envs.core import (
+from tidal.envs.answers import extract_boxed, final_answer
+from tidal.envs.check import EnvCheckError, acheck_env, check_env
+from tidal.envs.core import (
     Env,
     EnvBroken,
     EnvError,
@@ -27,9 +27,9 @@ from envs.core import (
     configure_offload,
     offload,
 )
-from envs.episode import ERRORS, Episode, EpisodeError, run_episode
-from envs.process import ProcessEnv, RemoteEnvError
-from envs.registry import EnvSpec, list, make, register, register_prefix, spec
+from tidal.envs.episode import ERRORS, Episode, EpisodeError, run_episode
+from tidal.envs.process import ProcessEnv, RemoteEnvError
+from tidal.envs.registry import EnvSpec, list, make, register, register_prefix, spec
 
 __all__ = [
     "Env",

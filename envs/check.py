@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from envs.core import Env
-from protocol.errors import TidalError
+from tidal.envs.core import Env
+from tidal.protocol.errors import TidalError
 
 __all__ = ["check_env", "acheck_env", "EnvCheckError", "BAD_ACTIONS", "INLINE_STEP_BUDGET_S"]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from tidal.envs.check import EnvCheckError, acheck_env
 
-import envs
-from envs.check import EnvCheckError, acheck_env
+from tidal import envs
 
 __all__ = ["main"]
 

@@ -12,7 +12,7 @@ run it on the offload thread pool, so a slow step never stalls the loop. Envs th
 
 Invariant: an env never lets a bad action escape as an exception. Unparseable, empty, wrong-format or
 huge actions get an observation saying what was wrong and the env's defined penalty. An exception out
-of `step` is a bug in the env; the caller turns it into an `envs.episode.EpisodeError` record.
+of `step` is a bug in the env; the caller turns it into an `tidal.envs.episode.EpisodeError` record.
 """
 
 import asyncio
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from protocol.errors import TidalError
+from tidal.protocol.errors import TidalError
 
 __all__ = [
     "Env",

@@ -12,8 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import msgspec
-
-from envs.core import Env
+from tidal.envs.core import Env
 
 __all__ = ["EpisodeError", "Episode", "ERRORS", "run_episode"]
 

@@ -2,7 +2,7 @@
 
     env = envs.make("games:Wordle-v0", offload="process")   # or ProcessEnv(entry_point="pkg.mod:Env")
 
-Threads cannot be killed, so a blocking env whose step hangs can only be abandoned (envs.core); an
+Threads cannot be killed, so a blocking env whose step hangs can only be abandoned (tidal.envs.core); an
 env in a process can be killed and replaced. `abandon` (what `StepTimeout` calls) kills the worker;
 the next `areset` starts a fresh one, so the env object stays usable. A worker that dies on its own
 (segfault, OOM kill) turns the pending call into an `EnvError` naming its exit code, and is restarted
@@ -24,8 +24,7 @@ import sys
 from typing import Any
 
 import msgspec
-
-from envs.core import Env, EnvError, StepResult
+from tidal.envs.core import Env, EnvError, StepResult
 
 __all__ = ["ProcessEnv", "RemoteEnvError"]
 
@@ -64,7 +63,7 @@ class ProcessEnv(Env):
 
     async def _start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "envs.process",
+            sys.executable, "-m", "tidal.envs.process",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         self.remote_instructions = await self._call("make", self.target)
@@ -154,8 +153,7 @@ def _serve() -> None:
     import importlib
     import traceback
 
-    import envs
-
+    from tidal import envs
     reader = os.fdopen(0, "rb", buffering=0)
     writer = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from envs.core import Env, EnvNotFound
+from tidal.envs.core import Env, EnvNotFound
 
 __all__ = [
     "EnvSpec",
@@ -39,7 +39,7 @@ __all__ = [
 ID_PATTERN = re.compile(r"^(?P<suite>[a-z][a-z0-9_]*):(?P<name>[A-Za-z][A-Za-z0-9_]*)-v(?P<version>\d+)$")
 """`suite:Name-vN`: a lowercase suite, a CamelCase name, a version bumped when results would change."""
 
-BUILTIN_SUITES = ("envs.games", "envs.math", "envs.code", "envs.qa", "envs.adapters.gem", "envs.adapters.agentgym")
+BUILTIN_SUITES = ("tidal.envs.games", "tidal.envs.math", "tidal.envs.code", "tidal.envs.qa", "tidal.envs.adapters.gem", "tidal.envs.adapters.agentgym")
 """Modules that register the built-in ids; a module not present in this build is skipped."""
 
 ENTRY_POINT_GROUP = "tidal.envs"
@@ -137,14 +137,14 @@ def make(env_id: str, *, offload: str = "auto", **kwargs: Any) -> Env:
     the wrapper keeps the spec as its own and the env inside keeps whatever it had.
 
     `offload`: "auto" runs the env in this process (inline, or on the thread pool if it declares
-    `blocking`); "process" hosts it in a child process of its own (`envs.process.ProcessEnv`), which
+    `blocking`); "process" hosts it in a child process of its own (`tidal.envs.process.ProcessEnv`), which
     a timeout can kill, for envs that hang, crash or share global state.
     """
     if offload == "process":
-        from envs.process import ProcessEnv
+        from tidal.envs.process import ProcessEnv
 
         env = ProcessEnv(env_id, **kwargs)
-        env.spec = EnvSpec(env_id, "envs.process:ProcessEnv", dict(kwargs))
+        env.spec = EnvSpec(env_id, "tidal.envs.process:ProcessEnv", dict(kwargs))
         return env
     if offload != "auto":
         raise ValueError(f"make({env_id!r}): offload must be 'auto' or 'process', got {offload!r}")

@@ -1,6 +1,6 @@
 """One-hook wrappers (Gymnasium's shape): turn limit, step timeout, observation format, tools, rewards.
 
-Each wrapper is async-first (see `envs.core.Wrapper`) and changes one thing. Order, innermost first,
+Each wrapper is async-first (see `tidal.envs.core.Wrapper`) and changes one thing. Order, innermost first,
 as GEM's wrapper factory: tools, then reward shaping, then observation format, then turn limit and
 step timeout outermost so that every turn, tool turns included, counts and is bounded.
 
@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from envs.core import Env, StepResult, Wrapper, offload
+from tidal.envs.core import Env, StepResult, Wrapper, offload
 
 __all__ = [
     "Tool",

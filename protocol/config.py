@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-
-from protocol.errors import ConfigError
+from tidal.protocol.errors import ConfigError
 
 __all__ = ["load_config", "add_config_args", "config_from_args", "to_toml", "Strict"]
 

@@ -1,7 +1,7 @@
 """Engine <-> trainer messages (DESIGN.md, 'Engine <-> trainer messages').
 
 Every message is a msgspec Struct in one tagged union, encoded as msgpack. Per-token arrays travel as
-raw little-endian bytes (`protocol.arrays`) and decode as zero-copy views into the received frame.
+raw little-endian bytes (`tidal.protocol.arrays`) and decode as zero-copy views into the received frame.
 On the trajectory channel a Trajectory travels as parts (`encode_parts`): a msgpack head with every
 field but the arrays, then each array as its own frame, sent and received without a copy.
 Decoding is strict: anything that is not a well-formed message of the current schema version raises
@@ -26,9 +26,8 @@ import operator
 
 import msgspec
 import numpy as np
-
-from protocol.arrays import LOGP_DTYPE, MASK_DTYPE, TOKEN_DTYPE, VERSION_DTYPE, view
-from protocol.errors import ProtocolError
+from tidal.protocol.arrays import LOGP_DTYPE, MASK_DTYPE, TOKEN_DTYPE, VERSION_DTYPE, view
+from tidal.protocol.errors import ProtocolError
 
 __all__ = [
     "SCHEMA_VERSION",

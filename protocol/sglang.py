@@ -35,8 +35,7 @@ from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
-
-from protocol.errors import ProtocolError
+from tidal.protocol.errors import ProtocolError
 
 __all__ = [
     "SSE_PREFIX",

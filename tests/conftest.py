@@ -15,6 +15,6 @@ settings.load_profile("explore" if os.environ.get("TIDAL_HYPOTHESIS") == "explor
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of a 2-layer random Llama + byte tokenizer saved with save_pretrained."""
-    from engine.reference.tiny import build_tiny_model
+    from tidal.engine.reference.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -3,7 +3,7 @@ daemon around them. Imports protocol, torch and transformers; never engine or en
 
 Submodules are imported where used so `import trainer` stays light; the learner's public surface:
 
-    from trainer.learner import Learner, LearnerConfig
+    from tidal.trainer.learner import Learner, LearnerConfig
 """
 
 __all__: list[str] = []

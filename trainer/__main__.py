@@ -1,7 +1,7 @@
-"""`python -m trainer CONFIG` (and `torchrun --nproc-per-node N -m trainer CONFIG`): the trainer daemon."""
+"""`python -m tidal.trainer CONFIG` (and `torchrun --nproc-per-node N -m tidal.trainer CONFIG`): the trainer daemon."""
 
 import sys
 
-from trainer.daemon import main
+from tidal.trainer.daemon import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Advantage estimators: from a batch's rewards (and, for some, values or KL) to one advantage per token.
 
-Invariant (protocol.messages.Turn): a turn's reward belongs to that turn's last *generated* token
+Invariant (tidal.protocol.messages.Turn): a turn's reward belongs to that turn's last *generated* token
 (loss mask 1), never to an observation token. Estimators that walk tokens (GAE, REINFORCE++) run
 over the generated tokens only, so observation tokens neither receive reward nor break the
 discounting chain. (AgentGym-RL's verl fork places the outcome score on a mask-0 token and then
@@ -22,9 +22,8 @@ from typing import Annotated
 
 import numpy as np
 from msgspec import Meta
-
-from protocol.config import Strict
-from protocol.messages import Trajectory
+from tidal.protocol.config import Strict
+from tidal.protocol.messages import Trajectory
 
 __all__ = [
     "GRPOConfig",

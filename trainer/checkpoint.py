@@ -16,9 +16,8 @@ import shutil
 from pathlib import Path
 
 import msgspec
-
-from trainer.config import CheckpointConfig
-from trainer.intake import IntakeState
+from tidal.trainer.config import CheckpointConfig
+from tidal.trainer.intake import IntakeState
 
 __all__ = ["CheckpointMeta", "Checkpointer", "Restored", "untie"]
 

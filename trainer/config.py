@@ -1,4 +1,4 @@
-"""`tidal trainer` configuration: one Strict section per concern, loaded by `protocol.config.load_config`.
+"""`tidal trainer` configuration: one Strict section per concern, loaded by `tidal.protocol.config.load_config`.
 
 Defaults give a runnable single-process CPU trainer on loopback; cross-field rules run at load and name
 both fields (STYLE.md, Configuration). Derived values are properties.
@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
-
-from protocol.config import Strict
-from trainer.advantages import GRPOConfig, RLOOConfig
-from trainer.learner import LearnerConfig
+from tidal.protocol.config import Strict
+from tidal.trainer.advantages import GRPOConfig, RLOOConfig
+from tidal.trainer.learner import LearnerConfig
 
 __all__ = [
     "IntakeConfig",

@@ -1,4 +1,4 @@
-"""`tidal trainer CONFIG`: the long-running trainer daemon (also `python -m trainer`, torchrun-able).
+"""`tidal trainer CONFIG`: the long-running trainer daemon (also `python -m tidal.trainer`, torchrun-able).
 
 Loop: intake -> one optimizer step -> TrainerStatus -> publish weights when due -> checkpoint when
 due -> acknowledge what the checkpoint covers. It resumes by itself from the newest checkpoint, so a
@@ -38,18 +38,26 @@ import aiohttp
 import msgspec
 import zmq
 from rich.console import Console
-
-from protocol.config import add_config_args, config_from_args
-from protocol.errors import TidalError
-from protocol.messages import TrainerStatus
-from protocol.telemetry import Telemetry as SinkTelemetry
-from trainer.checkpoint import Checkpointer, CheckpointMeta
-from trainer.config import MetricsConfig, TrainerConfig
-from trainer.dead_letter import DeadLetter
-from trainer.distributed import GATHER_STATE, GATHER_WEIGHTS, IDLE, STEP, STOP, RanksDisagree, World, abort
-from trainer.intake import Batch, Intake, IntakePump
-from trainer.learner import NonFiniteStep
-from trainer.publish import PublishError, make_publisher
+from tidal.protocol.config import add_config_args, config_from_args
+from tidal.protocol.errors import TidalError
+from tidal.protocol.messages import TrainerStatus
+from tidal.protocol.telemetry import Telemetry as SinkTelemetry
+from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
+from tidal.trainer.config import MetricsConfig, TrainerConfig
+from tidal.trainer.dead_letter import DeadLetter
+from tidal.trainer.distributed import (
+    GATHER_STATE,
+    GATHER_WEIGHTS,
+    IDLE,
+    STEP,
+    STOP,
+    RanksDisagree,
+    World,
+    abort,
+)
+from tidal.trainer.intake import Batch, Intake, IntakePump
+from tidal.trainer.learner import NonFiniteStep
+from tidal.trainer.publish import PublishError, make_publisher
 
 __all__ = ["main", "Daemon"]
 
@@ -74,7 +82,7 @@ def _seed(seed: int) -> None:
 
 
 def _build_learner(cfg: TrainerConfig, world: World):
-    from trainer.learner import Learner
+    from tidal.trainer.learner import Learner
 
     try:
         learner = Learner(
@@ -88,7 +96,7 @@ def _build_learner(cfg: TrainerConfig, world: World):
 
 
 class Telemetry:
-    """The daemon's records: JSONL + Prometheus (protocol.telemetry), optional TensorBoard, rich console.
+    """The daemon's records: JSONL + Prometheus (tidal.protocol.telemetry), optional TensorBoard, rich console.
 
     Every record's `step` is the version it concerns; `event` says what happened (start, resume,
     ready, step, publish, checkpoint). A step record carries its metrics and `ids`, the
@@ -207,7 +215,7 @@ class Daemon:
         return int(self.counters["dead_lettered"] + c["rejected"] + c["stale_dropped"])
 
     async def run(self) -> int:
-        from protocol.channels import DedupState, StatusPublisher, TrajectoryReceiver
+        from tidal.protocol.channels import DedupState, StatusPublisher, TrajectoryReceiver
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import msgspec
-
-from protocol.errors import ProtocolError
-from protocol.messages import Trajectory
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import Trajectory
 
 __all__ = ["DeadLetter", "DeadBatch", "read"]
 

@@ -1,6 +1,6 @@
 """Scale-out across torchrun ranks: rank 0 owns intake and publishing, every rank trains.
 
-`torchrun --nproc-per-node N -m trainer CONFIG` (or `tidal trainer` under torchrun) starts N copies.
+`torchrun --nproc-per-node N -m tidal.trainer CONFIG` (or `tidal trainer` under torchrun) starts N copies.
 Rank 0 forms each step's batch and broadcasts it to the others as the msgpack bytes of its
 trajectories in a uint8 tensor (no pickle on any wire, DESIGN.md invariant 6), preceded by a small
 header tensor saying what comes (a step, a gather for publishing or checkpointing under FSDP, stop,
@@ -40,9 +40,8 @@ from datetime import timedelta
 from typing import NoReturn
 
 import msgspec
-
-from protocol.errors import ConfigError, TidalError
-from protocol.messages import Trajectory
+from tidal.protocol.errors import ConfigError, TidalError
+from tidal.protocol.messages import Trajectory
 
 __all__ = ["World", "RanksDisagree", "abort", "ABORT_EXIT", "STEP", "STOP", "GATHER_WEIGHTS", "GATHER_STATE",
            "IDLE", "SUMMED_METRICS"]

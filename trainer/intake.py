@@ -21,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
-
-from protocol.messages import Trajectory, decode_trajectory, encode
-from trainer.config import IntakeConfig
+from tidal.protocol.messages import Trajectory, decode_trajectory, encode
+from tidal.trainer.config import IntakeConfig
 
 __all__ = ["Intake", "IntakeState", "Batch", "IntakePump"]
 
@@ -37,7 +36,7 @@ class IntakeState(msgspec.Struct, kw_only=True):
     """What a checkpoint keeps of the intake so that a resumed trainer loses and repeats nothing."""
 
     buffered: list[bytes] = []
-    """Received, not yet used trajectories, msgpack-encoded (protocol.messages.encode)."""
+    """Received, not yet used trajectories, msgpack-encoded (tidal.protocol.messages.encode)."""
     ready: list[str] = []
     """Groups closed for a batch (complete, or released as partial), in batch order."""
     group_dropped: dict[str, int] = {}
@@ -226,7 +225,7 @@ class Intake:
 
 
 class IntakePump:
-    """Receives from a `protocol.channels.TrajectoryReceiver` into an `Intake` and acknowledges.
+    """Receives from a `tidal.protocol.channels.TrajectoryReceiver` into an `Intake` and acknowledges.
 
     The receive loop waits while the intake is full (back-pressure); `next_batch` waits until a batch
     forms. Deliveries are committed by `covered_by_checkpoint()` (everything received so far: used

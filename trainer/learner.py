@@ -35,12 +35,17 @@ import msgspec
 import numpy as np
 import torch
 from msgspec import Meta
-
-from protocol.config import Strict
-from protocol.messages import Trajectory
-from trainer.advantages import AdvantageConfig, GAEConfig, GRPOConfig, ReinforcePPConfig, compute_advantages
-from trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
-from trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
+from tidal.protocol.config import Strict
+from tidal.protocol.messages import Trajectory
+from tidal.trainer.advantages import (
+    AdvantageConfig,
+    GAEConfig,
+    GRPOConfig,
+    ReinforcePPConfig,
+    compute_advantages,
+)
+from tidal.trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
+from tidal.trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
 
 __all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "NonFiniteStep", "STALENESS_BUCKETS", "METRICS"]
 

@@ -20,9 +20,8 @@ from typing import Annotated, Literal, NamedTuple
 
 import torch
 from msgspec import Meta
+from tidal.protocol.config import Strict
 from torch import Tensor
-
-from protocol.config import Strict
 
 __all__ = [
     "DecoupledPPOConfig",

@@ -33,8 +33,7 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 from msgspec import Meta
-
-from protocol.config import Strict
+from tidal.protocol.config import Strict
 
 __all__ = ["PackingConfig", "MicroBatch", "first_fit_decreasing", "plan", "build", "padding_fraction"]
 

@@ -10,7 +10,7 @@ Two ways, one interface (`await publisher.publish(version, tensors) -> WeightsPu
                trainer posts /update_weights_from_distributed (names, dtypes, shapes) and broadcasts
                the same tensors in the same order while that call is pending.
 Each publish records its bytes and seconds, so the daemon reports time against bytes / bandwidth.
-The trainer never imports engine: the HTTP calls use aiohttp and protocol.sglang's structs.
+The trainer never imports engine: the HTTP calls use aiohttp and tidal.protocol.sglang's structs.
 """
 
 import asyncio
@@ -22,17 +22,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
-
-from protocol.errors import TidalError
-from protocol.messages import DiskWeights, DistributedWeights, WeightsPublished
-from protocol.sglang import (
+from tidal.protocol.errors import TidalError
+from tidal.protocol.messages import DiskWeights, DistributedWeights, WeightsPublished
+from tidal.protocol.sglang import (
     BeginWeightUpdateRequest,
     DestroyWeightsUpdateGroupRequest,
     EndWeightUpdateRequest,
     InitWeightsUpdateGroupRequest,
     UpdateWeightsFromDistributedRequest,
 )
-from trainer.config import DiskPublish, DistributedPublish
+from tidal.trainer.config import DiskPublish, DistributedPublish
 
 __all__ = ["PublishError", "DiskPublisher", "DistributedPublisher", "make_publisher"]
 
@@ -71,8 +70,7 @@ class DiskPublisher:
 
     def _write(self, version: int, tensors: Mapping) -> WeightsPublished:
         from safetensors.torch import save_file
-
-        from trainer.checkpoint import untie
+        from tidal.trainer.checkpoint import untie
 
         t0 = time.perf_counter()
         final = self.dir / f"v{version:08d}"

@@ -1,9 +1,9 @@
 """Inference backends: one interface (`Backend`), the `sglang` and `openai` clients, and a registry of
 third-party backends under the entry-point group `tidal.backends`. Nothing here imports torch."""
 
-from engine.backends.base import Backend, Chunk, Finish, Request, Sampling
-from engine.backends.config import BackendConfig, OpenAIConfig, PluginConfig, SGLangConfig
-from engine.backends.errors import (
+from tidal.engine.backends.base import Backend, Chunk, Finish, Request, Sampling
+from tidal.engine.backends.config import BackendConfig, OpenAIConfig, PluginConfig, SGLangConfig
+from tidal.engine.backends.errors import (
     BackendError,
     BackendTimeout,
     BadResponse,
@@ -12,10 +12,10 @@ from engine.backends.errors import (
     ServerUnavailable,
     Unsupported,
 )
-from engine.backends.openai import OpenAIBackend
-from engine.backends.registry import available_backends, create_backend, load_backend
-from engine.backends.routing import Router
-from engine.backends.sglang import SGLangBackend
+from tidal.engine.backends.openai import OpenAIBackend
+from tidal.engine.backends.registry import available_backends, create_backend, load_backend
+from tidal.engine.backends.routing import Router
+from tidal.engine.backends.sglang import SGLangBackend
 
 __all__ = [
     "Backend", "Chunk", "Finish", "Request", "Sampling",

@@ -7,8 +7,8 @@ or abort, and counters). The ids are exactly what the server generated (never re
 token included, so a trajectory can append them as they come and the trainer sees what was sampled.
 
 A backend that cannot do something (pause, a distributed weight update) raises `Unsupported`.
-Implementations: `engine.backends.sglang` (default), `engine.backends.openai`, and any third-party
-class registered under the entry-point group `tidal.backends` (see `engine.backends.registry`).
+Implementations: `tidal.engine.backends.sglang` (default), `tidal.engine.backends.openai`, and any third-party
+class registered under the entry-point group `tidal.backends` (see `tidal.engine.backends.registry`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from collections.abc import AsyncIterator
 from typing import ClassVar, Literal
 
 import msgspec
-
-from engine.backends.errors import Unsupported
-from protocol import sglang as wire
+from tidal.engine.backends.errors import Unsupported
+from tidal.protocol import sglang as wire
 
 __all__ = ["Sampling", "Request", "Finish", "Chunk", "Backend"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from engine.backends.base import Backend, Chunk, Request, Sampling
+from tidal.engine.backends.base import Backend, Chunk, Request, Sampling
 
 __all__ = ["BackendContractError", "check_backend"]
 

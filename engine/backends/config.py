@@ -7,7 +7,7 @@ something (STYLE.md, "Variants are tagged unions").
             "http://h2:30000"]     model = "Qwen/Qwen3-8B"       options = { delay_s = 0.0 }
 
 `sglang` and `openai` share the routing fields (`Routed`): several servers behind one client, the
-same `engine.backends.routing.Router` policy, health probes and retries.
+same `tidal.engine.backends.routing.Router` policy, health probes and retries.
 
 A plugin's `options` are validated against its class's `config_type` when the backend is created.
 """
@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
-
-from protocol.config import Strict
+from tidal.protocol.config import Strict
 
 __all__ = ["Routed", "SGLangConfig", "OpenAIConfig", "PluginConfig", "BackendConfig"]
 

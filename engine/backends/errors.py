@@ -5,7 +5,7 @@ broke and which trajectory it touched. `retryable` says whether the request may 
 transport faults and 5xx are; a 4xx or an in-stream rejection means the request itself is wrong.
 """
 
-from protocol.errors import TidalError
+from tidal.protocol.errors import TidalError
 
 __all__ = [
     "BackendError",

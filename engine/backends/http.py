@@ -11,15 +11,14 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
-
-from engine.backends.errors import (
+from tidal.engine.backends.errors import (
     BackendError,
     BackendTimeout,
     BadResponse,
     HTTPStatusError,
     ServerUnavailable,
 )
-from protocol.sglang import SSE_DONE, SSE_PREFIX, error_message
+from tidal.protocol.sglang import SSE_DONE, SSE_PREFIX, error_message
 
 __all__ = ["sse_post", "call", "client_session", "stop_task"]
 

@@ -26,13 +26,12 @@ from contextlib import aclosing
 
 import aiohttp
 import msgspec
-
-from engine.backends import http
-from engine.backends.base import Backend, Chunk, Finish, Request
-from engine.backends.config import OpenAIConfig
-from engine.backends.errors import BackendError, BadResponse, ServerUnavailable
-from engine.backends.routing import Router, Server, count_failed_attempt
-from protocol import sglang as wire
+from tidal.engine.backends import http
+from tidal.engine.backends.base import Backend, Chunk, Finish, Request
+from tidal.engine.backends.config import OpenAIConfig
+from tidal.engine.backends.errors import BackendError, BadResponse, ServerUnavailable
+from tidal.engine.backends.routing import Router, Server, count_failed_attempt
+from tidal.protocol import sglang as wire
 
 __all__ = ["OpenAIBackend"]
 

@@ -12,18 +12,17 @@ installed distributions' metadata (`importlib.metadata`), so nothing is imported
 from importlib.metadata import EntryPoint, entry_points
 
 import msgspec
-
-from engine.backends.base import Backend
-from engine.backends.config import BackendConfig, PluginConfig
-from protocol.errors import ConfigError
+from tidal.engine.backends.base import Backend
+from tidal.engine.backends.config import BackendConfig, PluginConfig
+from tidal.protocol.errors import ConfigError
 
 __all__ = ["GROUP", "BUILTIN", "available_backends", "load_backend", "create_backend"]
 
 GROUP = "tidal.backends"
 
 BUILTIN = {
-    "sglang": "engine.backends.sglang:SGLangBackend",
-    "openai": "engine.backends.openai:OpenAIBackend",
+    "sglang": "tidal.engine.backends.sglang:SGLangBackend",
+    "openai": "tidal.engine.backends.openai:OpenAIBackend",
 }
 """Always available, even from a source tree whose metadata is not installed; not overridable."""
 
@@ -43,7 +42,7 @@ def load_backend(name: str) -> type[Backend]:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"backend {name!r} ({known[name]}) cannot be loaded: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise ConfigError(f"backend {name!r} ({known[name]}) is not a subclass of engine.backends.Backend")
+        raise ConfigError(f"backend {name!r} ({known[name]}) is not a subclass of tidal.engine.backends.Backend")
     return cls
 
 

@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Collection
 from typing import Literal
 
-from engine.backends.errors import BackendError, ServerUnavailable
+from tidal.engine.backends.errors import BackendError, ServerUnavailable
 
 __all__ = ["Server", "Router", "count_failed_attempt"]
 

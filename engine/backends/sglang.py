@@ -23,21 +23,20 @@ from contextlib import aclosing
 
 import aiohttp
 import msgspec
-
-from engine.backends import http
-from engine.backends.base import Backend, Chunk, Finish, Request, Sampling
-from engine.backends.config import SGLangConfig
-from engine.backends.errors import (
+from tidal.engine.backends import http
+from tidal.engine.backends.base import Backend, Chunk, Finish, Request, Sampling
+from tidal.engine.backends.config import SGLangConfig
+from tidal.engine.backends.errors import (
     BackendError,
     BadResponse,
     HTTPStatusError,
     RequestRejected,
     ServerUnavailable,
 )
-from engine.backends.routing import Router, Server, count_failed_attempt
-from engine.backends.sglang_control import SGLangControl
-from protocol import sglang as wire
-from protocol.errors import ProtocolError
+from tidal.engine.backends.routing import Router, Server, count_failed_attempt
+from tidal.engine.backends.sglang_control import SGLangControl
+from tidal.protocol import sglang as wire
+from tidal.protocol.errors import ProtocolError
 
 __all__ = ["SGLangBackend"]
 

@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
-
-from engine.backends import http
-from engine.backends.errors import BackendError, BadResponse, HTTPStatusError
-from engine.backends.routing import Server
-from protocol import sglang as wire
+from tidal.engine.backends import http
+from tidal.engine.backends.errors import BackendError, BadResponse, HTTPStatusError
+from tidal.engine.backends.routing import Server
+from tidal.protocol import sglang as wire
 
 __all__ = ["SGLangControl"]
 

@@ -11,8 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import msgspec
-
-from protocol.sglang import ControlResponse, ErrorResponse, GenerateRequest, SamplingParams
+from tidal.protocol.sglang import ControlResponse, ErrorResponse, GenerateRequest, SamplingParams
 
 __all__ = [
     "ApiError", "Sampling", "Item", "parse_generate", "resolve_sampling", "framework_error",

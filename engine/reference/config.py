@@ -10,11 +10,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
-
-from engine.reference.scheduler import Scheduler
-from engine.reference.simulate import SimulateConfig
-from protocol.config import Strict
-from protocol.errors import ConfigError
+from tidal.engine.reference.scheduler import Scheduler
+from tidal.engine.reference.simulate import SimulateConfig
+from tidal.protocol.config import Strict
+from tidal.protocol.errors import ConfigError
 
 __all__ = ["ServeConfig", "ServerSection", "ModelSection", "ServerState"]
 

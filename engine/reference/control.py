@@ -12,10 +12,9 @@ import os
 
 import msgspec
 from aiohttp import web
-
-from engine.reference.api import control_error, framework_error, json_encode
-from engine.reference.config import ServerState
-from protocol.sglang import (
+from tidal.engine.reference.api import control_error, framework_error, json_encode
+from tidal.engine.reference.config import ServerState
+from tidal.protocol.sglang import (
     WEIGHT_UPDATE_GROUP,
     AbortRequest,
     BeginWeightUpdateRequest,
@@ -192,7 +191,7 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
         raise control_error("Failed to initialize custom process group: not available with --simulate.")
     if req.group_name in state.groups:
         raise control_error(f"Failed to initialize custom process group: {req.group_name!r} already exists.")
-    from engine.reference.weight_group import WeightGroup
+    from tidal.engine.reference.weight_group import WeightGroup
 
     try:
         group = await asyncio.to_thread(

@@ -13,11 +13,10 @@ import time
 import msgspec
 from aiohttp import web
 from msgspec import UNSET
-
-from engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
-from engine.reference.config import ServerState
-from engine.reference.scheduler import ABORTED_WAITING, Seq
-from protocol.sglang import (
+from tidal.engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
+from tidal.engine.reference.config import ServerState
+from tidal.engine.reference.scheduler import ABORTED_WAITING, Seq
+from tidal.protocol.sglang import (
     SSE_DONE,
     SSE_PREFIX,
     Abort,

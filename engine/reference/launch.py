@@ -18,12 +18,10 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 __all__ = ["ReferenceServer", "ServerStartError"]
 
 _READY = "tidal serve ready "
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -65,7 +63,7 @@ class ReferenceServer:
         return None if self.proc is None else self.proc.pid
 
     def _command(self, port: int) -> list[str]:
-        cmd = [sys.executable, "-u", "-m", "engine.reference.server", "--host", self.host, "--port", str(port)]
+        cmd = [sys.executable, "-u", "-m", "tidal.engine.reference.server", "--host", self.host, "--port", str(port)]
         if self.simulate:
             cmd.append("--simulate")
         if self.model_path is not None:
@@ -75,10 +73,9 @@ class ReferenceServer:
     def start(self, port: int | None = None) -> "ReferenceServer":
         """Launch and block until the readiness line (raises ServerStartError with the child's output)."""
         env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             self._command(port or 0), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-            cwd=str(_ROOT), text=True, bufsize=1,
+            text=True, bufsize=1,
         )
         ready = threading.Event()
         self._tail.clear()

@@ -13,12 +13,11 @@ import uuid
 import msgspec
 from aiohttp import web
 from msgspec import UNSET
-
-from engine.reference.api import ApiError, Item, json_encode, resolve_sampling
-from engine.reference.config import ServerState
-from engine.reference.generate import OutputText, admit, sse_headers
-from engine.reference.scheduler import Seq
-from protocol.sglang import (
+from tidal.engine.reference.api import ApiError, Item, json_encode, resolve_sampling
+from tidal.engine.reference.config import ServerState
+from tidal.engine.reference.generate import OutputText, admit, sse_headers
+from tidal.engine.reference.scheduler import Seq
+from tidal.protocol.sglang import (
     SSE_DONE,
     SSE_PREFIX,
     Abort,

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tidal.engine.reference.kv import DecodeBatch, Row, SeqKV
+from tidal.engine.reference.prefix_cache import PrefixCache
+from tidal.engine.reference.sampling import LOGP_MIN, sample
+from tidal.engine.reference.scheduler import Seq
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
-from engine.reference.kv import DecodeBatch, Row, SeqKV
-from engine.reference.prefix_cache import PrefixCache
-from engine.reference.sampling import LOGP_MIN, sample
-from engine.reference.scheduler import Seq
 
 __all__ = ["ModelRunner"]
 

@@ -12,8 +12,7 @@ are clamped to the float32 minimum, never -inf.
 """
 
 import torch
-
-from engine.reference.scheduler import Seq
+from tidal.engine.reference.scheduler import Seq
 
 __all__ = ["sample", "LOGP_MIN"]
 

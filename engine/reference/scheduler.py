@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engine.reference.api import Item, Sampling
-from engine.reference.prefix_cache import PrefixCache
-from protocol.sglang import Abort, FinishReason, Length, Stop
+from tidal.engine.reference.api import Item, Sampling
+from tidal.engine.reference.prefix_cache import PrefixCache
+from tidal.protocol.sglang import Abort, FinishReason, Length, Stop
 
 __all__ = ["Seq", "Stepper", "Scheduler", "RWLock", "ABORTED", "ABORTED_WAITING"]
 

@@ -18,15 +18,14 @@ import uuid
 
 import msgspec
 from aiohttp import web
-
-from engine.reference import control, openai
-from engine.reference.api import ApiError, Sampling, json_encode
-from engine.reference.config import ServeConfig, ServerState
-from engine.reference.generate import handle_generate
-from engine.reference.scheduler import Scheduler, Seq
-from protocol.config import add_config_args, config_from_args
-from protocol.errors import ConfigError
-from protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
+from tidal.engine.reference import control, openai
+from tidal.engine.reference.api import ApiError, Sampling, json_encode
+from tidal.engine.reference.config import ServeConfig, ServerState
+from tidal.engine.reference.generate import handle_generate
+from tidal.engine.reference.scheduler import Scheduler, Seq
+from tidal.protocol.config import add_config_args, config_from_args
+from tidal.protocol.errors import ConfigError
+from tidal.protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -184,12 +183,11 @@ async def metrics(request: web.Request) -> web.Response:
 def build_stepper(cfg: ServeConfig):
     """The token source: the cost model (no torch imported) or the transformers runner."""
     if cfg.mode == "simulate":
-        from engine.reference.simulate import Simulator
+        from tidal.engine.reference.simulate import Simulator
 
         return Simulator(cfg.simulate)
     import torch
-
-    from engine.reference.runner import ModelRunner
+    from tidal.engine.reference.runner import ModelRunner
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)

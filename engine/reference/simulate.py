@@ -37,10 +37,9 @@ from typing import Annotated, Literal
 
 import numpy as np
 from msgspec import Meta
-
-from engine.reference.prefix_cache import PrefixCache
-from engine.reference.scheduler import Seq
-from protocol.config import Strict
+from tidal.engine.reference.prefix_cache import PrefixCache
+from tidal.engine.reference.scheduler import Seq
+from tidal.protocol.config import Strict
 
 __all__ = ["SimulateConfig", "Simulator"]
 

@@ -36,10 +36,9 @@ from typing import Any, ClassVar
 
 import aiohttp
 import msgspec
-
-from envs.answers import MAX_ACTION_CHARS
-from envs.core import Env, EnvError, EnvNotFound, StepResult
-from envs.registry import register_prefix
+from tidal.envs.answers import MAX_ACTION_CHARS
+from tidal.envs.core import Env, EnvError, EnvNotFound, StepResult
+from tidal.envs.registry import register_prefix
 
 __all__ = [
     "AGENTGYM_COUNTS",

@@ -40,8 +40,8 @@ import types
 import weakref
 from typing import Any
 
-from envs.core import Env, StepResult
-from envs.registry import register_prefix
+from tidal.envs.core import Env, StepResult
+from tidal.envs.registry import register_prefix
 
 __all__ = ["GemEnv", "gem_ids", "plain_gem_modules", "INSTALL_HINT"]
 

@@ -1,7 +1,7 @@
 """The code environment: write a Python function, get rewarded by running its tests in the sandbox.
 
 The agent's last fenced ```python block (or `<python>` block) is its solution. It runs with the
-task's asserts in `envs.tools.python.run_python` (time, memory, output limits, no network), so a step
+task's asserts in `tidal.envs.tools.python.run_python` (time, memory, output limits, no network), so a step
 blocks for up to the sandbox timeout and the env declares `blocking = True`.
 
 Reward: 1 when every test passes, else 0 (`info["passed"]`/`info["total"]` give the fraction);
@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
-from envs.core import Env, EnvError, Solver, StepResult
-from envs.tools.python import SandboxLimits, run_python
+from tidal.envs.core import Env, EnvError, Solver, StepResult
+from tidal.envs.tools.python import SandboxLimits, run_python
 
 __all__ = ["CodeEnv", "CodeTask", "load_code_tasks", "extract_solution", "FORMAT_PENALTY", "DEFAULT_TASKS"]
 

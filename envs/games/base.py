@@ -16,8 +16,8 @@ import functools
 import random
 from typing import Any, ClassVar
 
-from envs.answers import clip, extract_boxed
-from envs.core import Env, StepResult
+from tidal.envs.answers import clip, extract_boxed
+from tidal.envs.core import Env, StepResult
 
 __all__ = ["TextGame", "Invalid", "SUCCESS_REWARD", "STEP_REWARD", "FORMAT_ERROR_REWARD"]
 

@@ -3,8 +3,8 @@ r"""Guess the number between lo and hi; each guess is answered "higher" or "lowe
 import random
 import re
 
-from envs.core import Solver
-from envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
+from tidal.envs.core import Solver
+from tidal.envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
 
 __all__ = ["GuessTheNumber"]
 

@@ -4,8 +4,8 @@ import itertools
 import random
 import re
 
-from envs.core import Solver
-from envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
+from tidal.envs.core import Solver
+from tidal.envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
 
 __all__ = ["Mastermind", "score"]
 

@@ -2,8 +2,8 @@ r"""Minesweeper on a small board: reveal every safe cell; a mine ends the game (
 
 import random
 
-from envs.core import Solver
-from envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
+from tidal.envs.core import Solver
+from tidal.envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
 
 __all__ = ["Minesweeper"]
 

@@ -10,8 +10,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from envs.core import Solver
-from envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
+from tidal.envs.core import Solver
+from tidal.envs.games.base import STEP_REWARD, SUCCESS_REWARD, Invalid, TextGame
 
 __all__ = ["Wordle", "Hangman", "words", "wordle_feedback"]
 

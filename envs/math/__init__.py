@@ -10,10 +10,10 @@ Ids (registered on import):
 Each accepts `max_attempts` (1: single-turn). Answers go in `\boxed{}`; see `verify.py`.
 """
 
-from envs.math.env import FORMAT_PENALTY, MathEnv
-from envs.math.tasks import MathTask, arithmetic_task, load_dataset_tasks, load_tasks, word_problem_task
-from envs.math.verify import extract_answer, is_correct, parse_number
-from envs.registry import register
+from tidal.envs.math.env import FORMAT_PENALTY, MathEnv
+from tidal.envs.math.tasks import MathTask, arithmetic_task, load_dataset_tasks, load_tasks, word_problem_task
+from tidal.envs.math.verify import extract_answer, is_correct, parse_number
+from tidal.envs.registry import register
 
 __all__ = [
     "FORMAT_PENALTY",
@@ -28,6 +28,6 @@ __all__ = [
     "word_problem_task",
 ]
 
-register("math:Arithmetic-v0", "envs.math.env:MathEnv", source="arithmetic")
-register("math:WordProblems-v0", "envs.math.env:MathEnv", source="word")
-register("math:Problems-v0", "envs.math.env:MathEnv", source="file")
+register("math:Arithmetic-v0", "tidal.envs.math.env:MathEnv", source="arithmetic")
+register("math:WordProblems-v0", "tidal.envs.math.env:MathEnv", source="word")
+register("math:Problems-v0", "tidal.envs.math.env:MathEnv", source="file")

@@ -11,9 +11,9 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from envs.answers import clip
-from envs.core import Env, EnvError, Solver, StepResult
-from envs.math.tasks import (
+from tidal.envs.answers import clip
+from tidal.envs.core import Env, EnvError, Solver, StepResult
+from tidal.envs.math.tasks import (
     DEFAULT_PROBLEMS,
     MathTask,
     arithmetic_task,
@@ -21,7 +21,7 @@ from envs.math.tasks import (
     load_tasks,
     word_problem_task,
 )
-from envs.math.verify import extract_answer, is_correct
+from tidal.envs.math.verify import extract_answer, is_correct
 
 __all__ = ["MathEnv", "FORMAT_PENALTY"]
 

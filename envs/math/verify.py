@@ -11,7 +11,7 @@ compare element by element. Nothing here raises on any input: garbage is just "n
 import re
 from fractions import Fraction
 
-from envs.answers import MAX_ACTION_CHARS, extract_boxed
+from tidal.envs.answers import MAX_ACTION_CHARS, extract_boxed
 
 __all__ = ["extract_answer", "parse_number", "normalize_text", "is_correct"]
 

@@ -5,9 +5,9 @@ Ids (registered on import):
   `questions=` point it at your own JSONL files, `max_turns` and `topk` bound the search.
 """
 
-from envs.qa.env import FORMAT_PENALTY, QAEnv, Question, load_questions, normalize_answer
-from envs.registry import register
+from tidal.envs.qa.env import FORMAT_PENALTY, QAEnv, Question, load_questions, normalize_answer
+from tidal.envs.registry import register
 
 __all__ = ["FORMAT_PENALTY", "QAEnv", "Question", "load_questions", "normalize_answer"]
 
-register("qa:Corpus-v0", "envs.qa.env:QAEnv")
+register("qa:Corpus-v0", "tidal.envs.qa.env:QAEnv")

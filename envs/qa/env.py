@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
-from envs.core import Env, EnvError, Solver, StepResult
-from envs.tools.search import SearchIndex, SearchTool, load_corpus
-from envs.tools.tags import first_tagged
+from tidal.envs.core import Env, EnvError, Solver, StepResult
+from tidal.envs.tools.search import SearchIndex, SearchTool, load_corpus
+from tidal.envs.tools.tags import first_tagged
 
 __all__ = ["QAEnv", "Question", "load_questions", "normalize_answer", "FORMAT_PENALTY", "DATA"]
 

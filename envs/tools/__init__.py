@@ -7,9 +7,9 @@ the action and the action cut just after it, or None) and `run(call)` (the obser
 error is text the agent reads, never an exception, and is counted in `TOOL_COUNTS`).
 """
 
-from envs.tools.counters import TOOL_COUNTS
-from envs.tools.mcp import MCPStartError, MCPTool, ToolCall, ToolSpec, parse_tool_call
-from envs.tools.python import (
+from tidal.envs.tools.counters import TOOL_COUNTS
+from tidal.envs.tools.mcp import MCPStartError, MCPTool, ToolCall, ToolSpec, parse_tool_call
+from tidal.envs.tools.python import (
     ExecResult,
     PythonTool,
     SandboxLimits,
@@ -17,7 +17,14 @@ from envs.tools.python import (
     network_isolation,
     run_python,
 )
-from envs.tools.search import Document, RemoteSearchIndex, SearchError, SearchIndex, SearchTool, load_corpus
+from tidal.envs.tools.search import (
+    Document,
+    RemoteSearchIndex,
+    SearchError,
+    SearchIndex,
+    SearchTool,
+    load_corpus,
+)
 
 __all__ = [
     "Document",

@@ -20,11 +20,10 @@ from concurrent.futures import Future
 from typing import Any
 
 import msgspec
-
-from envs.answers import clip
-from envs.tools.counters import TOOL_COUNTS
-from envs.tools.tags import first_tagged
-from protocol.errors import TidalError
+from tidal.envs.answers import clip
+from tidal.envs.tools.counters import TOOL_COUNTS
+from tidal.envs.tools.tags import first_tagged
+from tidal.protocol.errors import TidalError
 
 __all__ = ["MCPTool", "MCPStartError", "ToolCall", "ToolSpec", "parse_tool_call"]
 

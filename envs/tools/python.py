@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
-
-from envs.tools.counters import TOOL_COUNTS
-from envs.tools.tags import first_tagged
+from tidal.envs.tools.counters import TOOL_COUNTS
+from tidal.envs.tools.tags import first_tagged
 
 __all__ = ["ExecResult", "SandboxLimits", "run_python", "network_isolation", "extract_code", "PythonTool"]
 

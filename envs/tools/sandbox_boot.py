@@ -1,6 +1,6 @@
 """First code to run inside the Python sandbox child: apply limits, then run the agent's file.
 
-Run as `python -I -S sandbox_boot.py MEMORY_BYTES CPU_SECONDS FILE_BYTES CODE_PATH [HIDDEN_DIR...]` by `envs.tools.python.run_python`. It
+Run as `python -I -S sandbox_boot.py MEMORY_BYTES CPU_SECONDS FILE_BYTES CODE_PATH [HIDDEN_DIR...]` by `tidal.envs.tools.python.run_python`. It
 uses the stdlib only and is the first code the child runs, so the limits hold before any import the
 agent's code triggers. `-S` skips `site` (its .pth processing is 4/5 of Python's start-up time); the
 boot adds the interpreter's site-packages to `sys.path` itself, so installed packages (numpy, sympy)

@@ -17,11 +17,10 @@ from typing import Protocol
 
 import msgspec
 import numpy as np
-
-from envs.answers import clip
-from envs.tools.counters import TOOL_COUNTS
-from envs.tools.tags import first_tagged
-from protocol.errors import TidalError
+from tidal.envs.answers import clip
+from tidal.envs.tools.counters import TOOL_COUNTS
+from tidal.envs.tools.tags import first_tagged
+from tidal.protocol.errors import TidalError
 
 __all__ = ["Document", "Index", "SearchIndex", "RemoteSearchIndex", "SearchError", "SearchTool", "load_corpus"]
 

@@ -5,10 +5,10 @@ driven acknowledgements. `status`: trainer -> engines, latest TrainerStatus / We
 control, re-sent at once to a late joiner. Every frame is decoded strictly; rejections are counted.
 """
 
-from protocol.channels.dedup import DedupState, StreamMark
-from protocol.channels.frames import ChannelStats, Delivery, bind
-from protocol.channels.status import StatusPublisher, StatusStats, StatusSubscriber
-from protocol.channels.trajectories import TrajectoryReceiver, TrajectorySender
+from tidal.protocol.channels.dedup import DedupState, StreamMark
+from tidal.protocol.channels.frames import ChannelStats, Delivery, bind
+from tidal.protocol.channels.status import StatusPublisher, StatusStats, StatusSubscriber
+from tidal.protocol.channels.trajectories import TrajectoryReceiver, TrajectorySender
 
 __all__ = [
     "TrajectorySender",

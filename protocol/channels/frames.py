@@ -19,9 +19,8 @@ import time
 
 import msgspec
 import zmq
-
-from protocol.errors import ProtocolError
-from protocol.messages import PACKED_FIELDS, Trajectory, decode_parts, encode_parts
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import PACKED_FIELDS, Trajectory, decode_parts, encode_parts
 
 __all__ = [
     "ENVELOPE_VERSION",

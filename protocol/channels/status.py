@@ -19,10 +19,9 @@ import time
 import msgspec
 import zmq
 import zmq.asyncio
-
-from protocol.channels.frames import bind
-from protocol.errors import ProtocolError
-from protocol.messages import (
+from tidal.protocol.channels.frames import bind
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import (
     Drain,
     Pause,
     Resume,

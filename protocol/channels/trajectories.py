@@ -33,10 +33,9 @@ from collections.abc import Iterable
 
 import zmq
 import zmq.asyncio
-
-from protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
-from protocol.channels.fastio import FastSocket, tune_allocator
-from protocol.channels.frames import (
+from tidal.protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
+from tidal.protocol.channels.fastio import FastSocket, tune_allocator
+from tidal.protocol.channels.frames import (
     Ack,
     ChannelStats,
     Data,
@@ -49,8 +48,8 @@ from protocol.channels.frames import (
     trajectory_frames,
     trajectory_from_frames,
 )
-from protocol.errors import ProtocolError
-from protocol.messages import Trajectory
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import Trajectory
 
 __all__ = ["TrajectorySender", "TrajectoryReceiver", "MAX_AHEAD", "ACK_LINGER_MS", "REOPEN_FRACTION"]
 

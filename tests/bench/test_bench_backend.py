@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_bench_backend_quick(tmp_path):
     out = tmp_path / "backend.json"
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "backend", "--quick", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tidal", "bench", "backend", "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -12,7 +12,7 @@ import pytest
 def test_bench_envs_quick(tmp_path):
     out = tmp_path / "envs.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "envs", "--quick", "--seconds", "0.1", "--json", str(out)],
+        [sys.executable, "-m", "tidal", "bench", "envs", "--quick", "--seconds", "0.1", "--json", str(out)],
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

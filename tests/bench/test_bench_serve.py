@@ -7,7 +7,7 @@ import sys
 
 def test_bench_serve_quick(tmp_path):
     out = tmp_path / "serve.json"
-    subprocess.run([sys.executable, "-m", "engine.cli", "bench", "serve", "--quick", "--json", str(out)],
+    subprocess.run([sys.executable, "-m", "tidal", "bench", "serve", "--quick", "--json", str(out)],
                    check=True, capture_output=True, timeout=300)
     report = json.loads(out.read_text())
     assert set(report) == {"bench", "machine", "config", "results", "summary"} and report["bench"] == "serve"

@@ -11,7 +11,7 @@ import pytest
 def test_bench_trainer_quick(tmp_path):
     out = tmp_path / "trainer.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "trainer", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "tidal", "bench", "trainer", "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,7 +1,6 @@
 """Smoke test of the real entry point: `tidal bench transport --quick --json OUT` as a subprocess."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_transport_quick_writes_the_report(tmp_path):
     out = tmp_path / "transport.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "bench", "transport", "--quick", "--json", str(out)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=180,
+        [sys.executable, "-m", "tidal", "bench", "transport", "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

@@ -3,7 +3,7 @@
 import os
 import time
 
-from envs.core import Env
+from tidal.envs.core import Env
 
 
 class Misbehaving(Env):

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 from agentgym_servers import start_server
+from tidal.envs.adapters.agentgym import AGENTGYM_COUNTS, FAMILIES, AgentGymError, BabyAIEnv
+from tidal.envs.check import acheck_env
 
-import envs
-from envs.adapters.agentgym import AGENTGYM_COUNTS, FAMILIES, AgentGymError, BabyAIEnv
-from envs.check import acheck_env
+from tidal import envs
 
 # family -> (actions of a scripted episode, expected rewards per step, kwargs for make)
 EPISODES = {

@@ -5,10 +5,10 @@ import random
 import time
 
 import pytest
+from tidal.envs.check import EnvCheckError, check_env
+from tidal.envs.core import Env
 
-import envs
-from envs.check import EnvCheckError, check_env
-from envs.core import Env
+from tidal import envs
 
 GEM_IDS = ["game:GuessTheNumber-v0-easy", "game:Mastermind-v0-easy", "game:Minesweeper-v0-easy",
            "game:Sokoban-v0-easy", "rg:letter_counting"]

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-TIDAL = [sys.executable, "-m", "engine.cli", "envs"]
+TIDAL = [sys.executable, "-m", "tidal", "envs"]
 
 
 def run(*args, stdin=""):
@@ -13,7 +13,7 @@ def run(*args, stdin=""):
 def test_list_shows_the_games():
     out = run("list", "--prefix", "games")
     assert out.returncode == 0, out.stderr
-    assert "games:Wordle-v0" in out.stdout and "envs.games.words:Wordle" in out.stdout
+    assert "games:Wordle-v0" in out.stdout and "tidal.envs.games.words:Wordle" in out.stdout
 
 
 def test_check_passes_and_reports():

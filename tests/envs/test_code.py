@@ -1,10 +1,10 @@
 """The code suite runs the agent's code against the task's tests in the sandbox."""
 
 import pytest
+from tidal.envs.code import FORMAT_PENALTY, CodeEnv, extract_solution, load_code_tasks
+from tidal.envs.tools import SandboxLimits
 
-import envs
-from envs.code import FORMAT_PENALTY, CodeEnv, extract_solution, load_code_tasks
-from envs.tools import SandboxLimits
+from tidal import envs
 
 
 def _fenced(code: str) -> str:

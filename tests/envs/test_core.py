@@ -4,10 +4,10 @@ import asyncio
 import threading
 
 import pytest
+from tidal.envs.core import Env, EnvBroken, Wrapper
+from tidal.envs.wrappers import TurnLimit
 
-import envs
-from envs.core import Env, EnvBroken, Wrapper
-from envs.wrappers import TurnLimit
+from tidal import envs
 
 
 class Counter(Env):
@@ -138,9 +138,9 @@ def test_huge_action_parses_in_linear_time():
 def test_docstring_examples_run():
     import doctest
 
-    import envs.core
-    import envs.wrappers
+    import tidal.envs.core
+    import tidal.envs.wrappers
 
-    for module in (envs.core, envs.wrappers):
+    for module in (tidal.envs.core, tidal.envs.wrappers):
         failed, tried = doctest.testmod(module)
         assert tried > 0 and failed == 0, module.__name__

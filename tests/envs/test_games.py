@@ -3,11 +3,11 @@
 import random
 
 import pytest
+from tidal.envs.games.base import FORMAT_ERROR_REWARD
+from tidal.envs.games.mastermind import score
+from tidal.envs.games.words import wordle_feedback, words
 
-import envs
-from envs.games.base import FORMAT_ERROR_REWARD
-from envs.games.mastermind import score
-from envs.games.words import wordle_feedback, words
+from tidal import envs
 
 GAMES = envs.list("games")
 

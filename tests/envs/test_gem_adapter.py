@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("gem")
 
-import envs  # noqa: E402
+from tidal import envs  # noqa: E402
 
 GAME = "game:GuessTheNumber-v0-hard"
 SCRIPT = ["\\boxed{25}", "\\boxed{12}", "\\boxed{37}", "\\boxed{6}", "\\boxed{44}", "\\boxed{3}", "\\boxed{48}"]
@@ -125,7 +125,7 @@ async def test_inline_fast_path_keeps_broken_check_and_subclass_overrides():
     with pytest.raises(envs.EnvBroken, match="step timed out"):
         await env.areset(0)
 
-    from envs.adapters.gem import GemEnv
+    from tidal.envs.adapters.gem import GemEnv
 
     class Shouting(GemEnv):
         def step(self, action):
@@ -156,8 +156,8 @@ def test_marking_an_inline_env_blocking_gives_each_thread_its_own_rng():
     after it was built switches to one slot per thread before the env can run in a worker thread."""
     code = f"""
 import asyncio, json
-import envs
-from envs.adapters import gem as adapter
+from tidal import envs
+from tidal.envs.adapters import gem as adapter
 
 async def main():
     seeds = range(6)

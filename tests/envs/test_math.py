@@ -4,10 +4,10 @@ import json
 import random
 
 import pytest
+from tidal.envs.math import FORMAT_PENALTY, MathEnv, extract_answer, is_correct, load_tasks, parse_number
+from tidal.envs.math.tasks import arithmetic_task, word_problem_task
 
-import envs
-from envs.math import FORMAT_PENALTY, MathEnv, extract_answer, is_correct, load_tasks, parse_number
-from envs.math.tasks import arithmetic_task, word_problem_task
+from tidal import envs
 
 # (model answer after extraction, reference answer, should it count as correct)
 VERDICTS = [

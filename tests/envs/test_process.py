@@ -4,11 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+from tidal.envs.core import EnvError
+from tidal.envs.process import ProcessEnv, RemoteEnvError
+from tidal.envs.wrappers import StepTimeout
 
-import envs
-from envs.core import EnvError
-from envs.process import ProcessEnv, RemoteEnvError
-from envs.wrappers import StepTimeout
+from tidal import envs
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """The qa suite: the scripted solver searches over several turns and reaches reward 1."""
 
 import pytest
+from tidal.envs.qa import FORMAT_PENALTY, QAEnv, load_questions, normalize_answer
+from tidal.envs.qa.env import DATA
 
-import envs
-from envs.qa import FORMAT_PENALTY, QAEnv, load_questions, normalize_answer
-from envs.qa.env import DATA
+from tidal import envs
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tidal.envs import registry
+from tidal.envs.core import Env
+from tidal.envs.wrappers import TurnLimit
 
-import envs
-from envs import registry
-from envs.core import Env
-from envs.wrappers import TurnLimit
+from tidal import envs
 
 EXAMPLE = Path(__file__).parents[1] / "fixtures" / "example_env"
 """A third-party suite installed as a distribution would be: its `tidal.envs` entry point returns a wrapped env."""

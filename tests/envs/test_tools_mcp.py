@@ -6,8 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from envs.tools import TOOL_COUNTS, MCPStartError, MCPTool, ToolCall, parse_tool_call
+from tidal.envs.tools import TOOL_COUNTS, MCPStartError, MCPTool, ToolCall, parse_tool_call
 
 SERVER = Path(__file__).with_name("mcp_server.py")
 

@@ -5,9 +5,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-import envs.code
-from envs.tools import TOOL_COUNTS, PythonTool, SandboxLimits, extract_code, network_isolation, run_python
+import tidal.envs.code
+from tidal.envs.tools import (
+    TOOL_COUNTS,
+    PythonTool,
+    SandboxLimits,
+    extract_code,
+    network_isolation,
+    run_python,
+)
 
 LIMITS = SandboxLimits(timeout_s=20.0, memory_mb=256, max_output_bytes=1000)
 """Generous time: on a loaded CI machine even starting Python can take a while."""
@@ -112,10 +118,10 @@ def test_tool_observation_reports_output_and_errors():
 
 
 def test_the_envs_package_with_task_solutions_cannot_be_read():
-    tasks = Path(envs.code.__file__).with_name("data") / "tasks.jsonl"
+    tasks = Path(tidal.envs.code.__file__).with_name("data") / "tasks.jsonl"
     result = run_python(f"print(open({str(tasks)!r}).read())", LIMITS)
     assert result.exit_code == 1 and "is not allowed" in result.stderr and "solution" not in result.stdout
-    result = run_python("import envs.code", LIMITS)  # refused if installed, not found if editable (no .pth)
+    result = run_python("import tidal.envs.code", LIMITS)  # refused if installed, not found if editable (no .pth)
     assert result.exit_code == 1 and ("PermissionError" in result.stderr or "ModuleNotFoundError" in result.stderr)
 
 

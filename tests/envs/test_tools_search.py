@@ -6,8 +6,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-
-from envs.tools import TOOL_COUNTS, Document, RemoteSearchIndex, SearchIndex, SearchTool, load_corpus
+from tidal.envs.tools import TOOL_COUNTS, Document, RemoteSearchIndex, SearchIndex, SearchTool, load_corpus
 
 DOCS = [
     Document("1", "Paris", "Paris is the capital and largest city of France, on the Seine."),

@@ -5,12 +5,11 @@ inputs here are five times larger; the timeout only turns a regression into a fa
 """
 
 import pytest
-
-from envs.code import extract_solution
-from envs.qa import FORMAT_PENALTY, QAEnv
-from envs.tools import PythonTool, SearchTool, parse_tool_call
-from envs.tools.python import extract_code
-from envs.tools.tags import first_tagged
+from tidal.envs.code import extract_solution
+from tidal.envs.qa import FORMAT_PENALTY, QAEnv
+from tidal.envs.tools import PythonTool, SearchTool, parse_tool_call
+from tidal.envs.tools.python import extract_code
+from tidal.envs.tools.tags import first_tagged
 
 N = 100_000
 

@@ -3,10 +3,10 @@
 import sys
 from pathlib import Path
 
-from envs.code import CodeEnv
-from envs.math import MathEnv
-from envs.tools import MCPTool, PythonTool, SandboxLimits
-from envs.wrappers import ToolUse
+from tidal.envs.code import CodeEnv
+from tidal.envs.math import MathEnv
+from tidal.envs.tools import MCPTool, PythonTool, SandboxLimits
+from tidal.envs.wrappers import ToolUse
 
 SERVER = Path(__file__).with_name("mcp_server.py")
 

@@ -5,10 +5,10 @@ import re
 import threading
 
 import pytest
+from tidal.envs.core import Env
+from tidal.envs.wrappers import ObservationFormat, RewardShaping, StepTimeout, Tool, ToolUse, TurnLimit
 
-import envs
-from envs.core import Env
-from envs.wrappers import ObservationFormat, RewardShaping, StepTimeout, Tool, ToolUse, TurnLimit
+from tidal import envs
 
 
 class Echo(Env):

@@ -9,8 +9,9 @@ Run by tests/envs/test_custom_env_example.py, so it stays true to the API.
 import asyncio
 import random
 
-import envs
-from envs.wrappers import StepTimeout, TurnLimit
+from tidal.envs.wrappers import StepTimeout, TurnLimit
+
+from tidal import envs
 
 # --- 1. The env: reset(seed) -> (obs, info); step(action) -> (obs, reward, terminated, truncated, info)
 MOVES = {"N": (-1, 0), "S": (1, 0), "E": (0, 1), "W": (0, -1)}

@@ -18,7 +18,7 @@ def cuda_free_mib():
 
 @pytest.fixture
 def trainer_process(tmp_path):
-    """`python -m trainer` children (tests/trainer/proc.py); every one still running at teardown is killed."""
+    """`python -m tidal.trainer` children (tests/trainer/proc.py); every one still running at teardown is killed."""
     from tests.trainer.proc import TrainerProcess
 
     made = []

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import aiohttp  # noqa: E402
+from tidal.engine.reference.launch import ReferenceServer  # noqa: E402
+from tidal.protocol.channels import StatusSubscriber, TrajectorySender  # noqa: E402
 
-from engine.reference.launch import ReferenceServer  # noqa: E402
-from protocol.channels import StatusSubscriber, TrajectorySender  # noqa: E402
 from tests.trainer.proc import records, served, trainer_toml  # noqa: E402
 from tests.trainer.producer import Producer  # noqa: E402
 

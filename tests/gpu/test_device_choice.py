@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from protocol.errors import ConfigError  # noqa: E402
-from trainer.distributed import World  # noqa: E402
+from tidal.protocol.errors import ConfigError  # noqa: E402
+from tidal.trainer.distributed import World  # noqa: E402
 
 
 def init(monkeypatch, device: str, local_rank: int, local_ranks: int) -> World:

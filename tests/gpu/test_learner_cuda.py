@@ -7,8 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+from tidal.trainer.learner import Learner  # noqa: E402
+
 from tests.trainer.test_learner import batch_of, config  # noqa: E402
-from trainer.learner import Learner  # noqa: E402
 
 PATHS = {
     "grpo-ppo-packed": ("advantage.type=grpo", "loss.type=ppo", "packing.token_budget=64"),

@@ -12,10 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 import aiohttp  # noqa: E402
 import msgspec  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-
-from engine.reference.launch import ReferenceServer  # noqa: E402
-from trainer.config import DistributedPublish  # noqa: E402
-from trainer.publish import DistributedPublisher, PublishError  # noqa: E402
+from tidal.engine.reference.launch import ReferenceServer  # noqa: E402
+from tidal.trainer.config import DistributedPublish  # noqa: E402
+from tidal.trainer.publish import DistributedPublisher, PublishError  # noqa: E402
 
 PROMPT = [40, 41, 42, 43, 44]
 

@@ -10,8 +10,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 import aiohttp  # noqa: E402
-
-from engine.reference.launch import ReferenceServer  # noqa: E402
+from tidal.engine.reference.launch import ReferenceServer  # noqa: E402
 
 PROMPTS = [[11, 42, 99, 7], [40, 41, 42, 43, 44, 45, 46], [200, 3, 17]]
 NEW = 12

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import msgspec
-
-from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
-from protocol.messages import Trajectory, Turn
+from tidal.protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
+from tidal.protocol.messages import Trajectory, Turn
 
 BATCH = 50
 

@@ -5,9 +5,8 @@ from typing import Annotated, Literal
 
 import msgspec
 import pytest
-
-from protocol.config import Strict, add_config_args, config_from_args, load_config, to_toml
-from protocol.errors import ConfigError
+from tidal.protocol.config import Strict, add_config_args, config_from_args, load_config, to_toml
+from tidal.protocol.errors import ConfigError
 
 
 class Adam(Strict, tag="adam"):

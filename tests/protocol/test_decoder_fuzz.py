@@ -14,10 +14,8 @@ import zmq.asyncio
 from _actors import make_trajectory
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from wire_strategies import trajectories
-
-from protocol.channels import TrajectoryReceiver
-from protocol.channels.frames import (
+from tidal.protocol.channels import TrajectoryReceiver
+from tidal.protocol.channels.frames import (
     Data,
     Hello,
     decode_envelope,
@@ -25,7 +23,8 @@ from protocol.channels.frames import (
     trajectory_frames,
     trajectory_from_frames,
 )
-from protocol.errors import ProtocolError
+from tidal.protocol.errors import ProtocolError
+from wire_strategies import trajectories
 
 ENGINE, EPOCH = "fuzz", 1
 

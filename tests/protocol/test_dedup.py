@@ -3,8 +3,7 @@
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol.channels.dedup import MAX_EPOCHS_PER_ENGINE, DedupState, SeqSet, StreamTable
+from tidal.protocol.channels.dedup import MAX_EPOCHS_PER_ENGINE, DedupState, SeqSet, StreamTable
 
 
 @settings(max_examples=200, deadline=None)

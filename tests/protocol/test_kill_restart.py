@@ -5,7 +5,6 @@ trajectory exactly once, although the wire delivers some of them several times.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,8 +19,7 @@ PER_ENGINE = 5000
 
 
 def _spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ACTORS), *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, str(ACTORS), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

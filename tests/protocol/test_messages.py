@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_strategies import messages, status_messages, trajectories
-
-from protocol.channels.fastio import tune_allocator
-from protocol.errors import ProtocolError
-from protocol.messages import (
+from tidal.protocol.channels.fastio import tune_allocator
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import (
     ARRAY_FIELDS,
     SCHEMA_VERSION,
     Pause,
@@ -27,6 +25,7 @@ from protocol.messages import (
     encode,
     encode_parts,
 )
+from wire_strategies import messages, status_messages, trajectories
 
 
 @settings(max_examples=150, deadline=None)

@@ -6,9 +6,8 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-
-from protocol.channels import StatusPublisher, StatusSubscriber
-from protocol.messages import DiskWeights, Pause, Resume, TrainerStatus, WeightsPublished, encode
+from tidal.protocol.channels import StatusPublisher, StatusSubscriber
+from tidal.protocol.messages import DiskWeights, Pause, Resume, TrainerStatus, WeightsPublished, encode
 
 
 @pytest.fixture(params=["tcp", "ipc"])

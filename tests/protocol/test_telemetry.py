@@ -4,8 +4,7 @@ import json
 import urllib.request
 
 import pytest
-
-from protocol.telemetry import Telemetry, prometheus_name
+from tidal.protocol.telemetry import Telemetry, prometheus_name
 
 
 def _scrape(url: str) -> dict[str, float]:

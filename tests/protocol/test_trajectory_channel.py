@@ -11,9 +11,8 @@ import pytest
 import zmq
 import zmq.asyncio
 from _actors import make_trajectory
-
-from protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
-from protocol.channels.frames import (
+from tidal.protocol.channels import DedupState, TrajectoryReceiver, TrajectorySender
+from tidal.protocol.channels.frames import (
     Ack,
     Data,
     decode_envelope,
@@ -21,7 +20,7 @@ from protocol.channels.frames import (
     trajectory_frames,
     trajectory_from_frames,
 )
-from protocol.messages import PACKED_FIELDS, Trajectory
+from tidal.protocol.messages import PACKED_FIELDS, Trajectory
 
 
 @pytest.fixture(params=["tcp", "ipc"])

@@ -2,8 +2,7 @@
 
 import numpy as np
 from hypothesis import strategies as st
-
-from protocol.messages import (
+from tidal.protocol.messages import (
     DiskWeights,
     DistributedWeights,
     Drain,

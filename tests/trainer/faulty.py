@@ -30,7 +30,7 @@ def poison(model: torch.nn.Module, *, grad_only: bool = False) -> None:
 
 
 def main() -> int:
-    import trainer.daemon as daemon
+    import tidal.trainer.daemon as daemon
 
     build = daemon._build_learner
 

@@ -1,4 +1,4 @@
-"""The trainer daemon as a real child process (`python -m trainer CONFIG`) and its JSONL record."""
+"""The trainer daemon as a real child process (`python -m tidal.trainer CONFIG`) and its JSONL record."""
 
 import json
 import os
@@ -50,9 +50,9 @@ def records(path: Path) -> list[dict]:
 
 
 class TrainerProcess:
-    """One `python -m trainer` child; `start` waits for its `ready` record."""
+    """One `python -m tidal.trainer` child; `start` waits for its `ready` record."""
 
-    def __init__(self, tmp: Path, cfg: dict, *, argv=("-m", "trainer"), env=None):
+    def __init__(self, tmp: Path, cfg: dict, *, argv=("-m", "tidal.trainer"), env=None):
         self.tmp = tmp
         self.config = tmp / "trainer.toml"
         self.config.write_text(tomli_w.dumps(cfg))

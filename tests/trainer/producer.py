@@ -4,13 +4,12 @@ Each group shares one random prompt; each member then alternates `turns` sampled
 1, behaviour log-probabilities recorded from the model at temperature 1, tagged with the policy version
 the caller names) with random observation tokens (mask 0). The reward of a turn is the fraction of its
 tokens whose id is even, so a trainer that learns raises the probability of even ids (`even_mass`).
-`send` ships trajectories over the real trajectory channel (protocol.channels.TrajectorySender).
+`send` ships trajectories over the real trajectory channel (tidal.protocol.channels.TrajectorySender).
 """
 
 import numpy as np
 import torch
-
-from protocol.messages import Trajectory, Turn
+from tidal.protocol.messages import Trajectory, Turn
 
 __all__ = ["Producer", "even_mass"]
 

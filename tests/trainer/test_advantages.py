@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from protocol.messages import Trajectory, Turn
-from trainer.advantages import (
+from tidal.protocol.messages import Trajectory, Turn
+from tidal.trainer.advantages import (
     GAEConfig,
     GRPOConfig,
     ReBNConfig,

@@ -5,14 +5,14 @@ import time
 import msgspec
 import pytest
 import torch
+from tidal.protocol.config import load_config
+from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
+from tidal.trainer.config import CheckpointConfig, TrainerConfig
+from tidal.trainer.distributed import World
+from tidal.trainer.intake import Intake, IntakeState
+from tidal.trainer.learner import Learner
 
-from protocol.config import load_config
 from tests.trainer.producer import Producer
-from trainer.checkpoint import Checkpointer, CheckpointMeta
-from trainer.config import CheckpointConfig, TrainerConfig
-from trainer.distributed import World
-from trainer.intake import Intake, IntakeState
-from trainer.learner import Learner
 
 
 @pytest.fixture(scope="module")

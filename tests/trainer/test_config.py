@@ -2,9 +2,10 @@
 
 import tomllib
 
-from engine.cli import main as tidal
-from protocol.config import load_config
-from trainer.config import DistributedPublish, TrainerConfig
+from tidal.protocol.config import load_config
+from tidal.trainer.config import DistributedPublish, TrainerConfig
+
+from tidal.cli import main as tidal
 
 
 def test_print_config_resolves_layers(tmp_path, capsys):
@@ -70,7 +71,7 @@ def test_the_trainer_imports_neither_engine_nor_envs():
     import subprocess
     import sys
 
-    code = ("import sys, trainer.daemon, trainer.publish, trainer.distributed; "
+    code = ("import sys, tidal.trainer.daemon, tidal.trainer.publish, tidal.trainer.distributed; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'envs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

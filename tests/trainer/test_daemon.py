@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tidal.protocol.channels import StatusSubscriber, TrajectorySender
+from tidal.protocol.messages import TrainerStatus, Trajectory, WeightsPublished
 
-from protocol.channels import StatusSubscriber, TrajectorySender
-from protocol.messages import TrainerStatus, Trajectory, WeightsPublished
 from tests.trainer.proc import records, served, trainer_toml
 from tests.trainer.producer import Producer
 
@@ -203,8 +203,7 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
 async def test_broadcasts_each_version_to_the_reference_server_and_survives_its_restart(
         tmp_path, tiny_model_dir, trainer_process):
     import aiohttp
-
-    from engine.reference.launch import ReferenceServer
+    from tidal.engine.reference.launch import ReferenceServer
 
     producer = Producer(tiny_model_dir, seed=2)
     groups = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(4)}

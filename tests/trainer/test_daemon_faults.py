@@ -12,16 +12,16 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from tidal.protocol.channels import StatusSubscriber, TrajectorySender
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.messages import Trajectory
+from tidal.trainer import dead_letter
+from tidal.trainer.learner import Learner, NonFiniteStep
 
-from protocol.channels import StatusSubscriber, TrajectorySender
-from protocol.errors import ProtocolError
-from protocol.messages import Trajectory
 from tests.trainer.faulty import POISON, poison
 from tests.trainer.proc import records, trainer_toml
 from tests.trainer.producer import Producer
 from tests.trainer.test_learner import batch_of, config, episode
-from trainer import dead_letter
-from trainer.learner import Learner, NonFiniteStep
 
 pytestmark = pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 

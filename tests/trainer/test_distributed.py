@@ -13,12 +13,11 @@ import time
 
 import numpy as np
 import pytest
+import tidal.trainer.daemon
 import torch
-
-import trainer.daemon
-from trainer.daemon import _obey, _step_together
-from trainer.distributed import ABORT_EXIT, IDLE, STEP, STOP, SUMMED_METRICS, RanksDisagree, World
-from trainer.learner import NonFiniteStep
+from tidal.trainer.daemon import _obey, _step_together
+from tidal.trainer.distributed import ABORT_EXIT, IDLE, STEP, STOP, SUMMED_METRICS, RanksDisagree, World
+from tidal.trainer.learner import NonFiniteStep
 
 
 class OtherRank(World):
@@ -91,7 +90,7 @@ def test_abort_names_rank_and_error_to_stderr_and_to_torchruns_error_file(tmp_pa
     from tests.trainer.proc import ROOT
 
     error_file = tmp_path / "error.json"
-    code = ("import threading, torch\nfrom trainer.distributed import abort\n"
+    code = ("import threading, torch\nfrom tidal.trainer.distributed import abort\n"
             "threading.Thread(target=threading.Event().wait, daemon=False).start()  # a rank stuck in a collective\n"
             "try:\n    raise torch.OutOfMemoryError('CUDA out of memory (scripted)')\n"
             "except Exception as exc:\n    abort(1, 'step at version 3 failed', exc)\n")
@@ -194,7 +193,7 @@ def aborts(monkeypatch):
     def abort(rank, what, exc):
         raise Aborted(rank, what, f"{type(exc).__name__}: {exc}")
 
-    monkeypatch.setattr(trainer.daemon, "abort", abort)
+    monkeypatch.setattr(tidal.trainer.daemon, "abort", abort)
 
 
 def test_ranks_wait_again_on_idle_and_train_on_step_until_stop():

@@ -3,12 +3,11 @@
 import asyncio
 
 import pytest
-
-from protocol.config import load_config
-from protocol.errors import ConfigError
-from protocol.messages import Trajectory, Turn
-from trainer.config import IntakeConfig
-from trainer.intake import Intake
+from tidal.protocol.config import load_config
+from tidal.protocol.errors import ConfigError
+from tidal.protocol.messages import Trajectory, Turn
+from tidal.trainer.config import IntakeConfig
+from tidal.trainer.intake import Intake
 
 
 def traj(tid: str, group: str, version: int, n_gen: int = 3) -> Trajectory:
@@ -127,8 +126,8 @@ def test_a_rejected_member_still_completes_its_group():
 
 
 async def test_pump_acknowledges_used_ones_per_step_and_the_rest_at_checkpoint():
-    from protocol.channels import TrajectoryReceiver, TrajectorySender
-    from trainer.intake import IntakePump
+    from tidal.protocol.channels import TrajectoryReceiver, TrajectorySender
+    from tidal.trainer.intake import IntakePump
 
     cfg = IntakeConfig(batch_size=2, group_size=2, commit="step")
     async with TrajectoryReceiver("tcp://127.0.0.1:0") as rx, TrajectorySender(rx.endpoint, "e0") as tx:

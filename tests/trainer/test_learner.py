@@ -5,10 +5,9 @@ import io
 import numpy as np
 import pytest
 import torch
-
-from protocol.config import load_config
-from protocol.messages import Trajectory, Turn
-from trainer.learner import Learner, LearnerConfig
+from tidal.protocol.config import load_config
+from tidal.protocol.messages import Trajectory, Turn
+from tidal.trainer.learner import Learner, LearnerConfig
 
 
 def config(model_dir, *overrides) -> LearnerConfig:
@@ -195,7 +194,7 @@ def test_untrainable_input_is_a_clear_error_naming_the_trajectory(tiny_model_dir
 
 
 def test_every_returned_metric_is_documented(tiny_model_dir):
-    from trainer.learner import METRICS
+    from tidal.trainer.learner import METRICS
 
     learner = Learner(config(tiny_model_dir, "advantage.type=gae", "loss.type=ppo", "loss.kl_coef=0.1"))
     metrics = learner.train_step(batch_of(4))

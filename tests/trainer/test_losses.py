@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from trainer.losses import (
+from tidal.trainer.losses import (
     DecoupledPPOConfig,
     LossInputs,
     TISConfig,

@@ -5,8 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from trainer.packing import PackingConfig, build, first_fit_decreasing, padding_fraction, plan
+from tidal.trainer.packing import PackingConfig, build, first_fit_decreasing, padding_fraction, plan
 
 
 def test_ffd_hand_worked():

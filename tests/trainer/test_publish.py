@@ -10,11 +10,10 @@ import aiohttp
 import msgspec
 import pytest
 from safetensors.torch import load_file
-
-from engine.reference.launch import ReferenceServer
-from protocol.messages import DiskWeights, DistributedWeights
-from trainer.config import DiskPublish, DistributedPublish
-from trainer.publish import DiskPublisher, DistributedPublisher, PublishError
+from tidal.engine.reference.launch import ReferenceServer
+from tidal.protocol.messages import DiskWeights, DistributedWeights
+from tidal.trainer.config import DiskPublish, DistributedPublish
+from tidal.trainer.publish import DiskPublisher, DistributedPublisher, PublishError
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node 2 -m trainer` on gloo (DDP, and FSDP2) takes the same steps as one process
+"""`torchrun --nproc-per-node 2 -m tidal.trainer` on gloo (DDP, and FSDP2) takes the same steps as one process
 on the same batches, including across a restart from its own checkpoint."""
 
 import asyncio
@@ -6,17 +6,17 @@ import asyncio
 import pytest
 import torch
 from safetensors.torch import load_file
+from tidal.protocol.channels import TrajectorySender
+from tidal.protocol.config import load_config
+from tidal.trainer.config import TrainerConfig
+from tidal.trainer.learner import Learner
 
-from protocol.channels import TrajectorySender
-from protocol.config import load_config
 from tests.trainer.proc import records, trainer_toml
 from tests.trainer.producer import Producer
-from trainer.config import TrainerConfig
-from trainer.learner import Learner
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer")
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tidal.trainer")
 
 
 async def run_until_exit(trainer, batch) -> None:

@@ -11,14 +11,14 @@ longest to rank 0, the next to rank 1, then each to the less loaded rank, so in 
 import asyncio
 
 import pytest
+from tidal.protocol.channels import TrajectorySender
+from tidal.protocol.messages import Trajectory
+from tidal.trainer import dead_letter
 
-from protocol.channels import TrajectorySender
-from protocol.messages import Trajectory
 from tests.trainer.faulty import ATTEMPTS_ENV, POISON
 from tests.trainer.proc import records, trainer_toml
 from tests.trainer.producer import Producer
 from tests.trainer.test_torchrun import TORCHRUN
-from trainer import dead_letter
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")]
 

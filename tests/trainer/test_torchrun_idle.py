@@ -11,14 +11,14 @@ import subprocess
 
 import pytest
 import torch
+from tidal.protocol.channels import TrajectorySender
+from tidal.protocol.config import load_config
+from tidal.trainer.config import TrainerConfig
+from tidal.trainer.learner import Learner
 
-from protocol.channels import TrajectorySender
-from protocol.config import load_config
 from tests.trainer.proc import records, trainer_toml
 from tests.trainer.producer import Producer
 from tests.trainer.test_torchrun import TORCHRUN, assert_same_update
-from trainer.config import TrainerConfig
-from trainer.learner import Learner
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from fake_sglang import FakeSGLang
-
-from engine.backends import (
+from tidal.engine.backends import (
     Backend,
     Chunk,
     Finish,
@@ -18,7 +17,7 @@ from engine.backends import (
     SGLangConfig,
     create_backend,
 )
-from engine.backends.check import BackendContractError, check_backend
+from tidal.engine.backends.check import BackendContractError, check_backend
 
 EXAMPLE = Path(__file__).parents[2] / "fixtures" / "example_backend"
 

@@ -10,8 +10,7 @@ import asyncio
 import msgspec
 import pytest
 from fake_sglang import FakeSGLang, token_at
-
-from engine.backends import (
+from tidal.engine.backends import (
     BadResponse,
     OpenAIBackend,
     OpenAIConfig,
@@ -20,8 +19,8 @@ from engine.backends import (
     SGLangBackend,
     SGLangConfig,
 )
-from protocol import sglang as wire
-from protocol.errors import ProtocolError
+from tidal.protocol import sglang as wire
+from tidal.protocol.errors import ProtocolError
 
 GENERATE_KEYS = {  # §1.1
     "text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",

@@ -5,9 +5,8 @@ import asyncio
 import aiohttp
 import pytest
 from aiohttp import web
-
-from engine.backends import BadResponse, ServerUnavailable
-from engine.backends.http import sse_post
+from tidal.engine.backends import BadResponse, ServerUnavailable
+from tidal.engine.backends.http import sse_post
 
 EVENTS = [b'{"a":1}', b'{"b":[1,2,3]}', b'{"c":"x\\ny"}']
 

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 from fake_sglang import FakeSGLang, token_at
-
-from engine.backends import (
+from tidal.engine.backends import (
     OpenAIBackend,
     OpenAIConfig,
     Request,

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
-from engine.backends import (
+from tidal.engine.backends import (
     BackendConfig,
     OpenAIBackend,
     PluginConfig,
@@ -19,8 +18,8 @@ from engine.backends import (
     create_backend,
     load_backend,
 )
-from protocol.config import Strict, load_config
-from protocol.errors import ConfigError
+from tidal.protocol.config import Strict, load_config
+from tidal.protocol.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "fixtures" / "example_backend"
 
@@ -109,7 +108,7 @@ def test_unregistered_broken_and_wrong_entry_points_name_the_problem(monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=r"'nope' is not registered .*available: \[.*'sglang'"):
         load_backend("nope")
-    with pytest.raises(ConfigError, match="json:dumps.*not a subclass of engine.backends.Backend"):
+    with pytest.raises(ConfigError, match="json:dumps.*not a subclass of tidal.engine.backends.Backend"):
         load_backend("notabackend")
     with pytest.raises(ConfigError, match="no_such_module_here:Backend.*cannot be loaded"):
         load_backend("missing")

@@ -5,9 +5,8 @@ re-admitted after a restart)."""
 import asyncio
 
 import pytest
-
-from engine.backends import Request, Router, Sampling, SGLangBackend, SGLangConfig
-from engine.reference.launch import ReferenceServer
+from tidal.engine.backends import Request, Router, Sampling, SGLangBackend, SGLangConfig
+from tidal.engine.reference.launch import ReferenceServer
 
 # --- the policy --------------------------------------------------------------------------------
 

@@ -6,8 +6,7 @@ import asyncio
 import msgspec
 import pytest
 from fake_sglang import FakeSGLang, token_at
-
-from engine.backends import (
+from tidal.engine.backends import (
     BackendError,
     BackendTimeout,
     BadResponse,
@@ -19,8 +18,8 @@ from engine.backends import (
     SGLangBackend,
     SGLangConfig,
 )
-from engine.backends.sglang import _new_tokens
-from protocol import sglang as wire
+from tidal.engine.backends.sglang import _new_tokens
+from tidal.protocol import sglang as wire
 
 PROMPT = [5, 6, 7]
 

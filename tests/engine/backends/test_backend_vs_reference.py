@@ -8,10 +8,9 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-
-from engine.backends import OpenAIBackend, OpenAIConfig, Request, Sampling, SGLangBackend, SGLangConfig
-from engine.reference.launch import ReferenceServer
-from engine.reference.tiny import build_tiny_model
+from tidal.engine.backends import OpenAIBackend, OpenAIConfig, Request, Sampling, SGLangBackend, SGLangConfig
+from tidal.engine.reference.launch import ReferenceServer
+from tidal.engine.reference.tiny import build_tiny_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

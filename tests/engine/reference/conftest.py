@@ -5,8 +5,7 @@ tests check the wire format itself, not a client library's reading of it.
 """
 
 import pytest
-
-from engine.reference.launch import ReferenceServer
+from tidal.engine.reference.launch import ReferenceServer
 
 
 @pytest.fixture(scope="module")

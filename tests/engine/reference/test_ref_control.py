@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from refserver_http import LiveStream, get, post, wait_running
-
-from engine.reference.launch import ReferenceServer
-from engine.reference.tiny import build_tiny_model
+from tidal.engine.reference.launch import ReferenceServer
+from tidal.engine.reference.tiny import build_tiny_model
 
 PROMPT = [11, 42, 99, 7]
 LONG = {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}

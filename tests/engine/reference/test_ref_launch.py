@@ -5,8 +5,7 @@ import sys
 
 import pytest
 from refserver_http import get
-
-from engine.reference.launch import ReferenceServer, ServerStartError
+from tidal.engine.reference.launch import ReferenceServer, ServerStartError
 
 
 async def test_restart_keeps_the_port():
@@ -35,7 +34,7 @@ def test_bad_config_fails_start_with_the_reason():
 
 
 def test_cli_prints_config():
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--simulate", "--print-config",
+    out = subprocess.run([sys.executable, "-m", "tidal", "serve", "--simulate", "--print-config",
                           "--set", "simulate.max_running=7"], capture_output=True, text=True, check=True)
     assert 'mode = "simulate"' in out.stdout and "max_running = 7" in out.stdout
 

@@ -1,7 +1,7 @@
 """The prefix cache index: longest whole-block prefix and the LRU bound (its use by the model and
 the simulator is tested with their servers)."""
 
-from engine.reference.prefix_cache import PrefixCache
+from tidal.engine.reference.prefix_cache import PrefixCache
 
 
 def test_longest_whole_block_prefix_and_lru_bound():

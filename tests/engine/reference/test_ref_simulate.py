@@ -7,9 +7,8 @@ import sys
 import aiohttp
 import pytest
 from refserver_http import get, parse_sse, post
-
-from engine.reference.launch import ReferenceServer
-from engine.reference.simulate import SimulateConfig, Simulator
+from tidal.engine.reference.launch import ReferenceServer
+from tidal.engine.reference.simulate import SimulateConfig, Simulator
 
 COSTS = ["--set", "simulate.step_base_s=0.002", "--set", "simulate.step_per_seq_s=1e-5",
          "--set", "simulate.prefill_per_token_s=1e-6", "--set", "simulate.max_running=128",
@@ -84,9 +83,9 @@ async def test_auth_keys():
 
 
 def test_simulate_and_launch_never_import_torch():
-    code = ("import sys; from engine.reference.launch import ReferenceServer; "
-            "from engine.reference.server import build_stepper, build_state; "
-            "from engine.reference.config import ServeConfig; "
+    code = ("import sys; from tidal.engine.reference.launch import ReferenceServer; "
+            "from tidal.engine.reference.server import build_stepper, build_state; "
+            "from tidal.engine.reference.config import ServeConfig; "
             "build_state(ServeConfig(mode='simulate'), build_stepper(ServeConfig(mode='simulate'))); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

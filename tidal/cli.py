@@ -8,15 +8,17 @@ import argparse
 import importlib
 import sys
 
+from tidal import __version__
+
 __all__ = ["main", "COMMANDS"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("engine.run", "run engine, trainer and a CPU reference server end to end (the main job)"),
-    "engine": ("engine.daemon", "the rollout engine daemon"),
-    "trainer": ("trainer.daemon", "the off-policy trainer daemon (torchrun-able)"),
-    "serve": ("engine.reference.server", "the CPU reference inference server speaking SGLang's HTTP API"),
-    "envs": ("envs.cli", "list, check and try environments"),
-    "bench": ("bench.cli", "reproducible throughput benchmarks (JSON + table)"),
+    "run": ("tidal.engine.run", "run engine, trainer and a CPU reference server end to end (the main job)"),
+    "engine": ("tidal.engine.daemon", "the rollout engine daemon"),
+    "trainer": ("tidal.trainer.daemon", "the off-policy trainer daemon (torchrun-able)"),
+    "serve": ("tidal.engine.reference.server", "the CPU reference inference server speaking SGLang's HTTP API"),
+    "envs": ("tidal.envs.cli", "list, check and try environments"),
+    "bench": ("tidal.bench.cli", "reproducible throughput benchmarks (JSON + table)"),
 }
 
 
@@ -28,8 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tidal", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=sorted(COMMANDS), help="subcommand")
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"tidal {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        print(f"\ntidal {__version__}; `tidal COMMAND --help` for each command's options")
         print("\nsubcommands:")
         for name, (module, helptext) in COMMANDS.items():
             mark = "" if _available(module) else "  (not built yet)"
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (mod, helptext) in COMMANDS.items():
             if _available(mod):
                 print(f"  tidal {name:<8} {helptext}", file=sys.stderr)
-        return 0 if args.command == "run" else 2
+        return 2
     return int(importlib.import_module(module).main(argv[1:]) or 0)
 
 
