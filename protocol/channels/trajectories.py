@@ -29,7 +29,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import zmq
 import zmq.asyncio
@@ -95,7 +95,9 @@ class TrajectorySender:
     """Engine side: `async with TrajectorySender(url, "engine-0") as tx: seq = await tx.send(traj)`.
 
     Owns a DEALER socket and two tasks (ack reader, heartbeat/resend ticker), started on enter and
-    cancelled on exit. Unacknowledged trajectories are lost on exit unless `flush` returned True.
+    cancelled on exit. Unacknowledged trajectories are lost on exit unless `flush` returned True, or
+    unless the caller keeps them elsewhere: `on_commit(seqs)` is called (on the event loop, from the ack
+    reader) with the seqs each ack newly committed, so a spool can forget them then.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class TrajectorySender:
         heartbeat_s: float = 0.5,
         epoch: int | None = None,
         context: zmq.asyncio.Context | None = None,
+        on_commit: Callable[[list[int]], None] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -119,6 +122,7 @@ class TrajectorySender:
         self._resend_after_s = resend_after_s
         self._heartbeat_s = heartbeat_s
         self._context = context
+        self._on_commit = on_commit
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
         self._room = asyncio.Event()  # cleared by send() at a full window, set again at _reopen_at
@@ -229,6 +233,11 @@ class TrajectorySender:
             self._room.set()
         if not self._unacked:
             self._empty.set()
+        if done and self._on_commit is not None:
+            try:
+                self._on_commit(done)
+            except Exception:  # the ack reader must outlive a faulty hook, or nothing is acked again
+                log.exception("engine %s: on_commit hook failed for %d seqs", self.engine_id, len(done))
 
     # --- heartbeat and resends
 
