@@ -4,6 +4,7 @@
 the engine has its own loop with the model in it but uses `EpisodeError.from_exception` and
 `ERRORS` the same way. Invariant: an exception from an env never escapes `run_episode`; it ends the
 episode with `finish_reason = "env_error"` and a record holding type, message and traceback.
+Finish reasons are the project's one vocabulary, `tidal.protocol.messages.FinishReason`.
 """
 
 import inspect
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from tidal.envs.core import Env
+from tidal.protocol.messages import FinishReason
 
 __all__ = ["EpisodeError", "Episode", "ERRORS", "run_episode"]
 
@@ -46,8 +48,9 @@ class Episode(msgspec.Struct):
     infos: list[dict] = msgspec.field(default_factory=list)
     terminated: bool = False
     truncated: bool = False
-    finish_reason: str = ""
-    """"terminated", "truncated", "max_turns" (the loop's cap), or "env_error"."""
+    finish_reason: FinishReason | None = None
+    """None until it ends; `run_episode` ends one "terminated", "truncated", "max_turns" (its cap) or
+    "env_error"; the engine's loop may end one with any other `FinishReason` (max_tokens, step_timeout...)."""
     error: EpisodeError | None = None
 
     @property

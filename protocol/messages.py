@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Literal, get_args
 
 import msgspec
 import numpy as np
@@ -32,6 +33,10 @@ from tidal.protocol.errors import ProtocolError
 __all__ = [
     "SCHEMA_VERSION",
     "NO_VERSION",
+    "FinishReason",
+    "GenerationFinish",
+    "FINISH_REASONS",
+    "GENERATION_FINISHES",
     "Turn",
     "Trajectory",
     "DiskWeights",
@@ -61,6 +66,36 @@ SCHEMA_VERSION = 1
 
 NO_VERSION = -1
 """Policy version of tokens no policy produced: the prompt and environment observations."""
+
+FinishReason = Literal[
+    "stop", "length", "abort",
+    "terminated", "truncated", "max_turns", "max_tokens", "context_length",
+    "env_error", "step_timeout", "backend_error", "drained",
+]
+"""Why a generation or an episode ended: one vocabulary for backends, envs and trajectories.
+
+Generation endings (a backend's `Finish.reason`, `GenerationFinish`):
+  stop            the model ended its turn: EOS, a stop token or a stop string
+  length          the generation reached its max_new_tokens
+  abort           the generation was aborted on request
+Episode endings (`Trajectory.finish_reason`, `tidal.envs.Episode.finish_reason`):
+  terminated      the env ended the task (success or failure)
+  truncated       the env cut the episode short (its own time limit)
+  max_turns       the engine's turn limit, or the horizon schedule's current limit
+  max_tokens      the episode's token budget is spent
+  context_length  the model's context is full: no room for another turn
+  env_error       the env raised (the error is recorded with the episode)
+  step_timeout    an env step ran past its time budget
+  backend_error   generation failed after the backend's retries
+  drained         the engine stopped the episode while draining (shutdown or a drain command)
+A generation ending can also end an episode (e.g. `length` on a single-turn task).
+"""
+
+GenerationFinish = Literal["stop", "length", "abort"]
+"""The endings a backend reports for one generation (`FinishReason`'s first three)."""
+
+FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
+GENERATION_FINISHES: frozenset[str] = frozenset(get_args(GenerationFinish))
 
 PACKED_FIELDS = ("tokens", "behav_logp", "versions", "loss_mask")
 """The arrays' order in `Trajectory.build`'s one buffer (and on the trajectory channel, in one frame):
@@ -122,7 +157,8 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
     reward: float
     terminated: bool = False
     truncated: bool = False
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = "terminated"
+    """Why the episode ended; decoding any value outside `FinishReason` is a ProtocolError."""
     min_version: int = NO_VERSION
     max_version: int = NO_VERSION
     timing: dict[str, float] = {}
@@ -132,6 +168,8 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
 
     def __post_init__(self) -> None:
         _check_schema("trajectory", self.schema_version)
+        if self.finish_reason not in FINISH_REASONS:  # decoding checks it too; this catches a bad build()
+            raise ValueError(f"trajectory {self.id}: finish_reason {self.finish_reason!r} is not a FinishReason")
         # msgspec's decoded memoryviews report the whole frame as their shape (nbytes is right):
         # re-cast each to a plain byte view so len() and slicing mean what they say.
         self.tokens = memoryview(self.tokens).cast("B")

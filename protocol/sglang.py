@@ -81,6 +81,8 @@ __all__ = [
     "decode_generate_batch",
     "decode_stream_event",
     "error_message",
+    "INITIAL_WEIGHT_VERSIONS",
+    "parse_weight_version",
 ]
 
 SSE_PREFIX = b"data: "
@@ -91,6 +93,13 @@ SSE_DONE = b"[DONE]"
 
 WEIGHT_UPDATE_GROUP = "weight_update_group"
 """SGLang's default `group_name` of the weight-update process group (§3.2)."""
+
+INITIAL_WEIGHT_VERSIONS = frozenset({"default", ""})
+"""What a server reports before any update names a version: SGLang's default `"default"` (and `""`).
+Both read as version 0, the initial checkpoint (see `parse_weight_version`)."""
+
+_MAX_WEIGHT_VERSION = 2**31 - 1
+"""Per-token versions travel as int32 (`tidal.protocol.arrays.VERSION_DTYPE`)."""
 
 
 # --- /generate request (§1.1, §1.2) -------------------------------------------------------------
@@ -606,3 +615,28 @@ def error_message(body: bytes) -> str:
     if isinstance(env.error, StreamErrorDetail):
         return env.error.message
     return env.error or env.message or body[:500].decode("utf-8", "replace").strip()
+
+
+def parse_weight_version(text: str, server: str) -> int:
+    """The policy version a server's `weight_version` string names; the one place it is read.
+
+    tidal counts versions as ints (version k = the policy after k optimizer steps) and sends them as
+    `str(k)`. A digit string is its int. A server never updated reports `"default"` (or `""`): that
+    is version 0, the initial checkpoint, which the trainer also starts from (a resumed trainer
+    republishes its weights at start, so servers catch up). Anything else, e.g. from a server launched
+    with `--weight-version v7`, raises `ProtocolError` naming `server` and the value: launch SGLang
+    without `--weight-version`, or with an integer.
+
+    >>> parse_weight_version("17", "http://a:30000"), parse_weight_version("default", "http://a:30000")
+    (17, 0)
+    """
+    if text.isdigit() and text.isascii() and len(text) <= 10:  # isdigit alone takes "²"; int() would not
+        version = int(text)
+        if version <= _MAX_WEIGHT_VERSION:
+            return version
+    elif text in INITIAL_WEIGHT_VERSIONS:
+        return 0
+    raise ProtocolError(
+        f"{server} reports weight version {text!r}, which is not a policy version: expected an integer "
+        f"<= {_MAX_WEIGHT_VERSION}, or 'default' for a server never updated (launch SGLang without "
+        "--weight-version, or with an integer)")

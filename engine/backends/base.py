@@ -6,6 +6,18 @@ logprobs and the weight version that produced them; the last one also carries a 
 or abort, and counters). The ids are exactly what the server generated (never re-tokenized), the stop
 token included, so a trajectory can append them as they come and the trainer sees what was sampled.
 
+Weight versions are ints end to end, as in the trainer's `WeightsPublished.version` and a trajectory's
+per-token versions: version k is the policy after k optimizer steps. On SGLang's HTTP API a version is a
+string; backends send `str(k)` and read what servers report with
+`tidal.protocol.sglang.parse_weight_version`: a digit string is its int, and a server that was never
+updated (SGLang's default `"default"`, or `""`) serves version 0, the initial checkpoint the trainer
+also starts from (a resumed trainer republishes its weights at start, so servers catch up). Any other
+value (a server launched with `--weight-version v7`) is a `BadResponse` naming the server and the
+value: launch SGLang without `--weight-version`, or with an integer.
+
+Finish reasons come from the project's one vocabulary, `tidal.protocol.messages.FinishReason`; a
+generation ends with one of its first three, `GenerationFinish` (stop, length, abort).
+
 A backend that cannot do something (pause, a distributed weight update) raises `Unsupported`.
 Implementations: `tidal.engine.backends.sglang` (default), `tidal.engine.backends.openai`, and any third-party
 class registered under the entry-point group `tidal.backends` (see `tidal.engine.backends.registry`).
@@ -15,11 +27,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import msgspec
 from tidal.engine.backends.errors import Unsupported
 from tidal.protocol import sglang as wire
+from tidal.protocol.messages import GENERATION_FINISHES, GenerationFinish
 
 __all__ = ["Sampling", "Request", "Finish", "Chunk", "Backend"]
 
@@ -56,10 +69,11 @@ class Finish(msgspec.Struct, kw_only=True):
     """How a generation ended, on its last chunk.
 
     `reason`: stop (EOS, a stop token or string: `matched`), length (budget reached) or abort (asked for
-    through `abort`). Counters cover the whole generation, across any retries on other servers.
+    through `abort`): the generation subset of `FinishReason`, checked when a Finish is made. Counters
+    cover the whole generation, across any retries on other servers.
     """
 
-    reason: Literal["stop", "length", "abort"]
+    reason: GenerationFinish
     matched: int | str | list[int] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -69,14 +83,19 @@ class Finish(msgspec.Struct, kw_only=True):
     server: str = ""
     """URL of the server that produced the last tokens."""
 
+    def __post_init__(self) -> None:
+        if self.reason not in GENERATION_FINISHES:
+            raise ValueError(f"Finish.reason {self.reason!r} is not a generation ending "
+                             f"({', '.join(sorted(GENERATION_FINISHES))})")
+
 
 class Chunk(msgspec.Struct, gc=False):
     """New tokens since the previous chunk; `logprobs[i]` is the behaviour logprob of `token_ids[i]`."""
 
     token_ids: list[int]
     logprobs: list[float]
-    weight_version: str
-    """The version of the weights that produced these tokens, as the server names it."""
+    weight_version: int
+    """The policy version whose weights produced these tokens (0: the initial checkpoint)."""
     finish: Finish | None = None
 
 
@@ -106,8 +125,8 @@ class Backend(abc.ABC):
         """Server URL -> healthy now."""
         raise Unsupported(f"{type(self).__name__} has no health check")
 
-    async def weight_version(self) -> dict[str, str]:
-        """Server URL -> the weight version it serves now."""
+    async def weight_version(self) -> dict[str, int]:
+        """Server URL -> the policy version it serves now (0 if it was never updated)."""
         raise Unsupported(f"{type(self).__name__} does not report weight versions")
 
     async def pause(self) -> None:
@@ -117,8 +136,8 @@ class Backend(abc.ABC):
     async def resume(self) -> None:
         raise Unsupported(f"{type(self).__name__} cannot resume generation")
 
-    async def update_weights_from_disk(self, path: str, version: str) -> dict[str, str]:
-        """Load a checkpoint on every server; returns URL -> version served afterwards."""
+    async def update_weights_from_disk(self, path: str, version: int) -> dict[str, int]:
+        """Load the checkpoint of policy `version` on every server; returns URL -> version served afterwards."""
         raise Unsupported(f"{type(self).__name__} cannot update weights from disk")
 
     async def init_weights_group(self, master_address: str, master_port: int, *,
@@ -128,10 +147,11 @@ class Backend(abc.ABC):
         raise Unsupported(f"{type(self).__name__} cannot join a weight-update group")
 
     async def update_weights_from_distributed(
-        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str, *,
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: int, *,
         group_name: str = wire.WEIGHT_UPDATE_GROUP,
-    ) -> dict[str, str]:
-        """Receive tensors broadcast from rank 0 (in this order, concurrently with this call)."""
+    ) -> dict[str, int]:
+        """Receive the tensors of policy `version` broadcast from rank 0 (in this order, concurrently with
+        this call); returns URL -> version served afterwards."""
         raise Unsupported(f"{type(self).__name__} cannot receive distributed weight updates")
 
     async def destroy_weights_group(self, group_name: str = wire.WEIGHT_UPDATE_GROUP) -> None:

@@ -39,8 +39,10 @@ def _check_stream(backend: Backend, chunks: list[Chunk], budget: int) -> int:
             _fail(backend, "token ids are non-negative ints", chunk.token_ids)
         if not all(isinstance(lp, float) and math.isfinite(lp) and lp <= 0 for lp in chunk.logprobs):
             _fail(backend, "logprobs are finite floats <= 0", chunk.logprobs)
-        if not isinstance(chunk.weight_version, str):
-            _fail(backend, "weight_version is a string", chunk.weight_version)
+        version = chunk.weight_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            _fail(backend, "weight_version is the policy version, an int >= 0 (0: the initial checkpoint)",
+                  version)
         total += len(chunk.token_ids)
     finish = chunks[-1].finish
     if total > budget:

@@ -4,7 +4,8 @@ Server-sent events here are the subset SGLang and OpenAI-compatible servers send
 event is `data: <json>` and a blank line, the last one `data: [DONE]`; comment lines (`: ping`) are
 skipped, and `event:`/`id:` lines, which these servers never send, are an error. Bytes
 are split on the blank line as they arrive (one read may hold several events, or part of one), so a
-stream costs one await per network read, not per line.
+stream costs one await per network read, not per line. `served_version` reads a server's weight
+version string as the int policy version the backend interface speaks.
 """
 
 import asyncio
@@ -18,9 +19,10 @@ from tidal.engine.backends.errors import (
     HTTPStatusError,
     ServerUnavailable,
 )
-from tidal.protocol.sglang import SSE_DONE, SSE_PREFIX, error_message
+from tidal.protocol.errors import ProtocolError
+from tidal.protocol.sglang import SSE_DONE, SSE_PREFIX, error_message, parse_weight_version
 
-__all__ = ["sse_post", "call", "client_session", "stop_task"]
+__all__ = ["sse_post", "call", "client_session", "stop_task", "served_version"]
 
 _SKIP = len(SSE_PREFIX)
 
@@ -112,3 +114,12 @@ async def call(session: aiohttp.ClientSession, method: str, url: str, path: str,
     if resp.status >= 300:
         raise HTTPStatusError(resp.status, f"{path}: {error_message(body)}", url=url, request_id=rid)
     return body
+
+
+def served_version(text: str, url: str, rid: str = "") -> int:
+    """The policy version a server reports (`parse_weight_version`); one that names none is the
+    server's `BadResponse`."""
+    try:
+        return parse_weight_version(text, url)
+    except ProtocolError as exc:
+        raise BadResponse(str(exc), url=url, request_id=rid) from None

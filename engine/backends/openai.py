@@ -4,7 +4,8 @@ What vLLM (and SGLang's OpenAI route) serve (contract §5): `prompt` as token id
 sampled token's logprob, `return_token_ids: true` so each streamed choice carries its new `token_ids`
 (token in, token out: the text is never re-tokenized). Stream chunks are deltas. The finish reason is
 `stop`, `length` or `abort`. The weight version comes from SGLang's `metadata`, which only the last
-chunk carries: earlier chunks are tagged with the last version this client saw ("" before any).
+chunk carries: earlier chunks are tagged with the last version this client saw (0, the initial
+checkpoint, before any; a server that sends none, like vLLM, stays at 0).
 
 Several servers behind one client, with the `sglang` backend's policy (engine/backends/routing.py):
 least-loaded with affinity per session key, ejection after failures, `/health` probes that re-admit.
@@ -60,8 +61,8 @@ class OpenAIBackend(Backend):
         self._streams: dict[str, aiohttp.ClientResponse] = {}
         """wire rid -> its open response, so `abort` can close it."""
         self._aborted: set[str] = set()
-        self._version = ""
-        """The weight version a server last reported."""
+        self._version = 0
+        """The policy version a server last reported (`http.served_version`)."""
 
     async def start(self) -> None:
         if self._session is not None:
@@ -156,7 +157,7 @@ class OpenAIBackend(Backend):
                         raise BadResponse(f"/v1/completions chunk: {exc}", url=url, request_id=wire_rid) from None
                     counters["chunks"] += 1
                     if ev.metadata and "weight_version" in ev.metadata:
-                        self._version = str(ev.metadata["weight_version"])
+                        self._version = http.served_version(str(ev.metadata["weight_version"]), url, wire_rid)
                     if not ev.choices:
                         continue
                     choice = ev.choices[0]

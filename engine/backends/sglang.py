@@ -167,7 +167,7 @@ class SGLangBackend(SGLangControl, Backend):
         received: list[int] = []
         failed: set[Server] = set()
         error: BackendError | None = None
-        attempt = retries = cached = idle = 0
+        attempt = retries = cached = idle = version = 0
         counters = self.counters
         counters["requests"] += 1
         try:
@@ -176,8 +176,8 @@ class SGLangBackend(SGLangControl, Backend):
                 if rid in self._aborted or (budget <= 0 and attempt):  # between two attempts
                     reason = "abort" if rid in self._aborted else "length"
                     counters["aborts"] += reason == "abort"
-                    yield Chunk([], [], "", Finish(reason=reason, prompt_tokens=len(prompt),
-                                                   completion_tokens=len(received), retries=retries))
+                    yield Chunk([], [], version, Finish(reason=reason, prompt_tokens=len(prompt),
+                                                        completion_tokens=len(received), retries=retries))
                     return
                 server = self.router.pick(request.session_key, failed)
                 if server is None:
@@ -196,7 +196,7 @@ class SGLangBackend(SGLangControl, Backend):
                     async with aclosing(self._attempt(server, wire_rid, body, request, received, state)) as chunks:
                         async for chunk in chunks:
                             yield chunk
-                    final, cached = state.final, cached + state.cached
+                    final, cached, version = state.final, cached + state.cached, state.final.weight_version
                     if final.finish is not None:
                         final.finish.prompt_tokens = len(prompt)
                         final.finish.completion_tokens = len(received)
@@ -233,6 +233,7 @@ class SGLangBackend(SGLangControl, Backend):
         """One /generate on one server: yield its new tokens, extend `received` with them, and leave the
         last chunk in `state.final` (its `finish` None when the server aborted the request on its own)."""
         url, rid, counters, seen = server.url, request.request_id, self.counters, 0
+        version_text, version = None, 0
         try:
             async with aclosing(self._payloads(url, body, wire_rid, request.session_key)) as events:
                 async for payload in events:
@@ -243,22 +244,25 @@ class SGLangBackend(SGLangControl, Backend):
                     except msgspec.DecodeError as exc:
                         raise self._bad_event(payload, exc, url, wire_rid) from None
                     counters["chunks"] += 1
+                    meta = ev.meta_info
+                    if meta.weight_version != version_text:  # read before any token counts as received
+                        version = http.served_version(meta.weight_version, url, wire_rid)
+                        version_text = meta.weight_version
                     ids, logprobs = _new_tokens(ev, seen, url, wire_rid)
                     seen += len(ids)
                     received += ids
                     counters["tokens"] += len(ids)
-                    meta = ev.meta_info
                     fr = meta.finish_reason
                     if fr is None:
                         if rid not in self._aborted:
                             if ids:
-                                yield Chunk(ids, logprobs, meta.weight_version)
+                                yield Chunk(ids, logprobs, version)
                             continue
                         counters["aborts"] += 1  # asked for, not yet seen by the server: hang up
-                        state.final = Chunk(ids, logprobs, meta.weight_version, Finish(reason="abort"))
+                        state.final = Chunk(ids, logprobs, version, Finish(reason="abort"))
                         return
                     state.cached = meta.cached_tokens
-                    state.final = Chunk(ids, logprobs, meta.weight_version, self._finish(fr, rid, wire_rid, url))
+                    state.final = Chunk(ids, logprobs, version, self._finish(fr, rid, wire_rid, url))
         except BackendError:
             if state.final is None:
                 raise

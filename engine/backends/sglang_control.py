@@ -4,6 +4,8 @@ Invariants: every server in rotation serves the latest weights (an ejected serve
 only after the last disk update is replayed on it); no server is ejected for failing health probes
 during the backend's own pause (SGLang's /health blocks then, contract §2); every control POST
 carries a JSON object body (§0). A fan-out tries every server and reports all failures at once.
+Versions are ints here and strings on the wire: `str(k)` goes out, `http.served_version` reads what
+comes back (a server never updated serves 0).
 `SGLangBackend` mixes this in; the state it uses (`cfg`, `router`, `counters`, `_session`,
 `_workers`, `_paused`, `_latest_disk`) is set up there.
 """
@@ -26,6 +28,13 @@ __all__ = ["SGLangControl"]
 log = logging.getLogger(__name__)
 
 _model_info = msgspec.json.Decoder(wire.ModelInfo)
+
+
+def _wire_version(version: int) -> str:
+    """A policy version as SGLang's `weight_version` string; anything but an int >= 0 is the caller's bug."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"weight version {version!r}: expected the policy version, an int >= 0")
+    return str(version)
 
 
 class SGLangControl:
@@ -96,7 +105,7 @@ class SGLangControl:
             info = _model_info.decode(await self._call(server, "GET", "/model_info"))
         except msgspec.DecodeError as exc:
             raise BadResponse(f"/model_info: {exc}", url=server.url) from None
-        if info.weight_version != latest.weight_version:
+        if http.served_version(info.weight_version, server.url) != int(latest.weight_version):
             await self._post(server, "/update_weights_from_disk", latest)
 
     async def _health_loop(self) -> None:
@@ -105,16 +114,17 @@ class SGLangControl:
             if not self._paused:
                 await asyncio.gather(*(self._probe(s) for s in self.router.servers))
 
-    async def weight_version(self) -> dict[str, str]:
+    async def weight_version(self) -> dict[str, int]:
         await self.start()
         servers = self._targets()
         bodies = await self._fan_out([self._call(s, "GET", "/model_info") for s in servers], "model_info")
         out = {}
         for server, body in zip(servers, bodies, strict=True):
             try:
-                out[server.url] = _model_info.decode(body).weight_version
+                info = _model_info.decode(body)
             except msgspec.DecodeError as exc:
                 raise BadResponse(f"/model_info: {exc}", url=server.url) from None
+            out[server.url] = http.served_version(info.weight_version, server.url)
         return out
 
     async def pause(self) -> None:
@@ -131,7 +141,7 @@ class SGLangControl:
         finally:
             self._paused = False
 
-    async def _updating(self, update: Callable[[], Awaitable]) -> dict[str, str]:
+    async def _updating(self, update: Callable[[], Awaitable]) -> dict[str, int]:
         """Run `update()` under the configured discipline (pause -> update -> continue, or not)."""
         paused = self.cfg.weight_update == "pause"
         try:
@@ -149,10 +159,10 @@ class SGLangControl:
         """A cache flush fails while requests are held in place (§3.1), so skip it then."""
         return not (self.cfg.weight_update == "pause" and self.cfg.pause_mode == "in_place")
 
-    async def update_weights_from_disk(self, path: str, version: str) -> dict[str, str]:
+    async def update_weights_from_disk(self, path: str, version: int) -> dict[str, int]:
         await self.start()
         msg = wire.UpdateWeightsFromDiskRequest(
-            model_path=str(path), weight_version=str(version), flush_cache=self._flush_cache,
+            model_path=str(path), weight_version=_wire_version(version), flush_cache=self._flush_cache,
             abort_all_requests=self.cfg.weight_update == "abort")
         self._latest_disk = msg
         return await self._updating(lambda: self._fan_out(
@@ -171,12 +181,12 @@ class SGLangControl:
         return world_size
 
     async def update_weights_from_distributed(
-        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str, *,
+        self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: int, *,
         group_name: str = wire.WEIGHT_UPDATE_GROUP,
-    ) -> dict[str, str]:
+    ) -> dict[str, int]:
         await self.start()
         msg = wire.UpdateWeightsFromDistributedRequest(
-            names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, weight_version=str(version),
+            names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, weight_version=_wire_version(version),
             flush_cache=self._flush_cache, abort_all_requests=self.cfg.weight_update == "abort")
         return await self._updating(lambda: self._fan_out(
             [self._distributed(s, msg) for s in self._targets(healthy=False)], "update_weights_from_distributed"))

@@ -144,3 +144,14 @@ def test_docstring_examples_run():
     for module in (tidal.envs.core, tidal.envs.wrappers):
         failed, tried = doctest.testmod(module)
         assert tried > 0 and failed == 0, module.__name__
+
+
+async def test_episode_endings_come_from_the_one_vocabulary():
+    from tidal.protocol.messages import FINISH_REASONS
+
+    assert envs.Episode("counter", 0).finish_reason is None  # not ended yet
+    endings = [await envs.run_episode(Counter(), Counter().solver(), seed=0),
+               await envs.run_episode(Exploding(), Exploding().solver(), seed=0),
+               await envs.run_episode(Counter(target=100), Counter().solver(), max_turns=2)]
+    assert [ep.finish_reason for ep in endings] == ["terminated", "env_error", "max_turns"]
+    assert {ep.finish_reason for ep in endings} <= FINISH_REASONS

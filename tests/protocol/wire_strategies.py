@@ -3,6 +3,7 @@
 import numpy as np
 from hypothesis import strategies as st
 from tidal.protocol.messages import (
+    FINISH_REASONS,
     DiskWeights,
     DistributedWeights,
     Drain,
@@ -32,7 +33,7 @@ def trajectories(draw, max_tokens: int = 64) -> Trajectory:
         id=draw(text), group_id=draw(text), env_id=draw(text), task_seed=draw(st.integers(-(2**63), 2**63 - 1)),
         tokens=draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n)),
         loss_mask=mask, behav_logp=logp, versions=versions, turns=turns, reward=draw(finite),
-        terminated=draw(st.booleans()), truncated=draw(st.booleans()), finish_reason=draw(text),
+        terminated=draw(st.booleans()), truncated=draw(st.booleans()), finish_reason=draw(st.sampled_from(sorted(FINISH_REASONS))),
         timing=draw(st.dictionaries(text, finite, max_size=3)),
         counters=draw(st.dictionaries(text, small_int, max_size=3)),
         info=draw(st.dictionaries(text, st.one_of(text, small_int, finite, st.booleans()), max_size=3)),

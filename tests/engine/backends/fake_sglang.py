@@ -16,7 +16,7 @@ from aiohttp import web
 __all__ = ["FakeSGLang", "token_at"]
 
 FAULTS = ("bad_json", "missing_field", "wrong_length", "http_500", "http_400", "hang", "drop",
-          "error_event", "no_done", "no_finish", "drop_after_finish")
+          "error_event", "no_done", "no_finish", "drop_after_finish", "relabel")
 
 
 def token_at(prompt: list[int], i: int) -> int:
@@ -26,11 +26,12 @@ def token_at(prompt: list[int], i: int) -> int:
 class FakeSGLang:
     """`async with FakeSGLang() as s:` serves on 127.0.0.1, port 0; `s.url` is read back after bind."""
 
-    def __init__(self, *, incremental: bool = False, token_delay_s: float = 0.0, version: str = "0",
+    def __init__(self, *, incremental: bool = False, token_delay_s: float = 0.0, version: str = "default",
                  weight_sessions: bool = False):
         self.incremental = incremental
         self.token_delay_s = token_delay_s
         self.version = version
+        """The `weight_version` it reports, as on the wire: SGLang's "default" until an update names one."""
         self.faults: dict[str, str] = {}
         self.bodies: list[tuple[str, bytes]] = []
         """(path, raw body) of every request, in arrival order."""
@@ -227,6 +228,9 @@ class FakeSGLang:
             case "no_finish":
                 await resp.write(self._event(rid, ids, sent, len(ids), None))
                 await resp.write(b"data: [DONE]\n\n")
+            case "relabel":  # as /update_weight_version with a name that is no policy version
+                self.version = "v7"
+                return False
             case _:
                 return False
         return True

@@ -50,16 +50,18 @@ class Broken(Backend):
     async def generate(self, request):
         match self.flaw:
             case "two_finishes":
-                yield Chunk([5], [-0.1], "0", Finish(reason="length", completion_tokens=1))
-                yield Chunk([6], [-0.1], "0", Finish(reason="length", completion_tokens=2))
+                yield Chunk([5], [-0.1], 0, Finish(reason="length", completion_tokens=1))
+                yield Chunk([6], [-0.1], 0, Finish(reason="length", completion_tokens=2))
             case "missing_logprob":
-                yield Chunk([5, 6], [-0.1], "0", Finish(reason="length", completion_tokens=2))
+                yield Chunk([5, 6], [-0.1], 0, Finish(reason="length", completion_tokens=2))
             case "positive_logprob":
-                yield Chunk([5], [0.5], "0", Finish(reason="length", completion_tokens=1))
+                yield Chunk([5], [0.5], 0, Finish(reason="length", completion_tokens=1))
             case "no_finish":
-                yield Chunk([5], [-0.1], "0")
+                yield Chunk([5], [-0.1], 0)
             case "short_length":
-                yield Chunk([5], [-0.1], "0", Finish(reason="length", completion_tokens=1))
+                yield Chunk([5], [-0.1], 0, Finish(reason="length", completion_tokens=1))
+            case "string_version":  # the wire's spelling leaked through
+                yield Chunk([5], [-0.1], "default", Finish(reason="length", completion_tokens=1))
 
     async def abort(self, request_id):
         pass
@@ -74,7 +76,16 @@ class Broken(Backend):
     ("positive_logprob", "finite floats <= 0"),
     ("no_finish", "the last chunk must carry a Finish"),
     ("short_length", "a length finish means max_new_tokens=8 tokens"),
+    ("string_version", "weight_version is the policy version, an int >= 0"),
 ])
 async def test_broken_backend_is_named_with_the_rule_it_breaks(flaw, rule):
     with pytest.raises(BackendContractError, match=f"^Broken: .*{re.escape(rule)}"):
         await check_backend(Broken(flaw))
+
+
+@pytest.mark.parametrize("reason", ["terminated", "drained", "timeout", ""])
+def test_a_finish_takes_only_generation_endings(reason):
+    """`Finish.reason` is the generation subset of the one vocabulary: an episode ending is refused."""
+    with pytest.raises(ValueError, match=f"Finish.reason {reason!r} is not a generation ending"):
+        Finish(reason=reason)
+    assert [Finish(reason=r).reason for r in ("stop", "length", "abort")] == ["stop", "length", "abort"]

@@ -6,6 +6,7 @@ bodies, copied verbatim, decode through protocol/sglang.py into the values the c
 """
 
 import asyncio
+import re
 
 import msgspec
 import pytest
@@ -103,7 +104,7 @@ async def test_pause_and_continue_bodies(mode):
 @pytest.mark.parametrize("discipline", ["pause", "abort", "wait"])
 async def test_update_weights_from_disk_body(discipline):
     async with FakeSGLang() as s, client(s, weight_update=discipline, pause_mode="in_place") as b:
-        await b.update_weights_from_disk("/ckpt/step-18", "18")
+        await b.update_weights_from_disk("/ckpt/step-18", 18)
     (body,) = s.requests("/update_weights_from_disk")
     expected = {"model_path": "/ckpt/step-18", "weight_version": "18"}
     if discipline == "pause":
@@ -130,8 +131,8 @@ async def test_weights_group_bodies_give_each_server_its_rank():
 async def test_update_weights_from_distributed_body(sessions):
     async with FakeSGLang(weight_sessions=sessions) as s, client(s) as b:
         versions = await b.update_weights_from_distributed(
-            ["model.embed_tokens.weight", "lm_head.weight"], ["bfloat16", "bfloat16"], [[8, 4], [8, 4]], "19")
-    assert versions == {s.url: "19"}
+            ["model.embed_tokens.weight", "lm_head.weight"], ["bfloat16", "bfloat16"], [[8, 4], [8, 4]], 19)
+    assert versions == {s.url: 19}
     assert s.requests("/update_weights_from_distributed") == [{
         "names": ["model.embed_tokens.weight", "lm_head.weight"], "dtypes": ["bfloat16", "bfloat16"],
         "shapes": [[8, 4], [8, 4]], "group_name": "weight_update_group", "weight_version": "19"}]
@@ -157,7 +158,7 @@ async def test_v1_completions_body_and_stream():
         "stream": True, "logprobs": 0, "rid": "c1", "return_token_ids": True}
     assert [t for c in chunks for t in c.token_ids] == [token_at([1, 2], i) for i in range(3)]
     assert [lp for c in chunks for lp in c.logprobs] == [-0.01, -0.02, -0.03]
-    assert (chunks[-1].finish.reason, chunks[-1].weight_version) == ("length", "0")
+    assert (chunks[-1].finish.reason, chunks[-1].weight_version) == ("length", 0)
 
 
 # --- response bodies: the contract's examples, verbatim -------------------------------------------
@@ -254,6 +255,19 @@ def test_info_and_control_examples():
                                type=wire.StatusResponse).status == "ok"
     assert wire.encode(wire.UpdateWeightVersionRequest(new_version="18")) == (
         b'{"new_version":"18","abort_all_requests":true}')
+
+
+@pytest.mark.parametrize("text, version", [("default", 0), ("", 0), ("0", 0), ("18", 18), ("007", 7),
+                                           ("2147483647", 2**31 - 1)])
+def test_weight_version_strings_read_as_policy_versions(text, version):
+    """§1.3, §3.1: versions are strings on the wire; "default" is a server never updated, version 0."""
+    assert wire.parse_weight_version(text, "http://a:1") == version
+
+
+@pytest.mark.parametrize("text", ["v7", "-1", "1.5", " 3", "3 ", "\u00b2", "+3", "2147483648", "9" * 5000, "None"])
+def test_weight_version_that_names_no_policy_version_names_the_server_and_the_value(text):
+    with pytest.raises(ProtocolError, match=re.escape(f"http://a:1 reports weight version {text!r}"[:80])):
+        wire.parse_weight_version(text, "http://a:1")
 
 
 def test_unknown_sampling_key_is_rejected_as_0_5_23_does():

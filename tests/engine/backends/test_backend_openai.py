@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from fake_sglang import FakeSGLang, token_at
 from tidal.engine.backends import (
+    BadResponse,
     OpenAIBackend,
     OpenAIConfig,
     Request,
@@ -40,10 +41,23 @@ async def test_sglang_client_with_every_server_down_says_so():
                 pass
 
 
+async def test_weight_version_from_sglang_metadata_is_an_int():
+    """SGLang's /v1 stream names the version on its last chunk; earlier chunks carry the last one seen."""
+    async with FakeSGLang(version="3") as s, OpenAIBackend(OpenAIConfig(urls=[s.url])) as o:
+        first = [c async for c in o.generate(Request(input_ids=[1], request_id="a"))]
+        second = [c async for c in o.generate(Request(input_ids=[1], request_id="b"))]
+        s.version = "v7"
+        with pytest.raises(BadResponse, match=f"{s.url} reports weight version 'v7'"):
+            async for _ in o.generate(Request(input_ids=[1], request_id="c", sampling=Sampling(max_new_tokens=2))):
+                pass
+    assert [c.weight_version for c in first] == [0] * (len(first) - 1) + [3]
+    assert {c.weight_version for c in second} == {3}
+
+
 async def test_operations_the_openai_api_lacks_are_unsupported():
     async with OpenAIBackend(OpenAIConfig()) as o:
         with pytest.raises(Unsupported, match="OpenAIBackend cannot update weights from disk"):
-            await o.update_weights_from_disk("/x", "1")
+            await o.update_weights_from_disk("/x", 1)
         with pytest.raises(Unsupported, match="cannot pause"):
             await o.pause()
 

@@ -49,8 +49,10 @@ async def test_third_party_backend_is_found_through_its_entry_point_and_generate
     async with backend as b:
         chunks = [c async for c in b.generate(Request(input_ids=[3, 4, 5], request_id="e",
                                                       sampling=Sampling(max_new_tokens=4)))]
-        assert await b.update_weights_from_disk("/ckpt", "7") == {"echo": "7"}
+        assert await b.weight_version() == {"echo": 0}
+        assert await b.update_weights_from_disk("/ckpt", 7) == {"echo": 7}
     assert [t for c in chunks for t in c.token_ids] == [3, 4, 5, 3]
+    assert {c.weight_version for c in chunks} == {0}
     assert chunks[0].logprobs == [pytest.approx(-math.log(4))]
     assert (chunks[-1].finish.reason, chunks[-1].finish.completion_tokens) == ("length", 4)
 

@@ -46,7 +46,7 @@ async def test_each_token_arrives_once_in_either_streaming_mode(incremental):
     assert all(c.finish is None for c in chunks[:-1])
     fin = chunks[-1].finish
     assert (fin.reason, fin.completion_tokens, fin.prompt_tokens, fin.retries) == ("length", 6, 3, 0)
-    assert fin.server == s.url and chunks[0].weight_version == "0"
+    assert fin.server == s.url and chunks[0].weight_version == 0
 
 
 async def test_stop_token_ends_generation_and_is_kept():
@@ -160,15 +160,52 @@ async def test_pause_in_abort_mode_resubmits_after_resume_without_losing_tokens(
 
 async def test_weight_update_fans_out_and_reports_each_version():
     async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
-        versions = await b.update_weights_from_disk("/ckpt/step-5", "5")
-        assert versions == {s1.url: "5", s2.url: "5"}
+        versions = await b.update_weights_from_disk("/ckpt/step-5", 5)
+        assert versions == {s1.url: 5, s2.url: 5}
         for s in (s1, s2):
             assert [p for p, _ in s.bodies] == ["/pause_generation", "/update_weights_from_disk",
                                                 "/continue_generation"]
             assert s.requests("/update_weights_from_disk") == [{"model_path": "/ckpt/step-5",
                                                                 "weight_version": "5"}]
         ids, _, chunks = await run(b, "after")
-        assert chunks[0].weight_version == "5"
+        assert chunks[0].weight_version == 5
+
+
+@pytest.mark.parametrize("reported, version", [("default", 0), ("", 0), ("0", 0), ("17", 17)])
+async def test_versions_are_ints_and_a_server_never_updated_serves_version_0(reported, version):
+    async with FakeSGLang(version=reported) as s, backend(s) as b:
+        _, _, chunks = await run(b, "r")
+        assert {c.weight_version for c in chunks} == {version}
+        assert await b.weight_version() == {s.url: version}
+
+
+async def test_a_server_naming_its_version_otherwise_is_a_bad_response():
+    async with FakeSGLang(version="v7") as s, backend(s) as b:
+        with pytest.raises(BadResponse, match=f"{s.url} reports weight version 'v7'.*--weight-version") as info:
+            await b.weight_version()
+        assert info.value.url == s.url
+        with pytest.raises(BadResponse, match="weight version 'v7'") as info:
+            await run(b, "r")
+        assert (info.value.url, info.value.request_id) == (s.url, "r")
+        with pytest.raises(ValueError, match="weight version '5': expected the policy version, an int >= 0"):
+            await b.update_weights_from_disk("/ckpt/step-5", "5")
+        assert not s.requests("/update_weights_from_disk")
+
+
+async def test_a_version_relabelled_mid_stream_loses_no_token():
+    """The chunk naming no policy version is refused whole: its tokens go to the retry, not the caller."""
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s1.faults["r"] = s2.faults["r"] = "relabel"
+        ids, logprobs, chunks = await run(b, "r", max_new_tokens=6)
+        bad = s1 if s1.version == "v7" else s2
+        assert {s1.version, s2.version} == {"v7", "default"}
+        retried = next(req for s in (s1, s2) for req in s.requests("/generate") if req["rid"] == "r@1")
+    first = [token_at(PROMPT, 0)]  # the relabelled chunk carried the second token
+    assert retried["input_ids"] == PROMPT + first
+    assert ids == first + [token_at(PROMPT + first, i) for i in range(5)]
+    assert logprobs == [-0.01] + [-(i + 1) / 100 for i in range(5)]
+    assert {c.weight_version for c in chunks} == {0} and chunks[-1].finish.retries == 1
+    assert chunks[-1].finish.server != bad.url and b.stats()["errors_bad_response"] == 1
 
 
 async def test_ejected_server_is_readmitted_with_the_latest_weights():
@@ -176,8 +213,8 @@ async def test_ejected_server_is_readmitted_with_the_latest_weights():
         s2.healthy = False
         while len(b.router.healthy) != 1:
             await asyncio.sleep(0.02)
-        await b.update_weights_from_disk("/ckpt/step-1", "1")
-        assert s2.version == "0"
+        await b.update_weights_from_disk("/ckpt/step-1", 1)
+        assert s2.version == "default"
         s2.healthy = True
         while len(b.router.healthy) != 2:
             await asyncio.sleep(0.02)
@@ -188,14 +225,14 @@ async def test_failed_update_names_the_server_and_leaves_no_server_paused():
     async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
         s2.failing.add("/pause_generation")
         with pytest.raises(BackendError, match=f"pause failed on 1 of 2 servers: .*{s2.url}"):
-            await b.update_weights_from_disk("/ckpt/step-3", "3")
+            await b.update_weights_from_disk("/ckpt/step-3", 3)
         assert s1.requests("/continue_generation") == [{}] and not s1.paused
         assert not s1.requests("/update_weights_from_disk")  # nothing loaded while one server could not pause
         s2.failing = {"/update_weights_from_disk"}
         with pytest.raises(BackendError, match=f"update_weights_from_disk failed on 1 of 2 servers: HTTP 400: "
                                                f"/update_weights_from_disk: /update_weights_from_disk failed "
                                                f"\\(server {s2.url}\\)"):
-            await b.update_weights_from_disk("/ckpt/step-3", "3")
+            await b.update_weights_from_disk("/ckpt/step-3", 3)
         assert not s1.paused and not s2.paused
         assert b.stats()["errors_pause"] == 1 and b.stats()["errors_update_weights_from_disk"] == 1
 
@@ -206,7 +243,7 @@ async def test_behind_a_router_generation_goes_to_the_router_and_control_to_its_
         async with b:
             ids, _, _ = await run(b, "via-router", max_new_tokens=3)
             assert len(ids) == 3 and [r["rid"] for r in router.requests("/generate")] == ["via-router"]
-            assert await b.update_weights_from_disk("/ckpt/step-2", "2") == {w1.url: "2", w2.url: "2"}
+            assert await b.update_weights_from_disk("/ckpt/step-2", 2) == {w1.url: 2, w2.url: 2}
             task = asyncio.create_task(run(b, "long", max_new_tokens=500))
             while len(router.requests("/generate")) < 2:
                 await asyncio.sleep(0.005)

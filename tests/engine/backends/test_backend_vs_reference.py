@@ -132,12 +132,12 @@ async def generate_again(server):
 async def test_weight_update_from_disk_changes_outputs_and_version(server, tiny_model_dir, other_model_dir):
     async with client(server) as b:
         before, _, _ = await generate(b, "w0", max_new_tokens=8, temperature=0.0)
-        assert await b.update_weights_from_disk(str(other_model_dir), "1") == {server.url: "1"}
+        assert await b.update_weights_from_disk(str(other_model_dir), 1) == {server.url: 1}
         after, logprobs, chunks = await generate(b, "w1", max_new_tokens=8, temperature=0.0)
-        assert after != before and {c.weight_version for c in chunks} == {"1"}
+        assert after != before and {c.weight_version for c in chunks} == {1}
         expected, argmax = forward_logprobs(load(other_model_dir), PROMPT, after, 0.0)
         assert after == argmax and logprobs == pytest.approx(expected, abs=1e-4)
-        assert await b.update_weights_from_disk(str(tiny_model_dir), "2") == {server.url: "2"}
+        assert await b.update_weights_from_disk(str(tiny_model_dir), 2) == {server.url: 2}
         restored, _, _ = await generate(b, "w2", max_new_tokens=8, temperature=0.0)
     assert restored == before
 
@@ -164,25 +164,26 @@ async def test_distributed_weight_update_over_gloo(server, tiny_model_dir, other
 
         versions, _ = await asyncio.gather(
             b.update_weights_from_distributed(names, [str(new[n].dtype).removeprefix("torch.") for n in names],
-                                              [list(new[n].shape) for n in names], "3"),
+                                              [list(new[n].shape) for n in names], 3),
             asyncio.to_thread(send))
-        assert versions == {server.url: "3"}
+        assert versions == {server.url: 3}
         after, _, chunks = await generate(b, "d1", max_new_tokens=8, temperature=0.0)
         await b.destroy_weights_group()
-        await b.update_weights_from_disk(str(tiny_model_dir), "4")
+        await b.update_weights_from_disk(str(tiny_model_dir), 4)
     _, argmax = forward_logprobs(load(other_model_dir), PROMPT, after, 0.0)
-    assert after == argmax and after != before and chunks[0].weight_version == "3"
+    assert after == argmax and after != before and chunks[0].weight_version == 3
 
 
 async def test_openai_backend_streams_the_same_tokens_and_logprobs(server):
     async with client(server) as b:
         ids, logprobs, _ = await generate(b, "native", max_new_tokens=10, temperature=0.0)
+        served = await b.weight_version()  # 0 on a fresh server, else what an earlier test left
     async with OpenAIBackend(OpenAIConfig(urls=[server.url])) as o:
         oids, ologprobs, chunks = await generate(o, "compat", max_new_tokens=10, temperature=0.0)
         health = await o.health()
     assert oids == ids and ologprobs == pytest.approx(logprobs, abs=1e-5)
     assert (chunks[-1].finish.reason, chunks[-1].finish.completion_tokens) == ("length", 10)
-    assert chunks[-1].weight_version and health == {server.url: True}
+    assert chunks[-1].weight_version == served[server.url] and health == {server.url: True}
 
 
 async def test_openai_backend_abort_ends_the_stream(server):
