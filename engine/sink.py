@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 
 import zmq.asyncio
 from tidal.engine.spool import RecordId, Spool, SpoolError
@@ -61,19 +62,22 @@ class TrajectorySink:
         heartbeat_s: float = 0.5,
         context: zmq.asyncio.Context | None = None,
         epoch: int | None = None,
-        report=None,
+        report: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
-        """`epoch` names this incarnation's stream (default: now); `report() -> (started, in_flight,
-        capacity)` rides every heartbeat, for the trainer's grants (tidal.protocol.grants)."""
+        """`epoch` names this incarnation's stream (default: now) and must be new for each run: seqs
+        start again at 1, so an old epoch would make the trainer take resent records for duplicates.
+        `report() -> (started, in_flight, capacity)` rides every heartbeat, for the trainer's grants
+        (tidal.protocol.grants)."""
         self.engine_id = engine_id
         self.spool_dir = spool_dir
         self._window = window
         self._max_spool_bytes = max_spool_bytes
         self._segment_bytes = segment_bytes
         self._retry_s = retry_s
+        reporting = {} if report is None else {"report": report}  # a sender option only where given
         self._tx = TrajectorySender(
             endpoint, engine_id, window=window, resend_after_s=resend_after_s, heartbeat_s=heartbeat_s,
-            context=context, on_commit=self._on_commit, epoch=epoch, report=report,
+            context=context, on_commit=self._on_commit, epoch=epoch, **reporting,
         )
         self._spool: Spool | None = None
         # put() -> writer: groups waiting for the next append, with the future each put() awaits
@@ -189,13 +193,17 @@ class TrajectorySink:
         """Wait until the trainer has committed everything put (and earlier runs left); False on timeout."""
         try:
             async with asyncio.timeout(timeout):
-                while self._to_write or self._writing or self._spool.records or self._to_mark or self._marking:
+                while self._busy():
                     self._raise_if_failed()
                     self._progress.clear()
                     await self._progress.wait()
         except TimeoutError:
             return False
         return True
+
+    def _busy(self) -> bool:
+        """Something put (or left by an earlier run) is not yet committed and marked done."""
+        return bool(self._to_write or self._writing or self._spool.records or self._to_mark or self._marking)
 
     def stats(self) -> dict[str, int]:
         """Counters: spooled (records appended by this run), sent (first sends), committed (marked

@@ -14,14 +14,15 @@ Layout of the spool directory:
 A record is a 12-byte header `<III` (payload length, crc32 of the payload, crc32 of those 8 bytes),
 then the payload, `messages.encode(traj)`. A record is named by `RecordId(segment, offset)`.
 
-- Group commit: `append(trajs)` writes a whole group in one write and fdatasyncs once. An fsync costs
-  milliseconds and a record's write microseconds, so one sync per group (per several groups when the
+- Group commit: `append(trajs)` writes a whole group in one write and fdatasyncs once. A sync costs
+  about as much as writing megabytes (measured on a VM's ext4: 0.4 to 4 ms, against 0.2 ms to
+  encode and write eight 2k-token trajectories), so one sync per group (per several groups when the
   caller batches them) is what makes a durable put affordable.
 - Only the process that created a segment appends to it; a restarted spool starts a new segment.
   So a torn tail (a crash mid-write) is never followed by good records, and is only ever the group
   whose `append` had not returned.
-- Done-lists are written at once (a SIGKILL loses nothing written) but fsynced lazily, every
-  DONE_SYNC_S and on `close`: a power loss may forget a few acknowledgements, and those
+- Done-lists are written at once (a SIGKILL loses nothing written) but fsynced lazily, by the first
+  `mark_done` DONE_SYNC_S after the last sync, and on `close`: a power loss may forget a few acknowledgements, and those
   trajectories are sent again, which the trainer deduplicates by id. A segment is deleted as soon as
   all its records are done.
 - Nothing half is ever handed out: a torn tail or a record whose checksum fails is skipped, counted
@@ -136,7 +137,9 @@ class Spool:
     >>> spool.close()
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_bytes: int, segment_bytes: int | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, max_bytes: int, segment_bytes: int | None = None
+    ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if segment_bytes is not None and segment_bytes < 1:
@@ -185,7 +188,8 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise SpoolError(errno.EBUSY, f"spool {self.dir}: in use by another spool (LOCK held): {exc}") from None
+            msg = f"spool {self.dir}: in use by another spool (LOCK held): {exc}"
+            raise SpoolError(errno.EBUSY, msg) from None
         return fd
 
     def _recover(self) -> int:
@@ -316,7 +320,8 @@ class Spool:
         try:
             os.ftruncate(seg.fd, start)
         except OSError as exc:  # the reader will find a torn tail there and skip it
-            log.warning("spool %s: could not cut %s back to %d bytes: %s", self.dir, seg.path.name, start, exc)
+            log.warning("spool %s: could not cut %s back to %d bytes: %s",
+                        self.dir, seg.path.name, start, exc)
         self._active = None
         if not seg.live:
             self._drop(seg)
