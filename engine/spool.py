@@ -22,9 +22,9 @@ then the payload, `messages.encode(traj)`. A record is named by `RecordId(segmen
   So a torn tail (a crash mid-write) is never followed by good records, and is only ever the group
   whose `append` had not returned.
 - Done-lists are written at once (a SIGKILL loses nothing written) but fsynced lazily, by the first
-  `mark_done` DONE_SYNC_S after the last sync, and on `close`: a power loss may forget a few acknowledgements, and those
-  trajectories are sent again, which the trainer deduplicates by id. A segment is deleted as soon as
-  all its records are done.
+  `mark_done` DONE_SYNC_S after the last sync, and on `close`: a power loss may forget a few
+  acknowledgements, and those trajectories are sent again, which the trainer deduplicates by id. A
+  segment is deleted as soon as all its records are done.
 - Nothing half is ever handed out: a torn tail or a record whose checksum fails is skipped, counted
   in `corrupt_records` and logged with file and offset; a corrupt header (its length cannot be
   trusted) skips the rest of its segment, counted once.
