@@ -1,11 +1,19 @@
 """protocol/config.py: defaults < TOML < --set overrides, errors naming the key, --print-config round trip."""
 
 import argparse
+import tomllib
 from typing import Annotated, Literal
 
 import msgspec
 import pytest
-from tidal.protocol.config import Strict, add_config_args, config_from_args, load_config, to_toml
+from tidal.protocol.config import (
+    Strict,
+    add_config_args,
+    config_from_args,
+    example_override,
+    load_config,
+    to_toml,
+)
 from tidal.protocol.errors import ConfigError
 
 
@@ -99,3 +107,91 @@ def test_print_config_round_trips(tmp_path, capsys):
     args = parser.parse_args([str(path), "--set", "name=again"])
     assert config_from_args(Cfg, args).name == "again"
     assert to_toml(resolved) == printed
+
+
+# --- discoverability: docstrings, suggestions, choices, the defaults view --------------------------
+
+
+class Model(Strict):
+    """The policy model."""
+
+    path: str
+    """Directory of the checkpoint."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype."""
+
+
+class Task(Strict):
+    env: str = "games:Wordle-v0"
+    """A registered env id."""
+    weight: float = 1.0
+
+
+class Needs(Strict):
+    """A daemon whose model has no default."""
+
+    model: Model
+    """Required: names the checkpoint."""
+    trainer: Trainer = msgspec.field(default_factory=Trainer)
+    tasks: list[Task] = msgspec.field(default_factory=lambda: [Task(), Task(env="math:Arithmetic-v0", weight=2.0)])
+
+
+def test_printed_config_carries_each_field_docstring_as_a_comment():
+    printed = to_toml(Cfg())
+    lines = printed.splitlines()
+    assert lines[lines.index("[trainer.optim]") + 1:][:3] == [
+        '# one of "adam", "sgd": each has its own keys', 'type = "adam"', "",
+    ]
+    assert lines[lines.index("lr = 1e-05") - 1] == "# learning rate"  # Adam.lr's docstring, read from the source
+    assert "# run_dir: not set" in lines  # None has no TOML form: shown, and read back as None
+    assert load_config(Cfg, overrides=[]) == msgspec.toml.decode(printed.encode(), type=Cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.batch_sise=3"], "unknown key trainer.batch_sise; did you mean trainer.batch_size? "
+                                   "(trainer takes: batch_size, optim, run_dir, device)"),
+        (["trainr.batch_size=3"], "unknown key trainr; did you mean trainer? (the top level takes: model, trainer, tasks)"),
+        (["trainer.optim.momentum=0.5"], "unknown key trainer.optim.momentum (trainer.optim takes: type, lr, betas)"),
+        (["trainer.optim.type=sdg"], """Invalid value 'sdg' - at trainer.optim.type; expected one of "adam", "sgd\""""),
+        (["trainer.device=gpu"], """Invalid enum value 'gpu' - at trainer.device; expected one of "cpu", "cuda\""""),
+        (["tasks=[{env = 'x'}, {envv = 'y'}]"],
+         "unknown key tasks[1].envv; did you mean tasks[1].env? (tasks[1] takes: env, weight)"),
+    ],
+)
+def test_errors_name_what_the_section_takes(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(Needs, overrides=["model.path=m", *overrides])
+    assert message in str(info.value)
+
+
+def test_print_config_before_the_required_keys_are_given(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Needs)
+    with pytest.raises(ConfigError, match="missing required field `model`"):
+        load_config(Needs)  # running still needs it
+    assert config_from_args(Needs, parser.parse_args(["--print-config", "--set", "trainer.batch_size=4"])) is None
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    i = lines.index("[model]")
+    assert lines[i - 1] == "# Required: names the checkpoint."
+    assert lines[i + 1:i + 3] == ["# Directory of the checkpoint.", "# required: path = a string  (not given)"]
+    assert "batch_size = 4" in lines and lines.count("[[tasks]]") == 2
+    # the view is TOML: with the required key given it loads as the config it shows
+    parsed = tomllib.loads(printed)
+    assert "path" not in parsed["model"]
+    full = load_config(Needs, overrides=["model.path=ckpt", "trainer.batch_size=4"])
+    assert msgspec.convert({**parsed, "model": {**parsed["model"], "path": "ckpt"}}, Needs) == full
+    assert to_toml(full).count("[[tasks]]") == 2 and "# required" not in to_toml(full)
+    # a real mistake is still one, named, whatever is missing
+    with pytest.raises(ConfigError, match="unknown key trainer.batch; did you mean trainer.batch_size"):
+        config_from_args(Needs, parser.parse_args(["--print-config", "--set", "trainer.batch=4"]))
+
+
+def test_set_help_shows_a_key_that_exists():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Needs)
+    example = example_override(Needs)
+    assert example == "trainer.batch_size=8" and f"--set {example}" in parser.format_help().replace("\n", " ")
+    assert load_config(Needs, overrides=["model.path=m", example]).trainer.batch_size == 8
