@@ -135,6 +135,18 @@ def _generated_version_span(versions: np.ndarray, mask: np.ndarray) -> tuple[int
     return lo, hi
 
 
+REWARD_TOLERANCE = 1e-5
+"""Relative tolerance of `Trajectory.reward` against the sum of its turn rewards (float rounding)."""
+
+
+def _check_sampling(traj_id: str, sampling: dict) -> None:
+    for key, value in sampling.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"trajectory {traj_id}: sampling {key} = {value} is not finite")
+    if sampling.get("temperature", 1.0) < 0:
+        raise ValueError(f"trajectory {traj_id}: sampling temperature {sampling['temperature']} is negative")
+
+
 class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
     """One finished episode as a single token sequence (DESIGN.md invariants 1 and 2).
 
@@ -143,6 +155,11 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
       loss_mask   uint8   1 on model-generated tokens, 0 on prompt and observation tokens
       behav_logp  float32 behaviour log-probability mu of each generated token (0 where mask is 0)
       versions    int32   policy version that generated each token (-1 where mask is 0)
+
+    One reward: `reward`, the final reward, is the sum of the turns' rewards (`Turn.reward`), so every
+    advantage estimator reads the same signal (GRPO/RLOO the final reward, ReBN/REINFORCE++/GAE the
+    turns'). An outcome-only env gives its score to the last turn. Checked on build and decode within
+    1e-5 * max(1, |reward|); a trajectory without turns has reward 0.
     """
 
     id: str
@@ -165,6 +182,12 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
     counters: dict[str, int] = {}
     info: dict[str, str | int | float | bool] = {}
     schema_version: int = SCHEMA_VERSION
+    sampling: dict[str, float | int | bool] = {}
+    """What the engine sampled with: `temperature`, `top_p`, `top_k` (-1 or 0: off), `min_p`, the
+    penalties (`repetition_penalty`, `frequency_penalty`, `presence_penalty`) and `masked` (True when a
+    logit mask or an allowed-token list restricted a draw); {} if the engine did not record them.
+    behav_logp is the full-vocabulary log_softmax(logits / temperature), before any restriction, so
+    the trainer applies the temperature and warns about the rest (tidal.trainer.sampling)."""
 
     def __post_init__(self) -> None:
         _check_schema("trajectory", self.schema_version)
@@ -192,7 +215,7 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
         logp = view(self.behav_logp, LOGP_DTYPE)
         if n and not (_min(logp) > -np.inf and _max(logp) <= 1e-3):  # NaN fails both comparisons
             raise ValueError(f"trajectory {self.id}: behav_logp must be finite log-probabilities <= 0")
-        prev_end = 0
+        prev_end, turn_sum = 0, 0.0
         for i, turn in enumerate(self.turns):
             if not (prev_end <= turn.start <= turn.end <= n):
                 raise ValueError(
@@ -202,8 +225,16 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
             if not math.isfinite(turn.reward):
                 raise ValueError(f"trajectory {self.id}: turn {i} reward {turn.reward} is not finite")
             prev_end = turn.end
+            turn_sum += turn.reward
         if not math.isfinite(self.reward):
             raise ValueError(f"trajectory {self.id}: reward {self.reward} is not finite")
+        if not abs(self.reward - turn_sum) <= REWARD_TOLERANCE * max(1.0, abs(self.reward)):
+            raise ValueError(
+                f"trajectory {self.id}: reward {self.reward} is not the sum of its {len(self.turns)} turn rewards "
+                f"({turn_sum}); the final reward must equal the sum of Turn.reward (0 without turns)"
+            )
+        if self.sampling:
+            _check_sampling(self.id, self.sampling)
         lo, hi = _generated_version_span(view(self.versions, VERSION_DTYPE), mask)
         if lo < 0 and hi != NO_VERSION:
             raise ValueError(f"trajectory {self.id}: a generated token has a negative policy version")

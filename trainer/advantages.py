@@ -8,8 +8,10 @@ multiplies rewards by the response mask, which loses it for GAE and REINFORCE++;
 shared/research/gem_agentgym.md section 2.4.)
 
 Arrays are numpy float64 and aligned with a trajectory's tokens, shape (n,), zero where the loss
-mask is 0. `Trajectory.reward` is the episode's outcome score (used by GRPO and RLOO); per-turn
-estimators (ReBN, REINFORCE++, GAE) use `Turn.reward`, the environment's step rewards.
+mask is 0. One reward: GRPO and RLOO read `Trajectory.reward`, the per-turn estimators (ReBN,
+REINFORCE++, GAE) read `Turn.reward`, and the two agree because `Trajectory.reward` must be the sum
+of the turn rewards (checked when a trajectory is built or decoded, tidal.protocol.messages): an
+outcome-only env puts its score on the last turn, so every estimator sees it.
 
 Every estimator config is one member of the tagged union `AdvantageConfig`, picked by `type`.
 """

@@ -1,7 +1,11 @@
 """`tidal trainer` configuration: one Strict section per concern, loaded by `tidal.protocol.config.load_config`.
 
 Defaults give a runnable single-process CPU trainer on loopback; cross-field rules run at load and name
-both fields (STYLE.md, Configuration). Derived values are properties.
+both fields (STYLE.md, Configuration). Derived values are properties. "auto" fields (the device, the
+model's dtype) are resolved by `TrainerConfig.resolved`, which is what `--print-config` prints.
+
+Importing this module imports torch: `LearnerConfig` lives beside the Learner in trainer/learner.py,
+so `tidal trainer --print-config` loads torch too (and uses it to resolve "auto").
 """
 
 from typing import Annotated, Literal
@@ -10,7 +14,7 @@ import msgspec
 from msgspec import Meta
 from tidal.protocol.config import Strict
 from tidal.trainer.advantages import GRPOConfig, RLOOConfig
-from tidal.trainer.learner import LearnerConfig
+from tidal.trainer.learner import LearnerConfig, resolve_dtype
 
 __all__ = [
     "IntakeConfig",
@@ -47,6 +51,10 @@ class IntakeConfig(Strict):
     max_uncommitted: PosInt = 192
     """Deliveries received but not yet acknowledged at most; reaching it forces a checkpoint (mode
     "checkpoint") so the engines' resend windows never fill and stall. Keep it below their window."""
+    engine_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    """An engine not heard from for this long is gone: its unfinished episodes are lost work and its unused
+    share of the staleness budget goes to the others (tidal.protocol.grants). Engines stop starting
+    episodes sooner (their trainer.status_timeout_s), so a silent engine has stopped before it is written off."""
     commit: Literal["checkpoint", "step"] = "checkpoint"
     """When engines may forget a trajectory: once a durable checkpoint covers it (no loss across a crash),
     or once a step has used it (smaller engine windows; a crash loses the steps since the checkpoint)."""
@@ -188,6 +196,16 @@ class TrainerConfig(Strict):
     """Stop (with a checkpoint) after this many optimizer steps in total; 0 runs until SIGTERM."""
     seed: int = 0
     """Seed of torch, numpy and random at a fresh start (a resume restores the saved RNG state)."""
+
+    def resolved(self, device: str) -> "TrainerConfig":
+        """This config as it runs on `device` (World.choose_device's answer): every "auto" replaced by
+        what it chose, `distributed.device` and `learner.model.dtype`; `--print-config` shows this."""
+        kind = "cpu" if device == "cpu" else "cuda"
+        model = msgspec.structs.replace(self.learner.model, dtype=resolve_dtype(self.learner.model.dtype, kind))
+        return msgspec.structs.replace(
+            self, learner=msgspec.structs.replace(self.learner, model=model),
+            distributed=msgspec.structs.replace(self.distributed, device=kind),
+        )
 
     def __post_init__(self) -> None:
         if isinstance(self.learner.advantage, GRPOConfig | RLOOConfig) and self.intake.group_size < 2:

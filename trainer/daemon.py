@@ -22,6 +22,11 @@ rank 0 neither dead-letters nor acknowledges the batch: torchrun's agent stops t
 Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
 tests check for loss and reuse); a resume writes `{"event": "resume", "step": v}`, after which
 records of steps >= v from before the restart are superseded.
+
+Trajectories sampled with settings the learner cannot reproduce (top-p, top-k, a logit mask:
+trainer/sampling.py) are trained on but counted (`trainer/restricted_sampling`), warned about on
+stderr and in a `restricted_sampling` record (once, then every `sampling.WARN_EVERY` of them), and
+reported in `TrainerStatus.health` while the latest batch holds any.
 """
 
 import argparse
@@ -38,8 +43,9 @@ import aiohttp
 import msgspec
 import zmq
 from rich.console import Console
-from tidal.protocol.config import add_config_args, config_from_args
+from tidal.protocol.config import add_config_args, load_config, load_partial, to_toml
 from tidal.protocol.errors import TidalError
+from tidal.protocol.grants import GrantTable
 from tidal.protocol.messages import TrainerStatus
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
@@ -58,11 +64,14 @@ from tidal.trainer.distributed import (
 from tidal.trainer.intake import Batch, Intake, IntakePump
 from tidal.trainer.learner import NonFiniteStep
 from tidal.trainer.publish import PublishError, make_publisher
+from tidal.trainer.sampling import SamplingMonitor
 
 __all__ = ["main", "Daemon"]
 
 log = logging.getLogger(__name__)
 
+GRANT_EVERY_S = 0.2
+"""How often the engines' heartbeats are turned into grants (a new engine waits about this long)."""
 ACK_GRACE_S = 0.2
 """After the final checkpoint's commit, time for the receiver's ack task to send before the socket closes.
 The receiver also flushes acks as it closes, but over ipc:// those can be lost; a lost ack costs only a
@@ -165,7 +174,8 @@ class Daemon:
         self.telemetry = Telemetry(cfg.metrics)
         self.dead_letter = DeadLetter(cfg.failures.dead_letter)
         self.counters: dict[str, float] = {"steps": 0, "trajectories": 0, "tokens": 0, "step_errors": 0,
-                                           "step_errors_non_finite": 0, "dead_lettered": 0}
+                                           "step_errors_non_finite": 0, "dead_lettered": 0,
+                                           "restricted_sampling": 0}
         self.failing = 0
         """Failed steps in a row."""
         self.failure: str | None = None
@@ -182,7 +192,12 @@ class Daemon:
         else:
             self.intake = Intake(cfg.intake, check=self._untrainable)
             self.telemetry.event("start", self.version)
+        self.sampling = SamplingMonitor(int(self.counters["restricted_sampling"]),
+                                        vocab_size=self.learner.vocab_size)
+        """Restricted sampling among trained trajectories (trainer/sampling.py): counted, warned, in health."""
         self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
+        self.grants = GrantTable(group_size=cfg.intake.group_size, gone_after_s=cfg.intake.engine_timeout_s)
+        """The staleness budget shared among engines (tidal.protocol.grants), sent in every status."""
         self._stop = asyncio.Event()
         self._checkpointed = None if restored is None else restored.meta.version
         self._publishing: asyncio.Task | None = None
@@ -201,11 +216,35 @@ class Daemon:
         return self.learner.reject_reason(traj)
 
     def status(self, health: str | None = None) -> TrainerStatus:
-        return TrainerStatus(
+        """The status to publish; health is `health`, else the latest failure, else a warning about the
+        latest batch's sampling (`SamplingMonitor.health`), else "ok"."""
+        if health is None:
+            health = self.health if self.health != "ok" else self.sampling.health or "ok"
+        status = TrainerStatus(
             version=self.version, consumed=int(self.counters["trajectories"]), dropped=self.dropped,
             batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness,
-            health=health or self.health,
+            health=health,
         )
+        return msgspec.structs.replace(status, grants=self.grants.allocate(status.budget))
+
+    async def _grant(self, rx) -> None:
+        """Share the budget among the engines the trajectory channel hears from (their heartbeats say
+        what they started and run), and publish the status whenever a grant changes."""
+        while True:
+            now = time.monotonic()
+            for (engine_id, epoch), (hello, heard) in list(rx.engines.items()):
+                self.grants.heard(engine_id, epoch, started=hello.started, in_flight=hello.in_flight,
+                                  capacity=hello.capacity, now=heard)
+            for key in self.grants.expire(now):
+                engine_id, _, epoch = key.rpartition("/")
+                rx.engines.pop((engine_id, int(epoch)), None)
+                log.warning("engine %s went silent: its unfinished episodes count as lost (%d so far)",
+                            key, self.grants.lost)
+            before = self.grants.grants()
+            status = self.status()
+            if status.grants != before:
+                await self.status_pub.publish(status)
+            await asyncio.sleep(GRANT_EVERY_S)
 
     @property
     def dropped(self) -> int:
@@ -247,15 +286,17 @@ class Daemon:
                 await self._published()
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint,
-                                 device=self.world.device, **urls)
+                                 device=self.world.device, dtype=self.learner.dtype, **urls)
             try:
                 async with asyncio.TaskGroup() as tg:
                     pumping = tg.create_task(pump.run())
+                    granting = tg.create_task(self._grant(rx))
                     await self._loop()
                     await self._checkpoint()
                     await self._checkpointed_all()
                     await asyncio.sleep(ACK_GRACE_S)
                     pumping.cancel()
+                    granting.cancel()
             finally:
                 await self._checkpointed_all()
                 await self._published()
@@ -318,6 +359,11 @@ class Daemon:
         self.counters["steps"] += 1
         self.counters["trajectories"] += len(batch.trajectories)
         self.counters["tokens"] += sum(len(t) for t in batch.trajectories)
+        warning = self.sampling.observe(batch.trajectories)
+        self.counters["restricted_sampling"] = self.sampling.restricted
+        if warning is not None:  # on stderr whatever the console setting, and as a JSONL record
+            log.warning("tidal trainer: step at version %d: %s", version, warning)
+            self.telemetry.event("restricted_sampling", version, warning=warning)
         record = {
             **metrics,
             "trainer/batch_trajectories": len(batch.trajectories),
@@ -327,6 +373,7 @@ class Daemon:
             "trainer/intake/uncommitted": self._pump.uncommitted,
             "trainer/publish/failures": self.counters.get("publish_failures", 0),
             "trainer/step_errors": self.counters["step_errors"],
+            "trainer/restricted_sampling": self.counters["restricted_sampling"],
         }
         self.telemetry.step(version, record, ids=batch.ids)
         await self.status_pub.publish(self.status())
@@ -563,19 +610,22 @@ def _obey(world: World, learner) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal trainer", description=__doc__.splitlines()[0])
-    add_config_args(parser)
+    add_config_args(parser, TrainerConfig)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    world = World.from_env()
     try:
-        cfg = config_from_args(TrainerConfig, args)
+        if args.print_config:  # resolved: what "auto" chooses here (device, dtype); keys not given marked
+            shown, missing = load_partial(TrainerConfig, args.config, args.overrides)
+            print(to_toml(shown.resolved(world.choose_device(shown.distributed.device)), missing=missing), end="")
+            return 0
+        cfg = load_config(TrainerConfig, args.config, args.overrides)
     except TidalError as exc:
         print(f"tidal trainer: {exc}", file=sys.stderr)
         return 2
-    if cfg is None:
-        return 0
-    world = World.from_env()
     world.strategy = cfg.distributed.strategy
     try:
         world.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
+        cfg = cfg.resolved(world.device)
         _seed(cfg.seed)
         if world.rank:
             return _follow(cfg, world)

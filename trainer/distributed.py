@@ -131,10 +131,10 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def init(self, backend: str, device: str = "auto", timeout_s: float | None = None) -> None:
-        """Pick this rank's device and join torchrun's group. "auto" is each rank's own GPU when this
-        node has one per local rank, else the CPU for every rank (never a mix, never two ranks on
-        one GPU, which NCCL refuses). `timeout_s` bounds each collective (None: torch's default)."""
+    def choose_device(self, device: str = "auto") -> str:
+        """This rank's device for distributed.device: "auto" is each rank's own GPU when this node has
+        one per local rank, else the CPU for every rank (never a mix, never two ranks on one GPU,
+        which NCCL refuses). Returns "cpu" or "cuda:<local rank>"; changes nothing."""
         import torch
 
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -146,8 +146,15 @@ class World:
                 f"distributed.device = 'cuda' but local rank {self.local_rank} of {local_ranks} has no GPU "
                 f"({gpus} visible); start at most {gpus} ranks per node, or set distributed.device = 'cpu'"
             )
-        if device == "cuda":
-            device = f"cuda:{self.local_rank}"
+        return f"cuda:{self.local_rank}" if device == "cuda" else device
+
+    def init(self, backend: str, device: str = "auto", timeout_s: float | None = None) -> None:
+        """Take this rank's device (`choose_device`) and join torchrun's group. `timeout_s` bounds each
+        collective (None: torch's default)."""
+        import torch
+
+        device = self.choose_device(device)
+        if device.startswith("cuda"):
             torch.cuda.set_device(device)
         self.device = device
         if self.distributed:

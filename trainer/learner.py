@@ -46,8 +46,10 @@ from tidal.trainer.advantages import (
 )
 from tidal.trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
 from tidal.trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
+from tidal.trainer.sampling import temperature
 
-__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "NonFiniteStep", "STALENESS_BUCKETS", "METRICS"]
+__all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "NonFiniteStep", "resolve_dtype",
+           "STALENESS_BUCKETS", "METRICS"]
 
 STALENESS_BUCKETS = ("0", "1", "2", "3", "4-7", "8+")
 """Histogram buckets of per-token staleness, reported as `trainer/staleness/<bucket>` fractions."""
@@ -95,20 +97,28 @@ class ModelConfig(Strict):
 
     path: str
     """A directory `AutoModelForCausalLM.from_pretrained` loads (safetensors + config + tokenizer)."""
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Parameter dtype; bf16 trains in pure bf16 (no fp32 master copy), float32 for exactness."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter dtype. "auto" (`resolve_dtype`): float32 on a CPU, bfloat16 on a GPU. bfloat16 trains
+    in pure bf16, with no fp32 master copy: right for a large model on a GPU, but an update much
+    smaller than a weight (lr 1e-6 on weights near 1) rounds away in bf16, and a CPU gains no speed
+    from it. A CPU run should use float32, which "auto" picks there."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel: sdpa (CPU/GPU), flash_attention_2 (varlen packing on GPU), eager."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
     temperature: Annotated[float, Meta(gt=0)] = 1.0
-    """Sampling temperature of the engine: logits are divided by it so logp matches mu's definition."""
+    """Temperature for trajectories that do not record theirs. The learner divides logits by each
+    trajectory's own `sampling["temperature"]` (trainer/sampling.py `temperature`), so logp is the
+    same tempered full-vocabulary log_softmax that mu is; this value stands in where it is missing."""
 
 
 class OptimConfig(Strict):
     """AdamW, gradient clipping and the learning-rate schedule."""
 
     lr: Annotated[float, Meta(gt=0)] = 1e-6
+    """Peak learning rate. 1e-6 suits fine-tuning a pretrained LLM of 1B+ parameters; a tiny model on a
+    CPU (the test model, `tidal run`'s default) moves visibly only from about 1e-3, which is what the
+    tests and a CPU smoke run set (`--set learner.optim.lr=1e-3`)."""
     betas: tuple[float, float] = (0.9, 0.999)
     eps: Annotated[float, Meta(gt=0)] = 1e-8
     weight_decay: Annotated[float, Meta(ge=0)] = 0.0
@@ -138,6 +148,14 @@ class LearnerConfig(Strict):
     def needs_reference(self) -> bool:
         """A frozen reference model is kept when a KL penalty uses it."""
         return self.loss.kl_coef > 0 or (isinstance(self.advantage, ReinforcePPConfig) and self.advantage.kl_coef > 0)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """ModelConfig.dtype as used on `device` ("cpu", "cuda", "cuda:1"): "auto" is float32 on a CPU and
+    bfloat16 on a GPU; an explicit dtype is kept."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if torch.device(device).type == "cpu" else "bfloat16"
 
 
 def _lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
@@ -192,11 +210,13 @@ class Learner:
         self.cfg = cfg
         self.device = torch.device(device)
         self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.dtype = resolve_dtype(cfg.model.dtype, device)
+        """The parameter dtype in use ("auto" resolved for this device)."""
         if model is None:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                cfg.model.path, dtype=getattr(torch, self.dtype),
                 attn_implementation=cfg.model.attn_implementation,
             )
         model.to(self.device)
@@ -251,7 +271,11 @@ class Learner:
         logits = out.logits
         if logits.dim() == 3:                        # a model without boolean logits_to_keep: all positions
             logits = logits.reshape(-1, logits.shape[-1])[index]
-        logits = logits.float() / self.cfg.model.temperature     # (T, V), rows in `index` order (ascending)
+        temps = mb.fields.get("temperature")         # (T,) each token's trajectory's sampling temperature
+        if temps is None:
+            logits = logits.float() / self.cfg.model.temperature                      # (T, V), `index` order
+        else:
+            logits = logits.float() / temps.to(dev)[:, None]
         logprobs = torch.log_softmax(logits, dim=-1)                                   # (T, V)
         res = {"logp": logprobs.gather(1, mb.targets.to(dev)[:, None]).squeeze(1)}
         if entropy:                                  # with grad only when the bonus is trained
@@ -279,6 +303,25 @@ class Learner:
                     mb.fields["last_values"] = res["last_values"].cpu()
             if self.reference is not None:
                 mb.fields["ref_logp"] = self._forward(self.reference, mb)["logp"].cpu()
+
+    @torch.no_grad()
+    def logprobs(self, batch: Sequence[Trajectory]) -> list[np.ndarray]:
+        """log pi_theta of each trajectory's generated tokens as a step scores them (the same packing,
+        temperature and forward): (n,) float64 per trajectory, 0 where the loss mask is 0 and at token 0
+        (nothing predicts it). On this rank's model, for the whole batch. Compare with `behav_logps()`
+        to see how far the engine's mu is from the learner's policy."""
+        masks = [_trained_mask(t) for t in batch]
+        every = list(range(len(batch)))
+        mbs = self._micro_batches(batch, masks, every, every)
+        training = self.model.training
+        self.model.eval()
+        try:
+            for mb in mbs:
+                mb.fields["logp"] = self._forward(self.model, mb)["logp"].cpu()
+        finally:
+            self.model.train(training)
+        per_seq = self._per_sequence(batch, mbs, "logp")
+        return [per_seq.get(j, np.zeros(len(t))) for j, t in enumerate(batch)]
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -394,10 +437,12 @@ class Learner:
                 weights[j] = masks[j] / max(n_tokens, 1)
             else:
                 weights[j] = masks[j] / (max(counts[j], 1) * max(n_seqs, 1))
+        default_t = self.cfg.model.temperature
         fields = {
             "behav_logp": [batch[j].behav_logps() for j in mine],
             "weight": [weights[j] for j in mine],
             "pos": [np.arange(len(batch[j])) for j in mine],
+            "temperature": [np.full(len(batch[j]), temperature(batch[j].sampling, default_t)) for j in mine],
         }
         mbs = []
         for rows in plan([len(batch[j]) for j in mine], self.cfg.packing):

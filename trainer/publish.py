@@ -66,9 +66,13 @@ class DiskPublisher:
         """Nothing to tear down."""
 
     async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
-        return await asyncio.to_thread(self._write, version, tensors)
+        """`write` in a thread, so the event loop (intake, status) runs while the file is written."""
+        return await asyncio.to_thread(self.write, version, tensors)
 
-    def _write(self, version: int, tensors: Mapping) -> WeightsPublished:
+    def write(self, version: int, tensors: Mapping) -> WeightsPublished:
+        """Publish synchronously: write `tensors` as version `version` (atomically: a temporary
+        directory renamed to `vXXXXXXXX`), drop versions beyond `keep_last`, and return the notice to
+        send. For callers without an event loop; `publish` is the same in a thread."""
         from safetensors.torch import save_file
         from tidal.trainer.checkpoint import untie
 

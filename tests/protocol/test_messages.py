@@ -88,6 +88,10 @@ BAD_FRAMES = {
     "turn outside tokens": (_frame(turns=[[2, 9, 1.0]]), "turn 0 span [2, 9)"),
     "turns out of order": (_frame(turns=[[2, 4, 0.0], [0, 1, 0.0]]), "turn 1 span"),
     "nan reward": (_frame(reward=float("nan")), "reward nan is not finite"),
+    "reward not the sum of turn rewards": (_frame(reward=2.0), "reward 2.0 is not the sum of its 1 turn rewards (1.0)"),
+    "reward without turns": (_frame(turns=[], reward=0.5), "reward 0.5 is not the sum of its 0 turn rewards (0.0)"),
+    "non-finite sampling": (_frame(sampling={"top_p": float("nan")}), "sampling top_p = nan is not finite"),
+    "negative temperature": (_frame(sampling={"temperature": -1.0}), "sampling temperature -1.0 is negative"),
     "min/max version mismatch": (_frame(min_version=3), "min_version/max_version are 3/8"),
     "generated token without version": (_frame(versions=np.int32([-1, -1, -1, 8]).tobytes(), min_version=-1),
                                         "negative policy version"),
@@ -100,6 +104,39 @@ def test_bad_frames_raise_protocol_error_naming_the_problem(name):
     frame, expected = BAD_FRAMES[name]
     with pytest.raises(ProtocolError, match=re.escape(expected)):
         decode(frame)
+
+
+def test_the_final_reward_is_the_sum_of_the_turn_rewards_within_a_relative_tolerance():
+    def build(turn_rewards, reward, tid="e1"):
+        n = 2 * len(turn_rewards)
+        return Trajectory.build(
+            id=tid, group_id="g", env_id="test", task_seed=0, tokens=list(range(n)), loss_mask=[1] * n,
+            behav_logp=[-0.5] * n, versions=[0] * n, reward=reward,
+            turns=[Turn(2 * i, 2 * i + 2, r) for i, r in enumerate(turn_rewards)],
+        )
+
+    assert build([0.1, 0.2], 0.3).reward == 0.3  # 0.1 + 0.2 = 0.30000000000000004: rounding is no mismatch
+    assert build([1.0], 1.0 + 0.9e-5).turns[0].reward == 1.0  # within 1e-5 * max(1, |reward|)
+    assert build([1e6, 0.0], 1e6 + 9.0).reward == 1e6 + 9.0  # relative for large rewards: 1e-5 * 1e6 = 10
+    assert build([], 0.0).reward == 0.0
+    with pytest.raises(ValueError, match=re.escape("trajectory e1: reward 1.00002 is not the sum of its 1 turn rewards (1.0)")):
+        build([1.0], 1.00002)
+    with pytest.raises(ValueError, match=re.escape("trajectory outcome-only: reward 1.0 is not the sum of its 2 turn "
+                                                   "rewards (0.0)")):
+        build([0.0, 0.0], 1.0, tid="outcome-only")  # an outcome score belongs on the last turn
+    with pytest.raises(ValueError, match=re.escape("reward 1.0 is not the sum of its 0 turn rewards (0.0)")):
+        build([], 1.0)
+    with pytest.raises(ProtocolError, match="is not the sum of its"):  # decode: a counted rejection
+        decode(_frame(turns=[[2, 3, 0.25], [3, 4, 0.25]], reward=1.0))
+    assert decode(_frame(turns=[[2, 3, 0.75], [3, 4, 0.25]], reward=1.0)).reward == 1.0
+
+
+def test_sampling_settings_round_trip_and_default_to_empty_for_an_old_sender():
+    t = msgspec.structs.replace(_valid(), sampling={"temperature": 0.7, "top_p": 0.9, "top_k": -1, "masked": False})
+    assert decode(encode(t)).sampling == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "masked": False}
+    assert decode_parts(encode_parts(t)).sampling == t.sampling
+    old = msgspec.msgpack.encode({k: v for k, v in _fields().items() if k != "sampling"})
+    assert decode(old).sampling == {} and _valid().sampling == {}
 
 
 def test_status_channel_refuses_a_trajectory_and_bad_ranges():

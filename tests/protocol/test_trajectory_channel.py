@@ -20,7 +20,7 @@ from tidal.protocol.channels.frames import (
     trajectory_frames,
     trajectory_from_frames,
 )
-from tidal.protocol.messages import PACKED_FIELDS, Trajectory
+from tidal.protocol.messages import PACKED_FIELDS, Trajectory, Turn
 
 
 @pytest.fixture(params=["tcp", "ipc"])
@@ -219,6 +219,30 @@ async def test_bad_payload_is_rejected_acked_and_the_stream_moves_on():
             dealer.close(linger=0)
 
 
+async def test_a_reward_that_disagrees_with_its_turns_is_rejected_counted_and_acknowledged():
+    ctx = zmq.asyncio.Context.instance()
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(rx.endpoint)
+        try:
+            head, arrays = trajectory_frames(make_trajectory("split"))  # one turn, reward 1.0
+            fields = msgspec.msgpack.decode(head)
+            assert fields["reward"] == 1.0 and [t[2] for t in fields["turns"]] == [1.0]
+            bad = msgspec.msgpack.encode({**fields, "reward": 3.0})  # as if an env reported a second score
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 1, 1)), bad, arrays])
+            await dealer.send_multipart([encode_frame(Data("raw", 1, 2, 1)), head, arrays])
+            got = await _drain(rx, 1)
+            assert (got[0].traj.id, got[0].seq) == ("split", 2)
+            assert rx.stats.rejected == 1
+            assert "trajectory split: reward 3.0 is not the sum of its 1 turn rewards (1.0)" in rx.stats.last_error
+            async with asyncio.timeout(5):  # acknowledged: the sender would stop resending it
+                while msgspec.msgpack.decode(await dealer.recv(), type=Ack).committed != 2:
+                    pass
+        finally:
+            dealer.close(linger=0)
+
+
 async def test_reused_payload_buffers_never_corrupt_large_trajectories():
     """Acknowledged payload buffers are reused for later trajectories: no content may leak across."""
     n = 8192  # ~106 kB per frame
@@ -226,7 +250,7 @@ async def test_reused_payload_buffers_never_corrupt_large_trajectories():
     def big(i: int):
         return Trajectory.build(
             id=f"t{i}", group_id="g", env_id="e", task_seed=i, tokens=[i] * n, loss_mask=[1] * n,
-            behav_logp=[-0.5] * n, versions=[i] * n, turns=[], reward=float(i),
+            behav_logp=[-0.5] * n, versions=[i] * n, turns=[Turn(0, n, float(i))], reward=float(i),
         )
 
     async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:

@@ -21,6 +21,12 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 small_int = st.integers(min_value=0, max_value=2**31 - 1)
 
 
+sampling = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.integers(-1, 1000), "masked": st.booleans(),
+})
+"""What an engine records it sampled with (Trajectory.sampling)."""
+
+
 @st.composite
 def trajectories(draw, max_tokens: int = 64) -> Trajectory:
     n = draw(st.integers(0, max_tokens))
@@ -32,11 +38,13 @@ def trajectories(draw, max_tokens: int = 64) -> Trajectory:
     return Trajectory.build(
         id=draw(text), group_id=draw(text), env_id=draw(text), task_seed=draw(st.integers(-(2**63), 2**63 - 1)),
         tokens=draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n)),
-        loss_mask=mask, behav_logp=logp, versions=versions, turns=turns, reward=draw(finite),
+        loss_mask=mask, behav_logp=logp, versions=versions, turns=turns,
+        reward=sum((t.reward for t in turns), 0.0),  # the final reward is the sum of the turns'
         terminated=draw(st.booleans()), truncated=draw(st.booleans()), finish_reason=draw(st.sampled_from(sorted(FINISH_REASONS))),
         timing=draw(st.dictionaries(text, finite, max_size=3)),
         counters=draw(st.dictionaries(text, small_int, max_size=3)),
         info=draw(st.dictionaries(text, st.one_of(text, small_int, finite, st.booleans()), max_size=3)),
+        sampling=draw(sampling),
     )
 
 

@@ -46,11 +46,14 @@ class Producer:
             id=traj.id, group_id=traj.group_id, env_id=traj.env_id, task_seed=traj.task_seed,
             tokens=traj.token_ids(), loss_mask=m, behav_logp=traj.behav_logps(),
             versions=np.where(m == 1, version, -1), turns=traj.turns, reward=traj.reward, terminated=traj.terminated,
+            sampling=traj.sampling,
         )
 
     @torch.no_grad()
-    def group(self, group_id: str, version: int, size: int) -> list[Trajectory]:
-        """`size` trajectories of one prompt, sampled together; ids are `{group_id}-{i}`."""
+    def group(self, group_id: str, version: int, size: int, sampling: dict | None = None) -> list[Trajectory]:
+        """`size` trajectories of one prompt, sampled together; ids are `{group_id}-{i}`. `sampling` is
+        only recorded (Trajectory.sampling: what an engine would say it sampled with); the draw is
+        always from the full distribution at temperature 1."""
         rows = torch.tensor(self.rng.integers(7, self.vocab, self.prompt_len), dtype=torch.long).repeat(size, 1)
         turns: list[tuple[int, int]] = []
         per_row_logp = torch.zeros(size, 0)                                           # (size, generated so far)
@@ -79,6 +82,6 @@ class Producer:
             out.append(Trajectory.build(
                 id=f"{group_id}-{i}", group_id=group_id, env_id="test:even", task_seed=i,
                 tokens=ids, loss_mask=m, behav_logp=lp, versions=np.where(m == 1, version, -1),
-                turns=spans, reward=sum(t.reward for t in spans), terminated=True,
+                turns=spans, reward=sum(t.reward for t in spans), terminated=True, sampling=sampling or {},
             ))
         return out

@@ -21,13 +21,16 @@ from tidal.trainer.advantages import (
 )
 
 
-def make(mask, turns, reward=0.0, group="g", tid="t", terminated=True, truncated=False):
+def make(mask, turns, reward=None, group="g", tid="t", terminated=True, truncated=False):
+    """A trajectory; its final reward is the sum of the turn rewards unless `reward` says otherwise."""
     n = len(mask)
     mask = np.asarray(mask, dtype=np.uint8)
+    turns = [Turn(*t) for t in turns]
     return Trajectory.build(
         id=tid, group_id=group, env_id="test", task_seed=0, tokens=np.arange(n) + 10, loss_mask=mask,
         behav_logp=np.where(mask == 1, -1.0, 0.0), versions=np.where(mask == 1, 0, -1),
-        turns=[Turn(*t) for t in turns], reward=reward, terminated=terminated, truncated=truncated,
+        turns=turns, reward=sum((t.reward for t in turns), 0.0) if reward is None else reward, terminated=terminated,
+        truncated=truncated,
     )
 
 
@@ -64,7 +67,7 @@ def test_rloo_hand_worked():
 
 
 def test_group_advantages_on_generated_tokens_only():
-    batch = [make([0, 1, 1, 0], [(1, 3)], reward=1.0, tid="a"), make([0, 1, 1, 0], [(1, 3)], reward=0.0, tid="b")]
+    batch = [make([0, 1, 1, 0], [(1, 3, 1.0)], tid="a"), make([0, 1, 1, 0], [(1, 3, 0.0)], tid="b")]
     adv, returns, metrics = compute_advantages(GRPOConfig(norm_std=False), batch)
     np.testing.assert_allclose(adv[0], [0, 0.5, 0.5, 0])
     np.testing.assert_allclose(adv[1], [0, -0.5, -0.5, 0])
@@ -161,3 +164,16 @@ def test_unplaceable_reward_is_counted():
     traj = make([0, 0, 1], [(1, 1, 1.0), (2, 3, 0.0)])
     _, _, metrics = compute_advantages(GAEConfig(), [traj], values=[np.zeros(3)], bootstrap=[0.0])
     assert metrics["trainer/rewards_unplaced"] == 1.0
+
+
+def test_group_and_per_turn_estimators_read_one_reward():
+    # the outcome sits on the last turn, so Trajectory.reward (GRPO) and the turns' sum (ReBN) agree;
+    # a trajectory whose final reward disagrees with its turns cannot be built (nor decoded)
+    won = make([0, 1, 0, 1], [(1, 2, 0.0), (3, 4, 1.0)], tid="won")
+    lost = make([0, 1, 0, 1], [(1, 2, 0.0), (3, 4, 0.0)], tid="lost")
+    grpo_adv, _, _ = compute_advantages(GRPOConfig(norm_std=False), [won, lost])
+    rebn_adv, _, _ = compute_advantages(ReBNConfig(gamma=1.0, normalize=False), [won, lost])
+    assert [grpo_adv[0][1], grpo_adv[1][1]] == [0.5, -0.5]  # the group sees 1 vs 0
+    assert [rebn_adv[0][1], rebn_adv[1][1]] == [won.reward, lost.reward]  # first turn's return = the total
+    with pytest.raises(ValueError, match=r"trajectory bad: reward 1.0 is not the sum of its 2 turn rewards \(0.0\)"):
+        make([0, 1, 0, 1], [(1, 2, 0.0), (3, 4, 0.0)], reward=1.0, tid="bad")

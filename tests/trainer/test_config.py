@@ -2,6 +2,7 @@
 
 import tomllib
 
+import msgspec
 from tidal.protocol.config import load_config
 from tidal.trainer.config import DistributedPublish, TrainerConfig
 
@@ -29,10 +30,11 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path, capsys):
     assert "every" in capsys.readouterr().err
 
 
-def test_print_config_without_a_model_names_the_missing_key(capsys):
-    assert tidal(["trainer", "--print-config"]) == 2
-    assert "missing required field `learner`" in capsys.readouterr().err
-    assert tidal(["trainer", "--print-config", "--set", "learner.optim.lr=1e-6"]) == 2
+def test_print_config_without_a_model_marks_the_missing_key_and_running_names_it(capsys):
+    assert tidal(["trainer", "--print-config"]) == 0  # shown before the model is named, the key marked
+    out = capsys.readouterr().out
+    assert "# required: path = a string  (not given)" in out and tomllib.loads(out)["learner"]["model"]["dtype"]
+    assert tidal(["trainer", "--set", "learner.optim.lr=1e-6"]) == 2
     assert "missing required field `model` - at learner" in capsys.readouterr().err
 
 
@@ -75,3 +77,22 @@ def test_the_trainer_imports_neither_engine_nor_envs():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'envs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_print_config_shows_what_auto_resolves_to_on_this_machine(capsys):
+    import torch
+
+    assert tidal(["trainer", "--set", "learner.model.path='/m'", "--print-config"]) == 0
+    resolved = tomllib.loads(capsys.readouterr().out)
+    on_gpu = torch.cuda.is_available()
+    assert resolved["distributed"]["device"] == ("cuda" if on_gpu else "cpu")
+    assert resolved["learner"]["model"]["dtype"] == ("bfloat16" if on_gpu else "float32")
+    assert resolved["learner"]["optim"]["lr"] == 1e-6  # the default, shown as chosen
+    # an explicit choice is kept, and what is printed loads back as it is
+    argv = ["trainer", "--set", "learner.model.path='/m'", "--set", "learner.model.dtype='bfloat16'",
+            "--set", "distributed.device='cpu'", "--print-config"]
+    assert tidal(argv) == 0
+    printed = capsys.readouterr().out
+    assert tomllib.loads(printed)["learner"]["model"]["dtype"] == "bfloat16"
+    cfg = msgspec.toml.decode(printed.encode(), type=TrainerConfig)
+    assert (cfg.learner.model.dtype, cfg.distributed.device) == ("bfloat16", "cpu")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tidal.protocol.channels import StatusSubscriber, TrajectorySender
 from tidal.protocol.errors import ProtocolError
-from tidal.protocol.messages import Trajectory
+from tidal.protocol.messages import Trajectory, Turn
 from tidal.trainer import dead_letter
 from tidal.trainer.learner import Learner, NonFiniteStep
 
@@ -153,7 +153,8 @@ async def test_daemon_dead_letters_failed_steps_trains_on_and_stops_on_persisten
 
     huge = [Trajectory.build(  # valid on the wire, but the group's mean reward overflows: NaN loss
         id=f"huge-{i}", group_id="huge", env_id="test:even", task_seed=0, tokens=t.token_ids(), loss_mask=t.mask(),
-        behav_logp=t.behav_logps(), versions=t.token_versions(), turns=[], reward=1e308, terminated=True,
+        behav_logp=t.behav_logps(), versions=t.token_versions(),
+        turns=[Turn(t.turns[-1].start, t.turns[-1].end, 1e308)], reward=1e308, terminated=True,
     ) for i, t in enumerate(producer.group("h", version=0, size=2))]
     plan = [  # (what to send, whether the step trains)
         (poison_group("poison") + groups[1], False),

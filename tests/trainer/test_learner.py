@@ -2,12 +2,13 @@
 
 import io
 
+import msgspec
 import numpy as np
 import pytest
 import torch
 from tidal.protocol.config import load_config
 from tidal.protocol.messages import Trajectory, Turn
-from tidal.trainer.learner import Learner, LearnerConfig
+from tidal.trainer.learner import Learner, LearnerConfig, resolve_dtype
 
 
 def config(model_dir, *overrides) -> LearnerConfig:
@@ -201,3 +202,52 @@ def test_every_returned_metric_is_documented(tiny_model_dir):
     documented = {k.replace("<bucket>", "") for k in METRICS}
     for name in metrics:
         assert name in METRICS or any(d.endswith("/") and name.startswith(d) for d in documented), name
+
+
+def own_sample(learner, rng, temperature: float, n_gen: int = 6, tid: str = "own"):
+    """A trajectory whose behav_logp is the learner's own log_softmax(logits / T) at the sampled tokens:
+    what a server sampling at temperature T from these very weights would record as mu."""
+    ids = torch.as_tensor(rng.integers(7, 250, 5))
+    logps = []
+    with torch.no_grad():
+        for _ in range(n_gen):
+            lp = torch.log_softmax(learner.base_model(input_ids=ids[None]).logits[0, -1].float() / temperature, -1)
+            tok = int(torch.multinomial(lp.exp(), 1, generator=torch.Generator().manual_seed(len(ids))))
+            logps.append(float(lp[tok]))
+            ids = torch.cat([ids, torch.tensor([tok])])
+    n = len(ids)
+    mask = np.r_[np.zeros(n - n_gen), np.ones(n_gen)].astype(np.uint8)
+    return Trajectory.build(
+        id=tid, group_id="g", env_id="test", task_seed=0, tokens=ids.numpy(), loss_mask=mask,
+        behav_logp=np.r_[np.zeros(n - n_gen), logps], versions=np.where(mask == 1, 0, -1),
+        turns=[Turn(n - n_gen, n, 1.0)], reward=1.0, terminated=True, sampling={"temperature": temperature},
+    )
+
+
+def test_each_trajectory_is_scored_at_the_temperature_it_was_sampled_at(tiny_model_dir):
+    # mu is log_softmax(logits / T) at the engine's T: the learner must score with the same T, per
+    # trajectory, or every importance weight pi_prox / mu is off by the temperature alone
+    learner = Learner(config(tiny_model_dir, "advantage.type=rebn", "loss.type=tis", "optim.lr=1e-9"))
+    rng = np.random.default_rng(4)
+    hot, cold = own_sample(learner, rng, 1.7, tid="hot"), own_sample(learner, rng, 0.4, tid="cold")
+    unrecorded = msgspec.structs.replace(own_sample(learner, rng, 1.0, tid="plain"), sampling={})
+    got = learner.logprobs([hot, cold, unrecorded])
+    for traj, lp in zip((hot, cold, unrecorded), got, strict=True):
+        m = traj.mask() == 1
+        np.testing.assert_allclose(lp[m], traj.behav_logps()[m], atol=1e-5, rtol=0, err_msg=traj.id)
+        assert (lp[~m] == 0).all()
+    metrics = learner.train_step([hot, cold])  # on-policy data: every weight is 1, the behaviour KL 0
+    assert metrics["trainer/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert abs(metrics["trainer/kl_behav"]) < 1e-6
+    # a trajectory that records no temperature is scored at learner.model.temperature
+    warm = Learner(config(tiny_model_dir, "model.temperature=1.7"))
+    hot_unrecorded = msgspec.structs.replace(hot, sampling={})
+    np.testing.assert_allclose(warm.logprobs([hot_unrecorded])[0], got[0], atol=1e-6, rtol=0)
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_a_gpu(tiny_model_dir):
+    learner = Learner(load_config(LearnerConfig, overrides=[f"model.path={tiny_model_dir}"]))
+    assert learner.cfg.model.dtype == "auto" and learner.dtype == "float32"
+    assert next(learner.base_model.parameters()).dtype == torch.float32
+    assert [resolve_dtype("auto", d) for d in ("cpu", "cuda", "cuda:1")] == ["float32", "bfloat16", "bfloat16"]
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16" and resolve_dtype("float32", "cuda") == "float32"

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 from tidal.protocol.channels import TrajectorySender
-from tidal.protocol.messages import Trajectory
+from tidal.protocol.messages import Trajectory, Turn
 from tidal.trainer import dead_letter
 
 from tests.trainer.faulty import ATTEMPTS_ENV, POISON
@@ -129,7 +129,8 @@ async def test_a_non_finite_step_is_skipped_on_every_rank_and_the_job_goes_on(tm
     # one group whose rewards overflow (finite on the wire, a NaN loss): the global gradient norm is NaN
     huge = [Trajectory.build(
         id=f"huge-{i}", group_id="huge", env_id=t.env_id, task_seed=0, tokens=t.token_ids(), loss_mask=t.mask(),
-        behav_logp=t.behav_logps(), versions=t.token_versions(), turns=[], reward=1e308, terminated=True,
+        behav_logp=t.behav_logps(), versions=t.token_versions(),
+        turns=[Turn(t.turns[-1].start, t.turns[-1].end, 1e308)], reward=1e308, terminated=True,
     ) for i, t in enumerate(producer.group("h", version=0, size=2))]
     skipped = huge + producer.group("fine", version=0, size=2)
     trained = [t for g in range(2) for t in producer.group(f"next{g}", version=0, size=2)]
