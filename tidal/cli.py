@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trainer": ("tidal.trainer.daemon", "the off-policy trainer daemon (torchrun-able)"),
     "serve": ("tidal.engine.reference.server", "the CPU reference inference server speaking SGLang's HTTP API"),
     "envs": ("tidal.envs.cli", "list, check and try environments"),
+    "model": ("tidal.engine.reference.tiny", "write test checkpoints: `tidal model tiny DIR`, the tiny model of the docs"),
     "bench": ("tidal.bench.cli", "reproducible throughput benchmarks (JSON + table)"),
 }
 

@@ -4,7 +4,8 @@ Owns request validation: a `/generate` body, decoded with protocol/sglang.py's w
 becomes a list of `Item`s (one per prompt and sample, §1.5) with fully resolved `Sampling`; anything
 that breaks the contract raises `ApiError` carrying the exact §0 envelope and status.
 `sampling_params` is a closed set: an unknown key is the serde-worded 400 of 0.5.23; `null` means
-"the default" (§1.2).
+"the default" (§1.2). Every endpoint with a body reads it through `read_json`: a Content-Type that
+is not JSON is the same framework 400 on `/generate`, `/v1/completions` and the control routes.
 """
 
 import uuid
@@ -15,7 +16,7 @@ from tidal.protocol.sglang import ControlResponse, ErrorResponse, GenerateReques
 
 __all__ = [
     "ApiError", "Sampling", "Item", "parse_generate", "resolve_sampling", "framework_error",
-    "contract_error", "request_error", "control_error", "SAMPLING_KEYS", "json_encode",
+    "contract_error", "request_error", "control_error", "SAMPLING_KEYS", "json_encode", "read_json",
 ]
 
 _encoder = msgspec.json.Encoder()
@@ -40,6 +41,17 @@ class ApiError(Exception):
 def framework_error(message: str, status: int = 400) -> ApiError:
     """§0 row 1: malformed JSON, wrong types, missing required body (the web framework's envelope)."""
     return ApiError(status, ErrorResponse(message=message, type="Bad Request", code=status), message)
+
+
+async def read_json(request) -> bytes:
+    """The raw body of a request that must be JSON. A Content-Type that is not JSON (`text/plain`,
+    a form) is a framework 400 (§0 row 1), as SGLang's FastAPI answers it; no Content-Type at all
+    is read as JSON, as FastAPI does."""
+    if "Content-Type" in request.headers:
+        kind = request.content_type
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise framework_error(f"Content-Type {kind!r} is not JSON; send the body as application/json")
+    return await request.read()
 
 
 def contract_error(message: str) -> ApiError:

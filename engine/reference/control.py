@@ -12,7 +12,7 @@ import os
 
 import msgspec
 from aiohttp import web
-from tidal.engine.reference.api import control_error, framework_error, json_encode
+from tidal.engine.reference.api import control_error, framework_error, json_encode, read_json
 from tidal.engine.reference.config import ServerState
 from tidal.protocol.sglang import (
     WEIGHT_UPDATE_GROUP,
@@ -38,7 +38,7 @@ routes = web.RouteTableDef()
 
 async def _body(request: web.Request, cls: type):
     """A required JSON object body (0.5.23: a bodyless POST is a 400 'Field required')."""
-    raw = await request.read()
+    raw = await read_json(request)
     if not raw.strip():
         raise framework_error(f"Field required: {request.path} needs a JSON object body, e.g. {{}}")
     try:

@@ -13,7 +13,7 @@ import time
 import msgspec
 from aiohttp import web
 from msgspec import UNSET
-from tidal.engine.reference.api import ApiError, Item, json_encode, parse_generate, request_error
+from tidal.engine.reference.api import ApiError, Item, json_encode, parse_generate, read_json, request_error
 from tidal.engine.reference.config import ServerState
 from tidal.engine.reference.scheduler import ABORTED_WAITING, Seq
 from tidal.protocol.sglang import (
@@ -196,9 +196,9 @@ async def _write_error_event(request: web.Request, err: ApiError) -> web.StreamR
 async def handle_generate(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app["state"]
     state.count("generate_requests")
-    body = await request.read()
-    stream = False
+    stream, body = False, b""
     try:
+        body = await read_json(request)
         req, items, batch = parse_generate(body, stream_interval=state.cfg.server.stream_interval)
         stream = bool(req.stream)
     except ApiError as err:

@@ -13,7 +13,14 @@ import uuid
 import msgspec
 from aiohttp import web
 from msgspec import UNSET
-from tidal.engine.reference.api import ApiError, Item, json_encode, resolve_sampling
+from tidal.engine.reference.api import (
+    ApiError,
+    Item,
+    framework_error,
+    json_encode,
+    read_json,
+    resolve_sampling,
+)
 from tidal.engine.reference.config import ServerState
 from tidal.engine.reference.generate import OutputText, admit, sse_headers
 from tidal.engine.reference.scheduler import Seq
@@ -42,6 +49,9 @@ routes = web.RouteTableDef()
 
 
 def _error(message: str, status: int = 400) -> ApiError:
+    """A request rejected while processing: the OpenAI-style envelope SGLang's OpenAI routes send
+    (`type` "BadRequestError"); a body that is not a valid request is `framework_error` (§0 row 1),
+    the same 400 `/generate` answers."""
     return ApiError(status, ErrorResponse(message=message, type="BadRequestError", code=status), message)
 
 
@@ -155,12 +165,10 @@ def _usage(seqs: list[Seq], n: int) -> Usage:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app["state"]
-    if not request.content_type.startswith("application/json"):
-        raise _error(f"Unsupported content type {request.content_type!r}; expected application/json")
     try:
-        req = msgspec.json.decode(await request.read(), type=CompletionRequest)
+        req = msgspec.json.decode(await read_json(request), type=CompletionRequest)
     except msgspec.DecodeError as exc:
-        raise _error(f"invalid /v1/completions request: {exc}") from None
+        raise framework_error(f"invalid /v1/completions request: {exc}") from None
     items = _items(req, state)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

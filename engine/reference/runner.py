@@ -9,6 +9,7 @@ sampling.py (contract §1.4: log softmax of the tempered logits over the full vo
 """
 
 import asyncio
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,13 +28,18 @@ class ModelRunner:
     """A causal LM loaded with `from_pretrained(path)`; implements the scheduler's `Stepper`."""
 
     def __init__(self, path: str | Path, *, device: str = "auto", dtype: str = "float32", seed: int = 0,
-                 prefix_cache_tokens: int = 0):
+                 prefix_cache_tokens: int = 0, local_files_only: bool = False):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else ("cpu" if device == "auto" else device))
         self.dtype = getattr(torch, dtype)
         self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.local_files_only = local_files_only
         self.model = self._load(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=local_files_only)
+        # The name of the KV-cache argument: `cache` since transformers 5.2x, `past_key_values` before
+        # (which newer versions still take, with a FutureWarning on every forward pass).
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         config = self.model.config
         self.model_type = getattr(config, "model_type", None)
         self.architectures = list(getattr(config, "architectures", None) or [])
@@ -50,7 +56,7 @@ class ModelRunner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def _load(self, path: str):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, local_files_only=self.local_files_only)
         layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise ValueError(f"{path}: layer types {sorted(layer_types)}; the reference server keeps full "
@@ -127,8 +133,8 @@ class ModelRunner:
     def _prefill_one(self, seq: Seq, context: list[int], n: int, cached: SeqKV | None) -> torch.Tensor:
         """Forward one context past its `n` cached positions; keep its KV (and prompt logprobs)."""
         past = DynamicCache(ddp_cache_data=cached.view(n)) if n else None
-        out = self.model(input_ids=torch.tensor([context[n:]], device=self.device), past_key_values=past,
-                         use_cache=True)
+        out = self.model(input_ids=torch.tensor([context[n:]], device=self.device), use_cache=True,
+                         **{self._cache_kw: past})
         seq.kv = SeqKV.from_layers([(layer.keys, layer.values) for layer in out.past_key_values.layers])
         if seq.input_logprobs is None and seq.item is not None and seq.item.logprob_start_len >= 0:
             seq.input_logprobs = self._input_logprobs(out.logits[0], seq)
@@ -180,7 +186,7 @@ class ModelRunner:
         cache, mask, positions = batch.inputs()
         out = self.model(
             input_ids=torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device),
-            attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_kw: cache},
         )
         batch.advance()
         return out.logits[:, -1]

@@ -3,6 +3,10 @@
 Its own process (it may import torch; the engine never does). Serves a transformers causal LM
 (`--model PATH`) or, with `--simulate`, the cost model of simulate.py. Once listening it prints one
 line, `tidal serve ready http://HOST:PORT`, which launch.py waits for (port 0 picks a free port).
+It binds before it loads the model, and every start-up failure (a busy port, a bad host, a missing
+or broken checkpoint, a bad config) is one line on stderr and exit code 2 (`--debug`: the
+traceback too). Logs go to stderr: each request at debug level, each rejection and failure always;
+libraries' progress bars and info lines are left out unless `--debug`.
 
     tidal serve --model /path/to/checkpoint --port 30000
     tidal serve --simulate --port 0 --set simulate.max_running=512
@@ -12,8 +16,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import time
 import uuid
 
 import msgspec
@@ -22,10 +29,12 @@ from tidal.engine.reference import control, openai
 from tidal.engine.reference.api import ApiError, Sampling, json_encode
 from tidal.engine.reference.config import ServeConfig, ServerState
 from tidal.engine.reference.generate import handle_generate
+from tidal.engine.reference.model_source import ModelSource, resolve_model
 from tidal.engine.reference.scheduler import Scheduler, Seq
 from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError
 from tidal.protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
+from tidal.protocol.startup import add_debug_arg, run_main, starting
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -48,7 +57,24 @@ _ADMIN_PATHS = frozenset({
 
 @web.middleware
 async def _auth_and_errors(request: web.Request, handler):
-    """§0: bearer keys (admin key alone on control endpoints), and ApiError as its JSON envelope."""
+    """§0: bearer keys (admin key alone on control endpoints), ApiError as its JSON envelope, and
+    the log: every request at debug level, a rejected one at warning with its reason, a failed
+    handler at error with its traceback."""
+    started = time.perf_counter()
+    response = await _answer(request, handler)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s -> %d in %.1f ms", request.method, request.path, response.status,
+                  (time.perf_counter() - started) * 1e3)
+    return response
+
+
+def _rejected(request: web.Request, status: int, body, why: str) -> web.Response:
+    """An error answer, always a JSON body (§0), logged with its reason."""
+    log.warning("%s %s -> %d: %s", request.method, request.path, status, why)
+    return web.Response(status=status, body=json_encode(body), content_type="application/json")
+
+
+async def _answer(request: web.Request, handler) -> web.StreamResponse:
     cfg = request.app["state"].cfg.server
     if (cfg.api_key or cfg.admin_api_key) and not request.path.startswith(_OPEN_PATHS):
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -56,13 +82,15 @@ async def _auth_and_errors(request: web.Request, handler):
         expected = cfg.admin_api_key if admin else cfg.api_key
         if expected and given != expected:
             if given and given in (cfg.api_key, cfg.admin_api_key):
-                return web.json_response({"error": "Forbidden"}, status=403)
-            return web.json_response({"error": "Unauthorized"}, status=401)
+                return _rejected(request, 403, {"error": "Forbidden"}, "a key that is not this endpoint's")
+            return _rejected(request, 401, {"error": "Unauthorized"}, "no or an unknown bearer key")
     try:
         return await handler(request)
     except ApiError as err:
         request.app["state"].count("rejected_requests")
-        return web.Response(status=err.status, body=json_encode(err.body), content_type="application/json")
+        return _rejected(request, err.status, err.body, err.message)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # JSON, as SGLang's FastAPI answers them
+        return _rejected(request, exc.status, {"detail": exc.reason}, exc.reason)
     except web.HTTPException:
         raise
     except Exception as exc:  # a bug answers a counted 500 envelope; the server keeps serving
@@ -180,19 +208,21 @@ async def metrics(request: web.Request) -> web.Response:
 # --- assembly ------------------------------------------------------------------------------------
 
 
-def build_stepper(cfg: ServeConfig):
-    """The token source: the cost model (no torch imported) or the transformers runner."""
+def build_stepper(cfg: ServeConfig, source: ModelSource | None = None):
+    """The token source: the cost model (no torch imported) or the transformers runner, loading
+    from `source` (default: `resolve_model(cfg.model.path)`)."""
     if cfg.mode == "simulate":
         from tidal.engine.reference.simulate import Simulator
 
         return Simulator(cfg.simulate)
+    source = source or resolve_model(cfg.model.path)
     import torch
     from tidal.engine.reference.runner import ModelRunner
 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
-    return ModelRunner(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed,
-                       prefix_cache_tokens=cfg.model.prefix_cache_tokens)
+    return ModelRunner(source.path, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.model.seed,
+                       prefix_cache_tokens=cfg.model.prefix_cache_tokens, local_files_only=source.local_files_only)
 
 
 def build_state(cfg: ServeConfig, stepper) -> ServerState:
@@ -239,20 +269,44 @@ def build_app(state: ServerState) -> web.Application:
     return app
 
 
-async def serve(cfg: ServeConfig) -> None:
-    """Listen until SIGTERM/SIGINT, then stop accepting, cancel the scheduler and close."""
-    stepper = build_stepper(cfg)
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before the model loads, so a busy port or a bad host fails in a moment, not after it."""
+    with starting(f"cannot listen on {host}:{port}"):
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a busy port still fails: EADDRINUSE
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+async def serve(cfg: ServeConfig, source: ModelSource | None = None) -> None:
+    """Bind, load, listen until SIGTERM/SIGINT, then stop accepting, cancel the scheduler and close.
+    A failure before the readiness line is a `StartupError` naming what could not be done."""
+    sock = _listen(cfg.server.host, cfg.server.port)
+    try:
+        with starting(f"cannot load the model {cfg.model.path}"):
+            stepper = build_stepper(cfg, source)
+    except BaseException:
+        sock.close()
+        raise
     state = build_state(cfg, stepper)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True, backlog=_BACKLOG)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    site = web.SockSite(runner, sock, backlog=_BACKLOG)
+    with starting(f"cannot listen on {cfg.server.host}:{cfg.server.port}"):
+        await site.start()
+    host, port = sock.getsockname()[:2]
     state.bound_port = port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("serving %s on http://%s:%d", "the cost model" if cfg.mode == "simulate" else cfg.model.path, host, port)
     print(f"{READY_PREFIX}http://{host}:{port}", flush=True)
     try:
         await stop.wait()
@@ -266,8 +320,9 @@ async def serve(cfg: ServeConfig) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal serve", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--model", help="checkpoint directory (model.path)")
+    add_config_args(parser, ServeConfig)
+    parser.add_argument("--model", help="checkpoint directory or hub id (model.path); `tidal model tiny DIR` "
+                                        "writes a tiny test checkpoint")
     parser.add_argument("--simulate", action="store_true", help="serve the cost model, no model (mode=simulate)")
     parser.add_argument("--fast", action="store_true", help="with --simulate: zero costs (simulate.fast)")
     parser.add_argument("--host", help="address to bind (server.host, default 127.0.0.1)")
@@ -277,6 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-version", help="initial weight version (server.weight_version)")
     parser.add_argument("--api-key", help="bearer key for normal endpoints")
     parser.add_argument("--admin-api-key", help="bearer key for weight and control endpoints")
+    add_debug_arg(parser)
     return parser
 
 
@@ -300,26 +356,48 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    args.overrides = list(args.overrides) + _flag_overrides(args)
-    try:
-        cfg = config_from_args(ServeConfig, args)
-        if cfg is not None:
-            cfg.check()
-    except ConfigError as exc:
-        print(f"tidal serve: {exc}", file=sys.stderr)
-        return 2
+def _check_flags(args: argparse.Namespace, cfg: ServeConfig) -> None:
+    """Flags that mean nothing in the chosen mode are refused, not silently ignored."""
+    if args.fast and cfg.mode != "simulate":
+        raise ConfigError("--fast zeroes the costs of the simulated model: it needs --simulate "
+                          '(or mode = "simulate" in the config)')
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Libraries' chatter stays out of the server's stderr unless --debug: transformers' and the
+    hub's progress bars and info lines, bm25s's debug logger. Their warnings and errors still show."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if debug:
+        return
+    for name in ("transformers", "huggingface_hub", "bm25s", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _start(args: argparse.Namespace) -> int:
+    cfg = config_from_args(ServeConfig, args)
     if cfg is None:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg.check()
+    _check_flags(args, cfg)
+    source = resolve_model(cfg.model.path) if cfg.mode == "model" else None
     try:
         import uvloop
 
-        uvloop.run(serve(cfg))
+        run = uvloop.run
     except ImportError:
-        asyncio.run(serve(cfg))
+        run = asyncio.run
+    run(serve(cfg, source))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.overrides = list(args.overrides) + _flag_overrides(args)
+    _quiet_libraries(args.debug)
+    return run_main("tidal serve", lambda: _start(args), debug=args.debug)
 
 
 if __name__ == "__main__":
