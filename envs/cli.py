@@ -4,6 +4,10 @@
     tidal envs check games:Wordle-v0 -k difficulty=hard
     tidal envs play games:Mastermind-v0 --seed 3            # type actions; EOF (Ctrl-D) quits
     tidal envs play games:Mastermind-v0 --seed 3 --solver   # watch the scripted solver
+
+Output goes to stdout; every error (an unknown id or prefix, a bad `-k`, an env that cannot be
+built) is one line on stderr and exit code 2. `check` exits 1 when the env fails the check (the
+verdict, on stdout), 0 when it passes.
 """
 
 import argparse
@@ -21,12 +25,16 @@ from tidal import envs
 __all__ = ["main"]
 
 
+class _Usage(Exception):
+    """A command that cannot run as asked: one line on stderr, exit code 2."""
+
+
 def _kwargs(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"tidal envs: -k expects key=value, got {pair!r}")
+            raise _Usage(f"-k expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -36,18 +44,34 @@ def _kwargs(pairs: list[str]) -> dict[str, Any]:
 
 def _make(args: argparse.Namespace) -> envs.Env:
     """`envs.make`, with any construction failure (a missing corpus, a bad argument) as one clear line."""
+    kwargs = _kwargs(args.kwarg)
     try:
-        return envs.make(args.id, **_kwargs(args.kwarg))
+        return envs.make(args.id, **kwargs)
+    except envs.EnvNotFound as exc:
+        raise _Usage(str(exc)) from exc
     except Exception as exc:
         first = next((line.strip() for line in str(exc).splitlines() if any(ch.isalnum() for ch in line)), "")
-        raise _CannotBuild(f"cannot build {args.id}: {type(exc).__name__}: {first}") from exc
+        raise _Usage(f"cannot build {args.id}: {type(exc).__name__}: {first}") from exc
 
 
-class _CannotBuild(Exception):
-    pass
+def _prefixes() -> dict[str, int]:
+    """Every id prefix with its number of ids: the suites' and the adapters' (gem:, agentgym:),
+    whose ids come from the system they adapt."""
+    from tidal.envs import registry
+
+    counts: dict[str, int] = {}
+    for env_id in envs.list():
+        counts[env_id.split(":", 1)[0]] = counts.get(env_id.split(":", 1)[0], 0) + 1
+    for prefix in registry._prefixes:  # the adapters: read only, for their names
+        counts[prefix] = len(envs.list(prefix))
+    return counts
 
 
 def _list(args: argparse.Namespace, console: Console) -> int:
+    prefixes = _prefixes()
+    if args.prefix is not None and args.prefix not in prefixes:
+        known = ", ".join(sorted(prefixes))
+        raise _Usage(f"no environments with the prefix {args.prefix!r}; the prefixes are: {known}")
     ids = envs.list(args.prefix)
     table = Table(title=f"{len(ids)} environments")
     table.add_column("id")
@@ -61,6 +85,12 @@ def _list(args: argparse.Namespace, console: Console) -> int:
             entry, defaults = f"{env_id.split(':', 1)[0]}: adapter", ""
         table.add_row(env_id, entry, defaults)
     console.print(table)
+    if args.prefix is None:
+        others = {p: n for p, n in prefixes.items() if p not in {i.split(":", 1)[0] for i in ids}}
+        if others:
+            listed = ", ".join(f"{p} ({n})" for p, n in sorted(others.items()))
+            console.print(f"{sum(prefixes.values())} ids in all; not listed above: {listed}; "
+                          "see them with `tidal envs list --prefix NAME`", highlight=False)
     return 0
 
 
@@ -82,8 +112,7 @@ async def _play(args: argparse.Namespace, console: Console) -> int:
     obs, _ = await env.areset(args.seed)
     solver = env.solver() if args.solver else None
     if args.solver and solver is None:
-        console.print(f"{args.id} has no scripted solver")
-        return 2
+        raise _Usage(f"{args.id} has no scripted solver; play it by hand without --solver")
     total, turn = 0.0, 0
     while True:
         console.print(f"[bold]observation[/bold]\n{obs}", highlight=False)
@@ -127,6 +156,6 @@ def main(argv: list[str]) -> int:
         if args.cmd == "list":
             return _list(args, console)
         return asyncio.run(_check(args, console) if args.cmd == "check" else _play(args, console))
-    except _CannotBuild as exc:
-        console.print(f"tidal envs {args.cmd}: {exc}", highlight=False)
+    except _Usage as exc:
+        print(f"tidal envs {args.cmd}: {exc}", file=sys.stderr)
         return 2

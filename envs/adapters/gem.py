@@ -194,11 +194,33 @@ def _isolated_set_seed(seed: int | None = None) -> None:
 
 
 def _import_gem():
+    """`import gem`, leaving the process's logging as it was: gem/__init__.py calls
+    `logging.basicConfig(level=INFO)`, which would give the root logger a handler and a level of
+    GEM's choosing (then every library's info and debug lines print, e.g. bm25s's)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         import gem
     except ImportError:
         raise ImportError(f"gem: ids need the gem-llm package: {INSTALL_HINT}") from None
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
     return gem
+
+
+def _wrapper_fns(gem_id: str, names: str) -> list:
+    """GEM's `get_wrapper_fns(names)` without its two prints on stdout, and with an unknown name
+    as an error naming the known ones."""
+    from gem.wrappers.wrapper_factory import WRAPPER_FACTORY
+
+    fns = []
+    for name in names.split(","):
+        if name not in WRAPPER_FACTORY:
+            raise ValueError(f"gem:{gem_id}: unknown wrapper {name!r}; GEM's wrappers: {', '.join(WRAPPER_FACTORY)}")
+        fns.append(WRAPPER_FACTORY[name])
+    return fns
 
 
 def _patch_gem_modules() -> None:
@@ -269,9 +291,7 @@ class GemEnv(Env):
                 raise ValueError(f"gem:{gem_id}: {exc}") from None
             _patch_gem_modules()
             if wrappers:
-                from gem.wrappers.wrapper_factory import get_wrapper_fns
-
-                for wrap in get_wrapper_fns(wrappers):
+                for wrap in _wrapper_fns(gem_id, wrappers):
                     inner = wrap(inner)
                 _patch_gem_modules()
         self.gem_env = inner

@@ -8,6 +8,7 @@ speaks GEM's retrieval protocol (msgpack over HTTP, as gem/tools/search_engine/r
 serves it for Search-R1's e5 index), so a dense retriever on a GPU box plugs in unchanged.
 """
 
+import logging
 import re
 import urllib.error
 import urllib.request
@@ -66,6 +67,7 @@ class SearchIndex:
         self.docs = list(docs)
         if not self.docs:
             raise ValueError("SearchIndex needs at least one document")
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets it to DEBUG at import: one line per index
         self._stopwords = frozenset(STOPWORDS_EN)
         self._retriever = bm25s.BM25()
         self._retriever.index([self._tokens(f"{d.title}\n{d.text}") for d in self.docs], show_progress=False)
