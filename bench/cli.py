@@ -1,8 +1,14 @@
-"""`tidal bench NAME [--quick] [--json OUT]`: dispatch to bench/NAME.py's `main(argv)`."""
+"""`tidal bench NAME [--quick] [--json OUT]`: dispatch to bench/NAME.py's `main(argv)`.
+
+The table goes to stdout; stderr says when the bench starts, that it is still running, and when
+it ends (report.running), since a bench runs for tens of seconds.
+"""
 
 import argparse
 import importlib
 import sys
+
+from tidal.bench.report import running
 
 __all__ = ["BENCHES", "main"]
 
@@ -22,4 +28,9 @@ def main(argv: list[str]) -> int:
     if importlib.util.find_spec(BENCHES[args.name]) is None:
         print(f"tidal bench {args.name}: not built yet", file=sys.stderr)
         return 2
-    return int(importlib.import_module(BENCHES[args.name]).main(argv[1:]) or 0)
+    bench = importlib.import_module(BENCHES[args.name])
+    if {"-h", "--help"} & set(argv[1:]):
+        return int(bench.main(argv[1:]) or 0)
+    quick = " --quick" if "--quick" in argv[1:] else ""
+    with running(f"tidal bench {args.name}{quick}"):
+        return int(bench.main(argv[1:]) or 0)

@@ -2,6 +2,9 @@
 
 One JSON object `{"bench", "machine", "config", "results", "summary"}` to `--json OUT`, and a table of
 the results on stdout. `--quick` selects the size that finishes in under a minute on 2 cores.
+Progress goes to stderr, so stdout stays the table: `running` (wrapped around every bench by
+`tidal bench`) says when it starts, that it is still running every `HEARTBEAT_S`, and when it
+ends; `case` gives one case a start and a finish line.
 """
 
 import argparse
@@ -9,12 +12,56 @@ import json
 import os
 import platform
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["bench_parser", "machine", "emit"]
+__all__ = ["bench_parser", "machine", "emit", "running", "case", "HEARTBEAT_S"]
+
+HEARTBEAT_S = 15.0
+"""A running bench says so this often on stderr: a long case is never a silent one."""
+
+
+def _say(text: str, file=None) -> None:
+    print(text, file=file or sys.stderr, flush=True)
+
+
+@contextmanager
+def running(title: str, *, heartbeat_s: float = HEARTBEAT_S, file=None) -> Iterator[None]:
+    """`title: started`, then `title: running, N s` every `heartbeat_s`, then `title: finished in N s`
+    (or `failed after`), on stderr (or `file`)."""
+    started = time.perf_counter()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(heartbeat_s):
+            _say(f"{title}: running, {time.perf_counter() - started:.0f} s", file)
+
+    _say(f"{title}: started", file)
+    thread = threading.Thread(target=beat, name="bench-heartbeat", daemon=True)
+    thread.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        thread.join()
+        _say(f"{title}: {'finished in' if ok else 'failed after'} {time.perf_counter() - started:.1f} s", file)
+
+
+@contextmanager
+def case(bench: str, label: str, *, file=None) -> Iterator[None]:
+    """One case of a bench: `tidal bench NAME: LABEL ...` when it starts, `... N s` when it ends."""
+    started = time.perf_counter()
+    _say(f"tidal bench {bench}: {label} ...", file)
+    yield
+    _say(f"tidal bench {bench}: {label} done in {time.perf_counter() - started:.1f} s", file)
 
 
 def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
