@@ -340,6 +340,14 @@ class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
     max_staleness: int = 0
     health: str = "ok"
     schema_version: int = SCHEMA_VERSION
+    grants: dict[str, int] = {}
+    """Episodes each engine incarnation (`tidal.protocol.grants.grant_key`) may have started: the budget
+    below shared among engines. An engine absent from it starts nothing until it is granted."""
+
+    @property
+    def budget(self) -> int:
+        """Episodes all engines together may have started (DESIGN.md invariant 3)."""
+        return (self.version + 1 + self.max_staleness) * self.batch_size + self.dropped
 
     def __post_init__(self) -> None:
         _check_schema("status", self.schema_version)

@@ -77,11 +77,20 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     epoch: int
     floor: int
     version: int = ENVELOPE_VERSION
+    started: int = 0
+    """Episodes this engine incarnation has started (the trainer's grants count them: protocol/grants.py)."""
+    in_flight: int = 0
+    """Of those, episodes still running."""
+    capacity: int = 0
+    """Episodes it may run at once; 0: a sender that asks for no grants."""
 
     def __post_init__(self) -> None:
         _check("hello", self.version)
         if self.floor < 1:
             raise ValueError(f"hello: floor {self.floor} must be >= 1")
+        if min(self.started, self.in_flight, self.capacity) < 0 or self.in_flight > self.started:
+            raise ValueError(f"hello: started {self.started}, in_flight {self.in_flight} and capacity "
+                             f"{self.capacity} must be >= 0 with in_flight <= started")
 
 
 class Ack(msgspec.Struct, tag="ack", array_like=True, frozen=True):

@@ -36,6 +36,7 @@ import zmq.asyncio
 from tidal.protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
 from tidal.protocol.channels.fastio import FastSocket, tune_allocator
 from tidal.protocol.channels.frames import (
+    ENVELOPE_VERSION,
     Ack,
     ChannelStats,
     Data,
@@ -111,6 +112,7 @@ class TrajectorySender:
         epoch: int | None = None,
         context: zmq.asyncio.Context | None = None,
         on_commit: Callable[[list[int]], None] | None = None,
+        report: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -123,6 +125,8 @@ class TrajectorySender:
         self._heartbeat_s = heartbeat_s
         self._context = context
         self._on_commit = on_commit
+        self._report = report
+        """() -> (started, in_flight, capacity) for each heartbeat: what the trainer's grants need."""
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
         self._room = asyncio.Event()  # cleared by send() at a full window, set again at _reopen_at
@@ -247,7 +251,8 @@ class TrajectorySender:
                 async with asyncio.timeout(self._heartbeat_s):
                     await self._kick.wait()
             self._kick.clear()
-            hello = encode_frame(Hello(self.engine_id, self.epoch, self._floor()))
+            report = self._report() if self._report is not None else (0, 0, 0)
+            hello = encode_frame(Hello(self.engine_id, self.epoch, self._floor(), ENVELOPE_VERSION, *report))
             self._io.try_send([hello])  # no trainer connected: nobody to greet
             await self._resend_due()
 
@@ -301,6 +306,9 @@ class TrajectoryReceiver:
         # stream -> routing id of its latest connection (streams, not engine ids: two incarnations of
         # one engine may overlap, and each must get its own acks)
         self._peers: dict[tuple[str, int], bytes] = {}
+        self.engines: dict[tuple[str, int], tuple[Hello, float]] = {}
+        """(engine_id, epoch) -> the latest heartbeat of each engine that reports its episodes, and
+        time.monotonic() when it came: what the trainer shares its staleness budget by."""
         self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
         self._ack_wake = asyncio.Event()
         self._reading = False  # the reader is between taking a batch and flushing the acks it led to
@@ -412,11 +420,15 @@ class TrajectoryReceiver:
         """One multipart message from an engine: a new Delivery, or None (heartbeat, duplicate)."""
         if len(frames) < 2:
             raise ProtocolError(f"expected an envelope frame after the routing id, got {len(frames) - 1} frames")
-        match decode_envelope(frames[1].buffer):
+        match env := decode_envelope(frames[1].buffer):
             case Hello(engine_id=engine_id, epoch=epoch, floor=floor):
                 if len(frames) != 2:
                     raise ProtocolError(f"hello from {engine_id}: expected 1 frame, got {len(frames) - 1}")
                 self._peer(engine_id, epoch, frames[0])
+                if env.capacity or env.started:  # an engine that reports its episodes
+                    self.engines[(engine_id, epoch)] = (env, time.monotonic())
+                    if len(self.engines) > MAX_STREAMS:
+                        del self.engines[next(iter(self.engines))]
                 self._below(engine_id, epoch, floor)
                 self._ack_due[(engine_id, epoch)] = None
                 self._ack_wake.set()

@@ -1,0 +1,306 @@
+"""`tidal engine CONFIG`: the rollout engine daemon (one light asyncio process per host, no torch).
+
+It binds the components: the trainer's status channel (TrainerStatus, WeightsPublished, control) feeds
+admission and weight updates; `Rollout` plays episodes through the agent, the backend and the envs;
+finished groups go to the sink, which spools them to disk and sends them to the trainer.
+
+Signals and control: SIGTERM/SIGINT or `Shutdown` drain (stop admitting, let in-flight episodes finish
+within the deadline, cancel the rest as lost work, flush) and exit 0; `Drain` does the same and then
+idles until `Resume`; `Pause`/`Resume` stop and restart admission. Nothing the trainer has not
+committed is lost by a SIGKILL: it is in the spool, resent at the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+
+from tidal.engine.admission import Admission
+from tidal.engine.agent import create_agent
+from tidal.engine.backends.registry import create_backend
+from tidal.engine.chat import ChatTokenizer
+from tidal.engine.config import EngineConfig
+from tidal.engine.generation import Generator
+from tidal.engine.rollout import Rollout
+from tidal.engine.sink import TrajectorySink
+from tidal.engine.tasks import TaskSource
+from tidal.engine.weights import WeightSync
+from tidal.protocol.channels import StatusSubscriber
+from tidal.protocol.config import add_config_args, config_from_args
+from tidal.protocol.errors import ConfigError, TidalError
+from tidal.protocol.messages import Drain, Pause, Resume, Shutdown, TrainerStatus, WeightsPublished
+from tidal.protocol.telemetry import Telemetry
+
+from tidal import envs
+
+__all__ = ["Engine", "main", "check_config"]
+
+log = logging.getLogger("tidal.engine")
+
+DRAIN_S = 30.0
+"""Deadline of a SIGTERM drain: in-flight episodes get this long to finish."""
+FLUSH_S = 5.0
+"""After a drain, how long to wait for the trainer to commit what was sent (the spool keeps the rest)."""
+
+
+def check_config(cfg: EngineConfig) -> ChatTokenizer:
+    """What can be checked before anything starts: the model's tokenizer and template, every task's
+    env id and kwargs, the agent. Raises ConfigError naming the key."""
+    if not cfg.model.path:
+        raise ConfigError("model.path: name the checkpoint directory (its tokenizer and chat template)")
+    try:
+        tokenizer = ChatTokenizer.load(cfg.model.path)
+    except (OSError, ValueError, TidalError) as exc:
+        raise ConfigError(f"model.path: {exc}") from None
+    for i, task in enumerate(cfg.tasks):
+        try:
+            env = envs.make(task.env, **task.kwargs)
+        except envs.EnvNotFound as exc:
+            raise ConfigError(f"tasks[{i}].env: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"tasks[{i}] ({task.env}) kwargs {task.kwargs}: {exc}") from None
+        env.close()
+    create_agent(cfg.agent)
+    return tokenizer
+
+
+class Engine:
+    """One engine process: `await Engine(cfg).run()` returns its exit code."""
+
+    def __init__(self, cfg: EngineConfig, tokenizer: ChatTokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.epoch = time.time_ns()
+        self.backend = create_backend(cfg.backend)
+        self.agent = create_agent(cfg.agent)
+        r = cfg.rollout
+        self.admission = Admission(cfg.name, self.epoch, group_size=r.group_size, max_concurrent=r.max_concurrent,
+                                   sync=r.mode == "sync")
+        if cfg.max_episodes:
+            self.admission.limit_started = cfg.max_episodes
+        self.tasks = TaskSource(cfg.tasks, engine_id=cfg.name, epoch=self.epoch, group_size=r.group_size,
+                                engines=r.engines, engine_index=r.engine_index, seed=cfg.seed)
+        self.exiting = False
+        self.failure: str | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.telemetry = Telemetry(cfg.metrics.jsonl or None, prometheus_port=(
+            cfg.metrics.prometheus_port if cfg.metrics.prometheus_port >= 0 else None))
+        self._console = None
+        if cfg.metrics.console:
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        if cfg.sampling.restricted:
+            log.warning(
+                "sampling.top_p = %s, sampling.top_k = %s: the servers report full-vocabulary log-probs, so the "
+                "trainer's importance ratios describe another policy than the one acting; restricted sampling can "
+                "stop learning altogether. Train with top_p = 1 and top_k = -1.", cfg.sampling.top_p, cfg.sampling.top_k)
+
+    # --- lifecycle
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain, DRAIN_S, True)
+        link = cfg.trainer
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.backend)
+            self.sink = await stack.enter_async_context(TrajectorySink(
+                link.endpoint, cfg.name, link.spool_dir, window=link.window,
+                max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts))
+            status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint))
+            self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context)
+            self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, self.sink.put)
+            self.weights = WeightSync(self.backend, self._served)
+            await self.weights.probe()
+            self._event("ready", served_version=self.admission.served_version, epoch=self.epoch)
+            helpers = [asyncio.create_task(c) for c in (
+                self._follow(status), self.weights.run(), self._watch(status), self._report())]
+            try:
+                await self.rollout.run()
+                # Everything finished is in the spool already; the trainer commits at its checkpoints,
+                # so wait only briefly for acks: what stays uncommitted is resent by the next start.
+                committed = await self.sink.flush(timeout=FLUSH_S)
+                self._event("drained", committed=committed, pending=self.sink.stats()["pending"],
+                            **self._stats_brief())
+            finally:
+                for task in helpers:
+                    task.cancel()
+                results = await asyncio.gather(*helpers, return_exceptions=True)
+                self._report_once()
+                self.telemetry.close()
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                    raise result
+        if self.failure is not None:
+            raise TidalError(self.failure)
+        return 0
+
+    def drain(self, deadline_s: float, exit: bool) -> None:
+        """Stop admitting; cancel what is still running after `deadline_s`; with `exit`, end the daemon."""
+        self.admission.draining = True
+        if exit and not self.exiting:
+            self.exiting = True
+            self.admission.limit_started = self.admission.started  # the admission loop ends
+        if self._drain_timer is None:
+            loop = asyncio.get_running_loop()
+            self._drain_timer = loop.call_later(deadline_s, self._drain_deadline)
+        self._event("draining", deadline_s=deadline_s, exit=exit)
+        self.rollout.changed()
+
+    def _drain_deadline(self) -> None:
+        groups = self.rollout.cancel()
+        if groups:
+            log.warning("drain deadline passed: %d groups still running were cancelled (lost work)", groups)
+
+    def _report_counts(self) -> tuple[int, int, int]:
+        """(started, in_flight, capacity) for the trainer's grants."""
+        a = self.admission
+        return a.started, a.in_flight, 0 if a.draining else a.max_concurrent
+
+    def _served(self, version: int | None) -> None:
+        self.admission.served_version = version
+        if hasattr(self, "rollout"):
+            self.rollout.changed()
+
+    # --- trainer status
+
+    async def _follow(self, sub: StatusSubscriber) -> None:
+        while True:
+            msg = await sub.recv()
+            match msg:
+                case TrainerStatus():
+                    if self.cfg.rollout.mode == "sync" and msg.max_staleness != 0:
+                        self.failure = (f"rollout.mode = 'sync' needs the trainer's intake.max_staleness = 0 "
+                                        f"(the trainer at {self.cfg.trainer.status_endpoint} has {msg.max_staleness})")
+                        self.drain(0.0, True)
+                    self.admission.status = msg
+                case WeightsPublished():
+                    self.weights.offer(msg)
+                case Pause():
+                    self.admission.paused = True
+                case Resume():
+                    self.admission.paused = False
+                    if not self.exiting:
+                        self.admission.draining = False
+                        if self._drain_timer is not None:
+                            self._drain_timer.cancel()
+                            self._drain_timer = None
+                case Drain(deadline_s=deadline):
+                    self.drain(deadline, False)
+                case Shutdown(deadline_s=deadline):
+                    self.drain(deadline, True)
+            self.rollout.changed()
+
+    async def _watch(self, sub: StatusSubscriber) -> None:
+        """Trainer liveness and the spool's bound, polled: both stop admission while they hold."""
+        timeout = self.cfg.trainer.status_timeout_s
+        while True:
+            fresh = sub.last_heard is not None and time.monotonic() - sub.last_heard < timeout
+            full = self.sink.full
+            if (fresh, full) != (self.admission.status_fresh, self.admission.spool_full):
+                if not fresh and self.admission.status_fresh:
+                    log.warning("no word from the trainer at %s for %.0fs: admission stops until it is heard",
+                                self.cfg.trainer.status_endpoint, timeout)
+                self.admission.status_fresh, self.admission.spool_full = fresh, full
+                self.rollout.changed()
+            await asyncio.sleep(0.1)
+
+    # --- metrics
+
+    def metrics(self) -> dict[str, float]:
+        a, r, g = self.admission, self.rollout, self.gen
+        out: dict[str, float] = {
+            "engine/episodes_started": a.started, "engine/episodes_in_flight": a.in_flight,
+            "engine/episodes_discarded": a.discarded, "engine/allowance": a.allowance(),
+            "engine/tokens": g.tokens, "engine/requests": g.requests,
+            "engine/trainer_version": -1 if a.status is None else a.status.version,
+            "engine/served_version": -1 if a.served_version is None else a.served_version,
+            "engine/weight_updates": self.weights.updates, "engine/weight_update_failures": self.weights.failures,
+            "engine/weight_update_seconds": self.weights.last_seconds,
+        }
+        out.update({f"engine/{k}": v for k, v in r.counters.items()})
+        out.update({f"engine/errors/{k}": v for k, v in r.errors.items()})
+        out.update({f"engine/admission_blocked/{k}": v for k, v in r.blocked_by.items()})
+        out.update({f"engine/sink/{k}": v for k, v in self.sink.stats().items()})
+        out.update({f"engine/backend/{k}": v for k, v in self.backend.stats().items()
+                    if isinstance(v, int | float)})
+        out.update(r.snapshot())
+        return out
+
+    async def _report(self) -> None:
+        last_t, last_tokens, last_requests = time.monotonic(), 0, 0
+        while True:
+            await asyncio.sleep(self.cfg.metrics.every_s)
+            now, m = time.monotonic(), self.metrics()
+            m["engine/tokens_per_s"] = (m["engine/tokens"] - last_tokens) / (now - last_t)
+            m["engine/turns_per_s"] = (m["engine/requests"] - last_requests) / (now - last_t)
+            last_t, last_tokens, last_requests = now, m["engine/tokens"], m["engine/requests"]
+            self.telemetry.log(m, step=int(m["engine/trainer_version"]))
+            if self._console is not None:
+                self._console.log(
+                    f"v{int(m['engine/trainer_version'])} served v{int(m['engine/served_version'])} "
+                    f"in flight {int(m['engine/episodes_in_flight'])} started {int(m['engine/episodes_started'])} "
+                    f"delivered {int(m.get('engine/trajectories_delivered', 0))} "
+                    f"tok/s {m['engine/tokens_per_s']:.0f} reward {m.get('engine/reward_mean', 0.0):.3f} "
+                    f"spool {m.get('engine/sink/spool_bytes', 0) / 2**20:.1f} MiB "
+                    f"blocked {self.admission.blocked() or '-'}")
+
+    def _report_once(self) -> None:
+        with contextlib.suppress(Exception):
+            self.telemetry.log(self.metrics(), step=-1 if self.admission.status is None else self.admission.status.version)
+
+    def _stats_brief(self) -> dict:
+        c = self.rollout.counters
+        return {"started": self.admission.started, "delivered": c["trajectories_delivered"],
+                "discarded": self.admission.discarded}
+
+    def _event(self, name: str, **fields) -> None:
+        self.telemetry.log({"event": name, **{k: v for k, v in fields.items() if v is not None}})
+        if self._console is not None:
+            self._console.log(f"[bold]{name}[/bold] " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidal engine", description=__doc__.splitlines()[0])
+    add_config_args(p)
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration (model tokenizer and template, env ids, agent) and exit")
+    p.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(EngineConfig, args)
+        if cfg is None:
+            return 0
+        tokenizer = check_config(cfg)
+        if args.check:
+            print(f"tidal engine: configuration ok ({len(cfg.tasks)} task sources, model {cfg.model.path})")
+            return 0
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        return runner(Engine(cfg, tokenizer).run())
+    except TidalError as exc:
+        if args.debug:
+            raise
+        print(f"tidal engine: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

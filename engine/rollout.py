@@ -1,0 +1,176 @@
+"""The engine's core loop: admit groups, play their episodes concurrently, hand finished groups over.
+
+`Rollout` owns every episode task (one TaskGroup) and keeps DESIGN.md's invariants on this side:
+- Staleness (3): a group starts only when `Admission.blocked()` is None, under the trainer's latest
+  status; episodes the engine discards (failed members' groups, zero-variance groups) hand their
+  admission back.
+- No loss (4): a finished group goes to the sink, which spools it to disk before sending; an episode
+  still running when the process dies is lost work (never half-sent data).
+- Bounded memory (5): at most `rollout.max_concurrent` episodes run; the sink's spool bound stops
+  admission; weight notices keep only the newest pending one.
+A group is all or nothing: if one member fails (its env raised, generation failed), the whole group is
+discarded and counted, since the trainer's group-relative advantages need every member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+
+from tidal.engine.admission import Admission
+from tidal.engine.agent import Agent, EpisodeFailed
+from tidal.engine.config import EngineConfig
+from tidal.engine.generation import Generator
+from tidal.engine.tasks import Task, TaskSource
+from tidal.envs.episode import ERRORS, EpisodeError
+from tidal.envs.wrappers import StepTimeout
+from tidal.protocol.messages import Trajectory
+
+from tidal import envs
+
+__all__ = ["Rollout"]
+
+log = logging.getLogger(__name__)
+
+RECENT = 4096
+"""Finished trajectories whose staleness and rewards the metrics window keeps (bounded)."""
+
+
+class Rollout:
+    """Episodes in, groups out. `changed()` must be called whenever an admission input changes."""
+
+    def __init__(self, cfg: EngineConfig, agent: Agent, gen: Generator, admission: Admission,
+                 tasks: TaskSource, deliver):
+        """`deliver(group)` is awaited with each finished group of trajectories (the sink's `put`); it may
+        wait (back-pressure), which holds the group's episodes' concurrency slots meanwhile."""
+        self.cfg = cfg
+        self.agent = agent
+        self.gen = gen
+        self.admission = admission
+        self.tasks = tasks
+        self.deliver = deliver
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        """Failed episodes by reason ("env_error", "backend_error", ...)."""
+        self.last_error = ""
+        self.recent: deque[tuple[int, float, int]] = deque(maxlen=RECENT)
+        """(min_version, reward, turns) of recently finished trajectories, for metrics."""
+        self.blocked_by: Counter[str] = Counter()
+        """Admission checks that found the next group blocked, by reason."""
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    def changed(self) -> None:
+        """Wake the admission loop (new status, weights served, an episode ended, control)."""
+        self._changed.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
+
+    async def run(self) -> None:
+        """Admit until draining (or `max_episodes`), then wait for every group in flight."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while True:
+                    reason = self.admission.blocked()
+                    if reason in ("draining", "max_episodes"):
+                        break
+                    if reason is not None:
+                        self.blocked_by[reason] += 1
+                        self._changed.clear()
+                        await self._changed.wait()
+                        continue
+                    status = self.admission.status
+                    max_turns = self.cfg.rollout.max_turns_at(status.version, self._default_turns())
+                    group = self.tasks.next_group(max_turns=max_turns, version=status.version)
+                    self.admission.start_group()
+                    self.counters["groups_started"] += 1
+                    task = tg.create_task(self._group(group))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    await asyncio.sleep(0)  # let the new episodes start before admitting more
+        finally:
+            self.changed()
+
+    def cancel(self) -> int:
+        """Cancel every episode in flight (a drain whose deadline passed); returns how many groups."""
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
+    def _default_turns(self) -> int:
+        return getattr(self.cfg.agent, "max_turns", 1 << 30)
+
+    async def _group(self, group: list[Task]) -> None:
+        try:
+            results = await asyncio.gather(*(self._episode(t) for t in group))
+        except asyncio.CancelledError:
+            self.admission.finish(len(group), discarded=len(group))
+            self.counters["episodes_cancelled"] += len(group)
+            self.changed()
+            raise
+        done = [r for r in results if isinstance(r, Trajectory)]
+        keep = len(done) == len(group)
+        if not keep:
+            self.counters["groups_incomplete"] += 1
+        elif self.cfg.rollout.drop_zero_variance and len({t.reward for t in done}) == 1:
+            self.counters["groups_zero_variance"] += 1
+            keep = False
+        for t in done:
+            self.recent.append((t.min_version, t.reward, len(t.turns)))
+            self.counters[f"finish/{t.finish_reason}"] += 1
+        self.counters["episodes_finished"] += len(group)
+        if keep:
+            await self.deliver(done)  # may wait on the spool's bound: this group keeps its slots meanwhile
+            self.counters["groups_delivered"] += 1
+            self.counters["trajectories_delivered"] += len(done)
+            self.admission.finish(len(group))
+        else:
+            self.counters["groups_discarded"] += 1
+            self.admission.finish(len(group), discarded=len(group))
+        self.changed()
+
+    async def _episode(self, task: Task) -> Trajectory | None:
+        """One episode: its trajectory, or None when it failed (counted with its reason)."""
+        env = None
+        try:
+            env = envs.make(task.env_id, **task.kwargs)
+            if env.inline_calls() is None:  # it may block or hang: bound each of its calls
+                env = StepTimeout(env, getattr(self.cfg.agent, "step_timeout_s", 60.0))
+            return await self.agent.run(task, self.gen, env)
+        except EpisodeFailed as exc:
+            self._failed(exc.reason, str(exc), task, exc.__cause__)
+        except Exception as exc:  # an agent or env-construction bug ends this episode only, counted
+            self._failed("agent_error", f"{type(exc).__name__}: {exc}", task, exc)
+        finally:
+            if env is not None:
+                try:
+                    await env.aclose()
+                except Exception as exc:
+                    log.warning("closing env %s of %s failed: %s", task.env_id, task.episode_id, exc)
+        return None
+
+    def _failed(self, reason: str, message: str, task: Task, cause: BaseException | None) -> None:
+        self.errors[reason] += 1
+        self.last_error = f"{reason}: {message}"[:500]
+        if reason == "env_error":
+            ERRORS[task.env_id] += 1
+        if cause is not None and self.errors[reason] <= 3:  # the first few with their traceback
+            log.warning("episode %s failed (%s): %s\n%s", task.episode_id, reason, message,
+                        EpisodeError.from_exception(cause, "episode").traceback)
+        else:
+            log.warning("episode %s failed (%s): %s", task.episode_id, reason, message)
+
+    def snapshot(self) -> dict[str, float]:
+        """Window figures for metrics: staleness histogram, reward and turns of recent trajectories."""
+        out: dict[str, float] = {}
+        status = self.admission.status
+        if self.recent and status is not None:
+            stale = Counter(max(0, status.version - v) for v, _, _ in self.recent if v >= 0)
+            for k, n in sorted(stale.items()):
+                out[f"engine/staleness/{k}"] = n
+            out["engine/reward_mean"] = sum(r for _, r, _ in self.recent) / len(self.recent)
+            out["engine/turns_mean"] = sum(t for _, _, t in self.recent) / len(self.recent)
+        return out

@@ -1,0 +1,95 @@
+"""Admission (engine/admission.py) and task drawing (engine/tasks.py): pure, worked by hand."""
+
+import pytest
+from tidal.engine.admission import Admission
+from tidal.engine.config import RolloutConfig, TaskConfig
+from tidal.engine.tasks import TaskSource
+from tidal.protocol.grants import grant_key
+from tidal.protocol.messages import TrainerStatus
+
+
+def _admission(**kw) -> Admission:
+    a = Admission("e", 7, group_size=4, max_concurrent=kw.pop("max_concurrent", 100), **kw)
+    a.status_fresh = True
+    return a
+
+
+def _status(version=0, grant=0, **kw) -> TrainerStatus:
+    return TrainerStatus(version=version, consumed=0, batch_size=8, max_staleness=1,
+                         grants={grant_key("e", 7): grant}, **kw)
+
+
+def test_nothing_starts_without_a_status_or_a_grant():
+    a = _admission()
+    assert a.blocked() == "no_trainer"
+    a.status = TrainerStatus(version=0, consumed=0, batch_size=8)
+    assert a.blocked() == "staleness"  # the trainer has not granted this incarnation anything
+
+
+def test_groups_start_within_the_grant_and_discards_hand_admission_back():
+    a = _admission()
+    a.status = _status(grant=8)
+    for _ in range(2):
+        assert a.blocked() is None
+        a.start_group()
+    assert a.blocked() == "staleness"  # 8 started = the grant
+    a.finish(4, discarded=4)  # a group discarded (zero variance): its 4 come back
+    assert a.blocked() is None
+    a.finish(4)
+    a.start_group()
+    assert (a.started, a.in_flight, a.allowance()) == (12, 4, 12)
+
+
+def test_concurrency_pause_spool_and_trainer_silence_block_in_turn():
+    a = _admission(max_concurrent=4)
+    a.status = _status(grant=100)
+    a.start_group()
+    assert a.blocked() == "concurrency"
+    a.finish(4)
+    a.spool_full = True
+    assert a.blocked() == "spool_full"
+    a.spool_full, a.status_fresh = False, False
+    assert a.blocked() == "no_trainer"
+    a.status_fresh, a.paused = True, True
+    assert a.blocked() == "paused"
+    a.paused, a.draining = False, True
+    assert a.blocked() == "draining"
+
+
+@pytest.mark.parametrize(("sync", "served", "blocked"), [
+    (False, 4, None), (False, 3, "weights"), (True, 5, None), (True, 4, "weights")])
+def test_servers_behind_the_trainer_by_more_than_the_staleness_bound_block(sync, served, blocked):
+    a = _admission(sync=sync)
+    a.status = _status(version=5, grant=100)  # max_staleness 1
+    a.served_version = served
+    assert a.blocked() == blocked
+
+
+def test_max_episodes_ends_admission():
+    a = _admission()
+    a.status = _status(grant=100)
+    a.limit_started = 4
+    a.start_group()
+    assert a.blocked() == "max_episodes"
+
+
+def test_task_groups_share_env_and_seed_and_engines_take_disjoint_seeds():
+    tasks = [TaskConfig(env="games:GuessTheNumber-v0", seed_start=100)]
+    a = TaskSource(tasks, engine_id="a", epoch=1, group_size=3, engines=2, engine_index=0)
+    b = TaskSource(tasks, engine_id="b", epoch=1, group_size=3, engines=2, engine_index=1)
+    ga = [a.next_group(max_turns=4, version=0) for _ in range(3)]
+    gb = [b.next_group(max_turns=4, version=0) for _ in range(3)]
+    assert [g[0].seed for g in ga] == [100, 102, 104] and [g[0].seed for g in gb] == [101, 103, 105]
+    for g in ga:
+        assert {t.seed for t in g} == {g[0].seed} and {t.group_id for t in g} == {g[0].group_id}
+        assert [t.index for t in g] == [0, 1, 2]
+    ids = [t.episode_id for g in ga + gb for t in g]
+    assert len(set(ids)) == len(ids)
+
+
+def test_horizon_schedule_raises_the_turn_limit_with_the_version():
+    r = RolloutConfig(horizon=[(0, 2), (10, 4), (20, 8)])
+    assert [r.max_turns_at(v, 99) for v in (0, 9, 10, 25)] == [2, 2, 4, 8]
+    assert RolloutConfig().max_turns_at(7, 5) == 5
+    with pytest.raises(ValueError, match="versions must increase"):
+        RolloutConfig(horizon=[(10, 4), (0, 2)])
