@@ -81,7 +81,8 @@ class ServeConfig(Strict):
     def check(self) -> None:
         """Cross-field rule, run after loading (the loader builds a bare default first)."""
         if self.mode == "model" and not self.model.path:
-            raise ConfigError("mode = 'model' needs model.path (--model PATH), or use --simulate")
+            raise ConfigError("mode = 'model' needs model.path: --model DIR (a checkpoint directory or a hub id; "
+                              "`tidal model tiny DIR` writes a tiny one), or --simulate for the cost model")
 
 
 @dataclass

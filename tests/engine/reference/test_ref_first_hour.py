@@ -91,9 +91,13 @@ def test_an_empty_or_broken_checkpoint_is_one_line(tmp_path, tiny_model_dir):
     assert debug.stderr.rstrip().splitlines()[-1] == line
 
 
-def test_flags_that_mean_nothing_are_refused(tiny_model_dir):
+def test_flags_that_mean_nothing_are_refused_and_no_model_says_how_to_get_one(tiny_model_dir):
     line = one_line_error(serve("--model", str(tiny_model_dir), "--fast"))
     assert "--fast zeroes the costs of the simulated model: it needs --simulate" in line
+    line = one_line_error(serve())
+    assert "needs model.path: --model DIR" in line and "`tidal model tiny DIR` writes a tiny one" in line
+    line = one_line_error(serve("--simulate", "--set", "simulate.max_runing=5"))
+    assert "unknown key simulate.max_runing; did you mean simulate.max_running?" in line
 
 
 # --- tidal model tiny, and a quiet server -----------------------------------------------------------
