@@ -220,6 +220,19 @@ def load_config(cls: "type[T]", path: "str | Path | None" = None, overrides: lis
         raise _invalid(cls, data, path, exc) from None
 
 
+def _missing_field(cls: type, data: dict, msg: str) -> "tuple[mi.Field, dict, str] | None":
+    """For msgspec's "Object missing required field `k` - at `$.a`": the field's schema, the section
+    of `data` that lacks it and its dotted key; None for any other message."""
+    m = _MISSING.fullmatch(msg)
+    parts = _parts(m["path"]) if m else None
+    section = _data_at(data, parts) if parts is not None else None
+    if not isinstance(section, dict) or m["key"] in section:
+        return None
+    struct = schema.struct_of(schema.node_at(cls, parts, data), section)
+    field = next((f for f in struct.fields if f.encode_name == m["key"]), None) if struct else None
+    return None if field is None else (field, section, _dotted_path([*parts, m["key"]]))
+
+
 def load_partial(cls: "type[T]", path: "str | Path | None" = None, overrides: list[str] = ()) -> "tuple[T, list[str]]":
     """As `load_config`, but a required key that is not given gets a stand-in value within its bounds
     (a required section: its defaults), so everything else is still checked and resolved. Returns
@@ -231,17 +244,14 @@ def load_partial(cls: "type[T]", path: "str | Path | None" = None, overrides: li
         try:
             return msgspec.convert(data, cls), missing
         except msgspec.ValidationError as exc:
-            m = _MISSING.fullmatch(str(exc))
-            parts = _parts(m["path"]) if m else None
-            section = _data_at(data, parts) if parts is not None else None
-            if parts is None or not isinstance(section, dict) or m["key"] in section:
+            found = _missing_field(cls, data, str(exc))
+            if found is None:
                 suffix = f" (checked without the required {', '.join(missing)})" if missing else ""
                 raise _invalid(cls, data, path, exc, suffix) from None
-            struct = schema.struct_of(schema.node_at(cls, parts, data), section)
-            field = next(f for f in struct.fields if f.encode_name == m["key"])
-            section[m["key"]] = schema.placeholder(field.type)
-            if not isinstance(section[m["key"]], dict):
-                missing.append(_dotted_path([*parts, m["key"]]))
+            field, section, key = found
+            section[field.encode_name] = schema.placeholder(field.type)
+            if not isinstance(section[field.encode_name], dict):  # a section: its defaults are real
+                missing.append(key)
 
 
 # --- printing --------------------------------------------------------------------------------------
@@ -266,6 +276,8 @@ def _type_name(t: mi.Type) -> str:
         t = t.type
     if choices := schema.choices(t):
         return f"one of {_quoted(choices)}"
+    if isinstance(t, mi.UnionType):
+        return " or ".join(_type_name(m) for m in t.types if not isinstance(m, mi.NoneType))
     return names.get(type(t), "a value")
 
 

@@ -187,6 +187,10 @@ def test_print_config_before_the_required_keys_are_given(capsys):
     # a real mistake is still one, named, whatever is missing
     with pytest.raises(ConfigError, match="unknown key trainer.batch; did you mean trainer.batch_size"):
         config_from_args(Needs, parser.parse_args(["--print-config", "--set", "trainer.batch=4"]))
+    cross = ["--print-config", "--set", "trainer.device=cuda", "--set", "trainer.batch_size=1"]
+    with pytest.raises(ConfigError, match=r"batch_size must be >= 2 on cuda - at trainer \(checked without the "
+                                          r"required model.path\)"):
+        config_from_args(Needs, parser.parse_args(cross))
 
 
 def test_set_help_shows_a_key_that_exists():
