@@ -188,8 +188,7 @@ def test_print_config_before_the_required_keys_are_given(capsys):
     with pytest.raises(ConfigError, match="unknown key trainer.batch; did you mean trainer.batch_size"):
         config_from_args(Needs, parser.parse_args(["--print-config", "--set", "trainer.batch=4"]))
     cross = ["--print-config", "--set", "trainer.device=cuda", "--set", "trainer.batch_size=1"]
-    with pytest.raises(ConfigError, match=r"batch_size must be >= 2 on cuda - at trainer \(checked without the "
-                                          r"required model.path\)"):
+    with pytest.raises(ConfigError, match=r"batch_size must be >= 2 on cuda - at trainer$"):
         config_from_args(Needs, parser.parse_args(cross))
 
 
