@@ -21,6 +21,7 @@ __all__ = [
     "PluginAgentConfig",
     "AgentConfig",
     "RolloutConfig",
+    "EvalConfig",
     "TrainerLinkConfig",
     "EngineMetricsConfig",
     "EngineConfig",
@@ -138,6 +139,23 @@ class RolloutConfig(Strict):
         return turns
 
 
+class EvalConfig(Strict):
+    """A periodic evaluation on held-out task seeds: its success rate is the figure a run reports.
+
+    Eval episodes use the first task source's env, seeds from `seed_start` (far from the training
+    seeds), the agent's turn limit at that version, and sampling at `temperature` (0: greedy, the
+    policy's most likely move). They are not sent to the trainer and take no admission; only engine 0
+    of several runs them. Success: an episode one of whose turns earned at least `success_reward`."""
+
+    every_versions: NonNegInt = 0
+    """Evaluate when the servers first serve a multiple of this version (and at the start); 0: never."""
+    episodes: PosInt = 64
+    """Episodes per evaluation, on seeds seed_start .. seed_start + episodes - 1 every time."""
+    seed_start: NonNegInt = 1_000_000_000
+    temperature: Annotated[float, Meta(ge=0)] = 0.0
+    success_reward: float = 1.0
+
+
 class TrainerLinkConfig(Strict):
     """The trainer's two channels, and where finished trajectories wait while it is away."""
 
@@ -179,6 +197,7 @@ class EngineConfig(Strict):
     agent: AgentConfig = msgspec.field(default_factory=ChatAgentConfig)
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     trainer: TrainerLinkConfig = msgspec.field(default_factory=TrainerLinkConfig)
     metrics: EngineMetricsConfig = msgspec.field(default_factory=EngineMetricsConfig)
     engine_id: str = ""

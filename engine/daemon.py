@@ -16,15 +16,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 
+import msgspec
 from tidal.engine.admission import Admission
 from tidal.engine.agent import create_agent
 from tidal.engine.backends.registry import create_backend
 from tidal.engine.chat import ChatTokenizer
 from tidal.engine.config import EngineConfig
+from tidal.engine.evaluate import Evaluator
 from tidal.engine.generation import Generator
 from tidal.engine.rollout import Rollout
 from tidal.engine.sink import TrajectorySink
@@ -44,6 +48,8 @@ log = logging.getLogger("tidal.engine")
 
 DRAIN_S = 30.0
 """Deadline of a SIGTERM drain: in-flight episodes get this long to finish."""
+LAG_PROBE_S = 0.05
+"""Period of the event-loop lag probe (`engine/loop_lag_ms`)."""
 FLUSH_S = 5.0
 """After a drain, how long to wait for the trainer to commit what was sent (the spool keeps the rest)."""
 
@@ -87,6 +93,8 @@ class Engine:
                                 engines=r.engines, engine_index=r.engine_index, seed=cfg.seed)
         self.exiting = False
         self.failure: str | None = None
+        self.loop_lag_max = 0.0
+        self._served_changed = asyncio.Event()
         self._drain_timer: asyncio.TimerHandle | None = None
         self.telemetry = Telemetry(cfg.metrics.jsonl or None, prometheus_port=(
             cfg.metrics.prometheus_port if cfg.metrics.prometheus_port >= 0 else None))
@@ -118,10 +126,16 @@ class Engine:
             self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context)
             self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, self.sink.put)
             self.weights = WeightSync(self.backend, self._served)
+            eval_sampling = msgspec.structs.replace(cfg.sampling, temperature=cfg.eval.temperature)
+            self.evaluator = Evaluator(cfg, self.agent, Generator(
+                self.backend, self.tokenizer, eval_sampling, max_context=cfg.model.max_context),
+                self.rollout.step_timeout_s)
             await self.weights.probe()
             self._event("ready", served_version=self.admission.served_version, epoch=self.epoch)
             helpers = [asyncio.create_task(c) for c in (
-                self._follow(status), self.weights.run(), self._watch(status), self._report())]
+                self._follow(status), self.weights.run(), self._watch(status), self._report(), self._lag())]
+            if cfg.eval.every_versions and cfg.rollout.engine_index == 0:
+                helpers.append(asyncio.create_task(self._evaluate()))
             try:
                 await self.rollout.run()
                 # Everything finished is in the spool already; the trainer commits at its checkpoints,
@@ -166,8 +180,33 @@ class Engine:
 
     def _served(self, version: int | None) -> None:
         self.admission.served_version = version
+        self._served_changed.set()
         if hasattr(self, "rollout"):
             self.rollout.changed()
+
+    async def _evaluate(self) -> None:
+        """Evaluate whenever the servers reach the next eval version (the trainer's, if they cannot say)."""
+        while True:
+            a = self.admission
+            version = a.served_version if a.served_version is not None else (a.status and a.status.version)
+            if self.evaluator.due(version) and not a.draining:
+                r = await self.evaluator.evaluate(version)
+                self.telemetry.log({"event": "eval", "engine/eval/success": r.success, "engine/eval/reward": r.reward,
+                                    "engine/eval/turns": r.turns, "engine/eval/failed": r.failed,
+                                    "engine/eval/episodes": r.episodes, "engine/eval/seconds": r.seconds}, step=version)
+                if self._console is not None:
+                    self._console.log(f"[bold]eval[/bold] v{version}: success {r.success:.3f} reward {r.reward:.3f} "
+                                      f"turns {r.turns:.2f} ({r.episodes} episodes, {r.seconds:.1f}s)")
+                continue
+            self._served_changed.clear()
+            await self._served_changed.wait()
+
+    async def _lag(self) -> None:
+        """Event-loop lag: how late a 50 ms sleep wakes up (the worst in each report window)."""
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag_max = max(self.loop_lag_max, time.monotonic() - t0 - LAG_PROBE_S)
 
     # --- trainer status
 
@@ -219,6 +258,7 @@ class Engine:
         out: dict[str, float] = {
             "engine/episodes_started": a.started, "engine/episodes_in_flight": a.in_flight,
             "engine/episodes_discarded": a.discarded, "engine/allowance": a.allowance(),
+            "engine/paused": int(a.paused), "engine/draining": int(a.draining),
             "engine/tokens": g.tokens, "engine/requests": g.requests,
             "engine/trainer_version": -1 if a.status is None else a.status.version,
             "engine/served_version": -1 if a.served_version is None else a.served_version,
@@ -241,6 +281,7 @@ class Engine:
             now, m = time.monotonic(), self.metrics()
             m["engine/tokens_per_s"] = (m["engine/tokens"] - last_tokens) / (now - last_t)
             m["engine/turns_per_s"] = (m["engine/requests"] - last_requests) / (now - last_t)
+            m["engine/loop_lag_ms"], self.loop_lag_max = self.loop_lag_max * 1e3, 0.0
             last_t, last_tokens, last_requests = now, m["engine/tokens"], m["engine/requests"]
             self.telemetry.log(m, step=int(m["engine/trainer_version"]))
             if self._console is not None:
@@ -294,12 +335,21 @@ def main(argv: list[str] | None = None) -> int:
             runner = uvloop.run
         except ImportError:
             runner = asyncio.run
-        return runner(Engine(cfg, tokenizer).run())
+        code = runner(Engine(cfg, tokenizer).run())
     except TidalError as exc:
         if args.debug:
             raise
         print(f"tidal engine: {exc}", file=sys.stderr)
         return 2
+    if threading.active_count() > 1:
+        # A thread of an env whose step hung (abandoned by the step timeout) cannot be joined, and
+        # interpreter shutdown would wait for it forever: everything is flushed, so leave without it.
+        log.warning("leaving %d env threads that never returned", threading.active_count() - 1)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ from tidal.protocol.messages import Trajectory
 
 from tidal import envs
 
-__all__ = ["Rollout"]
+__all__ = ["Rollout", "play"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_STEP_TIMEOUT_S = 60.0
+"""Bound on a blocking env's step for agents whose config names none."""
 
 RECENT = 4096
 """Finished trajectories whose staleness and rewards the metrics window keeps (bounded)."""
@@ -100,6 +103,10 @@ class Rollout:
             task.cancel()
         return len(self._tasks)
 
+    @property
+    def step_timeout_s(self) -> float:
+        return getattr(self.cfg.agent, "step_timeout_s", DEFAULT_STEP_TIMEOUT_S)
+
     def _default_turns(self) -> int:
         return getattr(self.cfg.agent, "max_turns", 1 << 30)
 
@@ -134,22 +141,12 @@ class Rollout:
 
     async def _episode(self, task: Task) -> Trajectory | None:
         """One episode: its trajectory, or None when it failed (counted with its reason)."""
-        env = None
         try:
-            env = envs.make(task.env_id, **task.kwargs)
-            if env.inline_calls() is None:  # it may block or hang: bound each of its calls
-                env = StepTimeout(env, getattr(self.cfg.agent, "step_timeout_s", 60.0))
-            return await self.agent.run(task, self.gen, env)
+            return await play(self.agent, task, self.gen, self.step_timeout_s)
         except EpisodeFailed as exc:
             self._failed(exc.reason, str(exc), task, exc.__cause__)
         except Exception as exc:  # an agent or env-construction bug ends this episode only, counted
             self._failed("agent_error", f"{type(exc).__name__}: {exc}", task, exc)
-        finally:
-            if env is not None:
-                try:
-                    await env.aclose()
-                except Exception as exc:
-                    log.warning("closing env %s of %s failed: %s", task.env_id, task.episode_id, exc)
         return None
 
     def _failed(self, reason: str, message: str, task: Task, cause: BaseException | None) -> None:
@@ -174,3 +171,18 @@ class Rollout:
             out["engine/reward_mean"] = sum(r for _, r, _ in self.recent) / len(self.recent)
             out["engine/turns_mean"] = sum(t for _, _, t in self.recent) / len(self.recent)
         return out
+
+
+async def play(agent: Agent, task: Task, gen: Generator, step_timeout_s: float) -> Trajectory:
+    """Make the task's env, let `agent` play it, close the env. A blocking env's calls are bounded by
+    `step_timeout_s` (a cheap inline env cannot hang the loop for long and is called directly)."""
+    env = envs.make(task.env_id, **task.kwargs)
+    try:
+        if env.inline_calls() is None:
+            env = StepTimeout(env, step_timeout_s)
+        return await agent.run(task, gen, env)
+    finally:
+        try:
+            await env.aclose()
+        except Exception as exc:
+            log.warning("closing env %s of %s failed: %s", task.env_id, task.episode_id, exc)

@@ -36,8 +36,9 @@ def engine_toml(tmp: Path, model_dir, server_url: str, trainer_ready: dict, **se
 class EngineProcess:
     """One `python -m tidal engine` child; `start` waits for its `ready` event."""
 
-    def __init__(self, tmp: Path, cfg: dict, name: str = "engine"):
+    def __init__(self, tmp: Path, cfg: dict, name: str = "engine", env: dict | None = None):
         self.tmp = tmp
+        self.env = env or {}
         self.name = name
         self.config = tmp / f"{name}.toml"
         self.config.write_text(tomli_w.dumps(cfg))
@@ -50,7 +51,7 @@ class EngineProcess:
         self.starts += 1
         log = open(self.tmp / f"{self.name}-{self.starts}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "tidal", "engine", str(self.config)],
-                                     stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+                                     stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

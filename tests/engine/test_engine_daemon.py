@@ -75,11 +75,16 @@ async def test_engine_feeds_the_real_trainer_and_serves_its_new_weights(tmp_path
                                                     intake={"batch_size": 4, "group_size": 2, "max_staleness": 1}))
     try:
         ready = trainer.start()
-        engine = engines(engine_toml(tmp_path, tiny_model_dir, model_server.url, ready))
-        engine.start()
+        engine = engines(engine_toml(tmp_path, tiny_model_dir, model_server.url, ready,
+                                     eval={"every_versions": 2, "episodes": 6}))
+        await asyncio.to_thread(engine.start)
         steps = lambda: [r for r in records(trainer.jsonl) if r.get("event") == "step"]  # noqa: E731
         await _until(lambda: len(steps()) >= 4, 120, f"4 trainer steps\n{engine.log()}\n{trainer.log()}")
         await _until(lambda: engine.last_metrics().get("engine/served_version", 0) >= 2, 60, "served version 2")
+        await _until(lambda: len(engine.events("eval")) >= 2, 60, "two evaluations")
+        evals = engine.events("eval")
+        assert [e["step"] for e in evals[:2]] == [0, 2] or evals[1]["step"] >= 2, evals
+        assert all(e["engine/eval/episodes"] == 6 and 0 <= e["engine/eval/success"] <= 1 for e in evals)
         engine.signal(signal.SIGTERM)
         assert engine.wait(60) == 0, engine.log()
         drained = engine.events("drained")[-1]
@@ -99,7 +104,7 @@ async def test_trajectories_are_exact_and_survive_five_weight_updates_mid_rollou
         cfg = engine_toml(tmp_path, tiny_model_dir, model_server.url, trainer.endpoints,
                           agent={"type": "chat", "max_turns": 4, "max_new_tokens": 24})
         engine = engines(cfg)
-        engine.start()
+        await asyncio.to_thread(engine.start)
         await _until(lambda: len(trainer.published) >= 5 and len(trainer.received) >= 56, 180,
                      f"5 weight updates\n{engine.log()}")
         engine.signal(signal.SIGTERM)
@@ -130,7 +135,7 @@ async def test_three_engines_share_one_staleness_budget(tmp_path, tiny_model_dir
                                            "console": False})
                 procs.append(engines(cfg, f"engine{i}"))
             for p in procs:
-                p.start()
+                await asyncio.to_thread(p.start)
             await _until(lambda: trainer.version >= 12, 180, "12 versions")
             for p in procs:
                 p.signal(signal.SIGTERM)
@@ -156,7 +161,7 @@ async def test_sync_mode_equals_async_mode_with_zero_staleness(tmp_path, tiny_mo
                               metrics={"jsonl": str(tmp_path / f"{mode}.jsonl"), "every_s": 0.5, "console": False},
                               max_episodes=16)
             engine = engines(cfg, mode)
-            engine.start()
+            await asyncio.to_thread(engine.start)
             assert await asyncio.to_thread(engine.wait, 120) == 0, engine.log()
             await trainer.wait_for(16)
         assert not trainer.violations

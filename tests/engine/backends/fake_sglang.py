@@ -33,6 +33,8 @@ class FakeSGLang:
         self.version = version
         """The `weight_version` it reports, as on the wire: SGLang's "default" until an update names one."""
         self.faults: dict[str, str] = {}
+        """rid -> fault; a key ending in "*" matches every rid that ends with the rest (an engine's rids
+        start with its run's epoch, unknown to the test)."""
         self.bodies: list[tuple[str, bytes]] = []
         """(path, raw body) of every request, in arrival order."""
         self.routing_keys: list[str | None] = []
@@ -116,13 +118,18 @@ class FakeSGLang:
                 "output_token_logprobs_length": n}
         return b"data: " + json.dumps({"text": "", "output_ids": out, "meta_info": meta}).encode() + b"\n\n"
 
+    def fault_for(self, rid: str) -> str | None:
+        if rid in self.faults:
+            return self.faults[rid]
+        return next((f for key, f in self.faults.items() if key.endswith("*") and rid.endswith(key[:-1])), None)
+
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.bodies.append((request.path, body))
         self.routing_keys.append(request.headers.get("X-SMG-Routing-Key"))
         req = json.loads(body)
         rid, prompt, params = req["rid"], req["input_ids"], req.get("sampling_params", {})
-        fault = self.faults.get(rid)
+        fault = self.fault_for(rid)
         if fault == "http_500":
             return web.json_response({"object": "error", "message": "boom", "type": "500", "param": None,
                                       "code": 500}, status=500)
@@ -176,12 +183,12 @@ class FakeSGLang:
         self.bodies.append((request.path, body))
         req = json.loads(body)
         prompt, budget, rid = req["prompt"], req.get("max_tokens", 16), req.get("rid", "")
-        if self.faults.get(rid) == "http_500":
+        if self.fault_for(rid) == "http_500":
             return web.json_response({"error": {"message": "scripted failure", "code": 500}}, status=500)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(budget):
-            if i == 2 and self.faults.get(rid) == "drop":
+            if i == 2 and self.fault_for(rid) == "drop":
                 resp._req.transport.close()
                 return resp
             if self.token_delay_s:
@@ -190,7 +197,7 @@ class FakeSGLang:
             choice = {"index": 0, "text": "x", "finish_reason": "length" if i == budget - 1 else None,
                       "logprobs": {"tokens": ["x"], "token_logprobs": [-(i + 1) / 100], "top_logprobs": None,
                                    "text_offset": [-1]}}
-            if self.faults.get(rid) != "no_token_ids":
+            if self.fault_for(rid) != "no_token_ids":
                 choice["token_ids"] = [t]
             chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "fake",
                      "choices": [choice]}
