@@ -38,6 +38,7 @@ from tidal.protocol.channels import StatusSubscriber
 from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError, TidalError
 from tidal.protocol.messages import Drain, Pause, Resume, Shutdown, TrainerStatus, WeightsPublished
+from tidal.protocol.startup import run_main, starting
 from tidal.protocol.telemetry import Telemetry
 
 from tidal import envs
@@ -96,8 +97,10 @@ class Engine:
         self.loop_lag_max = 0.0
         self._served_changed = asyncio.Event()
         self._drain_timer: asyncio.TimerHandle | None = None
-        self.telemetry = Telemetry(cfg.metrics.jsonl or None, prometheus_port=(
-            cfg.metrics.prometheus_port if cfg.metrics.prometheus_port >= 0 else None))
+        with starting(f"cannot open the metrics (metrics.jsonl {cfg.metrics.jsonl!r}, "
+                      f"metrics.prometheus_port {cfg.metrics.prometheus_port})"):
+            self.telemetry = Telemetry(cfg.metrics.jsonl or None, prometheus_port=(
+                cfg.metrics.prometheus_port if cfg.metrics.prometheus_port >= 0 else None))
         self._console = None
         if cfg.metrics.console:
             from rich.console import Console
@@ -119,10 +122,13 @@ class Engine:
         link = cfg.trainer
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.backend)
-            self.sink = await stack.enter_async_context(TrajectorySink(
-                link.endpoint, cfg.name, link.spool_dir, window=link.window,
-                max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts))
-            status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint))
+            with starting(f"cannot open the spool (trainer.spool_dir {link.spool_dir!r}) or reach "
+                          f"trainer.endpoint {link.endpoint!r}"):
+                self.sink = await stack.enter_async_context(TrajectorySink(
+                    link.endpoint, cfg.name, link.spool_dir, window=link.window,
+                    max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts))
+            with starting(f"cannot subscribe to trainer.status_endpoint {link.status_endpoint!r}"):
+                status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint))
             self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context)
             self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, self.sink.put)
             self.weights = WeightSync(self.backend, self._served)
@@ -310,7 +316,7 @@ class Engine:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tidal engine", description=__doc__.splitlines()[0])
-    add_config_args(p)
+    add_config_args(p, EngineConfig)
     p.add_argument("--check", action="store_true",
                    help="check the configuration (model tokenizer and template, env ids, agent) and exit")
     p.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks")
@@ -321,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         cfg = config_from_args(EngineConfig, args)
         if cfg is None:
             return 0
@@ -335,12 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             runner = uvloop.run
         except ImportError:
             runner = asyncio.run
-        code = runner(Engine(cfg, tokenizer).run())
-    except TidalError as exc:
-        if args.debug:
-            raise
-        print(f"tidal engine: {exc}", file=sys.stderr)
-        return 2
+        return runner(Engine(cfg, tokenizer).run())
+
+    code = run_main("tidal engine", body, debug=args.debug)
     if threading.active_count() > 1:
         # A thread of an env whose step hung (abandoned by the step timeout) cannot be joined, and
         # interpreter shutdown would wait for it forever: everything is flushed, so leave without it.
