@@ -225,6 +225,14 @@ class Engine:
                         self.failure = (f"rollout.mode = 'sync' needs the trainer's intake.max_staleness = 0 "
                                         f"(the trainer at {self.cfg.trainer.status_endpoint} has {msg.max_staleness})")
                         self.drain(0.0, True)
+                    link, r = self.cfg.trainer, self.cfg.rollout
+                    if link.window * r.engines < msg.max_uncommitted:
+                        self.failure = (
+                            f"trainer.window ({link.window}) x rollout.engines ({r.engines}) is below the trainer's "
+                            f"intake.max_uncommitted ({msg.max_uncommitted}): the trainer acknowledges only at its "
+                            f"checkpoints, forced once that many deliveries wait, so the engines would stall first; "
+                            f"raise trainer.window or lower the trainer's intake.max_uncommitted")
+                        self.drain(0.0, True)
                     self.admission.status = msg
                 case WeightsPublished():
                     self.weights.offer(msg)

@@ -343,6 +343,10 @@ class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
     grants: dict[str, int] = {}
     """Episodes each engine incarnation (`tidal.protocol.grants.grant_key`) may have started: the budget
     below shared among engines. An engine absent from it starts nothing until it is granted."""
+    max_uncommitted: int = 0
+    """Deliveries the trainer lets wait unacknowledged before it checkpoints to acknowledge them (its
+    intake.max_uncommitted; 0: unknown). Engines' send windows must together hold that many, or they
+    stall waiting for acknowledgements the trainer never has reason to send."""
 
     @property
     def budget(self) -> int:

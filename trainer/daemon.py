@@ -223,7 +223,7 @@ class Daemon:
         status = TrainerStatus(
             version=self.version, consumed=int(self.counters["trajectories"]), dropped=self.dropped,
             batch_size=self.cfg.intake.batch_size, max_staleness=self.cfg.intake.max_staleness,
-            health=health,
+            health=health, max_uncommitted=self.cfg.intake.max_uncommitted,
         )
         return msgspec.structs.replace(status, grants=self.grants.allocate(status.budget))
 

@@ -21,10 +21,11 @@ from tidal.protocol.messages import DiskWeights, TrainerStatus, Trajectory, Weig
 
 class Standin:
     def __init__(self, *, batch_size: int, group_size: int, max_staleness: int, weights_path: str | None = None,
-                 auto_train: bool = True, train_s: float = 0.0):
+                 auto_train: bool = True, train_s: float = 0.0, max_uncommitted: int = 0):
         self.batch_size, self.max_staleness = batch_size, max_staleness
         self.weights_path = weights_path
         self.auto_train, self.train_s = auto_train, train_s
+        self.max_uncommitted = max_uncommitted
         self.grants = GrantTable(group_size=group_size)
         self.version = 0
         self.received: list[Trajectory] = []
@@ -53,7 +54,7 @@ class Standin:
 
     def status(self) -> TrainerStatus:
         s = TrainerStatus(version=self.version, consumed=len(self.received), batch_size=self.batch_size,
-                          max_staleness=self.max_staleness)
+                          max_staleness=self.max_staleness, max_uncommitted=self.max_uncommitted)
         return msgspec.structs.replace(s, grants=self.grants.allocate(s.budget))
 
     async def _grant(self) -> None:

@@ -201,3 +201,18 @@ def test_the_engine_process_never_imports_torch(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert not {m for m in imported if m.split(".")[0] in ("torch", "transformers")}
+
+
+async def test_a_window_too_small_for_the_trainers_checkpoints_fails_at_start_naming_both_settings(
+        tmp_path, tiny_model_dir):
+    async with Standin(batch_size=4, group_size=2, max_staleness=1, max_uncommitted=64) as trainer:
+        cfg = engine_toml(tmp_path, tiny_model_dir, "http://127.0.0.1:9", trainer.endpoints,
+                          trainer={**trainer.endpoints, "spool_dir": str(tmp_path / "spool"), "window": 16})
+        engine = EngineProcess(tmp_path, cfg)
+        engine.config.write_text(engine.config.read_text())
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tidal", "engine", str(engine.config),
+                                                    stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2, err.decode()
+    last = err.decode().strip().splitlines()[-1]
+    assert "trainer.window (16)" in last and "intake.max_uncommitted (64)" in last, last
