@@ -1,7 +1,8 @@
-"""The `games` suite: multi-turn text puzzles with `\\boxed{}` moves, difficulty presets, solvers.
+"""The `games` suite: multi-turn text puzzles with `\\boxed{}` (or bare) moves, difficulty presets, solvers.
 
 Ids take `difficulty=` ("easy", "hard", ...) and any preset parameter as keyword arguments:
-`envs.make("games:Mastermind-v0", difficulty="hard", max_turns=12)`.
+`envs.make("games:Mastermind-v0", difficulty="hard", max_turns=12)`; every game takes `moves="bare"`
+(the action is the move) and GuessTheNumber `terse=True` (few-word observations), see base.py.
 """
 
 from tidal.envs.games.base import TextGame

@@ -1,4 +1,10 @@
-r"""Guess the number between lo and hi; each guess is answered "higher" or "lower" (GEM's game)."""
+r"""Guess the number between lo and hi; each guess is answered "higher" or "lower" (GEM's game).
+
+With `terse=True` the game speaks in single words: the first observation is "guess LOW-HIGH", each
+guess is answered "higher", "lower" or "correct" (a guess outside the range too: the answer is still
+true), a malformed move "invalid". With `moves="bare"` as well, a tokenizer whose words are the digits
+and these few words lets a model play one token per move.
+"""
 
 import random
 import re
@@ -10,7 +16,7 @@ __all__ = ["GuessTheNumber"]
 
 
 class GuessTheNumber(TextGame):
-    r"""Moves are `\boxed{N}`. Binary search solves it within ceil(log2(hi - lo + 2)) turns."""
+    r"""Moves are `\boxed{N}` (or `N`). Binary search solves it within ceil(log2(hi - lo + 2)) turns."""
 
     name = "GuessTheNumber"
     suffix = "Enter your next guess."
@@ -31,6 +37,9 @@ class GuessTheNumber(TextGame):
             f"{self.high} (inclusive). After each guess you are told whether the number is higher or lower."
         )
 
+    def _terse_rules(self) -> str:
+        return f"guess {self.low}-{self.high}"
+
     def _new_game(self) -> None:
         self.target = self.rng.randint(self.low, self.high)
         self.guessed: set[int] = set()
@@ -41,6 +50,10 @@ class GuessTheNumber(TextGame):
         return int(move)
 
     def _play(self, guess: int) -> tuple[str, float, bool]:
+        if self.terse:
+            if guess == self.target:
+                return "correct", SUCCESS_REWARD, True
+            return ("higher" if self.target > guess else "lower"), STEP_REWARD, False
         if not self.low <= guess <= self.high:
             return f"{guess} is outside the range {self.low}-{self.high}.", STEP_REWARD, False
         if guess == self.target:
@@ -54,7 +67,7 @@ class GuessTheNumber(TextGame):
         return f"The number was {self.target}."
 
     def sample_action(self, rng: random.Random) -> str:
-        return f"\\boxed{{{rng.randint(self.low, self.high)}}}"
+        return self._move(str(rng.randint(self.low, self.high)))
 
     def solver(self) -> Solver:
         lo, hi = self.low, self.high
@@ -62,11 +75,11 @@ class GuessTheNumber(TextGame):
 
         def policy(obs: str) -> str:
             nonlocal lo, hi, last
-            if last is not None and f"higher than {last}" in obs:
+            if last is not None and (f"higher than {last}" in obs or obs == "higher"):
                 lo = last + 1
-            elif last is not None and f"lower than {last}" in obs:
+            elif last is not None and (f"lower than {last}" in obs or obs == "lower"):
                 hi = last - 1
             last = (lo + hi) // 2
-            return f"My guess is \\boxed{{{last}}}"
+            return self._move(str(last)) if self.moves == "bare" else f"My guess is \\boxed{{{last}}}"
 
         return policy

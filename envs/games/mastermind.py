@@ -80,7 +80,7 @@ class Mastermind(TextGame):
         return itertools.permutations(digits, self.code_length)
 
     def sample_action(self, rng: random.Random) -> str:
-        return "\\boxed{" + " ".join(str(rng.randint(1, self.num_digits)) for _ in range(self.code_length)) + "}"
+        return self._move(" ".join(str(rng.randint(1, self.num_digits)) for _ in range(self.code_length)))
 
     def solver(self) -> Solver:
         candidates = list(self._codes())
@@ -92,6 +92,6 @@ class Mastermind(TextGame):
                 guess = tuple(int(d) for d in m.group(1).split())
                 fb = (int(m.group(2)), int(m.group(3)))
                 candidates = [c for c in candidates if score(c, guess) == fb]
-            return "\\boxed{" + " ".join(map(str, candidates[0])) + "}"
+            return self._move(" ".join(map(str, candidates[0])))
 
         return policy

@@ -113,20 +113,20 @@ class Minesweeper(TextGame):
 
     def sample_action(self, rng: random.Random) -> str:
         kind = "reveal" if rng.random() < 0.9 else "flag"
-        return f"\\boxed{{{kind} {rng.randrange(self.rows)} {rng.randrange(self.cols)}}}"
+        return self._move(f"{kind} {rng.randrange(self.rows)} {rng.randrange(self.cols)}")
 
     def solver(self) -> Solver:
         """A privileged solver: it reads the mine layout from the env (for tests, not for learning)."""
 
         def policy(obs: str) -> str:
             if not self.mine_cells:
-                return f"\\boxed{{reveal {self.rows // 2} {self.cols // 2}}}"
+                return self._move(f"reveal {self.rows // 2} {self.cols // 2}")
             r, c = next(
                 (i, j)
                 for i in range(self.rows)
                 for j in range(self.cols)
                 if (i, j) not in self.mine_cells and (i, j) not in self.revealed
             )
-            return f"\\boxed{{reveal {r} {c}}}"
+            return self._move(f"reveal {r} {c}")
 
         return policy

@@ -88,7 +88,7 @@ class Wordle(TextGame):
         return f"The word was {self.secret.upper()}."
 
     def sample_action(self, rng: random.Random) -> str:
-        return f"\\boxed{{{rng.choice(self.vocab).upper()}}}"
+        return self._move(rng.choice(self.vocab).upper())
 
     def solver(self) -> Solver:
         candidates = list(self.vocab)
@@ -98,7 +98,7 @@ class Wordle(TextGame):
             for guess, marks in _WORDLE_FEEDBACK.findall(obs):
                 g = guess.lower()
                 candidates = [c for c in candidates if wordle_feedback(c, g) == marks]
-            return f"\\boxed{{{_most_informative(candidates).upper()}}}"
+            return self._move(_most_informative(candidates).upper())
 
         return policy
 
@@ -168,7 +168,7 @@ class Hangman(TextGame):
         return f"The word was {self.secret.upper()}."
 
     def sample_action(self, rng: random.Random) -> str:
-        return f"\\boxed{{{rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ')}}}"
+        return self._move(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
     def solver(self) -> Solver:
         candidates = list(self.vocab)
@@ -188,10 +188,10 @@ class Hangman(TextGame):
             elif tried:
                 candidates = [w for w in candidates if not tried & set(w)]
             if len(candidates) == 1:
-                return f"\\boxed{{{candidates[0].upper()}}}"
+                return self._move(candidates[0].upper())
             freq = Counter(ch for w in candidates for ch in set(w) if ch not in tried)
             letter = max(freq, key=lambda ch: (freq[ch], ch))
             tried.add(letter)
-            return f"\\boxed{{{letter.upper()}}}"
+            return self._move(letter.upper())
 
         return policy

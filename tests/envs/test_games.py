@@ -143,3 +143,66 @@ def test_minesweeper_first_reveal_is_safe_and_floods():
         assert (0, 0) not in env.mine_cells and len(env.mine_cells) == env.mines
     obs, *_ = env.step("\\boxed{reveal 9 9}")
     assert "off the 5x5 board" in obs
+
+
+# --- moves="bare" and terse=True: one-token moves and few-word observations for small models
+
+
+@pytest.mark.parametrize("env_id", GAMES)
+def test_bare_moves_are_the_whole_action(env_id):
+    env = envs.make(env_id, moves="bare")
+    for seed in range(5):
+        env.reset(seed)
+        rewards, terminated, truncated = play(env, env.solver(), seed)
+        assert (rewards[-1], terminated, truncated) == (1.0, True, False), (env_id, seed)
+    assert "\\boxed" not in env.sample_action(random.Random(0)) and "\\boxed" not in env.instructions
+    env.reset(0)
+    obs, reward, terminated, _, info = env.step(env._move("definitely not a move") + " ")
+    assert reward == FORMAT_ERROR_REWARD and not terminated and info["invalid"]
+    assert "invalid move" in obs and "\\boxed" not in obs
+
+
+def test_terse_guess_the_number_speaks_single_words():
+    env = envs.make("games:GuessTheNumber-v0", low=1, high=8, moves="bare", terse=True)
+    obs, info = env.reset(3)
+    assert obs == "guess 1-8" and info == {}          # no suffix: nothing but the words
+    target = env.target
+    below, above = max(target - 1, 0), target + 1       # 0 and 9 are outside 1-8: still answered truly
+    assert env.step(str(below))[:4] == ("higher", 0.0, False, False)
+    assert env.step(f" {above}\n")[:4] == ("lower", 0.0, False, False)
+    obs, reward, terminated, truncated, info = env.step("seven")
+    assert (obs, reward, terminated, truncated, info["invalid"]) == ("invalid", FORMAT_ERROR_REWARD, False, False, True)
+    assert env.step(str(target))[:4] == ("correct", 1.0, True, False)
+
+
+def test_terse_running_out_of_turns_gives_the_last_hint_only():
+    env = envs.make("games:GuessTheNumber-v0", low=1, high=8, max_turns=1, moves="bare", terse=True)
+    env.reset(0)
+    wrong = 1 if env.target != 1 else 2
+    assert env.step(str(wrong))[:4] == ("higher" if env.target > wrong else "lower", 0.0, False, True)
+
+
+def test_terse_boxed_solver_and_every_target_within_four_turns():
+    for moves in ("boxed", "bare"):
+        env = envs.make("games:GuessTheNumber-v0", low=1, high=8, moves=moves, terse=True)
+        targets = set()
+        for seed in range(40):
+            env.reset(seed)
+            targets.add(env.target)
+            rewards, terminated, _ = play(env, env.solver(), seed)
+            assert rewards[-1] == 1.0 and terminated and len(rewards) <= 4, (moves, seed)
+        assert targets == set(range(1, 9))
+
+
+def test_terse_and_moves_are_checked():
+    with pytest.raises(ValueError, match="terse=True is not supported"):
+        envs.make("games:Mastermind-v0", terse=True)
+    with pytest.raises(ValueError, match="moves must be 'boxed' or 'bare'"):
+        envs.make("games:GuessTheNumber-v0", moves="plain")
+
+
+def test_bare_terse_variant_passes_check_env():
+    from tidal.envs.check import check_env
+
+    warnings = check_env(envs.make("games:GuessTheNumber-v0", low=1, high=8, moves="bare", terse=True))
+    assert all("blocking" in w for w in warnings)
