@@ -1,4 +1,4 @@
-"""Benchmark output as DESIGN.md 'Benchmark output' fixes it, shared by every `tidal bench NAME`.
+"""Benchmark output as docs/performance.md 'Benchmark output' fixes it, shared by every `tidal bench NAME`.
 
 One JSON object `{"bench", "machine", "config", "results", "summary"}` to `--json OUT`, and a table of
 the results on stdout. `--quick` selects the size that finishes in under a minute on 2 cores.

@@ -5,7 +5,7 @@ in a child process (the trainer's role) over tcp loopback, the way the daemons r
 (`tidal.protocol.channels`: msgpack + zero-copy arrays, envelopes, commit-driven acks, windowed flow
 control) is compared in the same run with the same trajectories sent as (a) pickle over zmq, (b)
 json over zmq, (c) raw zmq frames of the same byte count, and with (d) a memcpy of those bytes.
-pickle appears here only as the comparison; it is on no wire of the product (DESIGN.md invariant 6).
+pickle appears here only as the comparison; it is on no wire of the product (docs/architecture.md invariant 6).
 
 Every method has the same flow control: at most WINDOW messages unacknowledged, the receiver acking
 once per batch of queued messages. Each method runs two phases after an untimed warm-up: throughput

@@ -1,4 +1,4 @@
-"""Admission: whether this engine may start another group of episodes now (DESIGN.md invariant 3).
+"""Admission: whether this engine may start another group of episodes now (docs/architecture.md invariant 3).
 
 A pure state machine (no IO, no clock): the daemon feeds it the trainer's status, the version the
 servers serve, control messages and its own counts, and asks `blocked()` before starting each group.

@@ -8,7 +8,7 @@ ends the episode or a limit does; each ending is the trajectory's finish reason.
 calling, planning, several generations per step, multi-agent) register under the entry-point group
 `tidal.agents` and are chosen with `agent = {type = "plugin", name = "...", options = {...}}`.
 
-Invariant (DESIGN.md 1): the trajectory is the transcript's one token sequence, the model's tokens
+Invariant 1 (docs/architecture.md): the trajectory is the transcript's one token sequence, the model's tokens
 exactly as the server returned them (loss mask 1), everything else mask 0.
 """
 

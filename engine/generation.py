@@ -2,7 +2,7 @@
 
 `Generator.generate(transcript, ...)` streams one generation into a `Transcript` (engine/chat.py): the
 exact token ids the server returned, each with its behaviour log-probability and the policy version
-that produced it (DESIGN.md invariants 1 and 2), never re-tokenized. It sizes the request to what the
+that produced it (docs/architecture.md invariants 1 and 2), never re-tokenized. It sizes the request to what the
 episode has left (context and token budget), keeps later turns of an episode on the same server
 (the session key is the episode id), and counts tokens and finishes for the engine's metrics.
 """

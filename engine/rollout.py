@@ -1,6 +1,6 @@
 """The engine's core loop: admit groups, play their episodes concurrently, hand finished groups over.
 
-`Rollout` owns every episode task (one TaskGroup) and keeps DESIGN.md's invariants on this side:
+`Rollout` owns every episode task (one TaskGroup) and keeps docs/architecture.md's invariants on this side:
 - Staleness (3): a group starts only when `Admission.blocked()` is None, under the trainer's latest
   status; episodes the engine discards (failed members' groups, zero-variance groups) hand their
   admission back.

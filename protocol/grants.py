@@ -1,4 +1,4 @@
-"""Sharing the staleness budget among engine processes (DESIGN.md invariant 3, several engines).
+"""Sharing the staleness budget among engine processes (docs/architecture.md invariant 3; docs/protocol.md, Grants).
 
 The bound is global: with B trajectories per step, trainer version k and max staleness s, all engines
 together start at most (k + 1 + s) * B + dropped episodes. The trainer, which alone knows k and

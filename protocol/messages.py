@@ -1,4 +1,4 @@
-"""Engine <-> trainer messages (DESIGN.md, 'Engine <-> trainer messages').
+"""Engine <-> trainer messages (docs/protocol.md, 'Engine <-> trainer messages').
 
 Every message is a msgspec Struct in one tagged union, encoded as msgpack. Per-token arrays travel as
 raw little-endian bytes (`tidal.protocol.arrays`) and decode as zero-copy views into the received frame.
@@ -7,7 +7,7 @@ field but the arrays, then each array as its own frame, sent and received withou
 Decoding is strict: anything that is not a well-formed message of the current schema version raises
 `ProtocolError` naming the problem, and nothing else escapes `decode`.
 
-Schema evolution (STYLE.md): new fields get defaults and go last; changing a field's meaning or type
+Schema evolution (docs/protocol.md): new fields get defaults and go last; changing a field's meaning or type
 bumps `SCHEMA_VERSION`, which every message carries and every reader checks.
 
 >>> import numpy as np
@@ -148,7 +148,7 @@ def _check_sampling(traj_id: str, sampling: dict) -> None:
 
 
 class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
-    """One finished episode as a single token sequence (DESIGN.md invariants 1 and 2).
+    """One finished episode as a single token sequence (docs/architecture.md invariants 1 and 2).
 
     Arrays (all of length n = number of tokens):
       tokens      uint32  the exact ids: prompt, then per turn model tokens and observation tokens
@@ -284,7 +284,7 @@ class Trajectory(msgspec.Struct, tag="trajectory", kw_only=True, gc=False):
         return view(self.versions, VERSION_DTYPE)
 
     def staleness(self, trained_version: int) -> int:
-        """DESIGN.md invariant 3: the version being trained minus that of the oldest generated token."""
+        """docs/architecture.md invariant 3: the version being trained minus that of the oldest generated token."""
         return trained_version - self.min_version if self.min_version >= 0 else 0
 
 
@@ -327,7 +327,7 @@ class WeightsPublished(msgspec.Struct, tag="weights", kw_only=True, frozen=True)
 
 
 class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
-    """What engines need for staleness control (DESIGN.md invariant 3): admission allows at most
+    """What engines need for staleness control (docs/architecture.md invariant 3): admission allows at most
     (version + 1 + max_staleness) * batch_size + dropped started trajectories."""
 
     version: int
@@ -350,7 +350,7 @@ class TrainerStatus(msgspec.Struct, tag="status", kw_only=True, frozen=True):
 
     @property
     def budget(self) -> int:
-        """Episodes all engines together may have started (DESIGN.md invariant 3)."""
+        """Episodes all engines together may have started (docs/architecture.md invariant 3)."""
         return (self.version + 1 + self.max_staleness) * self.batch_size + self.dropped
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """SGLang's HTTP API as msgspec Structs: the one schema the `sglang` client and the reference server share.
 
-Restated field by field from /work/shared/protocols/sglang-http.md (baseline sglang 0.5.23); section
+Restated field by field from docs/sglang.md (baseline sglang 0.5.23); section
 numbers below (§1.2 ...) point there. Rules this module keeps:
 
 - Requests are encoded with `omit_defaults`, so a body carries only the keys its sender set (defaults
@@ -11,7 +11,7 @@ numbers below (§1.2 ...) point there. Rules this module keeps:
   SGLang defaults may be absent. A field the client always sends but SGLang defaults is typed
   `X | None = None` ("None: SGLang's default", named in its docstring), so `omit_defaults` cannot
   drop it by identity; the server applies the default.
-- Responses are read leniently: unknown keys are skipped (wire Structs never forbid them, STYLE.md),
+- Responses are read leniently: unknown keys are skipped (wire Structs never forbid them, docs/protocol.md),
   and keys that only some responses carry default to `UNSET`, which encodes as "absent" and is falsy.
   A key a reader defaults but a server sometimes leaves out (a queued abort's counters, the optional
   /v1 keys) is typed `X | UnsetType` with the reader's default: absent decodes as that default, and

@@ -1,10 +1,10 @@
 """The one metrics sink every daemon uses: JSONL lines and a Prometheus endpoint.
 
 `log(metrics, step=...)` appends one JSON object per call, `{"step", "time", **metrics}`, and sets a
-gauge per numeric metric; `count(name)` increments a counter. Metric names follow STYLE.md
+gauge per numeric metric; `count(name)` increments a counter. Metric names follow docs/contributing.md
 (`engine/...`, `trainer/...`, `envs/...`); on the Prometheus side `trainer/loss` is exposed as
 `tidal_trainer_loss` and a counter `engine/rejected` as `tidal_engine_rejected_total`. The endpoint
-binds 127.0.0.1 unless told otherwise (DESIGN.md invariant 7); port 0 picks a free one, read back
+binds 127.0.0.1 unless told otherwise (docs/architecture.md invariant 7); port 0 picks a free one, read back
 from `prometheus_port`. Each sink has its own registry, so several can live in one process.
 
 >>> with Telemetry() as tel:

@@ -5,7 +5,7 @@ Invariant (tidal.protocol.messages.Turn): a turn's reward belongs to that turn's
 over the generated tokens only, so observation tokens neither receive reward nor break the
 discounting chain. (AgentGym-RL's verl fork places the outcome score on a mask-0 token and then
 multiplies rewards by the response mask, which loses it for GAE and REINFORCE++; see
-shared/research/gem_agentgym.md section 2.4.)
+docs/architecture.md, Advantages.)
 
 Arrays are numpy float64 and aligned with a trajectory's tokens, shape (n,), zero where the loss
 mask is 0. One reward: GRPO and RLOO read `Trajectory.reward`, the per-turn estimators (ReBN,
@@ -72,7 +72,7 @@ class RLOOConfig(Strict, tag="rloo", tag_field="type"):
 
 
 class ReBNConfig(Strict, tag="rebn", tag_field="type"):
-    """REINFORCE with return batch normalisation, as GEM's oat example (gem_agentgym.md §1.8).
+    """REINFORCE with return batch normalisation, as GEM's oat example (examples/train_oat in GEM).
 
     G_t = r_t + gamma * G_{t+1} over the turns of an episode; A = (G - mean) / (std + 1e-9) with the
     population mean and std over all turns of the batch; each turn's A is given to all its tokens.
@@ -87,7 +87,7 @@ class ReBNConfig(Strict, tag="rebn", tag_field="type"):
 
 
 class ReinforcePPConfig(Strict, tag="reinforce_pp", tag_field="type"):
-    """REINFORCE++ (arXiv:2501.03262), as AgentGym-RL's verl offers (gem_agentgym.md §2.4).
+    """REINFORCE++ (arXiv:2501.03262), as AgentGym-RL's verl offers.
 
     Token reward = step reward at each turn's last generated token - kl_coef * KL_t on every
     generated token, KL_t = log pi_prox - log pi_ref (the k1 estimate on the sampled token);

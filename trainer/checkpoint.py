@@ -7,7 +7,7 @@ A checkpoint is a directory `step-XXXXXXXX/` (XXXXXXXX = the policy version it h
   intake.msgpack     `CheckpointMeta`: version, the intake snapshot (buffered trajectories, seen ids,
                      counters) and the channel's dedup state
 It is written under a temporary name, every file fsynced, then renamed into place (atomic on POSIX),
-so a reader sees a whole checkpoint or none (DESIGN.md invariant 4: resume loses and repeats nothing).
+so a reader sees a whole checkpoint or none (docs/architecture.md invariant 4: resume loses and repeats nothing).
 The newest `keep_last` are kept.
 """
 

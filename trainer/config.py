@@ -1,7 +1,7 @@
 """`tidal trainer` configuration: one Strict section per concern, loaded by `tidal.protocol.config.load_config`.
 
 Defaults give a runnable single-process CPU trainer on loopback; cross-field rules run at load and name
-both fields (STYLE.md, Configuration). Derived values are properties. "auto" fields (the device, the
+both fields (docs/contributing.md, Configuration). Derived values are properties. "auto" fields (the device, the
 model's dtype) are resolved by `TrainerConfig.resolved`, which is what `--print-config` prints.
 
 Importing this module imports torch: `LearnerConfig` lives beside the Learner in trainer/learner.py,
@@ -33,7 +33,7 @@ NonNegInt = Annotated[int, Meta(ge=0)]
 
 
 class IntakeConfig(Strict):
-    """Where trajectories come from and how a step's batch is formed (DESIGN.md invariants 3 and 4)."""
+    """Where trajectories come from and how a step's batch is formed (docs/architecture.md invariants 3 and 4)."""
 
     endpoint: str = "tcp://127.0.0.1:5555"
     """ZeroMQ endpoint the trainer binds for trajectories (loopback by default, invariant 7)."""

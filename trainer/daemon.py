@@ -3,7 +3,7 @@
 Loop: intake -> one optimizer step -> TrainerStatus -> publish weights when due -> checkpoint when
 due -> acknowledge what the checkpoint covers. It resumes by itself from the newest checkpoint, so a
 trainer killed at any point and restarted continues at the checkpoint's version, and with the
-channel's resends every trajectory is used exactly once (DESIGN.md invariant 4). SIGTERM (or SIGINT)
+channel's resends every trajectory is used exactly once (docs/architecture.md invariant 4). SIGTERM (or SIGINT)
 is a staged shutdown: finish the running step, write a checkpoint, acknowledge, exit 0.
 
 A step that fails (an exception from the model, an out-of-memory, a loss that is not finite) is bad

@@ -2,7 +2,7 @@
 
 `torchrun --nproc-per-node N -m tidal.trainer CONFIG` (or `tidal trainer` under torchrun) starts N copies.
 Rank 0 forms each step's batch and broadcasts it to the others as the msgpack bytes of its
-trajectories in a uint8 tensor (no pickle on any wire, DESIGN.md invariant 6), preceded by a small
+trajectories in a uint8 tensor (no pickle on any wire, docs/architecture.md invariant 6), preceded by a small
 header tensor saying what comes (a step, a gather for publishing or checkpointing under FSDP, stop,
 or idle). Every rank holds the whole batch and `Learner.train_step` takes its token-balanced share,
 with loss normalisers computed from the whole batch (global token count) and DDP or FSDP2 averaging

@@ -1,6 +1,6 @@
 """Trajectory intake: a bounded buffer between the trajectory channel and the learner.
 
-Invariants kept here (DESIGN.md):
+Invariants kept here (docs/architecture.md):
   3. A trajectory whose staleness (version being trained - its min_version) exceeds max_staleness is
      dropped and counted, both on arrival and again when a batch is formed (buffered ones age).
   4. No trajectory is lost or used twice: ids are deduplicated (the channel is at-least-once), every

@@ -1,6 +1,6 @@
 """The learner: a Hugging Face causal LM, its optimiser and one `train_step` over a batch of Trajectory.
 
-Version k is the policy after k steps (DESIGN.md invariant 3): `train_step` trains version k on the
+Version k is the policy after k steps (docs/architecture.md invariant 3): `train_step` trains version k on the
 batch and leaves version k + 1. Within a step:
 
 1. sequences are split into `optim.minibatches` optimiser updates, each packed into micro-batches
@@ -546,7 +546,7 @@ class Learner:
 
     @staticmethod
     def _staleness(batch, masks, trained_version: int) -> dict[str, float]:
-        """Fractions of trained tokens per staleness bucket, mean and max (DESIGN.md invariant 3)."""
+        """Fractions of trained tokens per staleness bucket, mean and max (docs/architecture.md invariant 3)."""
         stale = np.concatenate([trained_version - t.token_versions()[m.astype(bool)] for t, m in zip(batch, masks,
                                                                                                        strict=True)])
         if not len(stale):

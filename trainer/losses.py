@@ -1,4 +1,4 @@
-"""Policy and value losses with off-policy correction (DESIGN.md, 'Off-policy correction').
+"""Policy and value losses with off-policy correction (docs/architecture.md, 'Off-policy correction').
 
 mu = behaviour policy (`behav_logp`, recorded by the server), pi_prox = the trainer's policy before
 this step's update (`prox_logp`, no grad), pi_theta = the policy being optimised (`logp`).
@@ -68,7 +68,7 @@ class TISConfig(_Common, tag="tis", tag_field="type"):
     """Plain policy gradient with truncated importance sampling: -min(pi_prox / mu, C) * A * log pi_theta.
 
     The weight is detached (it corrects the sampling distribution, it is not optimised), as in
-    slime, verl and OpenRLHF's TIS (async_rl_anchors.md §3).
+    slime, verl and OpenRLHF's TIS.
     """
 
 

@@ -1,11 +1,11 @@
-"""Weight publishing: the trainer's new version reaches the inference servers (DESIGN.md, Weight sync).
+"""Weight publishing: the trainer's new version reaches the inference servers (docs/architecture.md, Weight sync).
 
 Two ways, one interface (`await publisher.publish(version, tensors) -> WeightsPublished`):
   disk         safetensors + the base model's config and tokenizer under `dir/vXXXXXXXX/`, written under
                a temporary name and renamed (a server never loads half a version), the newest
                `keep_last` kept; the engine then calls each server's /update_weights_from_disk.
   distributed  a torch.distributed group with the servers, as SGLang's contract describes
-               (protocols/sglang-http.md section 3): the trainer is rank 0 and hosts the rendezvous;
+               (docs/sglang.md §3): the trainer is rank 0 and hosts the rendezvous;
                each server joins through /init_weights_update_group; per bucket of parameters the
                trainer posts /update_weights_from_distributed (names, dtypes, shapes) and broadcasts
                the same tensors in the same order while that call is pending.

@@ -1,4 +1,4 @@
-"""The backend interface: token ids in, token ids + behaviour logprobs out, streamed (DESIGN.md invariants 1-2).
+"""The backend interface: token ids in, token ids + behaviour logprobs out, streamed (docs/architecture.md invariants 1-2).
 
 A backend turns a `Request` (prompt token ids, sampling, a request id, a session key for affinity) into
 an async iterator of `Chunk`s: each carries only the tokens that are new since the previous chunk, their

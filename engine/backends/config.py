@@ -1,5 +1,5 @@
 """Backend configuration: a tagged union on `type`, so each backend's fields only exist where they mean
-something (STYLE.md, "Variants are tagged unions").
+something (docs/contributing.md, Configuration).
 
     [backend]                      [backend]                     [backend]
     type = "sglang"                type = "openai"               type = "plugin"

@@ -1,4 +1,4 @@
-"""What a backend raises: one base, and each subclass also inherits the builtin it refines (STYLE.md).
+"""What a backend raises: one base, and each subclass also inherits the builtin it refines (docs/contributing.md, Errors).
 
 Every error names the server URL and the request id it concerns, so a log line alone says which server
 broke and which trajectory it touched. `retryable` says whether the request may go to another server:
@@ -70,7 +70,7 @@ class ServerUnavailable(BackendError, ConnectionError):
 
 
 class RequestRejected(BackendError, ValueError):
-    """The server refused the request inside an open stream (HTTP 200 + an error event, contract §1.6)."""
+    """The server refused the request inside an open stream (HTTP 200 + an error event, docs/sglang.md §1.6)."""
 
     kind = "rejected"
 

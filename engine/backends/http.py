@@ -1,6 +1,6 @@
 """HTTP plumbing every HTTP backend shares: one SSE stream or one call, with every failure a `BackendError`.
 
-Server-sent events here are the subset SGLang and OpenAI-compatible servers send (contract §1.6): each
+Server-sent events here are the subset SGLang and OpenAI-compatible servers send (docs/sglang.md §1.6): each
 event is `data: <json>` and a blank line, the last one `data: [DONE]`; comment lines (`: ping`) are
 skipped, and `event:`/`id:` lines, which these servers never send, are an error. Bytes
 are split on the blank line as they arrive (one read may hold several events, or part of one), so a

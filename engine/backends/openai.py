@@ -1,6 +1,6 @@
 """The `openai` backend: OpenAI-compatible `/v1/completions` servers that take and return token ids.
 
-What vLLM (and SGLang's OpenAI route) serve (contract §5): `prompt` as token ids, `logprobs: 0` for the
+What vLLM (and SGLang's OpenAI route) serve (docs/sglang.md §5): `prompt` as token ids, `logprobs: 0` for the
 sampled token's logprob, `return_token_ids: true` so each streamed choice carries its new `token_ids`
 (token in, token out: the text is never re-tokenized). Stream chunks are deltas. The finish reason is
 `stop`, `length` or `abort`. The weight version comes from SGLang's `metadata`, which only the last
@@ -9,7 +9,7 @@ checkpoint, before any; a server that sends none, like vLLM, stays at 0).
 
 Several servers behind one client, with the `sglang` backend's policy (engine/backends/routing.py):
 least-loaded with affinity per session key, ejection after failures, `/health` probes that re-admit.
-Invariant (DESIGN.md 1, 2): every token a server generated reaches the caller exactly once. A request
+Invariants 1 and 2 (docs/architecture.md): every token a server generated reaches the caller exactly once. A request
 that fails (connection lost, 5xx, timeout, a broken chunk) moves to another healthy server with
 `prompt = prompt + tokens received` and the remaining budget, so nothing is generated twice.
 

@@ -1,6 +1,6 @@
 """Which server gets a request: load-aware with per-session affinity, health-aware. Pure state, no IO.
 
-Policy (after sglang-router's `cache_aware`, contract §6): a session's later requests go back to the
+Policy (after sglang-router's `cache_aware`, docs/sglang.md §6): a session's later requests go back to the
 server that served it, whose radix cache holds the shared prefix, unless that server is ejected or its
 load exceeds the least-loaded server's by more than `slack`; otherwise the least-loaded healthy server
 takes it (fewest in-flight tokens or requests; ties rotate). The session table is an LRU of bounded size.

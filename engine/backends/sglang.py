@@ -1,7 +1,7 @@
 """The `sglang` backend: SGLang's native /generate over aiohttp, many servers behind one client.
 
-Invariant (DESIGN.md 1, 2, 4): every token a server generated reaches the caller exactly once, with its
-logprob and weight version. A stream is read in either server mode (contract §1.6: cumulative
+Invariants 1, 2 and 4 (docs/architecture.md): every token a server generated reaches the caller exactly once, with its
+logprob and weight version. A stream is read in either server mode (docs/sglang.md §1.6: cumulative
 `output_ids`, or deltas under `--incremental-streaming-output`) and only the new tokens are yielded.
 A request that fails mid-stream (connection lost, 5xx, timeout, a response that breaks the contract)
 moves to another healthy server with `input_ids = prompt + tokens received` and the remaining budget,
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
 _ROUTING_KEY = "X-SMG-Routing-Key"
-"""sglang-router's consistent-hashing key (contract §6): affinity behind a router URL too."""
+"""sglang-router's consistent-hashing key (docs/sglang.md §6): affinity behind a router URL too."""
 _MAX_IDLE_RESUBMITS = 100
 """Server-side aborts in a row that returned no token before a request is given up: a pause resubmit
 waits at the server, so only a server that aborts everything it receives gets here."""

@@ -2,7 +2,7 @@
 
 Invariants: every server in rotation serves the latest weights (an ejected server is re-admitted
 only after the last disk update is replayed on it); no server is ejected for failing health probes
-during the backend's own pause (SGLang's /health blocks then, contract §2); every control POST
+during the backend's own pause (SGLang's /health blocks then, docs/sglang.md §2); every control POST
 carries a JSON object body (§0). A fan-out tries every server and reports all failures at once.
 Versions are ints here and strings on the wire: `str(k)` goes out, `http.served_version` reads what
 comes back (a server never updated serves 0).

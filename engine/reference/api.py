@@ -1,4 +1,4 @@
-"""The reference server's view of SGLang's HTTP contract (protocols/sglang-http.md §0-§1).
+"""The reference server's view of SGLang's HTTP contract (docs/sglang.md §0-§1).
 
 Owns request validation: a `/generate` body, decoded with protocol/sglang.py's wire Structs,
 becomes a list of `Item`s (one per prompt and sample, §1.5) with fully resolved `Sampling`; anything

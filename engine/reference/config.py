@@ -22,7 +22,7 @@ class ServerSection(Strict):
     """HTTP front end."""
 
     host: str = "127.0.0.1"
-    """Address to bind; loopback unless you mean otherwise (DESIGN.md invariant 7)."""
+    """Address to bind; loopback unless you mean otherwise (docs/architecture.md invariant 7)."""
     port: Annotated[int, Meta(ge=0, le=65535)] = 30000
     """Port to bind; 0 picks a free one (printed on the readiness line)."""
     api_key: str | None = None
@@ -30,7 +30,7 @@ class ServerSection(Strict):
     admin_api_key: str | None = None
     """When set, the only key accepted on weight and control endpoints."""
     incremental_streaming_output: bool = False
-    """Stream deltas (text, output_ids, logprobs) instead of cumulative chunks (§1.6)."""
+    """Stream deltas (text, output_ids, logprobs) instead of cumulative chunks (docs/sglang.md §1.6)."""
     stream_interval: Annotated[int, Meta(ge=1)] = 1
     """Tokens per streamed event unless a request sets its own."""
     weight_version: str = "default"

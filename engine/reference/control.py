@@ -1,4 +1,4 @@
-"""Control and weight endpoints (contract §2-§4): pause/continue, aborts, cache flush, weight updates.
+"""Control and weight endpoints (docs/sglang.md §2-§4): pause/continue, aborts, cache flush, weight updates.
 
 The locking is SGLang's (§2): a weight update takes the generation lock as the writer, so it waits
 for in-flight `/generate` calls and new ones wait behind it, unless the server is paused, in which

@@ -1,4 +1,4 @@
-"""`POST /generate` (contract §1): admission, the response body, and SSE streaming in both modes.
+"""`POST /generate` (docs/sglang.md §1): admission, the response body, and SSE streaming in both modes.
 
 A request holds the generation (reader) lock for its whole life (§2), so a weight update that is
 not under a pause waits for it. Every exit path of a handler (done, client gone, cancelled) leaves

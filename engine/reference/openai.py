@@ -1,4 +1,4 @@
-"""OpenAI-compatible `POST /v1/completions` (contract §5), what vLLM-style clients speak.
+"""OpenAI-compatible `POST /v1/completions` (docs/sglang.md §5), what vLLM-style clients speak.
 
 Prompts may be token ids (`[int]` or `[[int]]`). Each choice is one sequence of the shared
 scheduler, so it batches, pauses and aborts exactly like `/generate`. `logprobs: k` gives the

@@ -1,7 +1,7 @@
 """Which token prefixes the server still holds KV for: SGLang's radix cache at block granularity.
 
 Multi-turn rollouts resend the whole trajectory every turn; a server that kept the previous turn's
-KV prefills only the new tokens, and reports them as `cached_tokens` (§1.3). The index is a chain
+KV prefills only the new tokens, and reports them as `cached_tokens` (docs/sglang.md §1.3). The index is a chain
 of block hashes (as vLLM's prefix caching): block i's key hashes block i's tokens together with
 block i-1's key, so one dictionary lookup per block finds the longest cached prefix, in whole
 blocks. Entries are evicted least-recently-used once they hold more than `capacity_tokens`.

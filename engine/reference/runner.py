@@ -5,7 +5,7 @@ Each sequence keeps its own KV (kv.py); a decode step gathers the running sequen
 left-padded, masked batch, runs a single forward pass, and keeps the batch for the next step while
 the same sequences run, so sequences join and leave at any step (continuous batching) and the
 steps in between copy no KV. Sampling and the logprob the server returns are defined in
-sampling.py (contract §1.4: log softmax of the tempered logits over the full vocabulary).
+sampling.py (docs/sglang.md §1.4: log softmax of the tempered logits over the full vocabulary).
 """
 
 import asyncio

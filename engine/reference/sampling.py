@@ -1,6 +1,6 @@
 """Choosing the next token of every sequence in a batch, and the logprob the server returns for it.
 
-Logprobs (contract §1.4, what SGLang returns, and what the trainer's importance ratios use as the
+Logprobs (docs/sglang.md §1.4, what SGLang returns, and what the trainer's importance ratios use as the
 behaviour policy mu): for the sampled token x at a step with logits z over the FULL vocabulary,
 
     logprob(x) = log_softmax(z' / T)[x]

@@ -1,4 +1,4 @@
-"""Continuous batching, pause/continue and aborts: the request lifecycle of SGLang's scheduler (§2).
+"""Continuous batching, pause/continue and aborts: the request lifecycle of SGLang's scheduler (docs/sglang.md §2).
 
 One asyncio task (`Scheduler.run`) owns the batch. Each tick admits waiting sequences up to
 `max_running` (the rest queue: that is the back-pressure), asks the `Stepper` for one token per

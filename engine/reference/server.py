@@ -1,4 +1,4 @@
-"""`tidal serve`: the CPU reference server speaking SGLang's HTTP API (protocols/sglang-http.md §9).
+"""`tidal serve`: the CPU reference server speaking SGLang's HTTP API (docs/sglang.md §9).
 
 Its own process (it may import torch; the engine never does). Serves a transformers causal LM
 (`--model PATH`) or, with `--simulate`, the cost model of simulate.py. Once listening it prints one

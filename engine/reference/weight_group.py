@@ -1,4 +1,4 @@
-"""The server's side of `/update_weights_from_distributed` (contract §3.2-3.3): a gloo (or NCCL)
+"""The server's side of `/update_weights_from_distributed` (docs/sglang.md §3.2-3.3): a gloo (or NCCL)
 group that the trainer, rank 0, broadcasts parameters over.
 
 Rendezvous, as SGLang's `init_custom_process_group` lays it out, so a trainer written for SGLang

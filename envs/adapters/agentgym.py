@@ -6,7 +6,7 @@ WebArena), so those servers plug in unchanged.
     obs, reward, terminated, truncated, info = await env.astep("Thought: ...\\nAction: get 1 oak log")
 
 The servers do not share one protocol; each family's shapes are those recorded in
-../shared/research/gem_agentgym.md §2.1 and its client's behaviour is AgentGym's:
+docs/envs.md (AgentGym) and its client's behaviour is AgentGym's:
 | family    | id field  | /create          | /reset body            | first observation          | reward  | done       |
 | babyai    | `id`      | no body -> {id}  | {id, data_idx}         | reset `observation`        | `score` | `done`     |
 | textcraft | `id`      | {commands, goal} | {id, data_idx}         | reset `observation`        | `reward`| `done`     |

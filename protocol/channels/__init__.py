@@ -1,4 +1,4 @@
-"""ZeroMQ channels between engine and trainer (DESIGN.md, 'Engine <-> trainer messages').
+"""ZeroMQ channels between engine and trainer (docs/protocol.md).
 
 `trajectories`: engine -> trainer, at-least-once on the wire, exactly once to the consumer, commit-
 driven acknowledgements. `status`: trainer -> engines, latest TrainerStatus / WeightsPublished /

@@ -1,6 +1,6 @@
 """Exactly-once hand-off on an at-least-once wire: which (engine, epoch, seq) a trainer already has.
 
-DESIGN.md invariant 4: delivery is at-least-once and the trainer deduplicates. A stream is one engine
+docs/architecture.md invariant 4: delivery is at-least-once and the trainer deduplicates. A stream is one engine
 incarnation, `(engine_id, epoch)`; its sequence numbers start at 1. Per stream we keep a contiguous
 watermark (every seq <= `upto` is in the set) plus the few seqs above it that arrived out of order, so
 memory is O(streams x sender window), not O(trajectories). This module is a pure state machine: no

@@ -1,6 +1,6 @@
 """Trajectory channel, engine -> trainer: at-least-once on the wire, exactly once to the consumer.
 
-DESIGN.md invariant 4 (no trajectory is lost) and 5 (bounded memory), over one ZeroMQ DEALER (each
+docs/architecture.md invariant 4 (no trajectory is lost) and 5 (bounded memory), over one ZeroMQ DEALER (each
 engine, connects) -> ROUTER (the trainer, binds) link:
 
 - Every trajectory travels as `[Data(engine_id, epoch, seq), head, arrays]` (`frames.trajectory_frames`):

@@ -1,4 +1,4 @@
-"""Smoke: `tidal bench backend --quick` runs as a subprocess and writes the report DESIGN.md fixes."""
+"""Smoke: `tidal bench backend --quick` runs as a subprocess and writes the report docs/performance.md fixes."""
 
 import json
 import subprocess

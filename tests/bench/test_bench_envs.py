@@ -1,4 +1,4 @@
-"""Smoke: `tidal bench envs --quick` runs as a subprocess and writes the report DESIGN.md fixes."""
+"""Smoke: `tidal bench envs --quick` runs as a subprocess and writes the report docs/performance.md fixes."""
 
 import importlib.util
 import json

@@ -1,4 +1,4 @@
-"""Smoke the real entry point: `tidal bench serve --quick` writes the DESIGN.md report shape."""
+"""Smoke the real entry point: `tidal bench serve --quick` writes the docs/performance.md report shape."""
 
 import json
 import subprocess

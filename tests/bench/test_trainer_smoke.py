@@ -1,4 +1,4 @@
-"""`tidal bench trainer --quick` runs as a subprocess and writes the report DESIGN.md fixes."""
+"""`tidal bench trainer --quick` runs as a subprocess and writes the report docs/performance.md fixes."""
 
 import json
 import subprocess

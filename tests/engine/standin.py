@@ -2,7 +2,7 @@
 
 It binds the trajectory and status endpoints as `tidal trainer` does, shares the staleness budget by
 the same `GrantTable`, commits every delivery at once, and "trains" a batch of B trajectories per
-version when told to (or by itself with `auto_train`). It checks DESIGN.md invariant 3 as it goes:
+version when told to (or by itself with `auto_train`). It checks docs/architecture.md invariant 3 as it goes:
 the engines' `started` totals in their heartbeats against the budget in force (`violations`), and it
 counts received trajectories staler than max_staleness (`stale`: the trainer's per-sample drop). Weights are "published" from a fixed directory (the
 model itself), so servers load real files and report the new version.

@@ -50,7 +50,7 @@ async def _until(cond, timeout: float, what: str, every: float = 0.1):
 
 
 def check_trajectory(t, tok: ChatTokenizer) -> None:
-    """DESIGN.md invariants 1 and 2 on one received trajectory."""
+    """docs/architecture.md invariants 1 and 2 on one received trajectory."""
     mask, logp, versions = t.mask(), t.behav_logps(), t.token_versions()
     gen = mask.astype(bool)
     assert gen.any() and not gen[0], t.id  # the prompt comes first, then generated tokens

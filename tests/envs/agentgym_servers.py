@@ -1,6 +1,6 @@
 """AgentGym environment servers for tests, written to the shapes each real server speaks.
 
-Shapes are those of ../shared/research/gem_agentgym.md §2.1 (read from agentenv-*/server.py):
+Shapes are those of docs/envs.md, AgentGym (read from agentenv-*/server.py):
 the id field (`id` or `env_idx`), bare-value answers (SearchQA /create and /reset, TextCraft and
 WebArena /observation), HTTP 200 with an `error` key for failures (BabyAI, TextCraft, SciWorld),
 FastAPI's 422 for a malformed body. Each server hosts a tiny deterministic task that a scripted

@@ -1,6 +1,6 @@
 """`tidal serve` with model.device = cuda: concurrent greedy and seeded sampled requests decode on the
 GPU (batched prefill, per-sequence prefill with prompt logprobs, the kept decode batch), and every
-logprob is the one the same checkpoint gives on the CPU, teacher-forced (contract §1.4)."""
+logprob is the one the same checkpoint gives on the CPU, teacher-forced (docs/sglang.md §1.4)."""
 
 import asyncio
 

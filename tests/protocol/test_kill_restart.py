@@ -1,6 +1,6 @@
 """10,000 trajectories from two engine processes while the trainer process is SIGKILLed twice.
 
-DESIGN.md invariant 4: the checkpointing consumer (tests/protocol/_actors.py) must end up with every
+docs/architecture.md invariant 4: the checkpointing consumer (tests/protocol/_actors.py) must end up with every
 trajectory exactly once, although the wire delivers some of them several times.
 """
 

@@ -1,4 +1,4 @@
-"""`python -m tests.trainer.faulty CONFIG`: the trainer daemon with one scripted fault (STYLE.md,
+"""`python -m tests.trainer.faulty CONFIG`: the trainer daemon with one scripted fault (docs/contributing.md,
 "Faults are scripted"), since there is no GPU here to run out of memory.
 
 The model's forward raises the `torch.OutOfMemoryError` a CUDA allocation raises whenever its input

@@ -1,7 +1,7 @@
-"""A small SGLang-speaking aiohttp server that plays scripted faults (STYLE.md, "Faults are scripted").
+"""A small SGLang-speaking aiohttp server that plays scripted faults (docs/contributing.md, "Faults are scripted").
 
 It generates a deterministic token sequence (token i of a prompt p is `7 + (sum(p) + i) % 200`, logprob
-`-(i + 1) / 100`), streams it per contract §1.6 in cumulative or incremental mode, and records every
+`-(i + 1) / 100`), streams it per docs/sglang.md §1.6 in cumulative or incremental mode, and records every
 request body it receives. `faults[rid]` makes one request misbehave; everything else keeps working, so
 tests can check that one broken response does not disturb the others.
 """
@@ -54,7 +54,7 @@ class FakeSGLang:
                      "/init_weights_update_group", "/update_weights_from_distributed",
                      "/destroy_weights_update_group"):
             app.router.add_post(path, self._control)
-        if weight_sessions:  # 0.5.23 has them; older servers answer 404 (contract §3.5)
+        if weight_sessions:  # 0.5.23 has them; older servers answer 404 (docs/sglang.md §3.5)
             app.router.add_post("/begin_weight_update", self._control)
             app.router.add_post("/end_weight_update", self._control)
         app.router.add_post("/v1/completions", self._completions)
@@ -177,7 +177,7 @@ class FakeSGLang:
         return web.Response(body=self._event(rid, ids, 0, len(ids), finish)[6:-2], content_type="application/json")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        """OpenAI-style deltas with `token_ids` (contract §5); fault `no_token_ids` leaves them out,
+        """OpenAI-style deltas with `token_ids` (docs/sglang.md §5); fault `no_token_ids` leaves them out,
         `drop` closes the connection after two tokens, `http_500` answers 500."""
         body = await request.read()
         self.bodies.append((request.path, body))

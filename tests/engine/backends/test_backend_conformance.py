@@ -1,4 +1,4 @@
-"""Conformance with /work/shared/protocols/sglang-http.md, endpoint by endpoint.
+"""Conformance with docs/sglang.md, endpoint by endpoint.
 
 Requests: the bodies the clients actually put on the wire (recorded by the scripted server) are
 checked field by field against the contract's tables and examples. Responses: the contract's example

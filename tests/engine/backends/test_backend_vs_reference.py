@@ -37,7 +37,7 @@ def load(path):
 
 
 def forward_logprobs(model, prompt: list[int], generated: list[int], temperature: float):
-    """log softmax(logits / T) of each generated token given everything before it (contract §1.4)."""
+    """log softmax(logits / T) of each generated token given everything before it (docs/sglang.md §1.4)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + generated])).logits[0]
     lp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)

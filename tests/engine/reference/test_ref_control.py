@@ -1,4 +1,4 @@
-"""Aborts, pause/continue (§2, §4) and weight updates (§3) of a real server with the tiny model.
+"""Aborts, pause/continue (docs/sglang.md §2, §4) and weight updates (§3) of a real server with the tiny model.
 
 This module's server streams incrementally (`--incremental-streaming-output`), so it also checks
 that mode against the teacher-forced greedy tokens that the cumulative module checks too.

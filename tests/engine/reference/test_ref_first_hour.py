@@ -1,6 +1,6 @@
 """`tidal serve` for a newcomer: start-up errors in one line (exit 2, `--debug` for the traceback),
 `tidal model tiny DIR`, a quiet stderr that still logs rejections, and one error vocabulary on
-`/generate`, `/v1/completions` and the control routes (contract §0)."""
+`/generate`, `/v1/completions` and the control routes (docs/sglang.md §0)."""
 
 import http.client
 import json

@@ -1,4 +1,4 @@
-"""Malformed `/generate` and control bodies: always a §0 envelope (200/400), never a crash."""
+"""Malformed `/generate` and control bodies: always a docs/sglang.md §0 envelope (200/400), never a crash."""
 
 import json
 import urllib.error
