@@ -18,6 +18,8 @@ BENCHES = {
     "envs": "tidal.bench.envs",
     "trainer": "tidal.bench.trainer",
     "serve": "tidal.bench.serve",
+    "engine": "tidal.bench.engine",
+    "async-vs-sync": "tidal.bench.async_vs_sync",
 }
 
 

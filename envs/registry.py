@@ -39,7 +39,8 @@ __all__ = [
 ID_PATTERN = re.compile(r"^(?P<suite>[a-z][a-z0-9_]*):(?P<name>[A-Za-z][A-Za-z0-9_]*)-v(?P<version>\d+)$")
 """`suite:Name-vN`: a lowercase suite, a CamelCase name, a version bumped when results would change."""
 
-BUILTIN_SUITES = ("tidal.envs.games", "tidal.envs.math", "tidal.envs.code", "tidal.envs.qa", "tidal.envs.adapters.gem", "tidal.envs.adapters.agentgym")
+BUILTIN_SUITES = ("tidal.envs.games", "tidal.envs.math", "tidal.envs.code", "tidal.envs.qa", "tidal.envs.synthetic",
+                  "tidal.envs.adapters.gem", "tidal.envs.adapters.agentgym")
 """Modules that register the built-in ids; a module not present in this build is skipped."""
 
 ENTRY_POINT_GROUP = "tidal.envs"

@@ -1,6 +1,6 @@
 """`tidal engine` end to end over real processes: a reference server (the tiny model, or `--simulate`), the
 engine daemon as a child process, and either the real `tidal trainer` or a stand-in trainer over the real
-channels (tests/engine/standin.py) where a test needs control over timing."""
+channels (bench/standin.py) where a test needs control over timing."""
 
 import asyncio
 import signal
@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import pytest
+from tidal.bench.standin import Standin
 from tidal.engine.chat import ChatTokenizer
 from tidal.engine.reference.launch import ReferenceServer
 
 from tests.engine.proc import EngineProcess, engine_toml
-from tests.engine.standin import Standin
 from tests.trainer.proc import TrainerProcess, records, trainer_toml
 
 pytestmark = pytest.mark.slow

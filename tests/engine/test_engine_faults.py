@@ -8,13 +8,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from tidal.bench.standin import Standin
 from tidal.engine.chat import ChatTokenizer
 from tidal.engine.reference.launch import ReferenceServer
 from tidal.protocol.messages import Drain, Pause, Resume, Shutdown
 
 from tests.engine.backends.fake_sglang import FakeSGLang
 from tests.engine.proc import EngineProcess, engine_toml
-from tests.engine.standin import Standin
 from tests.engine.test_engine_daemon import _until
 
 pytestmark = pytest.mark.slow
