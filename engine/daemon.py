@@ -30,6 +30,7 @@ from tidal.engine.chat import ChatTokenizer
 from tidal.engine.config import EngineConfig
 from tidal.engine.evaluate import Evaluator
 from tidal.engine.generation import Generator
+from tidal.engine.render_pool import RenderPool
 from tidal.engine.rollout import Rollout
 from tidal.engine.sink import TrajectorySink
 from tidal.engine.tasks import TaskSource
@@ -52,7 +53,8 @@ DRAIN_S = 30.0
 LAG_PROBE_S = 0.05
 """Period of the event-loop lag probe (`engine/loop_lag_ms`)."""
 FLUSH_S = 5.0
-"""After a drain, how long to wait for the trainer to commit what was sent (the spool keeps the rest)."""
+"""After a drain, the wait for the trainer's next commit: none for this long ends the wait (the spool
+keeps the rest for the next start)."""
 
 
 def check_config(cfg: EngineConfig) -> ChatTokenizer:
@@ -93,6 +95,7 @@ class Engine:
         self.tasks = TaskSource(cfg.tasks, engine_id=cfg.name, epoch=self.epoch, group_size=r.group_size,
                                 engines=r.engines, engine_index=r.engine_index, seed=cfg.seed)
         self.exiting = False
+        self.render_pool: RenderPool | None = None
         self.failure: str | None = None
         self.loop_lag_max = 0.0
         self._served_changed = asyncio.Event()
@@ -129,12 +132,18 @@ class Engine:
                     max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts))
             with starting(f"cannot subscribe to trainer.status_endpoint {link.status_endpoint!r}"):
                 status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint))
-            self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context)
+            if cfg.model.render_workers:
+                with starting(f"cannot start model.render_workers = {cfg.model.render_workers} render workers"):
+                    self.render_pool = await stack.enter_async_context(
+                        RenderPool(cfg.model.path, cfg.model.render_workers))
+            self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context,
+                                 render_pool=self.render_pool)
             self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, self.sink.put)
             self.weights = WeightSync(self.backend, self._served)
             eval_sampling = msgspec.structs.replace(cfg.sampling, temperature=cfg.eval.temperature)
             self.evaluator = Evaluator(cfg, self.agent, Generator(
-                self.backend, self.tokenizer, eval_sampling, max_context=cfg.model.max_context),
+                self.backend, self.tokenizer, eval_sampling, max_context=cfg.model.max_context,
+                render_pool=self.render_pool),
                 self.rollout.step_timeout_s)
             await self.weights.probe()
             self._event("ready", served_version=self.admission.served_version, epoch=self.epoch)
@@ -146,7 +155,7 @@ class Engine:
                 await self.rollout.run()
                 # Everything finished is in the spool already; the trainer commits at its checkpoints,
                 # so wait only briefly for acks: what stays uncommitted is resent by the next start.
-                committed = await self.sink.flush(timeout=FLUSH_S)
+                committed = await self._flush()
                 self._event("drained", committed=committed, pending=self.sink.stats()["pending"],
                             **self._stats_brief())
             finally:
@@ -161,6 +170,19 @@ class Engine:
         if self.failure is not None:
             raise TidalError(self.failure)
         return 0
+
+    async def _flush(self) -> bool:
+        """Wait for the trainer to commit what was sent while it keeps committing (FLUSH_S without an
+        acknowledgement ends the wait: a trainer that commits only at its checkpoints, or is gone);
+        what stays uncommitted is in the spool, resent by the next start."""
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            before = self.sink.stats()["committed"]
+            if await self.sink.flush(timeout=FLUSH_S):
+                return True
+            if self.sink.stats()["committed"] == before:
+                return False
+        return False
 
     def drain(self, deadline_s: float, exit: bool) -> None:
         """Stop admitting; cancel what is still running after `deadline_s`; with `exit`, end the daemon."""
@@ -285,6 +307,8 @@ class Engine:
         out.update({f"engine/sink/{k}": v for k, v in self.sink.stats().items()})
         out.update({f"engine/backend/{k}": v for k, v in self.backend.stats().items()
                     if isinstance(v, int | float)})
+        if self.render_pool is not None:
+            out.update({f"engine/render/{k}": v for k, v in self.render_pool.stats().items()})
         out.update(r.snapshot())
         return out
 

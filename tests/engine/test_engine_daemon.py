@@ -163,7 +163,10 @@ async def test_sync_mode_equals_async_mode_with_zero_staleness(tmp_path, tiny_mo
             engine = engines(cfg, mode)
             await asyncio.to_thread(engine.start)
             assert await asyncio.to_thread(engine.wait, 120) == 0, engine.log()
-            await trainer.wait_for(16)
+            try:
+                await trainer.wait_for(16, timeout=60)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{engine.events('drained')}\n{engine.last_metrics()}") from None
         assert not trainer.violations
         assert {t.min_version for t in trainer.received} == {0, 1, 2, 3}  # one version per batch
         runs[mode] = {(t.id.rsplit("-", 2)[1], t.id.rsplit("-", 1)[1]): t for t in trainer.received}
