@@ -42,15 +42,19 @@ class Standin:
         train_s_per_token: added step time per token of the batch's trajectories, seconds.
         keep: keep every received trajectory in `received` (False: only the counts).
         max_uncommitted: the trainer's intake.max_uncommitted, as `TrainerStatus` announces it.
+        commit: acknowledge each delivery at once (False: hold them until `commit_held`).
     """
 
     def __init__(self, *, batch_size: int, group_size: int, max_staleness: int, weights_path: str | None = None,
                  auto_train: bool = True, train_s: float = 0.0, train_s_per_token: float = 0.0, keep: bool = True,
-                 max_uncommitted: int = 0):
+                 max_uncommitted: int = 0, commit: bool = True):
         self.batch_size, self.max_staleness = batch_size, max_staleness
         self.weights_path = weights_path
         self.auto_train, self.train_s, self.train_s_per_token = auto_train, train_s, train_s_per_token
         self.max_uncommitted = max_uncommitted
+        self.commit = commit
+        """Commit every delivery at once (False: hold them uncommitted, as a trainer between checkpoints)."""
+        self.uncommitted: list = []
         self.keep = keep
         self.grants = GrantTable(group_size=group_size)
         self.version = 0
@@ -119,7 +123,10 @@ class Standin:
         while True:
             d = await self.rx.recv()
             t = d.traj
-            self.rx.commit([d])
+            if self.commit:
+                self.rx.commit([d])
+            else:
+                self.uncommitted.append(d)
             if t.id in self.ids:
                 self.duplicates += 1
                 continue
@@ -135,6 +142,12 @@ class Standin:
             self.pending.append(t)
             if self.auto_train and len(self.pending) >= self.batch_size:
                 await self.train()
+
+    def commit_held(self) -> None:
+        """Commit what was held while `commit` was False, and commit from now on."""
+        self.commit = True
+        self.rx.commit(self.uncommitted)
+        self.uncommitted = []
 
     async def train(self) -> None:
         """Take a batch: the version advances and, with a weights path, the new version is published."""

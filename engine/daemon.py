@@ -146,7 +146,7 @@ class Engine:
                 render_pool=self.render_pool),
                 self.rollout.step_timeout_s)
             await self.weights.probe()
-            self._event("ready", served_version=self.admission.served_version, epoch=self.epoch)
+            self._event("ready", served_version=self.admission.served_version, epoch=f"{self.epoch:x}")
             helpers = [asyncio.create_task(c) for c in (
                 self._follow(status), self.weights.run(), self._watch(status), self._report(), self._lag())]
             if cfg.eval.every_versions and cfg.rollout.engine_index == 0:

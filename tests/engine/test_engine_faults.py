@@ -150,3 +150,31 @@ async def test_a_gem_env_runs_through_the_engine(tmp_path, tiny_model_dir, engin
         await trainer.wait_for(8)
     assert {t.env_id for t in trainer.received} == {"gem:game:GuessTheNumber-v0-easy"}
     assert all(t.finish_reason in ("terminated", "truncated", "max_turns") for t in trainer.received)
+
+
+async def test_sigkill_then_restart_delivers_the_spool_and_loses_only_episodes_in_flight(tmp_path, tiny_model_dir,
+                                                                                        engines):
+    from tidal.engine.spool import Spool
+
+    async with ReferenceServer(tiny_model_dir) as server, \
+            Standin(batch_size=4, group_size=2, max_staleness=2, weights_path=str(tiny_model_dir),
+                    commit=False) as trainer:  # a trainer between checkpoints: nothing acknowledged
+        cfg = engine_toml(tmp_path, tiny_model_dir, server.url, trainer.endpoints)
+        first = engines(cfg, "first")
+        await asyncio.to_thread(first.start)
+        await trainer.wait_for(12)
+        first.signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 30)
+        spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
+        spooled = {traj.id for _, traj in spool.pending()}
+        spool.close()
+        trainer.commit_held()
+        second = engines({**cfg, "max_episodes": 2}, "second")
+        await asyncio.to_thread(second.start)
+        assert await asyncio.to_thread(second.wait, 120) == 0, second.log()
+    first_prefix = f"engine-0-{first.events('ready')[0]['epoch']}-"
+    from_first = {t.id for t in trainer.received if t.id.startswith(first_prefix)}
+    assert len(spooled) >= 12 and from_first == spooled  # every spooled one arrived; nothing else of the first run
+    m = second.last_metrics()
+    assert m["engine/sink/recovered"] == len(spooled) and m["engine/sink/pending"] == 0, m
+    assert trainer.duplicates >= 12  # received before the kill, never acknowledged: resent from the spool
