@@ -23,6 +23,7 @@ import msgspec
 from tidal.engine.chat import Transcript
 from tidal.engine.config import AgentConfig, ChatAgentConfig, PluginAgentConfig
 from tidal.engine.generation import Generator
+from tidal.engine.render_pool import RenderWorkerError
 from tidal.engine.tasks import Task
 from tidal.envs.core import Env
 from tidal.protocol.errors import ConfigError, TidalError
@@ -91,7 +92,11 @@ class ChatAgent(Agent):
             raise EpisodeFailed("env_error", f"{task.env_id} reset(seed={task.seed}): {type(exc).__name__}: {exc}") from exc
         messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         messages.append({"role": "user", "content": self._observation(obs, info)})
-        transcript = Transcript(gen.tokenizer, messages)
+        pool = gen.render_pool
+        try:
+            transcript = await Transcript.create(gen.tokenizer, messages, pool=pool)
+        except RenderWorkerError as exc:
+            raise EpisodeFailed("render_error", f"{task.episode_id} prompt: {exc}") from exc
         turns: list[Turn] = []
         terminated = truncated = False
         finish_reason, generated, gen_s, env_s = "max_turns", 0, 0.0, 0.0
@@ -121,7 +126,11 @@ class ChatAgent(Agent):
                     finish_reason = "step_timeout"
                 break
             if turn + 1 < task.max_turns:
-                transcript.add_message("user", self._observation(obs, info))
+                try:
+                    await transcript.add_messages_async([{"role": "user", "content": self._observation(obs, info)}],
+                                                        pool)
+                except RenderWorkerError as exc:
+                    raise EpisodeFailed("render_error", f"{task.episode_id} turn {turn}: {exc}") from exc
         timing = {"episode_s": time.monotonic() - t0, "generate_s": gen_s, "env_s": env_s}
         return trajectory_of(task, transcript, turns, finish_reason=finish_reason, terminated=terminated,
                              truncated=truncated, timing=timing, counters={"turns": len(turns)},

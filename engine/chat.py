@@ -9,12 +9,11 @@ of the assistant's generated text and the start of the next assistant generation
 and appended; the tokens already in the sequence are never touched.
 
 The delta. After a turn the conversation is rendered again with the new message(s) and the next
-generation prompt. When that render starts with the previous render plus the model's own text (with
-its special tokens, e.g. `Hi<|im_end|>`), the delta is the rest. Otherwise the template did not extend
-its previous render exactly (Qwen3 drops earlier turns' `<think>` blocks, Llama 3 trims whitespace of
-content, the model stopped on a stop token the template does not write): the transcript counts a
-divergence and renders once more with a sentinel after the assistant's content; the delta is what
-follows the sentinel, less a leading stop token when the model already ended its turn with one.
+generation prompt; what the template writes after the model's own text is the observation's delta,
+encoded on its own and appended (engine/render.py computes it; a template that does not extend its
+previous render exactly is a divergence, counted). That work is pure: `Transcript` runs it inline, or
+its async methods hand it to a `RenderPool` of worker processes (engine/render_pool.py) so that the
+event loop does not render templates; both call the same functions of engine/render.py.
 
 Loading needs tokenizer.json (the `tokenizers` library, no transformers) and a chat template:
 chat_template.jinja (+ additional_chat_templates/*.jinja), chat_template.json, or tokenizer_config.json's
@@ -22,22 +21,32 @@ chat_template.jinja (+ additional_chat_templates/*.jinja), chat_template.json, o
 `eos_token_id` of generation_config.json (or config.json).
 """
 
+from __future__ import annotations
+
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tidal.engine.chat_template import ChatTemplateError, compile_template, render_template
+from tidal.engine.render import (
+    DeltaRequest,
+    DeltaResult,
+    PromptRequest,
+    PromptResult,
+    observation_delta,
+    render_prompt,
+)
 from tidal.protocol.errors import TidalError
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from tidal.engine.render_pool import RenderPool
 
 __all__ = ["ChatTemplateError", "ChatTokenizer", "TokenizerLoadError", "Transcript", "TranscriptStateError"]
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 """The named special tokens transformers passes to every template (plus a config's other `*_token` keys)."""
-
-_SENTINEL = "\u2060TIDAL_END_OF_CONTENT\u2060"
-"""Appended to the assistant's content to find where the template puts it; no template strips it."""
 
 
 class TokenizerLoadError(TidalError, ValueError):
@@ -154,7 +163,7 @@ class ChatTokenizer:
         self._newline = newline if self.encode("\na") != newline + self.encode("a") else None
 
     @classmethod
-    def load(cls, path: str | Path, *, template: str | None = None) -> "ChatTokenizer":
+    def load(cls, path: str | Path, *, template: str | None = None) -> ChatTokenizer:
         """Load tokenizer.json and the chat template from a checkpoint directory.
 
         Args:
@@ -218,11 +227,16 @@ class Transcript:
     Order: `append_generation` (any number of chunks), `end_turn`, `add_message`/`add_messages`, repeat.
     `tokens`, `loss_mask`, `behav_logp` and `versions` always have one entry per token; `versions` is -1
     and `behav_logp` 0.0 where the mask is 0. `turns` holds each assistant turn's [start, end) in `tokens`.
+
+    The template work (the first render, each observation's delta) runs inline in the constructor and
+    `add_messages`; `await Transcript.create(...)` and `await add_messages_async(...)` hand it to a
+    `RenderPool` of worker processes instead (inline when the pool is None), with the same result.
     """
 
     def __init__(self, tok: ChatTokenizer, messages: Sequence[Mapping[str, Any]], *,
                  tools: Sequence[Mapping[str, Any]] | None = None,
-                 template_kwargs: Mapping[str, Any] | None = None):
+                 template_kwargs: Mapping[str, Any] | None = None, prompt: PromptResult | None = None):
+        """`prompt`: the first render of `messages`, already made (by `create` through a pool)."""
         self.tok = tok
         self.messages: list[dict] = [dict(m) for m in messages]
         self.tools = tools
@@ -234,8 +248,10 @@ class Transcript:
         self.turns: list[tuple[int, int]] = []
         self.divergences = 0
         """Times the template did not extend its previous render by the model's text exactly."""
-        self._render = self._render_now(self.messages)
-        self._append_context(tok.encode(self._render))
+        if prompt is None:
+            prompt = render_prompt(tok, self._prompt_request())
+        self._render = prompt.text
+        self._append_context(prompt.ids)
         self.prompt_len = len(self.tokens)
         self._turn_start: int | None = None  # where the open (or last) turn's tokens start
         self._open = False                   # a turn is being generated
@@ -243,11 +259,23 @@ class Transcript:
         self._turn_text = ""                 # the last turn's text with its special tokens
         self._turn_stopped = False           # the last turn ended on a stop id
 
+    @classmethod
+    async def create(cls, tok: ChatTokenizer, messages: Sequence[Mapping[str, Any]], *,
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     template_kwargs: Mapping[str, Any] | None = None, pool: RenderPool | None = None) -> Transcript:
+        """A transcript whose first prompt `pool`'s workers render (inline when `pool` is None)."""
+        kw = {"tools": tools, "template_kwargs": template_kwargs}
+        if pool is None:
+            return cls(tok, messages, **kw)
+        request = PromptRequest(messages=[dict(m) for m in messages], tools=tools,
+                                template_kwargs=dict(template_kwargs or {}))
+        return cls(tok, messages, **kw, prompt=await pool.prompt(request))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _render_now(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        return self.tok.render(messages, add_generation_prompt=True, tools=self.tools, **self.template_kwargs)
+    def _prompt_request(self) -> PromptRequest:
+        return PromptRequest(messages=self.messages, tools=self.tools, template_kwargs=self.template_kwargs)
 
     def _append_context(self, ids: list[int]) -> None:
         self.tokens += ids
@@ -301,6 +329,22 @@ class Transcript:
 
     def add_messages(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """Append several messages at once (e.g. one tool response per call) and the generation prompt."""
+        request = self._delta_request(messages)
+        return self._extend(request, observation_delta(self.tok, request))
+
+    async def add_messages_async(self, messages: Sequence[Mapping[str, Any]], pool: RenderPool | None) -> int:
+        """`add_messages` with the template work done by `pool`'s workers (inline when `pool` is None)."""
+        request = self._delta_request(messages)
+        if pool is None:
+            return self._extend(request, observation_delta(self.tok, request))
+        length = len(self.tokens)
+        result = await pool.delta(request)
+        if len(self.tokens) != length or self._prompted:
+            raise TranscriptStateError("add_messages_async: the transcript changed while its observation was "
+                                       "being rendered (one episode's calls must not overlap)")
+        return self._extend(request, result)
+
+    def _delta_request(self, messages: Sequence[Mapping[str, Any]]) -> DeltaRequest:
         if self._open:
             raise TranscriptStateError("add_messages: the assistant turn is still open; call end_turn first")
         if self._prompted:
@@ -308,32 +352,13 @@ class Transcript:
                                        "pass every message of one observation in a single add_messages call")
         if not messages:
             raise ValueError("add_messages: no messages")
-        new = [dict(m) for m in messages]
-        rendered = self._render_now(self.messages + new)
-        head = self._render + self._turn_text
-        if rendered.startswith(head):
-            delta = rendered[len(head):]
-        else:
-            self.divergences += 1
-            delta = self._delta_after_content(new)
-        ids = self.tok.encode_continuation(delta)
-        self._append_context(ids)
-        self.messages += new
-        self._render, self._prompted = rendered, True
-        return len(ids)
+        return DeltaRequest(messages=self.messages, new=[dict(m) for m in messages], previous=self._render,
+                            turn_text=self._turn_text, turn_stopped=self._turn_stopped, tools=self.tools,
+                            template_kwargs=self.template_kwargs)
 
-    def _delta_after_content(self, new: list[dict]) -> str:
-        """What the template writes after the last assistant message's content, less a stop already made."""
-        *before, last = self.messages
-        probe = [*before, {**last, "content": last["content"] + _SENTINEL}, *new]
-        rendered = self._render_now(probe)
-        at = rendered.rfind(_SENTINEL)
-        if at < 0:
-            raise ChatTemplateError(f"chat template of {self.tok.name} does not render the assistant's content, "
-                                    "so an observation cannot be placed after it")
-        delta = rendered[at + len(_SENTINEL):]
-        if self._turn_stopped:
-            for stop in self.tok.stop_texts:
-                if delta.startswith(stop):
-                    return delta[len(stop):]
-        return delta
+    def _extend(self, request: DeltaRequest, result: DeltaResult) -> int:
+        self.divergences += result.diverged
+        self._append_context(result.ids)
+        self.messages += request.new
+        self._render, self._prompted = result.text, True
+        return len(result.ids)

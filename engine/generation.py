@@ -4,7 +4,9 @@
 exact token ids the server returned, each with its behaviour log-probability and the policy version
 that produced it (docs/architecture.md invariants 1 and 2), never re-tokenized. It sizes the request to what the
 episode has left (context and token budget), keeps later turns of an episode on the same server
-(the session key is the episode id), and counts tokens and finishes for the engine's metrics.
+(the session key is the episode id), and counts tokens and finishes for the engine's metrics. It also
+carries the engine's `RenderPool` (engine/render_pool.py; None: templates render inline), which agents
+pass to `Transcript.create` and `Transcript.add_messages_async`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import Counter
 from tidal.engine.backends.base import Backend, Finish, Request, Sampling
 from tidal.engine.chat import ChatTokenizer, Transcript
 from tidal.engine.config import SamplingConfig
+from tidal.engine.render_pool import RenderPool
 
 __all__ = ["Generator"]
 
@@ -23,9 +26,11 @@ class Generator:
     """Shared by every episode of one engine; `generate` may be awaited from thousands of tasks."""
 
     def __init__(self, backend: Backend, tokenizer: ChatTokenizer, sampling: SamplingConfig, *,
-                 max_context: int):
+                 max_context: int, render_pool: RenderPool | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
+        self.render_pool = render_pool
+        """Worker processes for the chat-template work (model.render_workers); None: inline on the loop."""
         self.sampling = sampling
         self.max_context = max_context
         self.tokens = 0
