@@ -162,10 +162,10 @@ class Run:
             d.mkdir(parents=True, exist_ok=True)
         self.layout.config.write_text(to_toml(self.cfg))
         self.events = Telemetry(self.layout.events)
+        self.console.say(f"{'resuming the run in' if resumed else 'run dir'} {root} (config: {self.layout.config})")
         sinks = open_sinks(self.cfg, root, self.layout.tensorboard, msgspec.to_builtins(self.cfg), self.console.say)
         self.metrics = RunMetrics(self.layout.engine_jsonl, self.layout.trainer_jsonl, sinks)
         self._event("start", run_dir=str(root), resumed=int(resumed))
-        self.console.say(f"{'resuming the run in' if resumed else 'run dir'} {root} (config: {self.layout.config})")
 
     # --- start-up
 
@@ -205,7 +205,7 @@ class Run:
         """Run a one-off child (build, download) to its end, interruptibly; its output, or RunFailed."""
         child = Child(name, argv, self.layout.log(name), env=_child_env())
         child.start()
-        self.guard.scan()
+        self.guard.watch(child)
         self.children[name] = child
         try:
             self._wait(f"the {name} step", lambda: child.poll() is not None, watch=[])
@@ -323,7 +323,7 @@ class Run:
             self.children[name] = child
         child.argv = argv
         child.start()
-        self.guard.scan()
+        self.guard.watch(child)
         self._event("started", child=name, pid=child.pid, start=child.starts)
         return child
 
@@ -445,7 +445,7 @@ class Run:
             self.plotter = Child("plots", [], self.layout.log("plots"))
         self.plotter.argv = self._python("-m", "tidal.engine.plots", str(self.layout.root))
         self.plotter.start()
-        self.guard.scan()
+        self.guard.watch(self.plotter)
 
     # --- stopping
 

@@ -148,9 +148,10 @@ class WandbSink:
     def __init__(self, cfg, run_dir: Path, config: dict):
         import wandb
 
-        self._wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
-                              tags=cfg.tags, mode=cfg.mode, dir=str(run_dir), config=config, reinit=True)
+                              tags=cfg.tags, mode=cfg.mode, dir=str(run_dir), config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
+        self.dir = self.run.dir
         self.run.define_metric("run/elapsed_s")
         self.run.define_metric("run/version")
         self.run.define_metric("engine/*", step_metric="run/elapsed_s")
@@ -191,6 +192,8 @@ def open_sinks(cfg, run_dir: Path, tensorboard_dir: Path, config: dict, warn) ->
     if cfg.wandb.mode != "disabled":
         try:
             sinks.append(WandbSink(cfg.wandb, run_dir, config))
+            if cfg.wandb.mode == "offline":
+                warn(f"Weights & Biases offline run in {Path(sinks[-1].dir).parent} (`wandb sync` it later)")
         except ImportError:
             warn("wandb is not installed (pip install 'tidal[wandb]'); wandb.mode ignored")
         except Exception as exc:

@@ -10,8 +10,8 @@ The invariant: no child of `tidal run` outlives it, however it ends.
   still there), and the stop signal reaches the child's own subprocesses too.
 - Stopping is staged: SIGTERM to the child's group, wait up to a deadline, then SIGKILL to the group.
 - A child's own subprocesses are not covered by the death signal (it is not inherited); the guard
-  (engine/guard.py, `Guard`), a process outside the parent's tree of signals, records the whole tree
-  and kills what is left of it when the parent's pipe to it closes.
+  (engine/guard.py, `Guard`), a process outside the parent's tree of signals, records each child's
+  tree and kills what is left of it when the parent's pipe to it closes.
 - A child's stdout and stderr go to a log file, never to a pipe: a child never blocks on a parent
   that stopped reading, and its log outlives it (the parent quotes its tail when it dies).
 
@@ -183,14 +183,14 @@ class Guard:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tidal.engine.guard", str(os.getpid())], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "tidal.engine.guard"], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
 
-    def scan(self) -> None:
-        """Ask for a scan now (a child was just started)."""
+    def watch(self, child: Child) -> None:
+        """Guard `child` (just started) and what it starts."""
         try:
-            self.proc.stdin.write(b"\n")
+            self.proc.stdin.write(f"{child.pid}\n".encode())
             self.proc.stdin.flush()
         except OSError:  # the guard is gone: the death signal still covers the children themselves
             pass

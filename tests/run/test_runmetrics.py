@@ -120,3 +120,31 @@ def test_no_eval_records_no_success_plot_and_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ["reward.png", "staleness.png",
                                                                          "throughput.png"]
+
+
+def test_wandb_offline_needs_no_network(tmp_path):
+    pytest.importorskip("wandb")
+    from tidal.engine.runconfig import WandbConfig
+    from tidal.engine.runmetrics import WandbSink
+
+    sink = WandbSink(WandbConfig(mode="offline", name="t"), tmp_path, {"max_steps": 3})
+    sink.log("engine", {"step": 0, "time": 10.0, "engine/reward_mean": 0.5}, 0.0)
+    sink.log("trainer", {"step": 0, "time": 11.0, "event": "step", "trainer/loss": 0.25, "ids": "a"}, 0.0)
+    sink.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tidal.engine.runmetrics import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    sink.log("trainer", {"step": 3, "time": 11.0, "event": "step", "trainer/loss": 0.25}, 0.0)
+    sink.log("engine", {"step": 3, "time": 70.0, "engine/tokens_per_s": 40.0}, 10.0)
+    sink.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("trainer/loss")] == [(3, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("engine/tokens_per_s")] == [(60, 40.0)]  # 70 - 10 s

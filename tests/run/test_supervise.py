@@ -63,7 +63,7 @@ PARENT = textwrap.dedent("""
     children = [Child(f"c{i}", [sys.executable, "-c", sys.argv[2]], tmp / f"c{i}.log") for i in range(2)]
     for c in children:
         c.start()
-    guard.scan()
+        guard.watch(c)
     print("started", flush=True)
     time.sleep(3600)
 """)

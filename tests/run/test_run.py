@@ -1,0 +1,101 @@
+"""`tidal run` end to end over real processes on the tiny model: the run dir it leaves, a resume, the
+synchronous variant, children killed with SIGKILL and restarted, a restart limit that stops the run
+cleanly, and a start-up error that starts nothing."""
+
+import os
+import signal
+import tomllib
+
+import pytest
+from tidal.engine.runconfig import RunConfig
+from tidal.protocol.config import load_config
+
+from tests.run.proc import read_jsonl, run_toml, survivors, wait_until
+
+pytestmark = pytest.mark.slow
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _last_step(run) -> int:
+    return max((r["step"] for r in run.steps()), default=-1)
+
+
+def test_a_run_leaves_everything_in_its_run_dir_and_resumes(runs, tiny_model_dir):
+    run = runs(run_toml(tiny_model_dir, max_steps=3, plots={"enabled": True, "every_s": 0.0}))
+    assert run.wait(300) == 0, run.logs()
+    root = run.run_dir
+    assert load_config(RunConfig, root / "config.toml").run_dir == str(root)  # the resolved config reads back
+    assert {p.name for p in (root / "logs").glob("*.log")} >= {"server.log", "trainer.log", "engine.log"}
+    assert {p.name for p in (root / "configs").glob("*.toml")} == {"server.toml", "trainer.toml", "engine.toml"}
+    trainer = tomllib.loads((root / "configs" / "trainer.toml").read_text())
+    engine = tomllib.loads((root / "configs" / "engine.toml").read_text())
+    assert engine["trainer"]["endpoint"] == trainer["intake"]["endpoint"] != "tcp://127.0.0.1:0"
+    assert [r["step"] for r in run.steps()] == [0, 1, 2]
+    assert read_jsonl(root / "metrics" / "engine.jsonl")
+    assert (root / "checkpoints" / "step-00000003").is_dir() and list((root / "weights").glob("v*"))
+    plots = {p.name: p.read_bytes()[:8] for p in (root / "plots").glob("*.png")}
+    assert {"reward.png", "throughput.png", "staleness.png"} <= set(plots) and set(plots.values()) == {PNG}
+    started = [e["child"] for e in run.events("started")]
+    assert started[:3] == ["server", "trainer", "engine"], started
+    assert [e["child"] for e in run.events("stopped")] == ["engine", "trainer", "server"]
+    assert "max_steps" in run.events("finished")[0]["reason"]
+    assert "step 3/3" in run.output()
+
+    again = runs(run_toml(tiny_model_dir, max_steps=5), name="run")  # the same run dir: it resumes
+    assert again.wait(300) == 0, again.logs()
+    assert "resuming the run in" in again.output()
+    resumed = [r for r in read_jsonl(root / "metrics" / "trainer.jsonl") if r.get("event") == "resume"]
+    assert resumed and resumed[-1]["step"] == 3
+    assert _last_step(again) == 4
+
+
+def test_sync_runs_the_same_experiment_with_synchronous_rollouts(runs, tiny_model_dir):
+    run = runs(run_toml(tiny_model_dir, max_steps=3), args=["--sync"])
+    assert run.wait(300) == 0, run.logs()
+    engine = tomllib.loads((run.run_dir / "configs" / "engine.toml").read_text())
+    trainer = tomllib.loads((run.run_dir / "configs" / "trainer.toml").read_text())
+    assert engine["rollout"]["mode"] == "sync" and trainer["intake"]["max_staleness"] == 0
+    assert load_config(RunConfig, run.run_dir / "config.toml").sync
+    steps = run.steps()
+    assert len(steps) == 3 and all(r["trainer/trajectory_staleness_max"] == 0 for r in steps)
+
+
+def test_every_child_killed_with_sigkill_is_restarted_and_the_run_finishes(runs, tiny_model_dir):
+    cfg = run_toml(tiny_model_dir, max_steps=12, trainer={"intake": {"batch_size": 8, "group_size": 4},
+                                                          "checkpoint": {"every_steps": 2}})
+    run = runs(cfg)
+    for name in ("engine", "trainer", "server"):
+        before = _last_step(run)
+        run.wait_for(lambda: _last_step(run) > before, 240, f"a step before killing the {name}")  # noqa: B023
+        os.kill(run.child_pid(name), signal.SIGKILL)
+        run.wait_for(lambda: run.events("restarted", child=name), 240, f"the {name} restarted")  # noqa: B023
+        died = run.events("died", child=name)
+        assert len(died) == 1 and died[0]["code"] == -signal.SIGKILL
+        assert f"{name} (pid" in run.output() and f"restarting {name} (1 of 3)" in run.output()
+    assert run.wait(400) == 0, run.logs()
+    assert _last_step(run) == 11
+    assert run.events("started", child="server")[-1]["start"] == 2
+    server_cfg = tomllib.loads((run.run_dir / "configs" / "server.toml").read_text())
+    assert "/weights/v" in server_cfg["model"]["path"]  # the restarted server came back with the trainer's weights
+    assert server_cfg["server"]["weight_version"] == server_cfg["model"]["path"].rsplit("/v", 1)[1].lstrip("0")
+
+
+def test_past_the_restart_limit_the_run_stops_cleanly(runs, tiny_model_dir):
+    run = runs(run_toml(tiny_model_dir, max_steps=0, restart={"max_restarts": 0, "stop_timeout_s": 60.0}))
+    run.wait_for(lambda: run.steps(), 240, "a trainer step")
+    procs = run.tree()
+    os.kill(run.child_pid("engine"), signal.SIGKILL)
+    assert run.wait(180) == 1, run.logs()
+    wait_until(lambda: not survivors(procs), 30, "no survivor")
+    failed = run.events("failed")
+    assert failed and "engine" in failed[0]["error"] and "killed by SIGKILL" in failed[0]["error"]
+    assert "restart.max_restarts = 0" in run.output()
+    assert [e["child"] for e in run.events("stopped")] == ["engine", "trainer", "server"]
+
+
+def test_a_bad_env_id_fails_before_anything_starts(runs, tiny_model_dir):
+    run = runs(run_toml(tiny_model_dir, engine={"tasks": [{"env": "games:NoSuchGame-v0"}]}))
+    assert run.wait(120) == 2
+    assert "tasks[0].env" in run.output() and "NoSuchGame" in run.output()
+    assert not run.events("started")
