@@ -40,6 +40,7 @@ from collections import Counter
 from pathlib import Path
 
 import msgspec
+from tidal.engine.plots import NO_MATPLOTLIB
 from tidal.engine.runconfig import (
     ExternalInference,
     Layout,
@@ -430,15 +431,12 @@ class Run:
 
     def _plot(self) -> None:
         """Start a plot child unless one still runs; a missing matplotlib is said once."""
-        from tidal.engine.plots import NO_MATPLOTLIB
-
         if self.plotter is not None:
             code = self.plotter.poll()
             if code is None:
                 return
             if code == NO_MATPLOTLIB:
-                self._plots_ok = False
-                self.console.say("matplotlib is not installed (pip install 'tidal[train]'): no plots")
+                self._no_matplotlib()
                 return
         self._plotted = time.monotonic()
         if self.plotter is None:
@@ -446,6 +444,11 @@ class Run:
         self.plotter.argv = self._python("-m", "tidal.engine.plots", str(self.layout.root))
         self.plotter.start()
         self.guard.watch(self.plotter)
+
+    def _no_matplotlib(self) -> None:
+        if self._plots_ok:
+            self._plots_ok = False
+            self.console.say("matplotlib is not installed (pip install 'tidal[train]'): no plots")
 
     # --- stopping
 
@@ -467,15 +470,16 @@ class Run:
         self.metrics.poll()
         self.console.final(self._status())
         if self._plots_ok and len(self.signals) < 2:
-            self._plots_ok = self.cfg.plots.enabled
             self._plot()
-            if self.plotter is not None:
+            if self.plotter is not None and self._plots_ok:
                 end = time.monotonic() + PLOT_DEADLINE_S
                 while self.plotter.running and time.monotonic() < end and len(self.signals) < 2:
                     time.sleep(POLL_S)
                 self.plotter.stop(1.0)
                 if self.plotter.poll() == 0:
                     self.console.say(f"plots in {self.layout.plots}")
+                elif self.plotter.poll() == NO_MATPLOTLIB:
+                    self._no_matplotlib()
         self.metrics.close()
         self._event("end", steps=self.metrics.steps)
         self.events.close()

@@ -12,6 +12,8 @@ import tomli_w
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_SGLANG = Path(__file__).resolve().parent / "fake_sglang"
+NO_MATPLOTLIB = Path(__file__).resolve().parent / "no_matplotlib"
+"""On PYTHONPATH, makes `import matplotlib` fail."""
 
 
 def run_toml(model_dir, **sections) -> dict:

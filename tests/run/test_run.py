@@ -10,7 +10,7 @@ import pytest
 from tidal.engine.runconfig import RunConfig
 from tidal.protocol.config import load_config
 
-from tests.run.proc import read_jsonl, run_toml, survivors, wait_until
+from tests.run.proc import NO_MATPLOTLIB, read_jsonl, run_toml, survivors, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,12 @@ def test_a_run_leaves_everything_in_its_run_dir_and_resumes(runs, tiny_model_dir
 
 
 def test_sync_runs_the_same_experiment_with_synchronous_rollouts(runs, tiny_model_dir):
-    run = runs(run_toml(tiny_model_dir, max_steps=3), args=["--sync"])
+    """Also: without matplotlib, plotting every second, the run warns once and goes on."""
+    run = runs(run_toml(tiny_model_dir, max_steps=3, plots={"enabled": True, "every_s": 1.0}), args=["--sync"],
+               env={"PYTHONPATH": str(NO_MATPLOTLIB)})
     assert run.wait(300) == 0, run.logs()
+    assert run.output().count("matplotlib is not installed") == 1
+    assert not (run.run_dir / "plots").exists()
     engine = tomllib.loads((run.run_dir / "configs" / "engine.toml").read_text())
     trainer = tomllib.loads((run.run_dir / "configs" / "trainer.toml").read_text())
     assert engine["rollout"]["mode"] == "sync" and trainer["intake"]["max_staleness"] == 0

@@ -2,6 +2,7 @@
 staleness histogram's mean, the latest figures, forwarding to sinks; and the plots drawn from them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from tidal.engine.plots import load, plot_run
 from tidal.engine.runconsole import Status
 from tidal.engine.runmetrics import JsonlTail, RunMetrics, staleness_mean
 
-from tests.run.proc import ROOT
+from tests.run.proc import NO_MATPLOTLIB, ROOT
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -120,6 +121,15 @@ def test_no_eval_records_no_success_plot_and_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ["reward.png", "staleness.png",
                                                                          "throughput.png"]
+
+
+def test_without_matplotlib_the_plots_say_so_in_one_line(tmp_path):
+    _fake_run(tmp_path, eval_success=False)
+    out = subprocess.run([sys.executable, "-m", "tidal.engine.plots", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(NO_MATPLOTLIB)})
+    assert out.returncode == 3 and out.stderr.strip().splitlines() == [
+        "matplotlib is not installed (pip install 'tidal[train]'): no plots"]
+    assert not (tmp_path / "plots").exists()
 
 
 def test_wandb_offline_needs_no_network(tmp_path):
