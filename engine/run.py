@@ -30,12 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -46,13 +43,23 @@ from tidal.engine.runconfig import (
     Layout,
     ReferenceInference,
     RunConfig,
-    SGLangInference,
     engine_config,
     serve_config,
     trainer_config,
 )
 from tidal.engine.runconsole import RunConsole, Status
 from tidal.engine.runmetrics import RunMetrics, open_sinks
+from tidal.engine.runstart import (
+    HttpProbe,
+    build_argv,
+    child_env,
+    download_argv,
+    downloaded_path,
+    newest_weights,
+    python,
+    serve_url,
+    sglang_argv,
+)
 from tidal.engine.supervise import Child, Guard, describe_exit
 from tidal.protocol.config import add_config_args, config_from_args, to_toml
 from tidal.protocol.errors import TidalError
@@ -65,10 +72,6 @@ log = logging.getLogger("tidal.run")
 
 POLL_S = 0.1
 """Period of the supervision loop: children, signals, metrics."""
-PROBE_EVERY_S = 1.0
-"""Period of HTTP readiness probes of an SGLang or external server."""
-SERVE_READY = "tidal serve ready "
-"""The line `tidal serve` prints once it listens, followed by its URL."""
 TAIL_LINES = 25
 """Lines of a dead child's log quoted in its report."""
 PLOT_DEADLINE_S = 120.0
@@ -183,28 +186,23 @@ class Run:
         self.console.say(f"running: server {', '.join(self.servers)}, trainer {self.endpoints[0]}, engine "
                          f"pid {self.children['engine'].pid}; logs in {self.layout.logs}")
 
-    def _python(self, *args: str) -> list[str]:
-        return [sys.executable, "-u", *args]
-
     def _model(self) -> str:
         m = self.cfg.model
         if m.builds:
             target = self.layout.model
             if not target.is_dir():
                 self.console.say(f"building the model with {m.builder} into {target}")
-                self._run_step("model", self._python("-m", "tidal.engine.build_model", m.builder, str(target),
-                                                     json.dumps(m.builder_kwargs)))
+                self._run_step("model", build_argv(m.builder, target, m.builder_kwargs))
             return str(target.resolve())
         path = Path(m.path).expanduser()
         if path.is_dir():
             return str(path.resolve())
         self.console.say(f"model.path {m.path!r} is not a directory: fetching it from the Hugging Face hub")
-        out = self._run_step("download", self._python("-m", "tidal.engine.build_model", "--download", m.path))
-        return out.strip().splitlines()[-1].removeprefix("path: ")
+        return downloaded_path(self._run_step("download", download_argv(m.path)))
 
     def _run_step(self, name: str, argv: list[str]) -> str:
         """Run a one-off child (build, download) to its end, interruptibly; its output, or RunFailed."""
-        child = Child(name, argv, self.layout.log(name), env=_child_env())
+        child = Child(name, argv, self.layout.log(name), env=child_env())
         child.start()
         self.guard.watch(child)
         self.children[name] = child
@@ -228,70 +226,23 @@ class Run:
         inf = self.cfg.inference
         if isinstance(inf, ExternalInference):
             self.servers = list(inf.urls)
-            self._wait("the external servers", self._probe_all(self.servers), watch=[])
+            self._wait("the external servers", HttpProbe(self.servers), watch=[])
             return
-        weights, version = self._newest_weights() if restart else (None, None)
+        weights, version = newest_weights(self.layout.weights) if restart else (None, None)
         if isinstance(inf, ReferenceInference):
             port = int(self.servers[0].rsplit(":", 1)[1]) if restart and self.servers else None
             cfg = serve_config(self.cfg, self.model_path, port=port, weights=weights, version=version)
             path = self.layout.configs / "server.toml"
             path.write_text(to_toml(cfg))
-            child = self._child("server", self._python("-m", "tidal", "serve", str(path)))
-            url = self._wait("the reference server", lambda: self._serve_url(child), watch=[child])
+            child = self._child("server", python("-m", "tidal", "serve", str(path)))
+            url = self._wait("the reference server", lambda: serve_url(child.output()), watch=[child])
             self.servers = [url]
         else:
-            child = self._child("server", self._sglang_argv(inf, weights, version), env=inf.env)
+            child = self._child("server", sglang_argv(inf, str(weights or self.model_path), version), env=inf.env)
             url = f"http://{inf.host}:{inf.port}"
-            self._wait("the SGLang server", self._probe_all([url]), watch=[child])
+            self._wait("the SGLang server", HttpProbe([url]), watch=[child])
             self.servers = [url]
         self._event("ready", child="server", url=self.servers[0], weights=str(weights or self.model_path))
-
-    def _sglang_argv(self, inf: SGLangInference, weights: Path | None, version: int | None) -> list[str]:
-        python = inf.python or sys.executable
-        if not inf.python:
-            import importlib.util
-
-            if importlib.util.find_spec("sglang") is None:
-                raise RunFailed("inference.type = 'sglang' needs the sglang package in this environment "
-                                "(pip install 'tidal[sglang]' on a GPU machine), or inference.python naming an "
-                                "interpreter that has it; on a CPU use inference.type = 'reference'")
-        argv = [python, "-m", "sglang.launch_server", "--model-path", str(weights or self.model_path),
-                "--host", inf.host, "--port", str(inf.port)]
-        if version is not None:
-            argv += ["--weight-version", str(version)]
-        return argv + list(inf.args)
-
-    def _serve_url(self, child: Child) -> str | None:
-        for line in child.output().splitlines():
-            if line.startswith(SERVE_READY):
-                return line[len(SERVE_READY):].strip()
-        return None
-
-    def _probe_all(self, urls: list[str]):
-        """A readiness test: every server answers /model_info (probed at most every PROBE_EVERY_S)."""
-        last = [0.0]
-
-        def ready() -> bool:
-            if time.monotonic() - last[0] < PROBE_EVERY_S:
-                return False
-            last[0] = time.monotonic()
-            for url in urls:
-                try:
-                    with urllib.request.urlopen(f"{url.rstrip('/')}/model_info", timeout=2) as resp:
-                        if resp.status != 200:
-                            return False
-                except (OSError, urllib.error.URLError):
-                    return False
-            return True
-
-        return ready
-
-    def _newest_weights(self) -> tuple[Path | None, int | None]:
-        """The newest published version (trainer publish.dir `vXXXXXXXX/`), for a restarted server."""
-        found = sorted(self.layout.weights.glob("v[0-9]*")) if self.layout.weights.is_dir() else []
-        if not found:
-            return None, None
-        return found[-1].resolve(), int(found[-1].name[1:])
 
     def _start_trainer(self, *, restart: bool = False) -> None:
         path = self.layout.configs / "trainer.toml"
@@ -299,7 +250,7 @@ class Run:
             path.write_text(to_toml(trainer_config(self.cfg, self.layout, self.model_path)))
         seen = len(self._events_of("trainer", "ready"))
         launch = self.cfg.trainer_launch or ["-m", "tidal", "trainer"]
-        child = self._child("trainer", self._python(*launch, str(path)))
+        child = self._child("trainer", python(*launch, str(path)))
         ready = self._wait("the trainer", lambda: self._new_event("trainer", "ready", seen), watch=[child])
         if not restart:  # a restarted trainer binds the same ports, so the engine finds it again
             self.endpoints = (ready["endpoint"], ready["status_endpoint"])
@@ -313,14 +264,14 @@ class Run:
         path = self.layout.configs / "engine.toml"
         path.write_text(to_toml(engine_config(self.cfg, self.layout, self.model_path, self.servers, *self.endpoints)))
         seen = len(self._events_of("engine", "ready"))
-        child = self._child("engine", self._python("-m", "tidal", "engine", str(path)))
+        child = self._child("engine", python("-m", "tidal", "engine", str(path)))
         self._wait("the engine", lambda: self._new_event("engine", "ready", seen), watch=[child])
         self._event("ready", child="engine")
 
     def _child(self, name: str, argv: list[str], env: dict | None = None) -> Child:
         child = self.children.get(name)
         if child is None:
-            child = Child(name, argv, self.layout.log(name), env=_child_env(env))
+            child = Child(name, argv, self.layout.log(name), env=child_env(env))
             self.children[name] = child
         child.argv = argv
         child.start()
@@ -441,7 +392,7 @@ class Run:
         self._plotted = time.monotonic()
         if self.plotter is None:
             self.plotter = Child("plots", [], self.layout.log("plots"))
-        self.plotter.argv = self._python("-m", "tidal.engine.plots", str(self.layout.root))
+        self.plotter.argv = python("-m", "tidal.engine.plots", str(self.layout.root))
         self.plotter.start()
         self.guard.watch(self.plotter)
 
@@ -487,13 +438,6 @@ class Run:
     def _event(self, name: str, **fields) -> None:
         if self.events is not None:
             self.events.log({"event": name, **fields}, step=self.metrics.steps if self.metrics else None)
-
-
-def _child_env(extra: dict | None = None) -> dict[str, str]:
-    """A child's environment: this one, without progress bars (they fill a log file with carriage
-    returns; the caller's own setting wins), and `extra`."""
-    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **os.environ}
-    return {**env, **(extra or {})}
 
 
 def _parser() -> argparse.ArgumentParser:

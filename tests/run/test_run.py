@@ -4,13 +4,14 @@ cleanly, and a start-up error that starts nothing."""
 
 import os
 import signal
+import socket
 import tomllib
 
 import pytest
 from tidal.engine.runconfig import RunConfig
 from tidal.protocol.config import load_config
 
-from tests.run.proc import NO_MATPLOTLIB, read_jsonl, run_toml, survivors, wait_until
+from tests.run.proc import FAKE_SGLANG, NO_MATPLOTLIB, read_jsonl, run_toml, survivors, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,31 @@ def test_every_child_killed_with_sigkill_is_restarted_and_the_run_finishes(runs,
     server_cfg = tomllib.loads((run.run_dir / "configs" / "server.toml").read_text())
     assert "/weights/v" in server_cfg["model"]["path"]  # the restarted server came back with the trainer's weights
     assert server_cfg["server"]["weight_version"] == server_cfg["model"]["path"].rsplit("/v", 1)[1].lstrip("0")
+
+
+def _free_port() -> int:
+    """A port free now. SGLang cannot bind port 0 and report it, so its launch takes a fixed port; the
+    race with another process taking it meanwhile is the price of testing that path."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_sglang_server_is_launched_probed_and_restarted_at_the_trainers_version(runs, tiny_model_dir):
+    """SGLang's command line, readiness by /model_info and a restart with --weight-version, through a
+    stand-in `sglang.launch_server` that runs the reference server with the same arguments."""
+    cfg = run_toml(tiny_model_dir, max_steps=6, inference={"type": "sglang", "port": _free_port()})
+    run = runs(cfg, env={"PYTHONPATH": str(FAKE_SGLANG)})
+    run.wait_for(lambda: _last_step(run) >= 1, 240, "two trainer steps")
+    os.kill(run.child_pid("server"), signal.SIGKILL)
+    run.wait_for(lambda: run.events("restarted", child="server"), 240, "the server restarted")
+    assert run.wait(300) == 0, run.logs()
+    starts = [line for line in (run.run_dir / "logs" / "server.log").read_text().splitlines()
+              if line.startswith("fake sglang:")]
+    assert len(starts) == 2, starts
+    assert f"--model-path {tiny_model_dir} " in starts[0] and "--weight-version" not in starts[0]
+    assert "/weights/v" in starts[1] and "--weight-version " in starts[1]
+    assert _last_step(run) == 5
 
 
 def test_past_the_restart_limit_the_run_stops_cleanly(runs, tiny_model_dir):

@@ -21,7 +21,7 @@ def _none_survive(run: RunProcess, procs: dict[int, int]) -> None:
 
 def _starting_run(runs, tiny_model_dir) -> RunProcess:
     """A run whose server never gets ready (the stand-in sglang ignores SIGTERM, has a subprocess)."""
-    cfg = run_toml(tiny_model_dir, inference={"type": "sglang", "port": 1, "args": ["--fake"]},
+    cfg = run_toml(tiny_model_dir, inference={"type": "sglang", "port": 1, "args": ["--fake-hang"]},
                    restart={"stop_timeout_s": 2.0, "ready_timeout_s": 600.0})
     run = runs(cfg, env={"PYTHONPATH": str(FAKE_SGLANG)})
     log = run.run_dir / "logs" / "server.log"
@@ -44,7 +44,7 @@ def test_a_signal_while_the_server_starts_leaves_no_child(runs, tiny_model_dir, 
 
 
 def test_a_second_ctrl_c_kills_at_once(runs, tiny_model_dir):
-    cfg = run_toml(tiny_model_dir, inference={"type": "sglang", "port": 1},
+    cfg = run_toml(tiny_model_dir, inference={"type": "sglang", "port": 1, "args": ["--fake-hang"]},
                    restart={"stop_timeout_s": 600.0})  # the first Ctrl-C alone would wait ten minutes
     run = runs(cfg, env={"PYTHONPATH": str(FAKE_SGLANG)})
     log = run.run_dir / "logs" / "server.log"

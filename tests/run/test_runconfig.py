@@ -121,3 +121,12 @@ def test_print_config_and_set_work_from_the_command_line():
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2
     assert bad.stderr.startswith("tidal run: ") and "group_size" in bad.stderr, bad.stderr
+
+
+def test_sglang_without_the_package_is_one_clear_line(tmp_path, tiny_model_dir):
+    out = subprocess.run([sys.executable, "-m", "tidal", "run", "--run-dir", str(tmp_path / "r"), "--set",
+                          f'model.path="{tiny_model_dir}"', "--set", 'inference.type="sglang"', "--set",
+                          "console.mode=\"off\""], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert "needs the sglang package" in out.stderr and "inference.type = 'reference'" in out.stderr
+    assert "Traceback" not in out.stderr
