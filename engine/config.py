@@ -41,11 +41,12 @@ class ModelConfig(Strict):
     """Tokens an episode may hold in all (prompt, generations, observations): the model's context."""
     render_workers: NonNegInt = 0
     """Worker processes that render the chat template and encode observations off the event loop
-    (engine/render_pool.py); 0 renders inline, right for small templates and a few hundred episodes.
-    One render costs ~0.3 ms at 2.6k tokens with a Qwen2.5-like template and 1-2 ms with Qwen3's, all on
-    the loop's one thread: raise it when turns/s times that cost nears a tenth of a second per second
-    (engine/loop_lag_ms climbs), e.g. 2-4 at thousands of concurrent episodes. Each worker is a core
-    at full load and holds its own tokenizer."""
+    (engine/render_pool.py); 0 renders inline, right for small templates and a few hundred turns/s.
+    Inline, an observation costs the loop's one thread 0.2-0.3 ms at 2.6k tokens with a Qwen2.5-like
+    template and 0.5-2 ms with Qwen3's; through the workers ~0.12 ms whatever the template. Raise it
+    when turns/s times the inline cost nears a tenth of a second per second (engine/loop_lag_ms climbs):
+    Qwen2.5 past ~400 turns/s, Qwen3 past ~100. Each worker is one core and holds its own tokenizer;
+    give them turns/s x the inline cost x 1.5 cores: at 2k turns/s 1-2 for Qwen2.5, 3-6 for Qwen3."""
 
 
 class TaskConfig(Strict):

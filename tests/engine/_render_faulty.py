@@ -7,6 +7,7 @@ mid-request):
 - stall-once: the first worker of the test to get there writes its pid to DIR/fault and never
   answers; every other worker, restarted ones included, behaves;
 - stall: every worker writes its pid to DIR/<pid> and never answers;
+- slow-once: the first worker to get there writes DIR/fault and answers a second late;
 - garbage-once-KIND: the first worker to get there writes DIR/fault and, instead of its replies,
   bytes that are no valid frame: KIND text (a line of text), bytes (a frame of invalid msgpack) or
   schema (valid msgpack in the wrong shape).
@@ -46,7 +47,10 @@ class FaultyOut:
             if self.mode.startswith("stall"):
                 while True:
                     time.sleep(60)
-            data = GARBAGE[self.mode.removeprefix("garbage-once-")]
+            if self.mode == "slow-once":
+                time.sleep(1.0)
+            else:
+                data = GARBAGE[self.mode.removeprefix("garbage-once-")]
         self.out.write(data)
         self.out.flush()
 

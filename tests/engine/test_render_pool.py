@@ -115,14 +115,18 @@ async def test_pool_transcripts_equal_inline_token_by_token(ckpts, name):
         assert sum(t.divergences for t in got) > 0  # the sentinel path ran in the workers too
 
 
-async def test_calls_waiting_behind_a_busy_worker_go_in_one_frame(ckpts):
+async def test_calls_of_one_loop_turn_share_the_idle_workers_in_frames(ckpts):
     tok = ChatTokenizer.load(ckpts["qwen2_5"])
     requests = [PromptRequest(messages=[{"role": "user", "content": f"guess {k}"}]) for k in range(10)]
-    async with RenderPool(str(ckpts["qwen2_5"]), 1, max_batch=16) as pool:
+    async with RenderPool(str(ckpts["qwen2_5"]), 2, max_batch=4) as pool:
         got = await asyncio.gather(*(pool.prompt(r) for r in requests))
-        # the first call finds the worker idle and goes alone; the nine queued meanwhile share a frame
-        assert pool.stats()["frames"] == 2
+        # ten calls made in one loop turn: two frames of four to the two idle workers, then the last two
+        assert pool.stats()["frames"] == 3
     assert got == [render_prompt(tok, r) for r in requests]
+    async with RenderPool(str(ckpts["qwen2_5"]), 1, max_batch=16) as pool:
+        await pool.prompt(requests[0])
+        assert await asyncio.gather(*(pool.prompt(r) for r in requests)) == got
+        assert pool.stats()["frames"] == 2
 
 
 async def test_template_errors_arrive_as_inline_and_the_worker_goes_on(ckpts):
@@ -137,16 +141,20 @@ async def test_template_errors_arrive_as_inline_and_the_worker_goes_on(ckpts):
         assert pool.stats()["worker_deaths"] == 0 and pool.pids[0] is not None
 
 
-async def test_a_cancelled_caller_drops_its_call_and_later_replies_stay_matched(ckpts):
+async def test_a_cancelled_caller_drops_its_call_and_later_replies_stay_matched(ckpts, tmp_path, monkeypatch):
     tok = ChatTokenizer.load(ckpts["qwen2_5"])
     requests = [PromptRequest(messages=[{"role": "user", "content": f"guess {k}"}]) for k in range(4)]
-    async with RenderPool(str(ckpts["qwen2_5"]), 1) as pool:
-        tasks = [asyncio.create_task(pool.prompt(r)) for r in requests]
-        await asyncio.sleep(0)  # all four submitted: the first in flight, three queued
+    monkeypatch.setenv("TIDAL_TEST_RENDER_FAULT", f"slow-once:{tmp_path}")  # the first frame takes a second
+    async with RenderPool(str(ckpts["qwen2_5"]), 1, command=FAULTY) as pool:
+        tasks = [asyncio.create_task(pool.prompt(r)) for r in requests[:2]]
+        await _until(lambda: pool.stats()["frames"] == 1, "the first frame")  # both in flight
+        tasks += [asyncio.create_task(pool.prompt(r)) for r in requests[2:]]
+        await _until(lambda: pool.stats()["queued"] == 2, "two queued calls")  # the worker is busy
         tasks[0].cancel()  # in flight: its reply is discarded
         tasks[2].cancel()  # queued: never sent
         assert [await tasks[1], await tasks[3]] == [render_prompt(tok, requests[1]), render_prompt(tok, requests[3])]
         assert tasks[0].cancelled() and tasks[2].cancelled()
+        assert pool.stats()["frames"] == 2  # the second frame held only the call still awaited
         assert await pool.prompt(requests[0]) == render_prompt(tok, requests[0])
 
 
