@@ -34,7 +34,7 @@ class Series:
     def __init__(self, engine: list[dict], trainer: list[dict]):
         times = [r["time"] for r in engine + trainer if isinstance(r.get("time"), int | float)]
         self.t0 = min(times) if times else 0.0
-        self.engine = [r for r in engine if "event" not in r]
+        self.engine = engine  # metric records, and eval records (event "eval") with engine/eval/...
         steps: dict[int, dict] = {}
         for r in trainer:
             if r.get("event") == "step":

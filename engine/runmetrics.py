@@ -99,8 +99,7 @@ class RunMetrics:
         elif event == "resume":
             self.steps = int(record.get("step") or 0)
         if event is not None and event not in ("step", "publish"):
-            self.events[source].append(record)
-            return
+            self.events[source].append(record)  # ready, resume, eval, ...: kept for whoever waits on them
         numbers = {k: v for k, v in record.items() if "/" in k and isinstance(v, int | float)}
         if source == "engine" and any(k.startswith("engine/staleness/") for k in numbers):
             for key in [k for k in self.latest if k.startswith("engine/staleness/")]:

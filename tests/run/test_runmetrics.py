@@ -76,10 +76,13 @@ def test_latest_figures_steps_and_forwarding(tmp_path):
     _write(engine, {"step": 2, "time": 4.0, "engine/staleness/1": 4})  # a new histogram replaces the old
     m.poll()
     assert "engine/staleness/2" not in m.latest and m.latest["engine/staleness_mean"] == pytest.approx(1.0)
+    _write(engine, {"step": 2, "time": 4.5, "event": "eval", "engine/eval/success": 0.75})
+    m.poll()
+    assert m.latest["engine/eval/success"] == 0.75 and m.events["engine"][-1]["event"] == "eval"
     _write(trainer, {"step": 1, "time": 5.0, "event": "resume"})
     m.poll()
     assert m.steps == 1  # a trainer restored from an older checkpoint is at its version again
-    assert len(good.got) == 6 and bad not in m.sinks  # a failing sink is dropped, the others go on
+    assert len(good.got) == 7 and bad not in m.sinks  # a failing sink is dropped, the others go on
     status = Status(90.0, m.steps, 20, 15.0, m.latest, [("trainer", "pid 7")])
     assert "1.5/15 min" in status.line() and "step 1/20" in status.line()
     m.close()
@@ -92,8 +95,10 @@ def _fake_run(run_dir, eval_success: bool):
     for k in range(6):
         _write(metrics / "engine.jsonl", {"step": k, "time": 100.0 + 10 * k, "engine/reward_mean": 0.1 * k,
                                           "engine/tokens_per_s": 50.0, "engine/staleness/0": 3,
-                                          "engine/staleness/1": 1,
-                                          **({"engine/eval/success": k / 5} if eval_success else {})})
+                                          "engine/staleness/1": 1})
+        if eval_success:  # as the engine's eval pass writes them
+            _write(metrics / "engine.jsonl", {"step": k, "time": 101.0 + 10 * k, "event": "eval",
+                                              "engine/eval/success": k / 5})
         _write(metrics / "trainer.jsonl", {"step": k, "time": 105.0 + 10 * k, "event": "step",
                                            "trainer/reward_mean": 0.1 * k, "trainer/tokens_per_s": 900.0,
                                            "trainer/staleness_mean": 0.5, "trainer/trajectory_staleness_max": 1})
@@ -108,6 +113,7 @@ def test_plots_from_the_metrics_files(tmp_path):
     assert [r["step"] for r in series.steps] == [0, 1, 2, 3, 4, 5]
     assert series.trainer_xy("trainer/reward_mean")[1][4] == 9.0
     assert series.engine_xy("engine/staleness_mean")[1][0] == pytest.approx(0.25)
+    assert series.engine_xy("engine/eval/success", x="step") == ([0, 1, 2, 3, 4, 5], [0, 0.2, 0.4, 0.6, 0.8, 1.0])
     written = plot_run(tmp_path)
     assert {p.name for p in written} == {"reward.png", "success.png", "throughput.png", "staleness.png"}
     for p in written:
