@@ -20,6 +20,7 @@ BENCHES = {
     "serve": "tidal.bench.serve",
     "engine": "tidal.bench.engine",
     "async-vs-sync": "tidal.bench.async_vs_sync",
+    "render": "tidal.bench.render",
 }
 
 
