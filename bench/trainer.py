@@ -7,10 +7,10 @@ over real (non-padding) tokens after a warm-up step, and `packing_speedup` is th
 time ratio (padding / packing), robust to a shared machine's load.
 
 Publishing: trainer/publish.py's two publishers, each timed end to end for a larger random Llama:
-disk (safetensors + config into a temporary directory, then rename) and distributed (gloo broadcast
-to a CPU reference server, `tidal serve`, that joins the group over its SGLang-style HTTP API and
-loads the tensors). Reported as ms per MB of weights, next to the time that memcpy-speed bandwidth
-alone would take.
+disk (safetensors + config into a temporary directory, then rename) and distributed (the trainer
+announces and gloo-broadcasts; an engine-side WeightSync has a CPU reference server, `tidal serve`,
+join the group over its SGLang-style HTTP API and load the tensors, timed until it serves the version).
+Reported as ms per MB of weights, next to the time that memcpy-speed bandwidth alone would take.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def _memcpy_ms_per_mb() -> float:
 
 async def _publish(model_dir: Path, out_dir: Path, repeats: int) -> list[dict]:
     import torch
+    from tidal.engine.backends import SGLangBackend, SGLangConfig
     from tidal.engine.reference.launch import ReferenceServer
+    from tidal.engine.weights import WeightSync
     from tidal.trainer.config import DiskPublish, DistributedPublish
     from tidal.trainer.publish import DiskPublisher, DistributedPublisher
     from transformers import AutoModelForCausalLM
@@ -124,14 +126,28 @@ async def _publish(model_dir: Path, out_dir: Path, repeats: int) -> list[dict]:
         times.append(disk.last_seconds)
     rows.append({"case": "publish/disk", "mb": mb, "seconds": float(np.median(times)),
                  "ms_per_mb": float(np.median(times)) * 1e3 / mb})
-    async with ReferenceServer(model_dir) as srv:
-        pub = DistributedPublisher(DistributedPublish(servers=[srv.url], backend="gloo", bucket_mb=64.0, timeout_s=30.0))
+    # distributed: the trainer announces and broadcasts, an engine-side WeightSync has the server receive;
+    # the time is the publish's until the server serves the version
+    async with ReferenceServer(model_dir) as srv, SGLangBackend(SGLangConfig(urls=[srv.url])) as backend:
+        sync = WeightSync(backend, lambda version: None)
+        syncing = asyncio.create_task(sync.run())
+
+        async def announce(notice) -> None:
+            sync.offer(notice)
+
+        pub = DistributedPublisher(DistributedPublish(server_ranks=1, backend="gloo", bucket_mb=64.0, timeout_s=30.0),
+                                   announce)
         times = []
         try:
             await pub.start()
             for version in range(1, repeats + 1):
+                t0 = time.perf_counter()
                 await pub.publish(version, tensors)
-                times.append(pub.last_seconds)
+                while sync.updates + sync.failures < version:
+                    await asyncio.sleep(0.001)
+                if sync.failures:
+                    raise RuntimeError(f"the engine side failed: {sync.last_error}")
+                times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - a failing publisher is this case's result: its row
             # names the error and its summary figure is null, the other cases still report
             error = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -139,6 +155,8 @@ async def _publish(model_dir: Path, out_dir: Path, repeats: int) -> list[dict]:
             error = ""
         finally:
             await pub.close()
+            syncing.cancel()
+            await asyncio.gather(syncing, return_exceptions=True)
     if error:
         rows.append({"case": "publish/gloo", "mb": mb, "error": error})
     else:

@@ -297,7 +297,11 @@ class DiskWeights(msgspec.Struct, tag="disk", frozen=True):
 class DistributedWeights(msgspec.Struct, tag="distributed", frozen=True):
     """Weights broadcast over a torch.distributed group, as SGLang's update_weights_from_distributed.
 
-    `names`, `dtypes` and `shapes` list the tensors in broadcast order (rank 0 is the trainer).
+    `names`, `dtypes` and `shapes` list the tensors in broadcast order (rank 0 is the trainer). The
+    trainer sends the notice with `pending` true before it broadcasts; the engine then has its
+    servers join the group (if they are not in this one) and receive, bucket by bucket, under its
+    pause policy. Once the broadcast is over (done or failed) the trainer sends it again with
+    `pending` false.
     """
 
     master_address: str
@@ -308,6 +312,19 @@ class DistributedWeights(msgspec.Struct, tag="distributed", frozen=True):
     names: list[str]
     dtypes: list[str]
     shapes: list[list[int]]
+    buckets: list[int] = []
+    """Tensors per broadcast bucket, in broadcast order (they sum to len(names)); each bucket is one
+    /update_weights_from_distributed call on every server. Empty: one bucket of every tensor."""
+    flatten: bool = False
+    """Each bucket is broadcast as one flat tensor (SGLang's load_format "flattened_bucket")."""
+    group_id: str = ""
+    """Which formation of the group this is: the trainer draws a new id whenever it forms the group
+    (its first broadcast, after a failed one, after a restart), so servers that are in a group of the
+    same address, port and name but another id join again."""
+    pending: bool = False
+    """True while the trainer waits for the servers to receive this version; false once the broadcast
+    is over. Only a pending notice is acted on, so an engine that subscribes later (the channel
+    re-sends the latest notice) never joins a broadcast that is gone."""
 
 
 class WeightsPublished(msgspec.Struct, tag="weights", kw_only=True, frozen=True):

@@ -103,20 +103,24 @@ class DiskPublish(Strict, tag="disk", tag_field="type"):
 
 class DistributedPublish(Strict, tag="distributed", tag_field="type"):
     """Broadcast weights to inference servers over a torch.distributed group (SGLang's
-    /init_weights_update_group + /update_weights_from_distributed); the trainer is rank 0."""
+    update_weights_from_distributed); the trainer is rank 0 and hosts the rendezvous. The trainer
+    never calls the servers: it announces each version on the status channel, and the engine has
+    its servers join the group and receive under its pause policy."""
 
-    servers: list[str] = []
-    """Base URLs of the inference servers that join the group, one rank each (TP = 1)."""
+    server_ranks: PosInt = 1
+    """Ranks the inference servers take in the group: the sum of their tensor-parallel sizes (one
+    per server at TP = 1), as many as the engine's backend brings (it checks). The group's world
+    size is 1 + this."""
     master_address: str = "127.0.0.1"
     """Address the servers rendezvous at (this trainer host)."""
     master_port: NonNegInt = 0
-    """Rendezvous port; 0 picks a free one at start."""
+    """Rendezvous port; 0 picks a free one each time the group is formed."""
     group_name: str = "tidal_weights"
     """Name of the weight-update group on the servers."""
     backend: Literal["gloo", "nccl"] = "gloo"
     """gloo on CPU, nccl between GPUs."""
     bucket_mb: Annotated[float, Meta(gt=0)] = 64.0
-    """Parameters are broadcast in buckets of about this many MiB, one HTTP call per bucket."""
+    """Parameters are broadcast in buckets of about this many MiB, one server call per bucket."""
     flatten: bool = False
     """Send each bucket as one flat tensor (SGLang's load_format "flattened_bucket"): one collective per
     bucket instead of one per parameter, at the cost of a pack copy here and an unpack on the server."""
@@ -125,7 +129,7 @@ class DistributedPublish(Strict, tag="distributed", tag_field="type"):
     overlap: bool = True
     """Broadcast while the next step trains, from a CPU copy of the weights (one model's worth of memory)."""
     timeout_s: Annotated[float, Meta(gt=0)] = 120.0
-    """Budget for group formation and for each bucket's HTTP call."""
+    """Budget for the servers to join the group after the notice, and for each bucket's broadcast."""
 
 
 class MetricsConfig(Strict):

@@ -39,17 +39,16 @@ import time
 import traceback
 from typing import NoReturn
 
-import aiohttp
 import msgspec
 import zmq
 from rich.console import Console
 from tidal.protocol.config import add_config_args, load_config, load_partial, to_toml
 from tidal.protocol.errors import TidalError
 from tidal.protocol.grants import GrantTable
-from tidal.protocol.messages import TrainerStatus
+from tidal.protocol.messages import TrainerStatus, WeightsPublished
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
-from tidal.trainer.config import MetricsConfig, TrainerConfig
+from tidal.trainer.config import DistributedPublish, MetricsConfig, TrainerConfig
 from tidal.trainer.dead_letter import DeadLetter
 from tidal.trainer.distributed import (
     GATHER_STATE,
@@ -72,6 +71,11 @@ log = logging.getLogger(__name__)
 
 GRANT_EVERY_S = 0.2
 """How often the engines' heartbeats are turned into grants (a new engine waits about this long)."""
+REBROADCAST_AFTER_S = 2.0
+"""Wait before a failed distributed publish is tried again (each try takes at most publish.timeout_s).
+A broadcast that failed midway leaves servers holding part of it; the engine keeps them out of
+rotation until a version reaches them, so waiting for the next step's version could wait forever
+(no generation, no batch, no step)."""
 ACK_GRACE_S = 0.2
 """After the final checkpoint's commit, time for the receiver's ack task to send before the socket closes.
 The receiver also flushes acks as it closes, but over ipc:// those can be lost; a lost ack costs only a
@@ -195,7 +199,7 @@ class Daemon:
         self.sampling = SamplingMonitor(int(self.counters["restricted_sampling"]),
                                         vocab_size=self.learner.vocab_size)
         """Restricted sampling among trained trajectories (trainer/sampling.py): counted, warned, in health."""
-        self.publisher = make_publisher(cfg.publish, cfg.learner.model.path)
+        self.publisher = make_publisher(cfg.publish, cfg.learner.model.path, announce=self._announce)
         self.grants = GrantTable(group_size=cfg.intake.group_size, gone_after_s=cfg.intake.engine_timeout_s)
         """The staleness budget shared among engines (tidal.protocol.grants), sent in every status."""
         self._stop = asyncio.Event()
@@ -274,19 +278,17 @@ class Daemon:
             self.receiver, self.status_pub = rx, status
             self._pump = pump = IntakePump(rx, self.intake, lambda: self.learner.version)
             if self.publisher is not None:
-                try:
-                    await self.publisher.start()
-                except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
-                    raise TidalError(f"publish: cannot reach or join the servers {self.cfg.publish}: {exc}") from None
+                await self.publisher.start()
             await status.publish(self.status())
-            if self.resumed_from is not None:
-                # Servers may serve versions this trainer published after its checkpoint and then lost;
-                # the checkpoint's weights, published again, put them back in step with the trainer.
-                await self._maybe_publish(force=True)
-                await self._published()
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint,
                                  device=self.world.device, dtype=self.learner.dtype, **urls)
+            if self.resumed_from is not None:
+                # Servers may serve versions this trainer published after its checkpoint and then lost;
+                # the checkpoint's weights, published again, put them back in step with the trainer. After
+                # `ready`: a distributed publish waits for the engine, which may be wired from that record.
+                await self._maybe_publish(force=True)
+                await self._published()
             try:
                 async with asyncio.TaskGroup() as tg:
                     pumping = tg.create_task(pump.run())
@@ -298,6 +300,7 @@ class Daemon:
                     pumping.cancel()
                     granting.cancel()
             finally:
+                self._stop.set()  # training is over: a failed broadcast is not tried again
                 await self._checkpointed_all()
                 await self._published()
                 if self.world.distributed:
@@ -460,16 +463,30 @@ class Daemon:
             await self._publishing
             self._publishing = None
 
+    async def _announce(self, notice: WeightsPublished) -> None:
+        """Send a weights notice before its publish ends: a distributed publish announces its version,
+        then broadcasts while the engine has the servers receive it."""
+        await self.status_pub.publish(notice)
+
     async def _publish(self, version: int, tensors: dict) -> None:
-        try:
-            notice = await self.publisher.publish(version, tensors)
-        except (PublishError, OSError, aiohttp.ClientError, TimeoutError) as exc:
-            # Counted and reported; training goes on and the next version is published as usual.
-            self.counters["publish_failures"] = self.counters.get("publish_failures", 0) + 1
-            self.health = f"publish failed: {exc}"[:200]
-            self.telemetry.event("publish_failed", version, error=str(exc)[:500])
-            await self.status_pub.publish(self.status())
-            return
+        """Publish `version`. A failure is counted and reported, and training goes on; a failed
+        broadcast is tried again (a new group) every REBROADCAST_AFTER_S while `version` is still the
+        newest and the daemon runs, a failed disk write only with the next version."""
+        while True:
+            try:
+                notice = await self.publisher.publish(version, tensors)
+                break
+            except (PublishError, OSError, TimeoutError) as exc:
+                self.counters["publish_failures"] = self.counters.get("publish_failures", 0) + 1
+                self.health = f"publish failed: {exc}"[:200]
+                self.telemetry.event("publish_failed", version, error=str(exc)[:500])
+                await self.status_pub.publish(self.status())
+            if not isinstance(self.cfg.publish, DistributedPublish):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), REBROADCAST_AFTER_S)
+            if self._stop.is_set() or self.version != version:
+                return
         self.health = "ok"
         await self.status_pub.publish(notice)
         mb = self.publisher.last_bytes / 2**20

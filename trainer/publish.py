@@ -4,44 +4,44 @@ Two ways, one interface (`await publisher.publish(version, tensors) -> WeightsPu
   disk         safetensors + the base model's config and tokenizer under `dir/vXXXXXXXX/`, written under
                a temporary name and renamed (a server never loads half a version), the newest
                `keep_last` kept; the engine then calls each server's /update_weights_from_disk.
-  distributed  a torch.distributed group with the servers, as SGLang's contract describes
-               (docs/sglang.md §3): the trainer is rank 0 and hosts the rendezvous;
-               each server joins through /init_weights_update_group; per bucket of parameters the
-               trainer posts /update_weights_from_distributed (names, dtypes, shapes) and broadcasts
-               the same tensors in the same order while that call is pending.
+  distributed  a torch.distributed group with the servers, laid out as SGLang's contract describes
+               (docs/sglang.md §3): the trainer is rank 0 and hosts the rendezvous.
+               It announces the version first (a pending notice naming the rendezvous, the tensors and
+               their buckets), forms the group if there is none, and broadcasts bucket by bucket; the
+               engine has its servers join and receive each bucket under its pause policy.
+Invariant: the trainer never calls a server. The engine is the one owner of every update, so its pause
+policy holds around disk and distributed updates alike.
 Each publish records its bytes and seconds, so the daemon reports time against bytes / bandwidth.
-The trainer never imports engine: the HTTP calls use aiohttp and tidal.protocol.sglang's structs.
 """
 
 import asyncio
 import hashlib
+import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import msgspec
 from tidal.protocol.errors import TidalError
 from tidal.protocol.messages import DiskWeights, DistributedWeights, WeightsPublished
-from tidal.protocol.sglang import (
-    BeginWeightUpdateRequest,
-    DestroyWeightsUpdateGroupRequest,
-    EndWeightUpdateRequest,
-    InitWeightsUpdateGroupRequest,
-    UpdateWeightsFromDistributedRequest,
-)
 from tidal.trainer.config import DiskPublish, DistributedPublish
 
-__all__ = ["PublishError", "DiskPublisher", "DistributedPublisher", "make_publisher"]
+__all__ = ["Announce", "PublishError", "DiskPublisher", "DistributedPublisher", "make_publisher"]
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 _SAME_GPU = ("NCCL refused the group: two of its processes are on one GPU (NCCL's 'Duplicate GPU detected'); "
              "give the trainer and each server a GPU of its own, or set publish.backend = 'gloo'")
 
 
+Announce = Callable[[WeightsPublished], Awaitable[None]]
+"""Sends a weights notice on the status channel now (the daemon's StatusPublisher.publish)."""
+
+
 class PublishError(TidalError, RuntimeError):
-    """A server refused or failed a weight update; the message names the server and its answer."""
+    """A version could not be published: a write failed, or a broadcast did (the message names the
+    group and the cause)."""
 
 
 def _dtype_name(t) -> str:
@@ -125,68 +125,48 @@ def init_weights_group(backend: str, store, world_size: int, group_name: str, ti
 
 
 class DistributedPublisher:
-    """Broadcasts parameters to the servers over a torch.distributed group (trainer = rank 0)."""
+    """Rank 0 of the weight-update group: announces each version, then broadcasts it bucket by bucket.
 
-    def __init__(self, cfg: DistributedPublish):
-        if not cfg.servers:
-            raise PublishError("publish.servers is empty: distributed publishing needs at least one server")
+    The servers are the engine's: it has them join and receive under its pause policy. This side
+    only hosts the rendezvous and sends, so it needs nothing of the servers but their rank count.
+    """
+
+    def __init__(self, cfg: DistributedPublish, announce: Announce):
+        """`announce(notice)` sends a weights notice on the status channel (the daemon's publisher)."""
         self.cfg = cfg
-        self.world_size = 1 + len(cfg.servers)
+        self.announce = announce
+        self.world_size = 1 + cfg.server_ranks
         self.port = cfg.master_port
+        self.group_id = ""
         self.last_bytes = 0
         self.last_seconds = 0.0
         self._store = None
         self._group = None
-        self._http = None
-        self._sessions = True  # begin/end_weight_update exist until a server answers 404
 
     async def start(self) -> None:
-        """Open the HTTP session and form the group."""
-        import aiohttp
+        """Nothing to set up: the group forms at the first publish, once its notice is out."""
 
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
-        await self._form()
+    async def close(self) -> None:
+        """Drop the group and the rendezvous; the servers' side of it fails from then on, and the
+        engine has them leave it when the next notice names another group."""
+        self._drop()
 
-    async def _form(self) -> None:
-        """Host the rendezvous, then form the group with every server (their HTTP calls block until then)."""
+    def _drop(self) -> None:
+        self._group = None
+        self._store = None
+
+    def _host(self) -> None:
+        """A new rendezvous (a fresh store: a formed group's keys cannot serve a second formation)
+        and a new group id, so the engine knows its servers must join again."""
         from torch.distributed import TCPStore
 
+        self._drop()
         self._store = TCPStore(
             self.cfg.master_address, self.cfg.master_port, self.world_size, is_master=True,
             timeout=timedelta(seconds=self.cfg.timeout_s), wait_for_workers=False,
         )
         self.port = self._store.port
-        calls = [
-            self._post(url, "/init_weights_update_group", InitWeightsUpdateGroupRequest(
-                master_address=self.cfg.master_address, master_port=self.port, rank_offset=1 + i,
-                world_size=self.world_size, group_name=self.cfg.group_name, backend=self.cfg.backend,
-            ))
-            for i, url in enumerate(self.cfg.servers)
-        ]
-        join = asyncio.to_thread(
-            init_weights_group, self.cfg.backend, self._store, self.world_size, self.cfg.group_name,
-            self.cfg.timeout_s,
-        )
-        results = await asyncio.gather(join, *calls)
-        self._group = results[0]
-
-    async def _leave(self) -> None:
-        """Best effort: every server leaves the group, then this side drops it (and its rendezvous)."""
-        req = DestroyWeightsUpdateGroupRequest(group_name=self.cfg.group_name)
-        await asyncio.gather(
-            *(self._post(url, "/destroy_weights_update_group", req) for url in self.cfg.servers),
-            return_exceptions=True,
-        )
-        self._group = None
-        self._store = None
-
-    async def close(self) -> None:
-        """Leave the group on every server, then locally; close the HTTP session."""
-        if self._group is not None:
-            await self._leave()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        self.group_id = secrets.token_hex(8)
 
     def _buckets(self, tensors: Mapping) -> list[list[tuple[str, object]]]:
         """Tensors in order, cut into buckets of about `bucket_mb`; with `flatten`, one dtype per bucket."""
@@ -204,9 +184,9 @@ class DistributedPublisher:
         return buckets
 
     def _broadcast(self, bucket) -> None:
-        """Broadcast one bucket and wait until it is sent. NCCL sends from the GPU, so tensors held on
-        the CPU (the daemon's overlap copy) go there first; its wait() only orders streams, hence the
-        synchronize before the bucket counts as sent."""
+        """Broadcast one bucket and wait until it is sent (or `timeout_s` passes). NCCL sends from the
+        GPU, so tensors held on the CPU (the daemon's overlap copy) go there first; its wait() only
+        orders streams, hence the synchronize before the bucket counts as sent."""
         import torch
 
         device = "cuda" if self.cfg.backend == "nccl" else None
@@ -218,102 +198,74 @@ class DistributedPublisher:
         if device is not None:
             torch.cuda.current_stream().synchronize()
 
-    async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
-        """Send every tensor to every server; the servers serve `version` when this returns.
-
-        Any failure (a server refused, restarted or vanished) leaves the group broken: it is left on
-        every server, PublishError names the servers and the cause, and the next publish forms it again.
-        """
-        import aiohttp
-
-        t0 = time.perf_counter()
-        try:
-            if self._group is None:
-                await self._form()
-            await self._send(version, tensors)
-        except (PublishError, RuntimeError, aiohttp.ClientError, TimeoutError) as exc:
-            await self._leave()
-            raise PublishError(
-                f"publishing version {version} to {', '.join(self.cfg.servers)} failed: {exc}; "
-                "the group is formed again for the next version"
-            ) from None
-        self.last_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        self.last_seconds = time.perf_counter() - t0
+    def _notice(self, version: int, tensors: Mapping, buckets: list, nbytes: int) -> WeightsPublished:
         return WeightsPublished(
             version=version,
             source=DistributedWeights(
                 master_address=self.cfg.master_address, master_port=self.port,
                 group_name=self.cfg.group_name, world_size=self.world_size, backend=self.cfg.backend,
                 names=list(tensors), dtypes=[_dtype_name(t) for t in tensors.values()],
-                shapes=[list(t.shape) for t in tensors.values()],
+                shapes=[list(t.shape) for t in tensors.values()], buckets=[len(b) for b in buckets],
+                flatten=self.cfg.flatten, group_id=self.group_id, pending=True,
             ),
-            nbytes=self.last_bytes, published_at=time.time(),
+            nbytes=nbytes, published_at=time.time(),
         )
 
-    async def _send(self, version: int, tensors: Mapping) -> None:
-        if self._sessions:
-            begun = await self._post_all("/begin_weight_update", BeginWeightUpdateRequest(), allow_404=True)
-            self._sessions = all(begun)
-        try:
-            buckets = self._buckets(tensors)
-            for i, bucket in enumerate(buckets):
-                last = i == len(buckets) - 1
-                req = UpdateWeightsFromDistributedRequest(
-                    names=[n for n, _ in bucket], dtypes=[_dtype_name(t) for _, t in bucket],
-                    shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
-                    flush_cache=last, weight_version=str(version) if last else None,
-                    load_format="flattened_bucket" if self.cfg.flatten else None,
-                )
-                # Both sides run to the end, so no broadcast outlives its bucket: a server that refuses
-                # the call posts no receive and the broadcast fails after `timeout_s` (gloo cannot be
-                # cancelled); one that died fails it at once.
-                results = await asyncio.gather(
-                    self._post_all("/update_weights_from_distributed", req),
-                    asyncio.to_thread(self._broadcast, bucket),
-                    return_exceptions=True,
-                )
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if any("Duplicate GPU" in str(e) for e in errors):
-                    raise PublishError(_SAME_GPU)
-                if errors:
-                    raise errors[0]
-        except BaseException:
-            if self._sessions:
-                await asyncio.gather(
-                    *(self._post(url, "/end_weight_update", EndWeightUpdateRequest()) for url in self.cfg.servers),
-                    return_exceptions=True,
-                )
-            raise
-        if self._sessions:
-            await self._post_all("/end_weight_update", EndWeightUpdateRequest())
+    async def publish(self, version: int, tensors: Mapping) -> WeightsPublished:
+        """Announce `version` (a pending notice), form the group if there is none (blocking until the
+        servers join), broadcast every bucket; return the notice with `pending` false, for the daemon
+        to send. The servers serve `version` once the engine has seen their last bucket through.
 
-    async def _post_all(self, path: str, req, *, allow_404: bool = False) -> list[bool]:
-        return await asyncio.gather(*(self._post(url, path, req, allow_404=allow_404) for url in self.cfg.servers))
-
-    async def _post(self, url: str, path: str, req, *, allow_404: bool = False) -> bool:
-        """POST one control call; True on success, False on an allowed 404, PublishError otherwise."""
-        async with self._http.post(
-            url.rstrip("/") + path, data=msgspec.json.encode(req), headers={"Content-Type": "application/json"}
-        ) as resp:
-            body = await resp.text()
-            if resp.status == 404 and allow_404:
-                return False
-            if resp.status != 200:
-                raise PublishError(f"{url}{path}: HTTP {resp.status}: {body[:300]}")
+        Any failure (the servers never joined, one vanished mid-broadcast) drops the group: the closed
+        notice goes out, PublishError names the group and the cause, and the next publish (the daemon
+        tries the same version again) forms a new group, with a new id, so the engine has its servers
+        join again.
+        """
+        t0 = time.perf_counter()
+        buckets = self._buckets(tensors)
+        forming = self._group is None
+        if forming:
             try:
-                ok = msgspec.json.decode(body).get("success", True) if body.strip() else True
-            except (msgspec.DecodeError, AttributeError):
-                ok = True
-            if not ok:
-                raise PublishError(f"{url}{path}: success=false: {body[:300]}")
-            return True
+                self._host()
+            except (RuntimeError, OSError) as exc:  # the port is taken, the address is not this host's
+                raise PublishError(f"publishing version {version}: cannot host the rendezvous at "
+                                   f"{self.cfg.master_address}:{self.cfg.master_port}: {exc}") from None
+        where = f"group {self.cfg.group_name!r} at {self.cfg.master_address}:{self.port}"
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        notice = self._notice(version, tensors, buckets, nbytes)
+        closed = msgspec.structs.replace(notice, source=msgspec.structs.replace(notice.source, pending=False))
+        await self.announce(notice)
+        try:
+            if forming:
+                self._group = await asyncio.to_thread(
+                    init_weights_group, self.cfg.backend, self._store, self.world_size, self.cfg.group_name,
+                    self.cfg.timeout_s,
+                )
+            for bucket in buckets:
+                # gloo cannot be cancelled: each broadcast ends, sent or failed, within timeout_s
+                await asyncio.to_thread(self._broadcast, bucket)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            self._drop()
+            await self.announce(closed)
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            cause = _SAME_GPU if "Duplicate GPU" in str(exc) else lines[0][:300]
+            raise PublishError(
+                f"publishing version {version} over {where} ({self.world_size - 1} server ranks) failed: "
+                f"{cause}; the next try forms a new group"
+            ) from None
+        self.last_bytes = nbytes
+        self.last_seconds = time.perf_counter() - t0
+        return closed
 
 
-def make_publisher(cfg, base_model: str) -> DiskPublisher | DistributedPublisher | None:
-    """The publisher a `publish` config section names (None for type = "none")."""
+def make_publisher(cfg, base_model: str, announce: Announce | None = None) -> DiskPublisher | DistributedPublisher | None:
+    """The publisher a `publish` config section names (None for type = "none"); a distributed one
+    needs `announce`, which sends a notice on the status channel before the publish ends."""
     match cfg:
         case DiskPublish():
             return DiskPublisher(cfg, base_model)
         case DistributedPublish():
-            return DistributedPublisher(cfg)
+            if announce is None:
+                raise ValueError("a distributed publisher announces each version before it broadcasts: pass announce")
+            return DistributedPublisher(cfg, announce)
     return None

@@ -130,8 +130,18 @@ class SGLangBackend(SGLangControl, Backend):
         """request id -> (server, rid on the wire) of its current attempt."""
         self._aborted: set[str] = set()
         self._paused = False
+        self._hold = asyncio.Event()
+        """Cleared while new attempts must wait: between the buckets of a distributed update under
+        `weight_update = "wait"` (see `SGLangControl.distributed_update`)."""
+        self._hold.set()
+        self._update = None
+        """The distributed update in progress, if any (`SGLangControl.distributed_update`)."""
         self._latest_disk: wire.UpdateWeightsFromDiskRequest | None = None
         """The last disk update, replayed on a server before it is re-admitted."""
+        self._latest_version: int | None = None
+        """The newest version a weight update brought to some server: what re-admission requires."""
+        self._stale: set[Server] = set()
+        """Servers that took part of a distributed update and not the rest: weights of no version."""
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -153,7 +163,8 @@ class SGLangBackend(SGLangControl, Backend):
 
         requests, chunks (stream events read), tokens (yielded); retries (moved to another server after
         a failure), resubmits (after an abort the caller did not ask for), aborts (asked for);
-        ejections, readmissions; errors_<kind> per `BackendError.kind` (timeout, bad_response,
+        ejections, readmissions, readmissions_refused (a healthy ejected server not yet serving the
+        latest version); errors_<kind> per `BackendError.kind` (timeout, bad_response,
         http_status, connection, rejected) and errors_<endpoint> per failed control fan-out;
         weight_updates; gauges servers_healthy and in_flight (requests being generated).
         """
@@ -179,6 +190,8 @@ class SGLangBackend(SGLangControl, Backend):
                     yield Chunk([], [], version, Finish(reason=reason, prompt_tokens=len(prompt),
                                                         completion_tokens=len(received), retries=retries))
                     return
+                if not self._hold.is_set():  # between two buckets of a distributed update
+                    await self._hold.wait()
                 server = self.router.pick(request.session_key, failed)
                 if server is None:
                     raise error or ServerUnavailable(

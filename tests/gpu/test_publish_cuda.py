@@ -1,8 +1,10 @@
 """Weight publishing into `tidal serve` on CUDA, the update_weights_from_distributed flow of
 tests/trainer/test_publish.py with the trainer's tensors on the GPU: over gloo (trainer and server may
-share a GPU), and over NCCL (GPU to GPU; on one GPU NCCL refuses, and the publish says so). Each
-publish negates the output head, so the served greedy tokens change, and the served logprobs must
-equal the negated checkpoint's on the CPU, teacher-forced: every tensor arrived whole."""
+share a GPU), and over NCCL (GPU to GPU; on one GPU NCCL refuses, and the publish says so). The
+trainer's publisher announces and broadcasts; the engine's WeightSync over the sglang backend has the
+server join and receive (tests/trainer/engine_side.py). Each publish negates the output head, so the
+served greedy tokens change, and the served logprobs must equal the negated checkpoint's on the CPU,
+teacher-forced: every tensor arrived whole."""
 
 import pytest
 
@@ -15,6 +17,8 @@ from safetensors.torch import load_file  # noqa: E402
 from tidal.engine.reference.launch import ReferenceServer  # noqa: E402
 from tidal.trainer.config import DistributedPublish  # noqa: E402
 from tidal.trainer.publish import DistributedPublisher, PublishError  # noqa: E402
+
+from tests.trainer.engine_side import EngineSide  # noqa: E402
 
 PROMPT = [40, 41, 42, 43, 44]
 
@@ -53,19 +57,21 @@ async def publish_twice(model_dir, server_device: str, cfg: DistributedPublish, 
     weights from the GPU as flat buckets; check what the server serves after each."""
     flipped = weights(model_dir, first_on, flip=True)
     async with (ReferenceServer(model_dir, args=["--set", f"model.device={server_device}"]) as srv,
-                aiohttp.ClientSession() as http):
+                aiohttp.ClientSession() as http, EngineSide([srv.url]) as engine):
         before, _, _ = await served(http, srv.url)
-        publisher = DistributedPublisher(msgspec.structs.replace(cfg, servers=[srv.url]))
+        publisher = DistributedPublisher(msgspec.structs.replace(cfg, server_ranks=1), engine.announce)
         await publisher.start()
         try:
             notice = await publisher.publish(1, flipped)
+            await engine.settled(1)
             after, logprobs, version = await served(http, srv.url)
             assert version == "1" and after != before and notice.source.backend == cfg.backend
             torch.testing.assert_close(logprobs, cpu_logprobs(model_dir, flipped, after), rtol=0, atol=2e-4)
             publisher.cfg = msgspec.structs.replace(publisher.cfg, flatten=True)
             await publisher.publish(2, weights(model_dir, "cuda", flip=False))
+            await engine.settled(2)
             again, _, version = await served(http, srv.url)
-            assert version == "2" and again == before
+            assert version == "2" and again == before and engine.sync.failures == 0
         finally:
             await publisher.close()
 
@@ -87,15 +93,17 @@ async def test_nccl_publish_to_a_server_on_the_same_gpu_fails_clearly_and_the_se
     """NCCL joins no two processes on one GPU (a colocated trainer and server): the publish fails fast
     with what to do instead, and the server keeps serving the weights it had."""
     async with (ReferenceServer(tiny_model_dir, args=["--set", "model.device=cuda:0"]) as srv,
-                aiohttp.ClientSession() as http):
+                aiohttp.ClientSession() as http, EngineSide([srv.url]) as engine):
         before = await served(http, srv.url)
-        cfg = DistributedPublish(servers=[srv.url], group_name="gpu_nccl", backend="nccl", timeout_s=30)
-        publisher = DistributedPublisher(cfg)
+        cfg = DistributedPublish(server_ranks=1, group_name="gpu_nccl", backend="nccl", timeout_s=30)
+        publisher = DistributedPublisher(cfg, engine.announce)
         await publisher.start()
         try:
-            with pytest.raises(PublishError, match=r"publishing version 1 to .* two of its processes are on one GPU"
+            with pytest.raises(PublishError, match=r"publishing version 1 over .* two of its processes are on one GPU"
                                                    r".*publish.backend = 'gloo'"):
                 await publisher.publish(1, weights(tiny_model_dir, "cuda", flip=True))
+            await engine.settled(1)
+            assert engine.sync.failures == 1  # the server's receive failed too; the engine left the group
         finally:
             await publisher.close()
         after = await served(http, srv.url)

@@ -12,13 +12,14 @@ from tidal.cli import main as tidal
 def test_print_config_resolves_layers(tmp_path, capsys):
     path = tmp_path / "t.toml"
     path.write_text('[learner.model]\npath = "/m"\n[intake]\nbatch_size = 16\ngroup_size = 4\n'
-                    '[publish]\ntype = "distributed"\nservers = ["http://127.0.0.1:1"]\n')
+                    '[publish]\ntype = "distributed"\nserver_ranks = 2\n')
     assert tidal(["trainer", str(path), "--set", "intake.max_staleness=3", "--print-config"]) == 0
     resolved = tomllib.loads(capsys.readouterr().out)
     assert resolved["intake"]["batch_size"] == 16 and resolved["intake"]["max_staleness"] == 3
     assert resolved["publish"]["type"] == "distributed" and resolved["publish"]["backend"] == "gloo"
     cfg = load_config(TrainerConfig, path)
-    assert isinstance(cfg.publish, DistributedPublish) and cfg.publish.servers == ["http://127.0.0.1:1"]
+    assert isinstance(cfg.publish, DistributedPublish) and cfg.publish.server_ranks == 2
+    assert resolved["publish"]["server_ranks"] == 2
 
 
 def test_bad_configuration_exits_2_naming_the_key(tmp_path, capsys):

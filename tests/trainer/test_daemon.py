@@ -202,40 +202,66 @@ async def test_sigkill_then_restart_resumes_and_uses_each_trajectory_once(tmp_pa
 
 async def test_broadcasts_each_version_to_the_reference_server_and_survives_its_restart(
         tmp_path, tiny_model_dir, trainer_process):
+    # The trainer announces each version on its status channel and broadcasts it; an engine side (the
+    # real WeightSync over the sglang backend, on a subscriber of its own) has the server receive it.
     import aiohttp
     from tidal.engine.reference.launch import ReferenceServer
+
+    from tests.trainer.engine_side import EngineSide
 
     producer = Producer(tiny_model_dir, seed=2)
     groups = {k: [t for g in range(2) for t in producer.group(f"s{k}g{g}", version=0, size=2)] for k in range(4)}
     async with ReferenceServer(tiny_model_dir) as srv, aiohttp.ClientSession() as http:
         before, _ = await served(http, srv.url)
         cfg = trainer_toml(tmp_path, tiny_model_dir, learner={"optim": {"lr": 1e-2}},
-                           publish={"type": "distributed", "servers": [srv.url], "timeout_s": 30})
+                           publish={"type": "distributed", "server_ranks": 1, "timeout_s": 30})
         trainer = trainer_process(cfg)
         ready = await asyncio.to_thread(trainer.start)
         async with (
             StatusSubscriber(ready["status_endpoint"]) as sub,
+            StatusSubscriber(ready["status_endpoint"]) as engine_sub,
+            EngineSide([srv.url]) as engine,
             TrajectorySender(ready["endpoint"], "engine-test") as tx,
         ):
+            engine.follow(engine_sub)
             watch = Watcher(sub)
             for k in range(4):
                 await watch.version(k)
-                if k == 2:  # once v2 is broadcast, the server restarts and loses the group
-                    await weights(sub, 2)
+                if k == 2:  # once v2 is served, the server restarts and loses the group
+                    await engine.reached(2)
                     logprobs, version = await served(http, srv.url)
                     assert version == "2" and logprobs != before
                     await asyncio.to_thread(srv.restart)
+                if k == 3:  # v3's broadcast failed (the server left the group); tried again, it lands
+                    await engine.reached(3)
                 for t in groups[k]:
                     await tx.send(Producer.retag(t, k))
-            await weights(sub, 4)
+            await engine.reached(4)
             trainer.signal(signal.SIGTERM)
             assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
             watch.close()
+            assert engine.sync.updates == 4 and engine.healthy() == {srv.url: True}
         logprobs, version = await served(http, srv.url)
-    assert version == "4" and logprobs != before
-    recs = records(trainer.jsonl)
-    assert [r["step"] for r in recs if r["event"] == "publish"] == [1, 2, 4]
+        assert version == "4" and logprobs != before
+        recs = records(trainer.jsonl)
+        # A second run resumes at v4 and broadcasts it again after its `ready` record, from which a new
+        # engine is wired: the server, still in the first run's dead group, joins the new one and takes
+        # v4 again although it serves v4 already (a pending broadcast is never skipped).
+        second = trainer_process(cfg)
+        ready = await asyncio.to_thread(second.start)
+        async with StatusSubscriber(ready["status_endpoint"]) as engine_sub, EngineSide([srv.url]) as engine:
+            engine.follow(engine_sub)
+            await engine.settled(1)
+            assert engine.sync.updates == 1 and engine.served == [4, 4]
+        second.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait) == 0, second.log()
+    assert [r["step"] for r in records(trainer.jsonl) if r["event"] == "publish"] == [1, 2, 3, 4, 4]
+    assert [r["step"] for r in recs if r["event"] == "publish"] == [1, 2, 3, 4]
     failed = [r for r in recs if r["event"] == "publish_failed"]
-    assert [r["step"] for r in failed] == [3] and srv.url in failed[0]["error"]
+    assert [r["step"] for r in failed] == [3] and "publishing version 3 over group 'tidal_weights'" in failed[0]["error"]
     assert any(s.health.startswith("publish failed") for s in watch.statuses())
-    assert [w.version for w in watch.seen if isinstance(w, WeightsPublished)] == [1, 2, 4]
+    # each version announced (pending) before its broadcast and closed after it; v3 twice, on two groups
+    notices = [w for w in watch.seen if isinstance(w, WeightsPublished)]
+    assert [(w.version, w.source.pending) for w in notices] == [
+        (v, pending) for v in (1, 2, 3, 3, 4) for pending in (True, False)]
+    assert len({w.source.group_id for w in notices}) == 2  # formed again after the failure

@@ -1,5 +1,9 @@
 """Weight publishing against the CPU reference server (`tidal serve`): disk and gloo broadcast.
 
+A distributed publish runs both of its halves for real: the trainer's DistributedPublisher (rank 0,
+announce then broadcast) and the engine's WeightSync over the sglang backend, which has the servers
+join and receive under its pause policy (tests/trainer/engine_side.py).
+
 Most tests publish the tiny model with its output head negated, so greedy decoding must change
 (argmax becomes argmin), then check the served tokens changed and the server's weight_version. One
 goes the whole loop with a trained learner: publish, serve, and the served log-probabilities of the
@@ -16,13 +20,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tidal.engine.backends import Request, Sampling
 from tidal.engine.reference.launch import ReferenceServer
 from tidal.protocol.config import load_config
 from tidal.protocol.messages import DiskWeights, DistributedWeights, Trajectory, Turn
 from tidal.trainer.config import DiskPublish, DistributedPublish
 from tidal.trainer.learner import Learner, LearnerConfig
 from tidal.trainer.publish import DiskPublisher, DistributedPublisher, PublishError
+from transformers import AutoModelForCausalLM
 
+from tests.trainer.engine_side import EngineSide
 from tests.trainer.test_learner import batch_of
 
 pytestmark = pytest.mark.slow
@@ -67,36 +74,159 @@ async def test_disk_publish_then_update_weights_from_disk_changes_outputs(tmp_pa
 
 
 async def test_gloo_broadcast_publish_changes_served_outputs(tiny_model_dir):
+    # The trainer announces and broadcasts; the engine (WeightSync + sglang backend) has the server
+    # join and receive each bucket. The trainer never calls the server.
     tensors = flipped(tiny_model_dir)
-    async with ReferenceServer(tiny_model_dir) as srv, aiohttp.ClientSession() as http:
+    async with (
+        ReferenceServer(tiny_model_dir) as srv, aiohttp.ClientSession() as http,
+        EngineSide([srv.url]) as engine,
+    ):
         before, _ = await greedy(http, srv.url)
-        cfg = DistributedPublish(servers=[srv.url], group_name="tidal_test", bucket_mb=0.1, timeout_s=60)
-        publisher = DistributedPublisher(cfg)
+        cfg = DistributedPublish(server_ranks=1, group_name="tidal_test", bucket_mb=0.1, timeout_s=60)
+        publisher = DistributedPublisher(cfg, engine.announce)
         await publisher.start()
         try:
-            assert publisher.port > 0 and len(publisher._buckets(tensors)) > 1  # several buckets of <= 0.1 MiB
             notice = await publisher.publish(3, tensors)
+            await engine.settled(1)
             after, version = await greedy(http, srv.url)
-            assert isinstance(notice.source, DistributedWeights)
-            assert notice.source.names == list(tensors) and notice.source.world_size == 2
+            src = notice.source
+            assert isinstance(src, DistributedWeights) and not src.pending
+            (announced,) = engine.notices  # announced before the broadcast; the daemon sends the closed one
+            assert announced.source == msgspec.structs.replace(src, pending=True)
+            assert src.names == list(tensors) and src.world_size == 2 and publisher.port > 0
+            assert len(src.buckets) > 1 and sum(src.buckets) == len(tensors)  # several buckets of <= 0.1 MiB
             assert notice.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
-            assert version == "3" and after != before
+            assert version == "3" and after != before and engine.served[-1] == 3
             # a second publish over the same group, as flat buckets, restores the original outputs
             publisher.cfg = msgspec.structs.replace(cfg, flatten=True)
-            await publisher.publish(4, load_file(f"{tiny_model_dir}/model.safetensors"))
+            again_notice = await publisher.publish(4, load_file(f"{tiny_model_dir}/model.safetensors"))
+            await engine.settled(2)
             again, version = await greedy(http, srv.url)
-            assert version == "4" and again == before
-            # the server restarts (same URL, no group): that publish fails naming it, the next re-forms
+            assert again_notice.source.flatten and again_notice.source.group_id == src.group_id
+            assert version == "4" and again == before and engine.sync.updates == 2
+            # the server restarts (same URL, not in the group): that publish fails on both sides, the
+            # engine leaves the group, and the next publish forms a new one that the server joins
             await asyncio.to_thread(srv.restart)
-            with pytest.raises(PublishError, match=f"publishing version 5 to {srv.url} failed"):
+            with pytest.raises(PublishError, match="publishing version 5 over group 'tidal_test'"):
                 await publisher.publish(5, tensors)
-            await publisher.publish(6, tensors)
+            await engine.settled(3)
+            assert engine.sync.failures == 1 and "version 5" in engine.sync.last_error
+            last = await publisher.publish(6, tensors)
+            await engine.settled(4)
             after_restart, version = await greedy(http, srv.url)
-            assert version == "6" and after_restart == after
+            assert last.source.group_id != src.group_id
+            assert version == "6" and after_restart == after and engine.healthy() == {srv.url: True}
         finally:
             await publisher.close()
-        async with http.post(f"{srv.url}/destroy_weights_update_group", json={"group_name": "tidal_test"}) as resp:
-            assert resp.status == 400  # close() already left the group on the server
+
+
+class _Crash(DistributedPublisher):
+    """Kills `victim` right after the first bucket of the next publish is sent: a crash mid-update."""
+
+    victim: ReferenceServer | None = None
+
+    def _broadcast(self, bucket) -> None:
+        super()._broadcast(bucket)
+        if self.victim is not None:
+            self.victim.kill()
+            self.victim = None
+
+
+async def test_a_server_killed_mid_update_is_ejected_until_it_serves_the_latest_version(tiny_model_dir):
+    tensors = flipped(tiny_model_dir)
+    async with (
+        ReferenceServer(tiny_model_dir) as a, ReferenceServer(tiny_model_dir) as b,
+        aiohttp.ClientSession() as http, EngineSide([a.url, b.url]) as engine,
+    ):
+        cfg = DistributedPublish(server_ranks=2, group_name="tidal_crash", bucket_mb=0.05, timeout_s=20)
+        publisher = _Crash(cfg, engine.announce)
+        try:
+            await publisher.publish(1, tensors)
+            await engine.settled(1)
+            assert engine.served[-1] == 1 and engine.healthy() == {a.url: True, b.url: True}
+            publisher.victim = b
+            with pytest.raises(PublishError, match="publishing version 2"):
+                await publisher.publish(2, load_file(f"{tiny_model_dir}/model.safetensors"))
+            await engine.settled(2)
+            # b is gone; a took bucket 1 of version 2 and no more: weights of no version, so it is out too
+            assert engine.sync.failures == 1 and engine.healthy() == {a.url: False, b.url: False}
+            stats = engine.backend.stats()
+            assert stats["ejections"] == 2 and stats["errors_update_weights_from_distributed"] >= 1
+            # b comes back serving the base weights (version 0): health probes alone do not admit it
+            assert not engine.backend.stats().get("readmissions_refused")  # b down, a paused (its /health waits)
+            await asyncio.to_thread(b.restart)
+            async with asyncio.timeout(60):
+                while not engine.backend.stats().get("readmissions_refused"):
+                    await asyncio.sleep(0.05)  # until a probe has found b healthy
+            assert engine.healthy() == {a.url: False, b.url: False}
+            # the next version reaches both, which puts both back in rotation
+            await publisher.publish(3, tensors)
+            await engine.settled(3)
+            assert engine.healthy() == {a.url: True, b.url: True}
+            assert engine.backend.stats()["readmissions"] == 2 and engine.served[-1] == 3
+            assert await engine.backend.weight_version() == {a.url: 3, b.url: 3}
+            for url in (a.url, b.url):
+                out, version = await greedy(http, url)
+                assert version == "3"
+        finally:
+            await publisher.close()
+
+
+async def test_an_update_under_retract_gives_every_token_the_version_that_produced_it(tiny_model_dir):
+    # Greedy generations stream while version 1 is broadcast under pause_mode = "retract": each one's
+    # first tokens carry 0 and its last ones 1, and every token is what the weights of its version
+    # choose after all the tokens before it (a retracted request recomputes its KV under the new
+    # weights), which a forward pass of each version over the whole sequence checks.
+    n_tokens, prompts = 600, [[30 + i, 31, 32, 33] for i in range(4)]
+    base = load_file(f"{tiny_model_dir}/model.safetensors")
+    async with (
+        ReferenceServer(tiny_model_dir) as srv,
+        EngineSide([srv.url], pause_mode="retract", weight_update="pause") as engine,
+    ):
+        received: list[list] = [[] for _ in prompts]
+
+        async def stream(i: int):
+            request = Request(input_ids=prompts[i], request_id=f"r{i}",
+                              sampling=Sampling(max_new_tokens=n_tokens, temperature=0.0, ignore_eos=True))
+            async for chunk in engine.backend.generate(request):
+                received[i] += [(t, lp, chunk.weight_version) for t, lp in zip(chunk.token_ids, chunk.logprobs, strict=True)]
+                last = chunk
+            return last
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(len(prompts))]
+        while min(len(r) for r in received) < 8:
+            await asyncio.sleep(0.005)
+        publisher = DistributedPublisher(DistributedPublish(server_ranks=1, group_name="tidal_retract",
+                                                            bucket_mb=0.1, timeout_s=60), engine.announce)
+        try:
+            await publisher.publish(1, flipped(tiny_model_dir))
+        finally:
+            await publisher.close()
+        finals = await asyncio.gather(*tasks)
+        await engine.settled(1)
+        stats = engine.backend.stats()
+    assert [f.finish.reason for f in finals] == ["length"] * len(prompts)  # no request lost
+    assert stats.get("resubmits", 0) == stats.get("retries", 0) == 0
+    models = {}
+    for version, tensors in ((0, base), (1, flipped(tiny_model_dir))):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        model.load_state_dict(tensors, strict=False)
+        models[version] = model
+    for prompt, got in zip(prompts, received, strict=True):
+        tokens = [t for t, _, _ in got]
+        versions = [v for _, _, v in got]
+        assert len(tokens) == n_tokens
+        switch = versions.index(1)  # version 0 up to the update, 1 from it on: within this one request
+        assert 0 < switch and versions == [0] * switch + [1] * (n_tokens - switch)
+        with torch.no_grad():
+            logprobs = {v: torch.log_softmax(m(torch.tensor([prompt + tokens])).logits[0], -1)[len(prompt) - 1:-1]
+                        for v, m in models.items()}
+        for i, (token, lp, v) in enumerate(got):
+            assert logprobs[v][i].argmax().item() == token, (i, v)
+            assert lp == pytest.approx(logprobs[v][i, token].item(), abs=1e-4), (i, v)
+        # the check has teeth: the other version's weights would not have chosen these tokens
+        other = [logprobs[1 - v][i].argmax().item() != t for i, (t, _, v) in enumerate(got)]
+        assert sum(other) > n_tokens // 2
 
 
 def test_write_publishes_synchronously(tmp_path, tiny_model_dir):

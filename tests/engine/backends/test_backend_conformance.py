@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from fake_sglang import FakeSGLang, token_at
 from tidal.engine.backends import (
+    BackendError,
     BadResponse,
     OpenAIBackend,
     OpenAIConfig,
@@ -118,13 +119,18 @@ async def test_update_weights_from_disk_body(discipline):
 
 async def test_weights_group_bodies_give_each_server_its_rank():
     async with FakeSGLang() as s1, FakeSGLang() as s2, client(s1, s2) as b:
-        assert await b.init_weights_group("10.0.0.1", 29500) == 3
+        with pytest.raises(BackendError, match="world size 2, but this backend brings 1 \\+ 2 servers"):
+            await b.init_weights_group("10.0.0.1", 29500, world_size=2)  # refused before any call
+        assert await b.init_weights_group("10.0.0.1", 29500, world_size=3) == 3
         await b.destroy_weights_group()
     for rank, s in enumerate((s1, s2), start=1):  # slime: rank_offset = 1 + GPUs of earlier engines
         assert s.requests("/init_weights_update_group") == [{
             "master_address": "10.0.0.1", "master_port": 29500, "rank_offset": rank, "world_size": 3,
             "group_name": "weight_update_group", "backend": "gloo"}]
-        assert s.requests("/destroy_weights_update_group") == [{"group_name": "weight_update_group"}]
+        # a group of that name left from an earlier formation is left before joining
+        assert [p for p, _ in s.bodies] == ["/destroy_weights_update_group", "/init_weights_update_group",
+                                            "/destroy_weights_update_group"]
+        assert s.requests("/destroy_weights_update_group") == [{"group_name": "weight_update_group"}] * 2
 
 
 @pytest.mark.parametrize("sessions", [True, False], ids=["begin-end", "older-server-404"])
@@ -143,6 +149,30 @@ async def test_update_weights_from_distributed_body(sessions):
     if sessions:
         assert s.requests("/begin_weight_update") == [{"selector": "all"}]
         assert s.requests("/end_weight_update") == [{}]
+
+
+@pytest.mark.parametrize("discipline", ["pause", "abort", "wait"])
+async def test_distributed_update_of_several_buckets_bodies(discipline):
+    # One update, two buckets: the discipline holds around both, the session spans both, and only the
+    # last bucket sets the version and flushes the cache (§3.3, §3.5).
+    names, dtypes, shapes = [["a", "b"], ["c"]], [["bfloat16"] * 2, ["float32"]], [[[2, 2], [4]], [[3]]]
+    async with FakeSGLang(weight_sessions=True) as s, client(s, weight_update=discipline) as b:
+        async with b.distributed_update(21, 2):
+            first = await b.update_weights_from_distributed(names[0], dtypes[0], shapes[0], 21, group_name="g")
+            last = await b.update_weights_from_distributed(names[1], dtypes[1], shapes[1], 21, group_name="g",
+                                                           flattened=True)
+    assert (first, last) == ({}, {s.url: 21})
+    assert s.requests("/update_weights_from_distributed") == [
+        {"names": ["a", "b"], "dtypes": ["bfloat16", "bfloat16"], "shapes": [[2, 2], [4]], "group_name": "g",
+         "flush_cache": False},
+        {"names": ["c"], "dtypes": ["float32"], "shapes": [[3]], "group_name": "g", "weight_version": "21",
+         "load_format": "flattened_bucket"}]  # abort_all_requests never: with several buckets abort is a pause
+    inner = ["/begin_weight_update", "/update_weights_from_distributed", "/update_weights_from_distributed",
+             "/end_weight_update"]
+    paused = {"pause": ["retract"], "abort": ["abort"], "wait": []}[discipline]
+    assert [p for p, _ in s.bodies] == ["/pause_generation"] * len(paused) + inner + [
+        "/continue_generation"] * len(paused)
+    assert [r["mode"] for r in s.requests("/pause_generation")] == paused
 
 
 async def test_v1_completions_body_and_stream():

@@ -235,6 +235,64 @@ async def test_failed_update_names_the_server_and_leaves_no_server_paused():
             await b.update_weights_from_disk("/ckpt/step-3", 3)
         assert not s1.paused and not s2.paused
         assert b.stats()["errors_pause"] == 1 and b.stats()["errors_update_weights_from_disk"] == 1
+        # s1 serves version 3 and s2 does not: s2 is out of rotation until the update is replayed on it
+        assert [s.healthy for s in b.router.servers] == [True, False] and b.stats()["ejections"] == 1
+
+
+async def test_a_disk_update_no_server_took_ejects_none():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        s1.failing = s2.failing = {"/update_weights_from_disk"}
+        with pytest.raises(BackendError, match="update_weights_from_disk failed on 2 of 2 servers"):
+            await b.update_weights_from_disk("/ckpt/step-3", 3)
+        # both still serve version 0, as they say: both stay (ejecting them all would stop generation)
+        assert len(b.router.healthy) == 2 and await b.weight_version() == {s1.url: 0, s2.url: 0}
+
+
+async def test_a_distributed_update_failing_midway_ejects_every_server_holding_part_of_it():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2, health_interval_s=0.05) as b:
+        with pytest.raises(BackendError, match=f"update_weights_from_distributed failed on 1 of 2 servers.*{s2.url}"):
+            async with b.distributed_update(4, 2):
+                s2.failing = {"/update_weights_from_distributed"}
+                await b.update_weights_from_distributed(["a"], ["float32"], [[2]], 4)
+                await b.update_weights_from_distributed(["b"], ["float32"], [[2]], 4)
+        # s1 took bucket 1 of 2 (the second was never sent) and s2 failed it: both hold weights of no
+        # version, still labelled 0
+        assert len(s1.requests("/update_weights_from_distributed")) == 1
+        assert [s.healthy for s in b.router.servers] == [False, False] and b.stats()["ejections"] == 2
+        assert s1.paused and s2.paused and not s1.requests("/continue_generation")  # held, not resumed
+        s1.failing = s2.failing = set()
+        while b.stats().get("readmissions_refused", 0) < 4:  # healthy, but version 0 is not theirs
+            await asyncio.sleep(0.02)
+        assert not b.router.healthy
+        async with b.distributed_update(5, 1):
+            assert await b.update_weights_from_distributed(["a", "b"], ["float32"] * 2, [[2], [2]], 5) == {
+                s1.url: 5, s2.url: 5}
+        assert len(b.router.healthy) == 2 and b.stats()["readmissions"] == 2 and not (s1.paused or s2.paused)
+        ids, _, chunks = await run(b, "after")
+        assert chunks[0].weight_version == 5
+
+
+async def test_a_server_that_took_every_bucket_stays_when_another_failed_the_last():
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
+        with pytest.raises(BackendError, match="update_weights_from_distributed failed on 1 of 2"):
+            async with b.distributed_update(4, 2):
+                await b.update_weights_from_distributed(["a"], ["float32"], [[2]], 4)
+                s2.failing = {"/update_weights_from_distributed"}
+                await b.update_weights_from_distributed(["b"], ["float32"], [[2]], 4)
+        assert [s.healthy for s in b.router.servers] == [True, False]
+        assert not s1.paused and s2.paused and await b.weight_version() == {s1.url: 4}
+
+
+async def test_wait_holds_new_requests_between_the_buckets_of_a_distributed_update():
+    async with FakeSGLang() as s, backend(s, weight_update="wait") as b:
+        async with b.distributed_update(2, 2):
+            await b.update_weights_from_distributed(["a"], ["float32"], [[2]], 2)
+            held = asyncio.create_task(run(b, "between"))
+            await asyncio.sleep(0.1)
+            assert not s.requests("/generate") and not held.done()  # it would run on half the new weights
+            await b.update_weights_from_distributed(["b"], ["float32"], [[2]], 2)
+        _, _, chunks = await held
+    assert {c.weight_version for c in chunks} == {2} and not s.requests("/pause_generation")
 
 
 async def test_behind_a_router_generation_goes_to_the_router_and_control_to_its_workers():
