@@ -1,4 +1,4 @@
-"""Every documented `--set KEY=VALUE` names a key that exists: the README's and each daemon's `--help`.
+"""Every documented `--set KEY=VALUE` names a key that exists: the README's, docs/'s and each daemon's `--help`.
 
 An example beside a command (`tidal trainer ... --set K=V`) must load in that daemon's config; one
 with no command before it in its paragraph must load in some daemon's. A placeholder value (`N`,
@@ -22,12 +22,13 @@ DAEMONS = {
     "serve": "tidal.engine.reference.config:ServeConfig",
     "trainer": "tidal.trainer.config:TrainerConfig",
     "engine": "tidal.engine.config:EngineConfig",
+    "run": "tidal.engine.runconfig:RunConfig",
 }
 """Each daemon's config class, imported when needed (the engine's may not exist yet: then skipped)."""
 
 _SET = re.compile(r"--set\s+(?!KEY=)([A-Za-z_][\w.]*)=([^\s`),;\]]+)")
 """`--set key=value`, not argparse's metavar `--set KEY=VALUE`."""
-_COMMAND = re.compile(r"tidal (serve|trainer|engine)\b")
+_COMMAND = re.compile(r"tidal (serve|trainer|engine|run)\b")
 _PLACEHOLDER = re.compile(r"[A-Z][A-Z_]*")
 
 
@@ -54,8 +55,15 @@ def _loads(cls: type, key: str, value: str) -> str | None:
 
 
 def readme_examples() -> list[tuple[str | None, str, str]]:
-    """(daemon named before it in its paragraph, or on its line in a code block, or None; key; value)."""
-    text = (ROOT / "README.md").read_text()
+    """(daemon named before it in its paragraph, or on its line in a code block, or None; key; value),
+    over README.md and every page of docs/."""
+    out = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        out += _examples(page.read_text())
+    return out
+
+
+def _examples(text: str) -> list[tuple[str | None, str, str]]:
     out = []
     for m in _SET.finditer(text):
         before = text[:m.start()]
