@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import abc
 import time
-from importlib.metadata import EntryPoint, entry_points
 from typing import ClassVar
 
 import msgspec
+from tidal.engine import plugins
 from tidal.engine.chat import Transcript
 from tidal.engine.config import AgentConfig, ChatAgentConfig, PluginAgentConfig
 from tidal.engine.generation import Generator
 from tidal.engine.render_pool import RenderWorkerError
 from tidal.engine.tasks import Task
 from tidal.envs.core import Env
-from tidal.protocol.errors import ConfigError, TidalError
+from tidal.protocol.errors import TidalError
 from tidal.protocol.messages import Trajectory, Turn
 
 __all__ = ["Agent", "ChatAgent", "EpisodeFailed", "trajectory_of", "create_agent", "GROUP"]
@@ -141,27 +141,10 @@ class ChatAgent(Agent):
         return f"{obs}\n{suffix}" if isinstance(suffix, str) and suffix else obs
 
 
-def available_agents() -> dict[str, str]:
-    """Agent name -> `module:Class`, entry points first, built-ins winning a clash."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)} | BUILTIN
-
-
 def create_agent(cfg: AgentConfig) -> Agent:
     """The agent a config section names, its options validated against its `config_type`."""
     match cfg:
         case PluginAgentConfig(name=name, options=options):
-            known = available_agents()
-            if name not in known:
-                raise ConfigError(f"agent {name!r} is not registered (group {GROUP}); available: {sorted(known)}")
-            try:
-                cls = EntryPoint(name, known[name], GROUP).load()
-            except (ImportError, AttributeError) as exc:
-                raise ConfigError(f"agent {name!r} ({known[name]}) cannot be loaded: {exc}") from exc
-            if not (isinstance(cls, type) and issubclass(cls, Agent)):
-                raise ConfigError(f"agent {name!r} ({known[name]}) is not a subclass of tidal.engine.agent.Agent")
-            try:
-                return cls(msgspec.convert(options, cls.config_type))
-            except msgspec.ValidationError as exc:
-                raise ConfigError(f"agent {name!r} options: {exc}") from None
+            return plugins.instantiate(plugins.load(GROUP, name, BUILTIN, Agent, "agent", "tidal.engine.agent.Agent"), options, "agent", name)
         case ChatAgentConfig():
             return ChatAgent(cfg)

@@ -9,12 +9,9 @@ and is chosen with `backend = {type = "plugin", name = "mybackend", options = {.
 installed distributions' metadata (`importlib.metadata`), so nothing is imported until it is chosen.
 """
 
-from importlib.metadata import EntryPoint, entry_points
-
-import msgspec
+from tidal.engine import plugins
 from tidal.engine.backends.base import Backend
 from tidal.engine.backends.config import BackendConfig, PluginConfig
-from tidal.protocol.errors import ConfigError
 
 __all__ = ["GROUP", "BUILTIN", "available_backends", "load_backend", "create_backend"]
 
@@ -29,31 +26,18 @@ BUILTIN = {
 
 def available_backends() -> dict[str, str]:
     """Backend name -> `module:Class`, entry points first, built-ins winning a clash."""
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)} | BUILTIN
+    return plugins.available(GROUP, BUILTIN)
 
 
 def load_backend(name: str) -> type[Backend]:
     """Import the backend class registered as `name`; `ConfigError` if unknown or not a `Backend`."""
-    known = available_backends()
-    if name not in known:
-        raise ConfigError(f"backend {name!r} is not registered (group {GROUP}); available: {sorted(known)}")
-    try:
-        cls = EntryPoint(name, known[name], GROUP).load()
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"backend {name!r} ({known[name]}) cannot be loaded: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise ConfigError(f"backend {name!r} ({known[name]}) is not a subclass of tidal.engine.backends.Backend")
-    return cls
+    return plugins.load(GROUP, name, BUILTIN, Backend, "backend", "tidal.engine.backends.Backend")
 
 
 def create_backend(cfg: BackendConfig) -> Backend:
     """The backend a config section names, built from its options (validated here, at load time)."""
     match cfg:
         case PluginConfig(name=name, options=options):
-            cls = load_backend(name)
-            try:
-                return cls(msgspec.convert(options, cls.config_type))
-            except msgspec.ValidationError as exc:
-                raise ConfigError(f"backend {name!r} options: {exc}") from None
+            return plugins.instantiate(load_backend(name), options, "backend", name)
         case _:
             return load_backend(type(cfg).__struct_config__.tag)(cfg)
