@@ -46,6 +46,8 @@ from tidal.protocol.config import add_config_args, load_config, load_partial, to
 from tidal.protocol.errors import TidalError
 from tidal.protocol.grants import GrantTable
 from tidal.protocol.messages import TrainerStatus, WeightsPublished
+from tidal.protocol.model_source import resolve_model
+from tidal.protocol.startup import reason, starting
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
 from tidal.trainer.config import DistributedPublish, MetricsConfig, TrainerConfig
@@ -97,13 +99,16 @@ def _seed(seed: int) -> None:
 def _build_learner(cfg: TrainerConfig, world: World):
     from tidal.trainer.learner import Learner
 
+    with starting(f"learner.model.path {cfg.learner.model.path!r}"):
+        resolve_model(cfg.learner.model.path)  # a missing directory or an unreachable hub id: one line, at once
     try:
         learner = Learner(
             cfg.learner, device=world.device, rank=world.rank, world_size=world.size,
             all_reduce=world.all_reduce if world.distributed else None,
         )
-    except OSError as exc:  # transformers' error for a missing or incomplete model directory
-        raise TidalError(f"learner.model.path {cfg.learner.model.path!r}: cannot load the model: {exc}") from None
+    except (OSError, ValueError) as exc:  # transformers' errors for a missing, incomplete or broken model
+        raise TidalError(f"learner.model.path {cfg.learner.model.path!r}: cannot load the model: "
+                         f"{reason(exc)}") from None
     world.parallelize(learner)
     return learner
 

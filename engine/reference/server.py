@@ -29,10 +29,10 @@ from tidal.engine.reference import control, openai
 from tidal.engine.reference.api import ApiError, Sampling, json_encode
 from tidal.engine.reference.config import ServeConfig, ServerState
 from tidal.engine.reference.generate import handle_generate
-from tidal.engine.reference.model_source import ModelSource, resolve_model
 from tidal.engine.reference.scheduler import Scheduler, Seq
 from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError
+from tidal.protocol.model_source import ModelSource, resolve_model
 from tidal.protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
 from tidal.protocol.startup import add_debug_arg, run_main, starting
 
