@@ -3,14 +3,19 @@
 PR_SET_PDEATHSIG (engine/supervise.py) takes down the direct children of a SIGKILLed `tidal run`,
 but not their own subprocesses: a server's workers, torchrun's ranks (in sessions of their own).
 Those would be orphans. The guard is a small process that `tidal run` starts first, with a pipe on
-its stdin, on which `tidal run` writes the pid of each child it starts, one per line. The guard
-ignores the signals a terminal sends (Ctrl-C, hang-up: `tidal run` handles those and stops its
-children in order), and every `SCAN_S` seconds, or when a line comes, it records each child and
-every process below it, with their start times. When the pipe closes, at `tidal run`'s clean end or
-at its death (the kernel closes the pipe then), it SIGKILLs every recorded process still alive (the
-same pid with the same start time, so a reused pid is never hit) and exits. A subprocess started
-less than `SCAN_S` before the death may escape; everything older does not. What `tidal run` starts
-otherwise (a library's helper process) is not the guard's. Stdlib only, so it starts in milliseconds.
+its stdin, on which `tidal run` writes the pid of each child it starts, one per line (each child
+leads a process group of its own). The guard ignores the signals a terminal sends (Ctrl-C, hang-up:
+`tidal run` handles those and stops its children in order), and every `SCAN_S` seconds, or when a
+line comes, it records each child and every process below it, with their start times, and which of
+the children's process groups still have members.
+
+When the pipe closes, at `tidal run`'s clean end or at its death (the kernel closes the pipe then),
+it SIGKILLs every recorded process that is still the same process (same pid, same start time: a
+reused pid is never hit) and every member of those process groups, then exits. A group keeps its
+id after its leader died, so a subprocess started just before the end dies with its group; only one
+that left its child's group (a new session) less than `SCAN_S` before the end can escape. What
+`tidal run` starts otherwise (a library's helper process) is not the guard's. Stdlib only, so it
+starts in milliseconds.
 """
 
 import os
@@ -18,51 +23,61 @@ import select
 import signal
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["tree", "main", "SCAN_S"]
+__all__ = ["Proc", "snapshot", "below", "main", "SCAN_S"]
 
 SCAN_S = 0.5
-"""Period of the guard's scans of the process tree."""
+"""Period of the guard's scans of the process table."""
 
 
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state, start time in clock ticks) of `pid`, or None once it is gone."""
+class Proc(NamedTuple):
+    ppid: int
+    pgid: int
+    state: str
+    """One letter, as ps shows it; "Z" is a zombie (dead, not yet reaped)."""
+    start: int
+    """Start time in clock ticks after boot: with the pid, names one process for good."""
+
+
+def _stat(pid: int) -> Proc | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return int(fields[1]), fields[0].decode(), int(fields[19])
+    return Proc(int(fields[1]), int(fields[2]), fields[0].decode(), int(fields[19]))
 
 
-def tree(root: int) -> dict[int, int]:
-    """Every living process below `root`: pid -> start time."""
-    children: dict[int, list[int]] = {}
+def snapshot() -> dict[int, Proc]:
+    """Every living (not zombie) process: pid -> Proc."""
+    procs = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := _stat(int(entry))) is not None and st[1] != "Z":
-            children.setdefault(st[0], []).append(int(entry))
+        if entry.isdigit() and (p := _stat(int(entry))) is not None and p.state != "Z":
+            procs[int(entry)] = p
+    return procs
+
+
+def below(procs: dict[int, Proc], roots) -> dict[int, int]:
+    """Every process in `procs` below one of `roots`: pid -> start time."""
+    children: dict[int, list[int]] = {}
+    for pid, p in procs.items():
+        children.setdefault(p.ppid, []).append(pid)
     found: dict[int, int] = {}
-    todo = [root]
+    todo = list(roots)
     while todo:
         for pid in children.get(todo.pop(), ()):
-            if (st := _stat(pid)) is None:
-                continue
-            found[pid] = st[2]
-            todo.append(pid)
+            if pid not in found:
+                found[pid] = procs[pid].start
+                todo.append(pid)
     return found
 
 
-def _kill(known: dict[int, int]) -> int:
-    """SIGKILL each recorded process that is still the same process; returns how many."""
-    killed = 0
-    for pid, started in known.items():
-        st = _stat(pid)
-        if st is not None and st[2] == started and st[1] != "Z":
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-    return killed
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,23 +90,31 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     roots: dict[int, int] = {}
     """The children `tidal run` named, while they run: pid -> start time."""
+    leaders: set[int] = set()
+    """Every child ever named: the ids of their process groups."""
     known: dict[int, int] = {}
+    """The children and everything below them seen so far, while they live: pid -> start time."""
+    groups: set[int] = set()
+    """The children's process groups that had a member at the latest scan."""
     partial = b""
     while True:
         readable, _, _ = select.select([0], [], [], SCAN_S)
         data = os.read(0, 4096) if readable else b""
+        procs = snapshot()
         if readable and not data:  # the pipe closed: tidal run ended or died
-            _kill(known)
+            _kill([pid for pid, start in known.items() if pid in procs and procs[pid].start == start])
+            _kill([pid for pid, p in procs.items() if p.pgid in groups])
             return 0
         *lines, partial = (partial + data).split(b"\n")
         for line in lines:
-            if line.strip().isdigit() and (st := _stat(int(line))) is not None:
-                roots[int(line)] = st[2]
-        roots = {pid: started for pid, started in roots.items() if (st := _stat(pid)) and st[2] == started}
-        known = {pid: started for pid, started in known.items() if _stat(pid) is not None}
-        for pid, started in roots.items():
-            known[pid] = started
-            known.update(tree(pid))
+            if line.strip().isdigit() and int(line) in procs:
+                roots[int(line)] = procs[int(line)].start
+                leaders.add(int(line))
+        roots = {pid: start for pid, start in roots.items() if pid in procs and procs[pid].start == start}
+        known = {pid: start for pid, start in known.items() if pid in procs and procs[pid].start == start}
+        known.update(roots)
+        known.update(below(procs, roots))
+        groups = {procs[pid].pgid for pid in known if procs[pid].pgid in leaders}
 
 
 if __name__ == "__main__":

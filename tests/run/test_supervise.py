@@ -19,6 +19,8 @@ STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); 
 WITH_WORKER = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; "
                "time.sleep(3600)']); print('worker', w.pid, flush=True); time.sleep(3600)")
 """A child with a subprocess of its own (in its process group)."""
+WITH_SESSION_WORKER = WITH_WORKER.replace("time.sleep(3600)'])", "time.sleep(3600)'], start_new_session=True)")
+"""A child whose subprocess leaves its process group (a session of its own, as torchrun's ranks)."""
 
 
 def test_stop_escalates_to_sigkill_of_the_whole_group(tmp_path):
@@ -70,7 +72,8 @@ PARENT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not pdeathsig_supported(), reason="PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("body", [STUBBORN, WITH_WORKER], ids=["stubborn", "with-worker"])
+@pytest.mark.parametrize("body", [STUBBORN, WITH_WORKER, WITH_SESSION_WORKER],
+                         ids=["stubborn", "with-worker", "with-worker-in-its-own-session"])
 def test_a_sigkilled_parent_takes_its_children_and_their_subprocesses_down(tmp_path, body):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), body], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
@@ -78,7 +81,8 @@ def test_a_sigkilled_parent_takes_its_children_and_their_subprocesses_down(tmp_p
         assert parent.stdout.readline().strip() == "started"
         wait_until(lambda: all((tmp_path / f"c{i}.log").read_text().count("\n") >= 2 for i in range(2)), 30,
                    "the children to be up")
-        time.sleep(2 * SCAN_S)  # the guard records subprocesses within SCAN_S of their start
+        if body is WITH_SESSION_WORKER:
+            time.sleep(2 * SCAN_S)  # out of its parent's group, a subprocess is the guard's once it was scanned
         procs = descendants(parent.pid)
         assert len(procs) >= 3  # the guard and two children (and, with-worker, two workers)
         parent.kill()
