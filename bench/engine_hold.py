@@ -15,7 +15,9 @@ Loop lag: the engine's own `engine/loop_lag_ms` (the worst delay of a periodic w
 period) where its JSONL has it; otherwise how late each metrics record came after its period (the same
 measure taken from outside: the daemon writes a record after every `every_s` sleep). A level holds when
 in-flight episodes reached N and the 90th percentile of those per-period worst lags stays within
-`LAG_LIMIT_MS`; levels rise until one does not. Each connection is a file descriptor in both the engine
+`LAG_LIMIT_MS`; levels rise until one does not. The window falls in the episodes' first turns (all
+start together), so contexts are a few hundred tokens: RSS per episode is mostly its fixed cost
+(task, transcript, stream, env), and grows with the tokens an episode holds. Each connection is a file descriptor in both the engine
 and the server, so the backend's connection pool is capped below the file limit (what exceeds it waits
 for a connection, still in flight).
 """
