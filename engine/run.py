@@ -82,6 +82,10 @@ class Stopped(Exception):
     """A signal asked the run to stop."""
 
 
+class Finished(Exception):
+    """The run is over (a limit, or a child that ended it); the message says why."""
+
+
 class RunFailed(TidalError, RuntimeError):
     """The run cannot go on; the message says why (a dead child: with the tail of its log)."""
 
@@ -127,9 +131,10 @@ class Run:
                 try:
                     self._prepare()
                     self._start_all()
-                    outcome = self._supervise()
-                    self._event("finished", reason=outcome)
-                    self.console.say(f"finished: {outcome}")
+                    self._supervise()
+                except Finished as done:
+                    self._event("finished", reason=str(done))
+                    self.console.say(f"finished: {done}")
                 except Stopped:
                     code = 128 + self.signals[0]
                     self._event("stopping", reason=signal.Signals(self.signals[0]).name)
@@ -293,6 +298,7 @@ class Run:
         deadline = time.monotonic() + timeout
         while True:
             self._check_signals()
+            self._check_time()
             self._tick()
             result = ready()
             if result:
@@ -308,25 +314,30 @@ class Run:
 
     # --- supervision
 
-    def _supervise(self) -> str:
-        max_s = self.cfg.max_minutes * 60
+    def _supervise(self) -> None:
+        """Watch the children until the run is over (raises Finished) or a signal comes (Stopped)."""
         while True:
             self._check_signals()
+            self._check_time()
             self._tick()
-            if max_s and time.monotonic() - self._started >= max_s:
-                return f"max_minutes ({self.cfg.max_minutes:g}) reached"
             for name, child in list(self.children.items()):
                 code = child.poll()
                 if code is None:
                     continue
                 if code == 0 and name == "trainer":
                     steps = self.metrics.steps
-                    return f"the trainer stopped at step {steps}" + (
-                        " (max_steps)" if self.cfg.max_steps and steps >= self.cfg.max_steps else "")
+                    raise Finished(f"the trainer stopped at step {steps}" + (
+                        " (max_steps)" if self.cfg.max_steps and steps >= self.cfg.max_steps else ""))
                 if code == 0 and name == "engine":
-                    return "the engine stopped by itself (engine.max_episodes)"
+                    raise Finished("the engine stopped by itself (engine.max_episodes)")
                 self._recover(name, code)
             time.sleep(POLL_S)
+
+    def _check_time(self) -> None:
+        """max_minutes counts from the start of `tidal run`, start-up included."""
+        limit = self.cfg.max_minutes * 60
+        if limit and time.monotonic() - self._started >= limit:
+            raise Finished(f"max_minutes ({self.cfg.max_minutes:g}) reached")
 
     def _recover(self, name: str, code: int) -> None:
         """A child died: report it, restart it within the limit (and whatever dies meanwhile), or fail."""

@@ -129,3 +129,17 @@ def test_a_bad_env_id_fails_before_anything_starts(runs, tiny_model_dir):
     assert run.wait(120) == 2
     assert "tasks[0].env" in run.output() and "NoSuchGame" in run.output()
     assert not run.events("started")
+
+
+def test_max_minutes_counts_from_the_start_and_ends_the_run_cleanly(runs, tiny_model_dir):
+    """Even a server that never gets ready: the wall-clock limit ends the run, exit code 0."""
+    cfg = run_toml(tiny_model_dir, max_steps=0, max_minutes=0.25,
+                   inference={"type": "sglang", "port": 1, "args": ["--fake-hang"]},
+                   restart={"stop_timeout_s": 2.0, "ready_timeout_s": 600.0})
+    run = runs(cfg, env={"PYTHONPATH": str(FAKE_SGLANG)})
+    log = run.run_dir / "logs" / "server.log"
+    run.wait_for(lambda: log.exists() and "worker pid" in log.read_text(), 60, "the stand-in server")
+    procs = run.tree()
+    assert run.wait(120) == 0, run.logs()
+    assert "max_minutes (0.25) reached" in run.events("finished")[0]["reason"]
+    wait_until(lambda: not survivors(procs), 30, "no survivor")
