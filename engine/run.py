@@ -1,5 +1,6 @@
-"""`tidal run [CONFIG]`: the main job. Starts the inference server, the trainer and the engine as child
-processes, wires them together, supervises them and shows how the run goes.
+"""`tidal run [CONFIG]`: the main job, an inference server, the trainer and the engine, supervised.
+
+Starts the three as child processes, wires them together, supervises them and shows how the run goes.
 
 Start order: model (built or downloaded) -> server (its readiness line, or /model_info) -> trainer
 (binds port 0; its `ready` record names the endpoints) -> engine (pointed at both; its `ready`
