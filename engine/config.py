@@ -181,6 +181,11 @@ class TrainerLinkConfig(Strict):
     """Spool size at which new episodes stop starting (back-pressure, never a drop)."""
     status_timeout_s: Seconds = 10.0
     """No status from the trainer for this long: admission stops until it is heard again."""
+    curve_secret_key: str = ""
+    """CURVE across hosts: this engine's `.key_secret` file from `tidal keys` ("" with curve_server_key
+    "": no encryption, for loopback). Set both or neither."""
+    curve_server_key: str = ""
+    """CURVE across hosts: the trainer's public `trainer.key` file from `tidal keys`."""
 
 
 class EngineMetricsConfig(Strict):

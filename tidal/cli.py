@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "envs": ("tidal.envs.cli", "list, check and try environments"),
     "model": ("tidal.engine.reference.tiny", "write test checkpoints: `tidal model tiny DIR`, the tiny model of the docs"),
     "bench": ("tidal.bench.cli", "reproducible throughput benchmarks (JSON + table)"),
+    "keys": ("tidal.protocol.keys", "CURVE key pairs for engines and a trainer on different hosts"),
 }
 
 

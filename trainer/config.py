@@ -58,6 +58,12 @@ class IntakeConfig(Strict):
     commit: Literal["checkpoint", "step"] = "checkpoint"
     """When engines may forget a trajectory: once a durable checkpoint covers it (no loss across a crash),
     or once a step has used it (smaller engine windows; a crash loses the steps since the checkpoint)."""
+    curve_secret_key: str = ""
+    """CURVE across hosts: the trainer's `trainer.key_secret` file from `tidal keys` ("" with
+    curve_allowed_dir "": no encryption or authentication, for loopback). Set both or neither."""
+    curve_allowed_dir: str = ""
+    """CURVE across hosts: directory of the engines' public `*.key` files (`tidal keys` makes DIR/engines);
+    an engine whose key is not there is refused and counted. Keys added or removed apply at the next connection."""
 
     def __post_init__(self) -> None:
         if self.batch_size % self.group_size:

@@ -143,6 +143,9 @@ class ChannelStats(msgspec.Struct):
     """both: frames that failed strict decoding (counted, dropped; the channel keeps going)"""
     last_error: str = ""
     """both: the message of the last rejection"""
+    refused: int = 0
+    """both, with CURVE keys: failed handshakes (receiver: a peer without an allowed key; sender: the
+    trainer refused this engine's key)"""
 
 
 _encoder = msgspec.msgpack.Encoder()

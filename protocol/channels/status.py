@@ -19,6 +19,7 @@ import time
 import msgspec
 import zmq
 import zmq.asyncio
+from tidal.protocol.channels.curve import ClientKeys, CurveGuard, ServerKeys
 from tidal.protocol.channels.frames import bind
 from tidal.protocol.errors import ProtocolError
 from tidal.protocol.messages import (
@@ -54,6 +55,9 @@ class StatusStats(msgspec.Struct):
     rejected: int = 0
     """both: frames that failed strict decoding (counted, dropped)"""
     last_error: str = ""
+    refused: int = 0
+    """both, with CURVE keys: failed handshakes (publisher: a subscriber without an allowed key;
+    subscriber: the trainer refused this engine's key)"""
 
 
 def _kind(msg: StatusMessage) -> str:
@@ -71,12 +75,16 @@ class StatusPublisher:
     """Trainer side: `async with StatusPublisher("tcp://127.0.0.1:0") as pub: await pub.publish(s)`."""
 
     def __init__(
-        self, endpoint: str, *, heartbeat_s: float = 1.0, context: zmq.asyncio.Context | None = None
+        self, endpoint: str, *, heartbeat_s: float = 1.0, context: zmq.asyncio.Context | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
+        """`curve`: the trainer's keys (protocol/channels/curve.py); None: no encryption (loopback)."""
         self.endpoint = endpoint
         self.stats = StatusStats()
         self._heartbeat_s = heartbeat_s
         self._context = context
+        self._curve = curve
+        self._guard: CurveGuard | None = None
         self._latest: dict[str, bytes] = {}  # kind -> encoded latest message
         self._tasks: list[asyncio.Task] = []
         self._sock: zmq.asyncio.Socket | None = None
@@ -87,18 +95,27 @@ class StatusPublisher:
         sock.linger = 0
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         try:
+            if self._curve is not None:
+                self._guard = CurveGuard(sock, self._curve, "status publisher", ctx)
+                self._guard.secure()
             self.endpoint = await bind(sock, self.endpoint)
         except BaseException:
+            if self._guard is not None:
+                await self._guard.close()
             sock.close(linger=0)
             raise
         self._sock = sock
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._heartbeat())]
+        if self._guard is not None:
+            self._guard.start(self.stats)
         return self
 
     async def __aexit__(self, *exc) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._guard is not None:
+            await self._guard.close()
         self._sock.close(linger=0)
 
     async def publish(self, msg: StatusMessage) -> None:
@@ -136,9 +153,12 @@ class StatusSubscriber:
     """
 
     def __init__(
-        self, endpoint: str, *, capacity: int = 64, context: zmq.asyncio.Context | None = None
+        self, endpoint: str, *, capacity: int = 64, context: zmq.asyncio.Context | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
+        """`curve`: this engine's keys and the trainer's public key; None: no encryption (loopback)."""
         self.endpoint = endpoint
+        self._curve = curve
         self.stats = StatusStats()
         self.latest_status: TrainerStatus | None = None
         self.latest_weights: WeightsPublished | None = None
@@ -156,16 +176,24 @@ class StatusSubscriber:
         sock = ctx.socket(zmq.SUB)
         sock.linger = 0
         sock.subscribe(b"")
+        self._guard = None
+        if self._curve is not None:
+            self._guard = CurveGuard(sock, self._curve, "status subscriber")
+            self._guard.secure()
         sock.connect(self.endpoint)
         self._sock = sock
         self._task = asyncio.create_task(self._read())
         self._task.add_done_callback(lambda _: self._changed.set())  # a dead reader wakes recv()
+        if self._guard is not None:
+            self._guard.start(self.stats)
         return self
 
     async def __aexit__(self, *exc) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._guard is not None:
+            await self._guard.close()
         self._sock.close(linger=0)
 
     async def recv(self) -> StatusMessage:

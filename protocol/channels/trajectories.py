@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 
 import zmq
 import zmq.asyncio
+from tidal.protocol.channels.curve import ClientKeys, CurveGuard, ServerKeys
 from tidal.protocol.channels.dedup import MAX_STREAMS, DedupState, SeqSet, StreamTable
 from tidal.protocol.channels.fastio import FastSocket, tune_allocator
 from tidal.protocol.channels.frames import (
@@ -113,7 +114,10 @@ class TrajectorySender:
         context: zmq.asyncio.Context | None = None,
         on_commit: Callable[[list[int]], None] | None = None,
         report: Callable[[], tuple[int, int, int]] | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
+        """`curve`: this engine's keys and the trainer's public key (protocol/channels/curve.py);
+        None: no encryption (loopback)."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.endpoint = endpoint
@@ -126,6 +130,8 @@ class TrajectorySender:
         self._context = context
         self._on_commit = on_commit
         self._report = report
+        self._curve = curve
+        self._guard: CurveGuard | None = None
         """() -> (started, in_flight, capacity) for each heartbeat: what the trainer's grants need."""
         self._next_seq = 1
         self._unacked: dict[int, _Pending] = {}  # insertion order is seq order
@@ -153,17 +159,24 @@ class TrajectorySender:
         sock.sndhwm = self._window
         sock.heartbeat_ivl = 1000  # notice a vanished trainer host and reconnect
         sock.heartbeat_timeout = 5000
+        if self._curve is not None:
+            self._guard = CurveGuard(sock, self._curve, f"engine {self.engine_id} trajectory sender")
+            self._guard.secure()
         sock.connect(self.endpoint)
         self._sock = sock
         self._io = FastSocket(sock)
         self._room.set()
         self._empty.set()
         self._tasks = [asyncio.create_task(self._read_acks()), asyncio.create_task(self._tick())]
+        if self._guard is not None:
+            self._guard.start(self.stats)
         return self
 
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
         self._io.close()
+        if self._guard is not None:
+            await self._guard.close()
         self._sock.close(linger=0)
 
     async def send(self, traj: Trajectory) -> int:
@@ -289,7 +302,10 @@ class TrajectoryReceiver:
         dedup_state: DedupState | None = None,
         auto_commit: bool = False,
         context: zmq.asyncio.Context | None = None,
+        curve: ServerKeys | None = None,
     ) -> None:
+        """`curve`: the trainer's keys and the engines it admits (protocol/channels/curve.py); None:
+        no encryption and no authentication (loopback)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.endpoint = endpoint
@@ -298,6 +314,8 @@ class TrajectoryReceiver:
         self._capacity = capacity
         self._auto_commit = auto_commit
         self._context = context
+        self._curve = curve
+        self._guard: CurveGuard | None = None
         self._seen = StreamTable(dedup_state)  # held by this incarnation: queued, delivered or committed
         self._committed = StreamTable(dedup_state)
         self._items: collections.deque[Delivery] = collections.deque()
@@ -327,8 +345,13 @@ class TrajectoryReceiver:
         sock.heartbeat_ivl = 1000
         sock.heartbeat_timeout = 5000
         try:
+            if self._curve is not None:
+                self._guard = CurveGuard(sock, self._curve, "trajectory receiver", ctx)
+                self._guard.secure()
             self.endpoint = await bind(sock, self.endpoint)
         except BaseException:
+            if self._guard is not None:
+                await self._guard.close()
             sock.close(linger=0)
             raise
         self._sock = sock
@@ -336,12 +359,16 @@ class TrajectoryReceiver:
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send_acks())]
         for task in self._tasks:
             task.add_done_callback(self._on_task_done)
+        if self._guard is not None:
+            self._guard.start(self.stats)
         return self
 
     async def __aexit__(self, *exc) -> None:
         await _cancel(self._tasks)
         self._flush_acks()  # what was committed is acknowledged before the socket goes
         self._io.close()
+        if self._guard is not None:
+            await self._guard.close()
         self._sock.close(linger=ACK_LINGER_MS)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
