@@ -11,8 +11,9 @@ where the kernel allows, an empty network namespace):
 - address space (RLIMIT_AS) so a memory hog gets MemoryError instead of the machine's memory;
 - CPU seconds (RLIMIT_CPU) as a backstop to the parent's wall-clock timeout;
 - bytes any one file may grow to (RLIMIT_FSIZE), which also caps captured stdout/stderr;
-- an audit hook that refuses sockets and new processes, so without a network namespace the code
-  still cannot open a connection, and cannot start a process that would run without the hook;
+- an audit hook that refuses sockets, new processes and signals, so without a network namespace the
+  code still cannot open a connection, cannot start a process that would run without the hook, and
+  cannot signal the process that started it (the engine, or its env worker);
   the same hook refuses writes, deletes and renames outside the temporary working directory, and
   reads under `hidden_dirs` (the parent passes the tidal `envs` package, where tasks, their tests
   and reference solutions live, so a policy cannot learn to read the answers).
@@ -36,6 +37,9 @@ _BLOCKED_EVENTS = {
     "os.fork": "starting processes",
     "os.forkpty": "starting processes",
     "pty.spawn": "starting processes",
+    "os.kill": "signalling processes",
+    "os.killpg": "signalling processes",
+    "signal.pthread_kill": "signalling processes",
 }
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
