@@ -113,7 +113,12 @@ class _Authenticator(AsyncioAuthenticator):
 
     async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
         if domain in self.dirs:  # keys added or removed take effect at the next handshake
-            self.certs[domain] = load_certificates(self.dirs[domain])
+            try:
+                self.certs[domain] = load_certificates(self.dirs[domain])
+            except (OSError, ValueError) as exc:  # the directory is gone or unreadable: admit no one
+                log.error("cannot read the allowed CURVE keys in %s (every client is refused): %s",
+                          self.dirs[domain], exc)
+                self.certs[domain] = {}
         allowed, reason = await super()._authenticate_curve(domain, client_key)
         if not allowed:
             self.denied += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import stat
 
 import pytest
@@ -19,6 +20,8 @@ from tidal.protocol.errors import ConfigError
 from tidal.protocol.keys import main as keys_main
 from tidal.protocol.keys import make_keys
 from tidal.protocol.messages import TrainerStatus, Trajectory, Turn
+
+from tidal.cli import main as cli_main
 
 
 def trajectory(i: int) -> Trajectory:
@@ -63,6 +66,8 @@ def test_tidal_keys_lays_out_pairs_and_the_allowed_directory(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in root.glob("*.key_secret") if p.name in before} == before
     assert (root / "engines" / "late.key").exists()
     assert keys_main([str(root), "--names", "trainer"]) == 2
+    assert cli_main(["keys", str(tmp_path / "via-cli")]) == 0  # `tidal keys` is the same command
+    assert (tmp_path / "via-cli" / "engines" / "engine-0.key").exists()
 
 
 def test_key_config_errors_name_the_key(tmp_path, keys):
@@ -129,6 +134,12 @@ async def test_keys_added_or_removed_take_effect_at_the_next_handshake(keys):
                                     heartbeat_s=0.05) as tx:
             send = asyncio.create_task(tx.send(trajectory(3)))
             await until(lambda: rx.stats.refused >= 1, "a refusal")
+            send.cancel()
+        assert rx.stats.delivered == 1
+        shutil.rmtree(root / "engines")  # the allowed directory vanishes: no one is admitted, nothing breaks
+        async with TrajectorySender(rx.endpoint, "late", curve=engine_keys(late, "late"), heartbeat_s=0.05) as tx:
+            send = asyncio.create_task(tx.send(trajectory(4)))
+            await until(lambda: rx.stats.refused >= 2, "a second refusal")
             send.cancel()
         assert rx.stats.delivered == 1
 
