@@ -37,6 +37,7 @@ from tidal.engine.sink import TrajectorySink
 from tidal.engine.tasks import TaskSource
 from tidal.engine.weights import WeightSync
 from tidal.protocol.channels import StatusSubscriber
+from tidal.protocol.channels.curve import client_keys
 from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError, TidalError
 from tidal.protocol.messages import Drain, Pause, Resume, Shutdown, TrainerStatus, WeightsPublished
@@ -129,15 +130,17 @@ class Engine:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.drain, DRAIN_S, True)
         link = cfg.trainer
+        curve = client_keys(link.curve_secret_key, link.curve_server_key)  # ConfigError names the key
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.backend)
             with starting(f"cannot open the spool (trainer.spool_dir {link.spool_dir!r}) or reach "
                           f"trainer.endpoint {link.endpoint!r}"):
                 self.sink = await stack.enter_async_context(TrajectorySink(
                     link.endpoint, cfg.name, link.spool_dir, window=link.window,
-                    max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts))
+                    max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts,
+                    curve=curve))
             with starting(f"cannot subscribe to trainer.status_endpoint {link.status_endpoint!r}"):
-                status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint))
+                status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint, curve=curve))
             if cfg.model.render_workers:
                 with starting(f"cannot start model.render_workers = {cfg.model.render_workers} render workers"):
                     self.render_pool = await stack.enter_async_context(

@@ -34,6 +34,7 @@ from collections.abc import Callable
 import zmq.asyncio
 from tidal.engine.spool import RecordId, Spool, SpoolError
 from tidal.protocol.channels import TrajectorySender
+from tidal.protocol.channels.curve import ClientKeys
 from tidal.protocol.messages import Trajectory
 
 __all__ = ["TrajectorySink", "READ_BATCH"]
@@ -63,6 +64,7 @@ class TrajectorySink:
         context: zmq.asyncio.Context | None = None,
         epoch: int | None = None,
         report: Callable[[], tuple[int, int, int]] | None = None,
+        curve: ClientKeys | None = None,
     ) -> None:
         """`epoch` names this incarnation's stream (default: now) and must be new for each run: seqs
         start again at 1, so an old epoch would make the trainer take resent records for duplicates.
@@ -77,7 +79,7 @@ class TrajectorySink:
         reporting = {} if report is None else {"report": report}  # a sender option only where given
         self._tx = TrajectorySender(
             endpoint, engine_id, window=window, resend_after_s=resend_after_s, heartbeat_s=heartbeat_s,
-            context=context, on_commit=self._on_commit, epoch=epoch, **reporting,
+            context=context, on_commit=self._on_commit, epoch=epoch, curve=curve, **reporting,
         )
         self._spool: Spool | None = None
         # put() -> writer: groups waiting for the next append, with the future each put() awaits

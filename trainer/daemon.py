@@ -264,6 +264,7 @@ class Daemon:
 
     async def run(self) -> int:
         from tidal.protocol.channels import DedupState, StatusPublisher, TrajectoryReceiver
+        from tidal.protocol.channels.curve import server_keys
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -271,10 +272,11 @@ class Daemon:
         dedup = msgspec.msgpack.decode(self.dedup, type=DedupState) if self.dedup else None
         async with contextlib.AsyncExitStack() as stack:
             intake = self.cfg.intake
+            curve = server_keys(intake.curve_secret_key, intake.curve_allowed_dir)  # ConfigError names the key
             try:
-                rx = await stack.enter_async_context(
-                    TrajectoryReceiver(intake.endpoint, capacity=intake.capacity, dedup_state=dedup))
-                status = await stack.enter_async_context(StatusPublisher(intake.status_endpoint))
+                rx = await stack.enter_async_context(TrajectoryReceiver(
+                    intake.endpoint, capacity=intake.capacity, dedup_state=dedup, curve=curve))
+                status = await stack.enter_async_context(StatusPublisher(intake.status_endpoint, curve=curve))
             except zmq.ZMQError as exc:
                 raise TidalError(
                     f"cannot bind intake.endpoint {intake.endpoint!r} / intake.status_endpoint "

@@ -161,8 +161,6 @@ async def test_status_reaches_an_allowed_engine_and_no_stranger(keys, tmp_path):
 # --- the daemons -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the daemons do not pass the curve_* config keys to the channels yet: "
-                   "trainer/daemon.py, engine/daemon.py and engine/sink.py need curve=server_keys(...)/client_keys(...)")
 async def test_the_trainer_daemon_serves_status_only_to_engines_with_keys(tmp_path, tiny_model_dir, keys):
     from tests.trainer.proc import TrainerProcess, trainer_toml
 
