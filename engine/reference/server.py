@@ -14,6 +14,7 @@ libraries' progress bars and info lines are left out unless `--debug`.
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -80,8 +81,9 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         admin = request.path in _ADMIN_PATHS and cfg.admin_api_key
         expected = cfg.admin_api_key if admin else cfg.api_key
-        if expected and given != expected:
-            if given and given in (cfg.api_key, cfg.admin_api_key):
+        if expected and not hmac.compare_digest(given.encode(), expected.encode()):
+            if given and any(k and hmac.compare_digest(given.encode(), k.encode())
+                             for k in (cfg.api_key, cfg.admin_api_key)):
                 return _rejected(request, 403, {"error": "Forbidden"}, "a key that is not this endpoint's")
             return _rejected(request, 401, {"error": "Unauthorized"}, "no or an unknown bearer key")
     try:
@@ -230,7 +232,18 @@ def build_state(cfg: ServeConfig, stepper) -> ServerState:
     name = cfg.server.served_model_name or cfg.model.path or "tidal-simulated"
     scheduler = Scheduler(stepper, max_running=max_running, version=cfg.server.weight_version)
     return ServerState(cfg=cfg, stepper=stepper, scheduler=scheduler, model_path=cfg.model.path or name,
-                       served_model_name=name, launch_command=" ".join(sys.argv))
+                       served_model_name=name, launch_command=_redacted(sys.argv))
+
+
+def _redacted(argv: list[str]) -> str:
+    """The command line /server_info shows, with every key replaced: the normal key's holder may read it."""
+    out, hide = [], False
+    for arg in argv:
+        name, eq, _ = arg.partition("=")
+        secret = any(k in name for k in ("api-key", "api_key"))
+        out.append("***" if hide else f"{name}=***" if secret and eq else arg)
+        hide = secret and not eq
+    return " ".join(out)
 
 
 def build_app(state: ServerState) -> web.Application:

@@ -110,8 +110,6 @@ async def test_dressed_up_paths_get_no_further(keyed, path):
         assert status in (401, 404, 405), f"{method} {path} -> {status} {body[:200]!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="/server_info's launch_command is sys.argv joined, --admin-api-key included: "
-                   "a normal key's holder reads the admin key (engine/reference/server.py build_state)")
 async def test_no_answer_repeats_a_key(admin_keyed):
     """A normal key's holder reads /server_info, /model_info and /metrics: the admin key is in none."""
     for path in ("/server_info", "/get_server_info", "/model_info", "/metrics", "/v1/models"):
