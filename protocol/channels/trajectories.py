@@ -72,6 +72,10 @@ sender had at most 2 x COALESCE_BATCH unacknowledged: a small window would other
 ACK_LINGER_MS = 200
 """How long a closing receiver's socket may keep trying to deliver its last acks."""
 
+MAX_FRAME_BYTES = 256 << 20
+"""The largest frame the receiver reads (ZMQ_MAXMSGSIZE): far above any trajectory (a 1M-token one is
+13 MiB), so that a hostile or broken peer announcing gigabytes is disconnected instead of buffered."""
+
 MAX_AHEAD = 1 << 16
 """A seq this far beyond a stream's watermark is rejected: no honest sender's window is that large,
 and accepting it would let one bad frame grow the out-of-order set without bound."""
@@ -342,6 +346,7 @@ class TrajectoryReceiver:
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
         sock.rcvhwm = self._capacity
+        sock.maxmsgsize = MAX_FRAME_BYTES  # a peer announcing more is dropped at the frame's header
         sock.heartbeat_ivl = 1000
         sock.heartbeat_timeout = 5000
         try:

@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 RECEIVER = """
 import asyncio
 from tidal.protocol.channels import TrajectoryReceiver
@@ -52,9 +50,6 @@ def zmtp_dealer(port: int) -> socket.socket:
     return s
 
 
-@pytest.mark.xfail(strict=True, reason="protocol/channels/trajectories.py sets no ZMQ MAXMSGSIZE on the receiver's "
-                   "ROUTER: a frame announcing 4 GiB is accepted and buffered as it streams in (set sock.maxmsgsize "
-                   "to a bound well above the largest trajectory, e.g. 256 MiB, and the peer is dropped at the header)")
 def test_an_oversized_frame_is_refused_at_its_header():
     child = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
     try:
