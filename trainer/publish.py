@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -161,9 +162,18 @@ class DistributedPublisher:
         from torch.distributed import TCPStore
 
         self._drop()
+        # TCPStore alone listens on every interface; the rendezvous is unauthenticated, so it listens on
+        # master_address only (loopback by default): a socket bound here is handed to the store.
+        family = socket.AF_INET6 if ":" in self.cfg.master_address else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.cfg.master_address, self.cfg.master_port))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        fd = listener.detach()  # the store owns the descriptor from here on, and closes it
         self._store = TCPStore(
-            self.cfg.master_address, self.cfg.master_port, self.world_size, is_master=True,
-            timeout=timedelta(seconds=self.cfg.timeout_s), wait_for_workers=False,
+            self.cfg.master_address, port, self.world_size, is_master=True,
+            timeout=timedelta(seconds=self.cfg.timeout_s), wait_for_workers=False, master_listen_fd=fd,
         )
         self.port = self._store.port
         self.group_id = secrets.token_hex(8)

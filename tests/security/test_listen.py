@@ -75,9 +75,6 @@ async def test_serve_trainer_and_engine_listen_on_loopback_only(tmp_path, tiny_m
         server.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/publish.py DistributedPublisher._host: torch's TCPStore binds '::' "
-                   "(every interface) whatever master_address says; bind a socket to (master_address, master_port) "
-                   "and pass TCPStore(..., master_listen_fd=sock.fileno()) (works with the default libuv store)")
 def test_the_weight_sync_rendezvous_listens_on_its_master_address():
     """The trainer's TCPStore for update_weights_from_distributed: unauthenticated, so loopback unless configured."""
     import os
