@@ -40,6 +40,8 @@ class Admission:
         self.paused = False
         self.draining = False
         self.spool_full = False
+        self.serving = True
+        """False while the backend has no server in rotation (every episode would fail at once)."""
         self.started = 0
         """Episodes started by this engine."""
         self.in_flight = 0
@@ -66,6 +68,8 @@ class Admission:
             return "no_trainer"
         if self.spool_full:
             return "spool_full"
+        if not self.serving:
+            return "no_server"
         if self.in_flight + self.group_size > self.max_concurrent:
             return "concurrency"
         if self.started + self.group_size > self.allowance():

@@ -161,6 +161,8 @@ class Engine:
                 self._follow(status), self.weights.run(), self._watch(status), self._report(), self._lag())]
             if cfg.eval.every_versions and cfg.rollout.engine_index == 0:
                 helpers.append(asyncio.create_task(self._evaluate()))
+            for task in helpers:
+                task.add_done_callback(self._helper_done)
             try:
                 await self.rollout.run()
                 # Everything finished is in the spool already; the trainer commits at its checkpoints,
@@ -210,6 +212,15 @@ class Engine:
         groups = self.rollout.cancel()
         if groups:
             log.warning("drain deadline passed: %d groups still running were cancelled (lost work)", groups)
+
+    def _helper_done(self, task: asyncio.Task) -> None:
+        """A helper loop (status, weights, watch, metrics, eval) must not die quietly: the daemon stops."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("engine task %s failed", task.get_coro().__qualname__, exc_info=exc)
+        self.failure = f"{task.get_coro().__qualname__} failed: {type(exc).__name__}: {exc}"
+        self.drain(0.0, True)
 
     def _report_counts(self) -> tuple[int, int, int]:
         """(started, in_flight, capacity) for the trainer's grants."""
@@ -284,16 +295,21 @@ class Engine:
             self.rollout.changed()
 
     async def _watch(self, sub: StatusSubscriber) -> None:
-        """Trainer liveness and the spool's bound, polled: both stop admission while they hold."""
+        """Trainer liveness, the spool's bound and whether any server serves, polled: each stops admission
+        while it holds."""
         timeout = self.cfg.trainer.status_timeout_s
         while True:
             fresh = sub.last_heard is not None and time.monotonic() - sub.last_heard < timeout
             full = self.sink.full
-            if (fresh, full) != (self.admission.status_fresh, self.admission.spool_full):
-                if not fresh and self.admission.status_fresh:
+            serving = self.backend.serving() is not False
+            a = self.admission
+            if (fresh, full, serving) != (a.status_fresh, a.spool_full, a.serving):
+                if not fresh and a.status_fresh:
                     log.warning("no word from the trainer at %s for %.0fs: admission stops until it is heard",
                                 self.cfg.trainer.status_endpoint, timeout)
-                self.admission.status_fresh, self.admission.spool_full = fresh, full
+                if not serving and a.serving:
+                    log.warning("no inference server in rotation: admission waits for one to pass a health probe")
+                a.status_fresh, a.spool_full, a.serving = fresh, full, serving
                 self.rollout.changed()
             await asyncio.sleep(0.1)
 

@@ -170,6 +170,11 @@ class Backend(abc.ABC):
     async def destroy_weights_group(self, group_name: str = wire.WEIGHT_UPDATE_GROUP) -> None:
         raise Unsupported(f"{type(self).__name__} has no weight-update group")
 
+    def serving(self) -> bool | None:
+        """Whether any server is in rotation now (None: this backend cannot tell). The engine admits no
+        episode while it is False: each would fail at once."""
+        return None
+
     def stats(self) -> dict[str, int]:
         """Counters since start: requests, tokens, retries, errors by kind, ejections..."""
         return {}

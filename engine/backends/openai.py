@@ -77,6 +77,9 @@ class OpenAIBackend(Backend):
             await self._session.close()
             self._session = None
 
+    def serving(self) -> bool:
+        return bool(self.router.healthy)
+
     def stats(self) -> dict[str, int]:
         """Counters since start: requests, chunks, tokens, retries, aborts, ejections, readmissions,
         errors_<kind> per `BackendError.kind`; gauges servers_healthy and in_flight."""

@@ -158,6 +158,9 @@ class SGLangBackend(SGLangControl, Backend):
             await self._session.close()
             self._session = None
 
+    def serving(self) -> bool:
+        return bool(self.router.healthy)
+
     def stats(self) -> dict[str, int]:
         """Counters since start (absent until first counted) and two gauges:
 

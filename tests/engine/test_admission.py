@@ -93,3 +93,12 @@ def test_horizon_schedule_raises_the_turn_limit_with_the_version():
     assert RolloutConfig().max_turns_at(7, 5) == 5
     with pytest.raises(ValueError, match="versions must increase"):
         RolloutConfig(horizon=[(10, 4), (0, 2)])
+
+
+def test_no_server_in_rotation_blocks_admission():
+    a = _admission()
+    a.status = _status(grant=100)
+    a.serving = False
+    assert a.blocked() == "no_server"
+    a.serving = True
+    assert a.blocked() is None

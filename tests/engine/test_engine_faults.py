@@ -178,3 +178,25 @@ async def test_sigkill_then_restart_delivers_the_spool_and_loses_only_episodes_i
     m = second.last_metrics()
     assert m["engine/sink/recovered"] == len(spooled) and m["engine/sink/pending"] == 0, m
     assert trainer.duplicates >= 12  # received before the kill, never acknowledged: resent from the spool
+
+
+async def test_with_every_server_down_admission_waits_instead_of_failing_episodes(tmp_path, tiny_model_dir,
+                                                                                 engines):
+    async with ReferenceServer(tiny_model_dir) as server, \
+            Standin(batch_size=4, group_size=2, max_staleness=4, weights_path=str(tiny_model_dir)) as trainer:
+        cfg = engine_toml(tmp_path, tiny_model_dir, server.url, trainer.endpoints,
+                          backend={"type": "sglang", "urls": [server.url], "health_interval_s": 0.3,
+                                   "max_retries": 1, "eject_after": 1})
+        engine = engines(cfg)
+        await asyncio.to_thread(engine.start)
+        await trainer.wait_for(8)
+        await asyncio.to_thread(server.kill)
+        await _until(lambda: engine.last_metrics().get("engine/admission_blocked/no_server", 0) >= 1, 60,
+                     "admission to wait for a server")
+        failed = engine.last_metrics().get("engine/errors/backend_error", 0)
+        await asyncio.sleep(3)
+        m = engine.last_metrics()
+        assert m.get("engine/errors/backend_error", 0) == failed <= 16  # at most those in flight at the kill
+        received = len(trainer.received)
+        await asyncio.to_thread(server.restart)
+        await _until(lambda: len(trainer.received) >= received + 8, 120, "episodes after the server is back")
