@@ -64,7 +64,7 @@ from tidal.trainer.distributed import (
 )
 from tidal.trainer.intake import Batch, Intake, IntakePump
 from tidal.trainer.learner import NonFiniteStep
-from tidal.trainer.publish import PublishError, make_publisher
+from tidal.trainer.publish import DiskPublisher, PublishError, make_publisher
 from tidal.trainer.sampling import SamplingMonitor
 
 __all__ = ["main", "Daemon"]
@@ -290,10 +290,12 @@ class Daemon:
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint,
                                  device=self.world.device, dtype=self.learner.dtype, **urls)
-            if self.resumed_from is not None:
-                # Servers may serve versions this trainer published after its checkpoint and then lost;
-                # the checkpoint's weights, published again, put them back in step with the trainer. After
-                # `ready`: a distributed publish waits for the engine, which may be wired from that record.
+            lost_future = isinstance(self.publisher, DiskPublisher) and self.publisher.published(after=self.version)
+            if self.resumed_from is not None or lost_future:
+                # Servers may serve versions this trainer published after its checkpoint (or, with none, in
+                # an earlier run) and then lost; the trainer's weights, published again, put them back in
+                # step with it. After `ready`: a distributed publish waits for the engine, which may be
+                # wired from that record.
                 await self._maybe_publish(force=True)
                 await self._published()
             try:

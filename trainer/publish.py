@@ -70,6 +70,10 @@ class DiskPublisher:
         """`write` in a thread, so the event loop (intake, status) runs while the file is written."""
         return await asyncio.to_thread(self.write, version, tensors)
 
+    def published(self, *, after: int = -1) -> list[Path]:
+        """Version directories in `dir` newer than `after`, oldest first."""
+        return [p for p in sorted(self.dir.glob("v[0-9]*")) if p.name[1:].isdigit() and int(p.name[1:]) > after]
+
     def write(self, version: int, tensors: Mapping) -> WeightsPublished:
         """Publish synchronously: write `tensors` as version `version` (atomically: a temporary
         directory renamed to `vXXXXXXXX`), drop versions beyond `keep_last`, and return the notice to
@@ -99,6 +103,8 @@ class DiskPublisher:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        for newer in self.published(after=version):  # a lost future (published after the checkpoint resumed)
+            shutil.rmtree(newer, ignore_errors=True)
         for old in sorted(self.dir.glob("v[0-9]*"))[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_bytes, self.last_seconds = nbytes, time.perf_counter() - t0

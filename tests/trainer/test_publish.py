@@ -287,3 +287,19 @@ async def test_publish_serve_and_the_learner_scores_the_served_tokens_as_the_ser
     # the comparison has teeth: the base weights (what the server held before) score them otherwise
     base = Learner(load_config(LearnerConfig, overrides=overrides)).logprobs([traj])[0][mask == 1]
     assert np.abs(base - np.asarray(mu)).max() > 1e-3
+
+
+def test_a_version_written_below_published_ones_removes_that_lost_future(tmp_path):
+    """A trainer restored from an older checkpoint (or starting anew) republishes its version: the versions
+    published after it were lost with the trainer that made them, and must not outlive it (nor make
+    keep_last delete the version just written)."""
+    import torch
+    from tidal.trainer.config import DiskPublish
+    from tidal.trainer.publish import DiskPublisher
+
+    pub = DiskPublisher(DiskPublish(dir=str(tmp_path / "w"), keep_last=2), str(tmp_path / "nomodel"))
+    for v in (4, 5, 6):
+        pub.write(v, {"w": torch.full((2,), float(v))})
+    assert [p.name for p in pub.published()] == ["v00000005", "v00000006"]
+    notice = pub.write(3, {"w": torch.zeros(2)})
+    assert [p.name for p in pub.published()] == ["v00000003"] and notice.source.path.endswith("v00000003")
