@@ -51,7 +51,7 @@ Gamma = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
 class GRPOConfig(Strict, tag="grpo", tag_field="type"):
-    """Group-relative advantages: A_i = (s_i - mean_g s) / (std_g s + eps), arXiv:2402.03300 §4.1.2.
+    """Group-relative advantages: A_i = (s_i - mean_g s) / (std_g s + eps), arXiv:2402.03300, section 4.1.2.
 
     Departures: the std is the unbiased sample std (as TRL and verl), and a group of one gets A = 0
     (no baseline exists). `norm_std = false` is Dr. GRPO (arXiv:2503.20783), which argues the std
