@@ -40,8 +40,8 @@ from tidal.trainer.config import (
     MetricsConfig,
     TrainerConfig,
 )
-from tidal.trainer.learner import LearnerConfig, OptimConfig
-from tidal.trainer.learner import ModelConfig as LearnerModelConfig
+from tidal.trainer.learner_config import LearnerConfig, OptimConfig
+from tidal.trainer.learner_config import ModelConfig as LearnerModelConfig
 
 __all__ = [
     "RunModelConfig",

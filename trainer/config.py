@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Meta
 from tidal.protocol.config import Strict
 from tidal.trainer.advantages import GRPOConfig, RLOOConfig
-from tidal.trainer.learner import LearnerConfig, resolve_dtype
+from tidal.trainer.learner_config import LearnerConfig, resolve_dtype
 
 __all__ = [
     "IntakeConfig",

@@ -47,7 +47,7 @@ from tidal.protocol.errors import TidalError
 from tidal.protocol.grants import GrantTable
 from tidal.protocol.messages import TrainerStatus, WeightsPublished
 from tidal.protocol.model_source import resolve_model
-from tidal.protocol.startup import reason, starting
+from tidal.protocol.startup import StartupError, reason
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
 from tidal.trainer.config import DistributedPublish, MetricsConfig, TrainerConfig
@@ -99,8 +99,10 @@ def _seed(seed: int) -> None:
 def _build_learner(cfg: TrainerConfig, world: World):
     from tidal.trainer.learner import Learner
 
-    with starting(f"learner.model.path {cfg.learner.model.path!r}"):
-        resolve_model(cfg.learner.model.path)  # a missing directory or an unreachable hub id: one line, at once
+    try:  # a missing directory or an unreachable hub id: one line, at once, before torch loads anything
+        resolve_model(cfg.learner.model.path)
+    except StartupError as exc:
+        raise StartupError(f"learner.model.path: {exc}") from None
     try:
         learner = Learner(
             cfg.learner, device=world.device, rank=world.rank, world_size=world.size,

@@ -29,23 +29,18 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Annotated, Literal
 
-import msgspec
 import numpy as np
 import torch
-from msgspec import Meta
-from tidal.protocol.config import Strict
 from tidal.protocol.messages import Trajectory
 from tidal.trainer.advantages import (
-    AdvantageConfig,
     GAEConfig,
-    GRPOConfig,
     ReinforcePPConfig,
     compute_advantages,
 )
-from tidal.trainer.losses import DecoupledPPOConfig, LossConfig, LossInputs, policy_loss, value_loss
-from tidal.trainer.packing import MicroBatch, PackingConfig, build, padding_fraction, plan
+from tidal.trainer.learner_config import LearnerConfig, ModelConfig, OptimConfig, resolve_dtype
+from tidal.trainer.losses import LossInputs, policy_loss, value_loss
+from tidal.trainer.packing import MicroBatch, build, padding_fraction, plan
 from tidal.trainer.sampling import temperature
 
 __all__ = ["ModelConfig", "OptimConfig", "LearnerConfig", "Learner", "NonFiniteStep", "resolve_dtype",
@@ -90,72 +85,6 @@ METRICS = {
 class NonFiniteStep(ArithmeticError):
     """Every update of a step had a non-finite loss or gradient norm, so none was applied: the model,
     optimiser, schedule and version are as before the step (verl and AReaL skip such updates too)."""
-
-
-class ModelConfig(Strict):
-    """The policy model."""
-
-    path: str
-    """A directory `AutoModelForCausalLM.from_pretrained` loads (safetensors + config + tokenizer)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Parameter dtype. "auto" (`resolve_dtype`): float32 on a CPU, bfloat16 on a GPU. bfloat16 trains
-    in pure bf16, with no fp32 master copy: right for a large model on a GPU, but an update much
-    smaller than a weight (lr 1e-6 on weights near 1) rounds away in bf16, and a CPU gains no speed
-    from it. A CPU run should use float32, which "auto" picks there."""
-    attn_implementation: str = "sdpa"
-    """transformers attention kernel: sdpa (CPU/GPU), flash_attention_2 (varlen packing on GPU), eager."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, about a third more compute."""
-    temperature: Annotated[float, Meta(gt=0)] = 1.0
-    """Temperature for trajectories that do not record theirs. The learner divides logits by each
-    trajectory's own `sampling["temperature"]` (trainer/sampling.py `temperature`), so logp is the
-    same tempered full-vocabulary log_softmax that mu is; this value stands in where it is missing."""
-
-
-class OptimConfig(Strict):
-    """AdamW, gradient clipping and the learning-rate schedule."""
-
-    lr: Annotated[float, Meta(gt=0)] = 1e-6
-    """Peak learning rate. 1e-6 suits fine-tuning a pretrained LLM of 1B+ parameters; a tiny model on a
-    CPU (the test model, `tidal run`'s default) moves visibly only from about 1e-3, which is what the
-    tests and a CPU smoke run set (`--set learner.optim.lr=1e-3`)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: Annotated[float, Meta(gt=0)] = 1e-8
-    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
-    max_grad_norm: Annotated[float, Meta(ge=0)] = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping (the norm is still reported)."""
-    schedule: Literal["constant", "cosine"] = "constant"
-    """After warmup: constant, or cosine decay to min_lr_ratio * lr at total_steps."""
-    warmup_steps: Annotated[int, Meta(ge=0)] = 0
-    """Linear warmup from 0 over this many optimiser updates."""
-    total_steps: Annotated[int, Meta(ge=1)] = 1000
-    """Length of the cosine schedule in optimiser updates."""
-    min_lr_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.0
-    minibatches: Annotated[int, Meta(ge=1)] = 1
-    """Optimiser updates per step, each on a slice of the batch (AReaL's ppo_n_minibatches)."""
-
-
-class LearnerConfig(Strict):
-    """Everything one training step depends on."""
-
-    model: ModelConfig
-    optim: OptimConfig = msgspec.field(default_factory=OptimConfig)
-    loss: LossConfig = msgspec.field(default_factory=DecoupledPPOConfig)
-    advantage: AdvantageConfig = msgspec.field(default_factory=GRPOConfig)
-    packing: PackingConfig = msgspec.field(default_factory=PackingConfig)
-
-    @property
-    def needs_reference(self) -> bool:
-        """A frozen reference model is kept when a KL penalty uses it."""
-        return self.loss.kl_coef > 0 or (isinstance(self.advantage, ReinforcePPConfig) and self.advantage.kl_coef > 0)
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """ModelConfig.dtype as used on `device` ("cpu", "cuda", "cuda:1"): "auto" is float32 on a CPU and
-    bfloat16 on a GPU; an explicit dtype is kept."""
-    if dtype != "auto":
-        return dtype
-    return "float32" if torch.device(device).type == "cpu" else "bfloat16"
 
 
 def _lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:

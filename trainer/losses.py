@@ -16,11 +16,10 @@ Each loss config is one member of the tagged union `LossConfig`, picked by `type
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
-from msgspec import Meta
-from tidal.protocol.config import Strict
+from tidal.trainer.learner_config import DecoupledPPOConfig, LossConfig, TISConfig
 from torch import Tensor
 
 __all__ = [
@@ -34,46 +33,6 @@ __all__ = [
     "value_loss",
     "policy_loss",
 ]
-
-Coef = Annotated[float, Meta(ge=0)]
-
-
-class _Common(Strict):
-    is_cap: Annotated[float, Meta(ge=1.0)] = 2.0
-    """C: the behaviour importance weight min(pi_prox / mu, C) is capped here (truncated IS as in
-    Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training", and
-    AReaL's behave_imp_weight_cap); the fraction of tokens capped is reported."""
-    is_mode: Literal["truncate", "mask"] = "truncate"
-    """Above C: `truncate` the weight to C (TIS), or `mask` the token out (weight 0), as AReaL's
-    rejection sampling and IcePop do for tokens too far off-policy to trust."""
-    kl_coef: Coef = 0.0
-    """Weight of the k3 KL penalty to a frozen reference model (0: no reference model is loaded)."""
-    entropy_coef: Coef = 0.0
-    """Weight of the entropy bonus (subtracted from the loss)."""
-    agg: Literal["token", "sequence"] = "token"
-    """Loss aggregation: mean over every trained token of the step, or mean of per-sequence means."""
-
-
-class DecoupledPPOConfig(_Common, tag="ppo", tag_field="type"):
-    """Decoupled PPO (Hilton et al. arXiv:2110.00641; AReaL arXiv:2505.24298): clip against pi_prox,
-    weight by pi_prox / mu."""
-
-    clip_low: Annotated[float, Meta(ge=0, lt=1)] = 0.2
-    """epsilon below: the ratio pi_theta / pi_prox is clipped at 1 - clip_low."""
-    clip_high: Annotated[float, Meta(ge=0)] = 0.2
-    """epsilon above: clipped at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
-
-
-class TISConfig(_Common, tag="tis", tag_field="type"):
-    """Plain policy gradient with truncated importance sampling: -min(pi_prox / mu, C) * A * log pi_theta.
-
-    The weight is detached (it corrects the sampling distribution, it is not optimised), as in
-    slime, verl and OpenRLHF's TIS.
-    """
-
-
-LossConfig = DecoupledPPOConfig | TISConfig
-
 
 class LossInputs(NamedTuple):
     """One micro-batch's trained tokens, each (T,)."""

@@ -28,27 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from msgspec import Meta
-from tidal.protocol.config import Strict
+from tidal.trainer.learner_config import PackingConfig
 
 __all__ = ["PackingConfig", "MicroBatch", "first_fit_decreasing", "plan", "build", "padding_fraction"]
-
-
-class PackingConfig(Strict):
-    """How a step's sequences become micro-batches (one forward/backward each)."""
-
-    token_budget: Annotated[int, Meta(ge=1)] = 4096
-    """Token slots per micro-batch (rows x row length), padding included."""
-    strategy: Literal["pack", "pad"] = "pack"
-    """`pack` (first-fit-decreasing, no cross-attention) or `pad` (naive padding, for comparison)."""
-    row_tokens: Annotated[int, Meta(ge=0)] = 0
-    """Width of a packed row; 0: the step's longest sequence (best for sdpa/eager, see above)."""
-    pad_to_multiple: Annotated[int, Meta(ge=1)] = 1
-    """Round each packed row up to a multiple of this (8 or 64 help GPU kernels; 1 on CPU)."""
 
 
 @dataclass
