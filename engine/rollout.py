@@ -77,6 +77,8 @@ class Rollout:
         try:
             async with asyncio.TaskGroup() as tg:
                 while True:
+                    if self.gen.backend.serving() is False:  # checked here too: a failed episode ejects at once
+                        self.admission.serving = False
                     reason = self.admission.blocked()
                     if reason in ("draining", "max_episodes"):
                         break
