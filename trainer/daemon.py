@@ -47,7 +47,7 @@ from tidal.protocol.errors import TidalError
 from tidal.protocol.grants import GrantTable
 from tidal.protocol.messages import TrainerStatus, WeightsPublished
 from tidal.protocol.model_source import resolve_model
-from tidal.protocol.startup import StartupError, reason
+from tidal.protocol.startup import StartupError, add_debug_arg, fail, reason
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
 from tidal.trainer.config import DistributedPublish, MetricsConfig, TrainerConfig
@@ -639,6 +639,7 @@ def _obey(world: World, learner) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tidal trainer", description=__doc__.splitlines()[0])
     add_config_args(parser, TrainerConfig)
+    add_debug_arg(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     world = World.from_env()
     try:
@@ -648,8 +649,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(TrainerConfig, args.config, args.overrides)
     except TidalError as exc:
-        print(f"tidal trainer: {exc}", file=sys.stderr)
-        return 2
+        return fail("tidal trainer", exc, debug=args.debug)
     world.strategy = cfg.distributed.strategy
     try:
         world.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
@@ -663,7 +663,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             daemon.telemetry.close()
     except TidalError as exc:
-        print(f"tidal trainer: {exc}", file=sys.stderr)
-        return 2
+        return fail("tidal trainer", exc, debug=args.debug)
     finally:
         world.close()
