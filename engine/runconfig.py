@@ -26,6 +26,7 @@ from tidal.engine.config import (
     ChatAgentConfig,
     EngineConfig,
     EngineMetricsConfig,
+    EvalConfig,
     ModelConfig,
     RolloutConfig,
     SamplingConfig,
@@ -33,6 +34,7 @@ from tidal.engine.config import (
 )
 from tidal.engine.reference.config import ServeConfig, ServerSection
 from tidal.protocol.config import Strict
+from tidal.trainer.advantages import ReBNConfig
 from tidal.trainer.config import (
     CheckpointConfig,
     DiskPublish,
@@ -55,13 +57,17 @@ __all__ = [
     "TensorBoardConfig",
     "RunConfig",
     "TINY_BUILDER",
+    "TASK_BUILDER",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(gt=0)]
 
 TINY_BUILDER = "tidal.engine.reference.tiny:build_tiny_model"
-"""The model-building step of the CPU default: a 2-layer random Llama and a byte tokenizer."""
+"""A 2-layer random Llama and a byte tokenizer (the test model; it generates noise)."""
+TASK_BUILDER = "tidal.engine.reference.task_model:build_task_model"
+"""The model-building step of the CPU default: a 2-layer random Llama over a word-level vocabulary of
+the default game's words, so that a move is one token."""
 
 
 class RunModelConfig(Strict):
@@ -73,7 +79,7 @@ class RunModelConfig(Strict):
     build_tiny: bool | None = None
     """Build a model into <run_dir>/model before anything starts and use it by path (a resumed run
     reuses it); the step is `builder`, run in a child process. Not set: build when `path` is "". """
-    builder: str = TINY_BUILDER
+    builder: str = TASK_BUILDER
     """The model-building step: "module:function" called as function(path, **builder_kwargs) to write
     a checkpoint (weights, config, tokenizer with a chat template) into `path`. An experiment's own
     model-building step goes here."""
@@ -183,24 +189,42 @@ class TensorBoardConfig(Strict):
 
 
 # --- the default experiment ------------------------------------------------------------------------
-# Provisional: the tiny random model on GuessTheNumber (easy), short enough for `make run` on a CPU.
+# The CPU default: a random 2-layer Llama whose vocabulary is the game's words (TASK_BUILDER) learns
+# GuessTheNumber 1-8 in 4 turns, one token per move, with terse feedback ("guess 1-8", "higher",
+# "lower", "correct"). Greedy eval success goes from ~0.1 to 1.0 (binary search) in about 100 steps
+# of 256 episodes: 2.5 minutes on two shared cores. Why each value (measured):
+# - ReBN with gamma 0.8 rewards solving in fewer turns, the signal that tells binary search apart from
+#   strategies that solve 7 of the 8 numbers; GRPO stalled there in half the seeds.
+# - 8 optimiser updates of 32 episodes per step: small updates learn per episode, a large step
+#   amortises publishing and weight loading; the cosine decay lets the greedy policy settle.
+# - lr 2e-3 with that decay: at a constant 2e-3, or at 3e-3, some runs collapsed to a deterministic,
+#   wrong policy (a gradient spike, then entropy near 0 and nothing left to learn from).
+
+
+GUESS_TASK = {"low": 1, "high": 8, "max_turns": 4, "moves": "bare", "terse": True}
+"""GuessTheNumber as the CPU default plays it: the words of task_model.GUESS_WORDS, one token a move."""
 
 
 def _default_engine() -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(max_context=1024),
-        tasks=[TaskConfig(env="games:GuessTheNumber-v0", kwargs={"difficulty": "easy"})],
-        agent=ChatAgentConfig(max_turns=4, max_new_tokens=12),
+        model=ModelConfig(max_context=512),
+        tasks=[TaskConfig(env="games:GuessTheNumber-v0", kwargs=dict(GUESS_TASK))],
+        agent=ChatAgentConfig(max_turns=4, max_new_tokens=1),
         sampling=SamplingConfig(seed=0),
-        rollout=RolloutConfig(group_size=4, max_concurrent=32),
+        rollout=RolloutConfig(group_size=4, max_concurrent=256),
+        eval=EvalConfig(every_versions=5, episodes=64),
         metrics=EngineMetricsConfig(every_s=2.0, console=False),
     )
 
 
 def _default_trainer() -> TrainerConfig:
     return TrainerConfig(
-        learner=LearnerConfig(model=LearnerModelConfig(path="", dtype="float32"), optim=OptimConfig(lr=1e-3)),
-        intake=IntakeConfig(batch_size=16, group_size=4, max_staleness=1),
+        learner=LearnerConfig(
+            model=LearnerModelConfig(path="", dtype="float32"),
+            optim=OptimConfig(lr=2e-3, minibatches=8, schedule="cosine", total_steps=960, min_lr_ratio=0.1),
+            advantage=ReBNConfig(gamma=0.8),
+        ),
+        intake=IntakeConfig(batch_size=256, group_size=4, max_staleness=1, capacity=1024, max_uncommitted=768),
         checkpoint=CheckpointConfig(every_steps=10),
         metrics=MetricsConfig(console=False),
     )
@@ -228,7 +252,7 @@ class RunConfig(Strict):
     sync: bool = False
     """Synchronous rollouts, the classic loop (the engine's rollout.mode = "sync", the trainer's
     intake.max_staleness = 0); `tidal run --sync` sets it."""
-    max_steps: NonNegInt = 20
+    max_steps: NonNegInt = 120
     """Stop after this many trainer steps (the trainer's max_steps); 0: no limit."""
     max_minutes: Annotated[float, Meta(ge=0)] = 15.0
     """Stop after this much wall-clock time; 0: no limit."""
