@@ -128,11 +128,23 @@ def bubblewrap() -> str | None:
     return bwrap if done.returncode == 0 else None
 
 
+@functools.cache
+def _interpreter_dirs() -> tuple[str, ...]:
+    """The interpreter's directories that lie under /tmp, outermost only: the sandbox's /tmp is empty,
+    so they are bound back read-only (a virtual environment in a checkout under /tmp, say)."""
+    found = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                   os.path.dirname(os.path.realpath(sys.executable)))
+                    if os.path.realpath(p).startswith("/tmp/")})
+    return tuple(p for p in found if not any(p != q and p.startswith(q + "/") for q in found))
+
+
 def _contained(bwrap: str, work: str, hidden: list[str], argv: list[str]) -> list[str]:
     """`argv` under bubblewrap: read-only root, `work` writable, each hidden directory an empty tmpfs
     (except one that holds the working directory or the interpreter: the audit hook guards that one)."""
     keep = [os.path.realpath(p) for p in (work, sys.prefix, sys.base_prefix, sys.exec_prefix)]
     args = [bwrap, *_BWRAP_BASE, "--bind", work, work, "--ro-bind", str(_BOOT), _BOOT_INSIDE]
+    for path in _interpreter_dirs():  # under /tmp (a checkout or venv there): the tmpfs above hid them
+        args += ["--ro-bind", path, path]
     for path in hidden:
         real = os.path.realpath(path)
         if os.path.isdir(real) and not any(os.path.commonpath([k, real]) == real for k in keep):
