@@ -29,8 +29,10 @@ step costs on this machine, the part of the overhead that no env layer can remov
 """
 
 import asyncio
+import contextlib
 import functools
 import importlib.util
+import io
 import random
 import statistics
 import time
@@ -243,7 +245,8 @@ def main(argv: list[str]) -> int:
             for pool in (gem_pool, noop_pool, *adapter_pools.values()):
                 pool.clear()
             # GEM's vector envs (2048 more envs, a pool of 1024 threads) live only for their own rounds
-            vectors = {mode: gem.make_vec([GEM_ID] * VEC_ENVS, async_mode=mode, seed=0) for mode in (False, True)}
+            with contextlib.redirect_stdout(io.StringIO()):  # GEM prints "SyncVectorEnv with N environments."
+                vectors = {mode: gem.make_vec([GEM_ID] * VEC_ENVS, async_mode=mode, seed=0) for mode in (False, True)}
             rounds({
                 ("gem_sync_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[False], actions, secs)),
                 ("gem_async_vector", GEM_ID, VEC_ENVS): plain_gem(lambda secs: _gem_vector(vectors[True], actions, secs)),
