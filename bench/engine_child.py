@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tomli_w
 
-__all__ = ["EngineChild", "engine_config", "tokenizer_dir", "proc_cpu_s", "proc_rss_mib", "proc_runqueue_wait_s"]
+__all__ = ["EngineChild", "engine_config", "merge_sections", "tokenizer_dir", "proc_cpu_s", "proc_rss_mib", "proc_runqueue_wait_s"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -57,6 +57,17 @@ def tokenizer_dir(path: Path) -> Path:
     return path
 
 
+def merge_sections(cfg: dict, sections: dict) -> dict:
+    """`cfg` with `sections` over it: a dict with no `type` key merges into the section it names, anything
+    else (a tagged union's variant, a list, a value) replaces it."""
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
+            cfg[name] = {**cfg[name], **values}
+        else:
+            cfg[name] = values
+    return cfg
+
+
 def engine_config(model_dir: Path, server_url: str, endpoints: dict, workdir: Path, **sections) -> dict:
     """An engine config against one server and the trainer at `endpoints`; `sections` update it.
 
@@ -72,12 +83,7 @@ def engine_config(model_dir: Path, server_url: str, endpoints: dict, workdir: Pa
         "trainer": {**endpoints, "spool_dir": str(workdir / "spool"), "window": 1 << 16, "max_spool_mb": 1 << 14},
         "metrics": {"jsonl": str(workdir / "engine.jsonl"), "every_s": 0.5, "console": False},
     }
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
-            cfg[name] = {**cfg[name], **values}
-        else:
-            cfg[name] = values
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 class EngineChild:

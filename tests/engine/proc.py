@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import tomli_w
+from tidal.bench.engine_child import merge_sections
 
 from tests.trainer.proc import records
 
@@ -25,12 +26,7 @@ def engine_toml(tmp: Path, model_dir, server_url: str, trainer_ready: dict, **se
                     "spool_dir": str(tmp / "spool"), "window": 256},
         "metrics": {"jsonl": str(tmp / "engine.jsonl"), "every_s": 0.5, "console": False},
     }
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
-            cfg[name] = {**cfg[name], **values}
-        else:
-            cfg[name] = values
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 class EngineProcess:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import tomli_w
+from tidal.bench.engine_child import merge_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,12 +24,7 @@ def trainer_toml(tmp: Path, model_dir, **sections) -> dict:
         "publish": {"type": "disk", "dir": str(tmp / "weights")},
         "metrics": {"jsonl": str(tmp / "metrics.jsonl"), "console": False},
     }
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
-            cfg[name] = {**cfg[name], **values}
-        else:
-            cfg[name] = values
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 async def served(http, url: str) -> tuple[list[float], str]:
