@@ -21,6 +21,10 @@ BENCHES = {
     "engine": "tidal.bench.engine",
     "async-vs-sync": "tidal.bench.async_vs_sync",
     "render": "tidal.bench.render",
+    "learning": "tidal.bench.learning",
+    "staleness": "tidal.bench.staleness",
+    "soak": "tidal.bench.soak",
+    "all": "tidal.bench.all",
 }
 
 
