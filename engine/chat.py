@@ -57,6 +57,21 @@ class TranscriptStateError(TidalError, RuntimeError):
     """A `Transcript` method called out of order (e.g. an observation while a turn is still open)."""
 
 
+def _scrub(text: str) -> str:
+    """`text` with each lone surrogate (JSON's "\\ud800" decodes to one) as U+FFFD: neither a tokenizer
+    nor the UTF-8 of a wire takes one, and a tool's output must not fail the episode for it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _message(m: Mapping[str, Any]) -> dict:
+    """A copy of one chat message whose text fields are scrubbed of lone surrogates."""
+    return {k: _scrub(v) if isinstance(v, str) else v for k, v in m.items()}
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         return None
@@ -238,7 +253,7 @@ class Transcript:
                  template_kwargs: Mapping[str, Any] | None = None, prompt: PromptResult | None = None):
         """`prompt`: the first render of `messages`, already made (by `create` through a pool)."""
         self.tok = tok
-        self.messages: list[dict] = [dict(m) for m in messages]
+        self.messages: list[dict] = [_message(m) for m in messages]
         self.tools = tools
         self.template_kwargs = dict(template_kwargs or {})
         self.tokens: list[int] = []
@@ -267,7 +282,7 @@ class Transcript:
         kw = {"tools": tools, "template_kwargs": template_kwargs}
         if pool is None:
             return cls(tok, messages, **kw)
-        request = PromptRequest(messages=[dict(m) for m in messages], tools=tools,
+        request = PromptRequest(messages=[_message(m) for m in messages], tools=tools,
                                 template_kwargs=dict(template_kwargs or {}))
         return cls(tok, messages, **kw, prompt=await pool.prompt(request))
 
@@ -352,7 +367,7 @@ class Transcript:
                                        "pass every message of one observation in a single add_messages call")
         if not messages:
             raise ValueError("add_messages: no messages")
-        return DeltaRequest(messages=self.messages, new=[dict(m) for m in messages], previous=self._render,
+        return DeltaRequest(messages=self.messages, new=[_message(m) for m in messages], previous=self._render,
                             turn_text=self._turn_text, turn_stopped=self._turn_stopped, tools=self.tools,
                             template_kwargs=self.template_kwargs)
 
