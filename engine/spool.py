@@ -232,7 +232,7 @@ class Spool:
         with open(seg.path, "rb") as f:
             size = seg.size = os.fstat(f.fileno()).st_size
             magic = f.read(len(MAGIC))
-            if len(magic) < len(MAGIC):
+            if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
                 return  # created, but no group ever written (a crash before its first sync)
             if magic != MAGIC:
                 self._corrupt(seg, 0, f"not a spool segment (starts {magic!r}, expected {MAGIC!r}): skipped")
