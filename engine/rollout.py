@@ -58,7 +58,9 @@ class Rollout:
         """Failed episodes by reason ("env_error", "backend_error", ...)."""
         self.last_error = ""
         self.recent: deque[tuple[int, float, int]] = deque(maxlen=RECENT)
-        """(min_version, reward, turns) of recently finished trajectories, for metrics."""
+        """(staleness, reward, turns) of recently finished trajectories, for metrics: staleness is how many
+        versions the trainer was ahead of a trajectory's oldest token when it finished (-1: unknown),
+        taken then, not against a later version, so a window of old trajectories does not read stale."""
         self.blocked_by: Counter[str] = Counter()
         """Admission checks that found the next group blocked, by reason."""
         self._changed = asyncio.Event()
@@ -127,8 +129,10 @@ class Rollout:
         elif self.cfg.rollout.drop_zero_variance and len({t.reward for t in done}) == 1:
             self.counters["groups_zero_variance"] += 1
             keep = False
+        status = self.admission.status
         for t in done:
-            self.recent.append((t.min_version, t.reward, len(t.turns)))
+            stale = max(0, status.version - t.min_version) if status is not None and t.min_version >= 0 else -1
+            self.recent.append((stale, t.reward, len(t.turns)))
             self.counters[f"finish/{t.finish_reason}"] += 1
         self.counters["episodes_finished"] += len(group)
         if keep:
@@ -165,9 +169,8 @@ class Rollout:
     def snapshot(self) -> dict[str, float]:
         """Window figures for metrics: staleness histogram, reward and turns of recent trajectories."""
         out: dict[str, float] = {}
-        status = self.admission.status
-        if self.recent and status is not None:
-            stale = Counter(max(0, status.version - v) for v, _, _ in self.recent if v >= 0)
+        if self.recent:
+            stale = Counter(k for k, _, _ in self.recent if k >= 0)
             for k, n in sorted(stale.items()):
                 out[f"engine/staleness/{k}"] = n
             out["engine/reward_mean"] = sum(r for _, r, _ in self.recent) / len(self.recent)
