@@ -1,15 +1,15 @@
 """The code environment: write a Python function, get rewarded by running its tests in the sandbox.
 
 The agent's last fenced ```python block (or `<python>` block) is its solution. It runs with the
-task's asserts in `tidal.envs.tools.python.run_python` (time, memory, output limits, no network), so a step
+solution's parts of the task's asserts in `tidal.envs.tools.python.run_python` (time, memory, output limits, no network), so a step
 blocks for up to the sandbox timeout and the env declares `blocking = True`.
 
 Reward: 1 when every test passes, else 0 (`info["passed"]`/`info["total"]` give the fraction);
 `FORMAT_PENALTY` when the action holds no code. With `max_attempts > 1` the agent sees which tests
-failed and may try again. The test report travels on a file descriptor the harness saved before the
-agent's code ran, tagged with a per-run nonce, and the harness files are deleted first, so printing
-a fake report does not earn a reward (a deliberately adversarial program in the same interpreter
-could still find the nonce in memory; this is a training signal, not a security boundary).
+failed and may try again. The tests are judged outside the sandbox (envs/code/harness.py): only the
+values the solution's functions return cross back, as plain literals, and the comparisons with the
+expected values run in this process, so an object whose `__eq__` is always true, a patched
+`json.dumps` or a forged report earns nothing, and the expected values never reach the agent's code.
 """
 
 import functools
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from tidal.envs.code.harness import HARNESS, Check
 from tidal.envs.core import Env, EnvError, Solver, StepResult
 from tidal.envs.tools.python import SandboxLimits, run_python
 
@@ -28,6 +29,9 @@ __all__ = ["CodeEnv", "CodeTask", "load_code_tasks", "extract_solution", "FORMAT
 
 FORMAT_PENALTY = -0.1
 """Reward for an action without a code block (GEM's CodeEnv gives the same)."""
+
+REPORT_BYTES = 256 << 10
+"""Bytes of the harness's report read back (every probe's value): beyond it the run fails as cut off."""
 
 DEFAULT_TASKS = Path(__file__).with_name("data") / "tasks.jsonl"
 
@@ -37,36 +41,6 @@ INSTRUCTIONS = (
 )
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-
-_HARNESS = '''\
-import json, os, sys, traceback
-report = os.fdopen(os.dup(1), "w")
-sink = open("output.txt", "w")
-os.dup2(sink.fileno(), 1)
-os.dup2(sink.fileno(), 2)
-tests = json.load(open("tests.json"))
-source = open("solution.py").read()
-for name in ("tests.json", "main.py"):
-    os.remove(name)
-namespace = {"__name__": "solution"}
-failures, passed = [], 0
-try:
-    exec(compile(source, "solution.py", "exec"), namespace)
-except BaseException as exc:
-    failures.append("solution.py did not load: " + "".join(traceback.format_exception_only(exc)).strip())
-else:
-    for test in tests:
-        try:
-            exec(compile(test, "test", "exec"), namespace)
-            passed += 1
-        except BaseException as exc:
-            failures.append(test + "  ->  " + "".join(traceback.format_exception_only(exc)).strip())
-sys.stdout.flush()
-sys.stderr.flush()
-report.write(json.dumps({"nonce": NONCE, "passed": passed, "failures": failures[:3]}) + "\\n")
-report.flush()
-'''
-
 
 class CodeTask(msgspec.Struct, frozen=True):
     """A function to write, the asserts that check it, and a reference solution (for the solver)."""
@@ -84,9 +58,12 @@ def load_code_tasks(path: str | Path = DEFAULT_TASKS) -> list[CodeTask]:
     for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if line.strip():
             try:
-                tasks.append(decoder.decode(line))
-            except msgspec.DecodeError as exc:
+                task = decoder.decode(line)
+                for test in task.tests:
+                    Check.of(test)
+            except (msgspec.DecodeError, ValueError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a code task: {exc}") from exc
+            tasks.append(task)
     if not tasks:
         raise ValueError(f"{path}: no tasks")
     return tasks
@@ -134,7 +111,7 @@ class CodeEnv(Env):
         self.tasks = _load_once(resolved, resolved.stat().st_mtime_ns)
         self.hidden_dirs = (str(resolved.parent),)  # the agent's code may not read the tests and solutions
         self.max_attempts = max_attempts
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=REPORT_BYTES)
         self.task: CodeTask | None = None
         self.attempts = 0
         self.done = False
@@ -148,20 +125,27 @@ class CodeEnv(Env):
     def run_tests(self, code: str) -> tuple[int, list[str]]:
         """Run the current task's tests on `code`: (tests passed, up to three failure messages)."""
         assert self.task is not None
+        checks = [Check.of(test) for test in self.task.tests]
         nonce = secrets.token_hex(16)
-        harness = _HARNESS.replace("NONCE", repr(nonce))
-        files = {"solution.py": code, "tests.json": json.dumps(self.task.tests)}
-        result = run_python(harness, self.limits, files, self.hidden_dirs)
-        for line in reversed(result.stdout.splitlines()):
-            try:
-                report = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(report, dict) and report.get("nonce") == nonce:
-                return int(report["passed"]), list(report["failures"])
-        if result.timed_out:
-            return 0, [f"timed out after {self.limits.timeout_s:g} s"]
-        return 0, [f"the program was ended before the tests finished (exit status {result.exit_code})"]
+        probes = [probe for check in checks for probe in check.probes]
+        files = {"solution.py": code, "probes.json": json.dumps(probes)}
+        result = run_python(HARNESS.replace("NONCE", repr(nonce)), self.limits, files, self.hidden_dirs)
+        report = _report(result.stdout, nonce, len(probes))
+        if report is None:
+            if result.timed_out:
+                return 0, [f"timed out after {self.limits.timeout_s:g} s"]
+            return 0, [f"the program was ended before the tests finished (exit status {result.exit_code})"]
+        if report["load_error"] is not None:
+            return 0, [f"solution.py did not load: {report['load_error']}"]
+        passed, failures, results = 0, [], report["results"]
+        for check in checks:
+            why = check.judge(results[:len(check.probes)])
+            results = results[len(check.probes):]
+            if why is None:
+                passed += 1
+            else:
+                failures.append(f"{check.test}  ->  {why}")
+        return passed, failures[:3]
 
     def step(self, action: str) -> StepResult:
         if self.task is None:
@@ -194,3 +178,24 @@ class CodeEnv(Env):
     def sample_action(self, rng: random.Random) -> str:
         assert self.task is not None
         return rng.choice([f"```python\n{self.task.solution}```", "```python\npass\n```", "I don't know."])
+
+
+def _report(stdout: str, nonce: str, probes: int) -> dict | None:
+    """The harness's report in `stdout` (the last line with `nonce`), if it is whole."""
+    for line in reversed(stdout.splitlines()):
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(report, dict) or report.get("nonce") != nonce:
+            continue
+        results = report.get("results")
+        load_error = report.get("load_error")
+        if load_error is not None and not isinstance(load_error, str):
+            return None
+        if load_error is None and not (isinstance(results, list) and len(results) == probes and all(
+                isinstance(r, list) and len(r) == 2 and r[0] in ("value", "error") and isinstance(r[1], str)
+                for r in results)):
+            return None
+        return report
+    return None

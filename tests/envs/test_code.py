@@ -1,5 +1,8 @@
 """The code suite runs the agent's code against the task's tests in the sandbox."""
 
+import json
+import re
+
 import pytest
 from tidal.envs.code import FORMAT_PENALTY, CodeEnv, extract_solution, load_code_tasks
 from tidal.envs.tools import SandboxLimits
@@ -97,3 +100,46 @@ def test_a_user_task_file_is_hidden_from_the_agents_code(tmp_path):
     cheat = f"def f():\n    return 1 if open({str(path)!r}).read() else 0"
     obs, reward, *_ = env.step(_fenced(cheat))
     assert reward == 0.0 and "is not allowed" in obs
+
+
+def test_harness_docstring_examples_run():
+    import doctest
+
+    import tidal.envs.code.harness
+
+    failed, tried = doctest.testmod(tidal.envs.code.harness)
+    assert tried > 0 and failed == 0
+
+
+def test_only_the_solutions_parts_of_a_test_are_probed():
+    from tidal.envs.code.harness import Check
+
+    check = Check.of("assert sorted(f([3, 1]))[0] == min([3, 1]) and not g('x').upper()")
+    assert check.probes == ["f([3, 1])", "g('x').upper()"]
+    assert check.judge([("value", "[1, 3]"), ("value", "''")]) is None
+    assert check.judge([("value", "[3, 3]"), ("value", "''")]) == "AssertionError"
+    assert check.judge([("error", "ValueError: no"), ("value", "''")]) == "ValueError: no"
+    assert "not a plain value" in check.judge([("value", "<__main__._Any object at 0x7f>"), ("value", "''")])
+
+
+@pytest.mark.parametrize("test, problem", [
+    ("x = f(1)", "expected one `assert EXPR` statement"),
+    ("assert all(f(i) == i for i in range(3))", "`f(i)` uses i, bound inside the test"),
+    ("assert f(", "does not parse"),
+])
+def test_a_test_the_harness_cannot_split_is_refused_at_load(tmp_path, test, problem):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"id": "t", "prompt": "p", "tests": [test]}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        load_code_tasks(path)
+
+
+def test_a_tuple_is_not_a_list_and_a_subclass_is_its_plain_value(env):
+    env.task = next(t for t in env.tasks if t.id == "two_sum")
+    as_list = "def two_sum(xs, target):\n    return [0, 1]"
+    assert env.step(_fenced(as_list))[4]["passed"] == 0  # (0, 1) expected, never None
+    env.done, env.attempts = False, 0
+    env.task = next(t for t in env.tasks if t.id == "reverse_words")
+    subclass = ("class S(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+                "def reverse_words(s):\n    return S('nope')")
+    assert env.step(_fenced(subclass))[1] == 0.0

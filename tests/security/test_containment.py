@@ -136,9 +136,6 @@ json.dumps = _fake
 }
 
 
-@pytest.mark.xfail(strict=True, reason="envs/code/env.py runs the solution and the tests in one interpreter: "
-                   "a result whose __eq__ is always true passes `assert f(x) == y`, and a solution that patches "
-                   "json.dumps rewrites the harness's report (both find the tests in the harness's frame)")
 @pytest.mark.parametrize("how", sorted(GAMED))
 def test_code_env_rewards_no_gamed_harness(how):
     env = envs.make("code:Functions-v0")
