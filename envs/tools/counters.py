@@ -5,8 +5,10 @@ unreachable retrieval server becomes an observation. These counters are how such
 seen. Keys (each a running total since start):
 - `python_runs`, `python_timeouts`, `python_killed` (ended by a signal other than the timeout),
   `python_truncated` (output cut to the limit);
-- `mcp_calls`, `mcp_errors` (bad call, unknown tool, tool error, timeout, dead server);
-- `search_queries`, `search_errors` (a remote retrieval server failed).
+- `mcp_calls`, `mcp_errors` (bad call, unknown tool, tool error, timeout, dead server, over a cap),
+  `mcp_too_large` (arguments over `max_request_bytes` not sent, a reply over `max_response_bytes` refused);
+- `search_queries`, `search_errors` (a remote retrieval server failed, or a size cap refused),
+  `search_too_large` (a query over `max_request_bytes` not sent, a reply over `max_response_bytes` refused).
 """
 
 from collections import Counter

@@ -6,6 +6,12 @@ from any event loop (`arun`), or from a script, and no caller's loop ever owns t
 A call is bounded by `call_timeout_s`; a tool error, an unknown tool or bad arguments come back as
 an observation that says what was wrong, never as an exception into the episode.
 
+Size caps: a call whose arguments encode to more than `max_request_bytes` (JSON) is not sent, and a
+reply whose text is longer than `max_response_bytes` (UTF-8) does not reach the agent; either is an
+observation naming the cap, counted in `TOOL_COUNTS["mcp_too_large"]` besides `mcp_errors`. The mcp
+package reads the server's stdout a whole JSON-RPC line at a time, so the reply cap bounds what enters
+an episode (its tokens, the trajectory), not the client's memory while that line is read.
+
 Call format (GEM's MCPTool, plus the Hermes/Qwen JSON form that chat templates emit):
     <tool_call><tool_name>add</tool_name><arguments>{"a": 1}</arguments></tool_call>
     <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>
@@ -26,6 +32,11 @@ from tidal.envs.tools.tags import first_tagged
 from tidal.protocol.errors import TidalError
 
 __all__ = ["MCPTool", "MCPStartError", "ToolCall", "ToolSpec", "parse_tool_call"]
+
+MAX_REQUEST_BYTES = 1 << 20
+"""Default cap on a call's arguments, JSON-encoded: far above any real call, below a runaway action."""
+MAX_RESPONSE_BYTES = 1 << 20
+"""Default cap on a reply's text: more than a context window holds, so more is a broken server."""
 
 _GEM_CALL = re.compile(r"\s*<tool_name>([^<]+)</tool_name>\s*<arguments>(.*?)</arguments>\s*", re.DOTALL)
 """The inside of GEM's `<tool_call>` element."""
@@ -111,7 +122,13 @@ class MCPTool:
         cwd: str | None = None,
         call_timeout_s: float = 30.0,
         start_timeout_s: float = 60.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ):
+        if max_request_bytes < 1 or max_response_bytes < 1:
+            raise ValueError(f"MCPTool caps must be >= 1 byte, got max_request_bytes = {max_request_bytes}, "
+                             f"max_response_bytes = {max_response_bytes}")
+        self.max_request_bytes, self.max_response_bytes = max_request_bytes, max_response_bytes
         try:
             from mcp import StdioServerParameters
         except ImportError:
@@ -184,6 +201,11 @@ class MCPTool:
         known = [t.name for t in self.tools]
         if call.name not in known:
             return f"[tool call error: tool {clip(call.name)!r} not found; available tools: {', '.join(known)}]", False
+        size = len(json.dumps(call.arguments).encode())
+        if size > self.max_request_bytes:
+            TOOL_COUNTS["mcp_too_large"] += 1
+            return (f"[tool call error: the arguments of {call.name!r} are {size} bytes, over the tool's "
+                    f"max_request_bytes ({self.max_request_bytes}); not sent]"), False
         try:
             return asyncio.run_coroutine_threadsafe(self._call(call), self._loop)
         except RuntimeError:  # the loop is closed: the tool was closed
@@ -205,6 +227,11 @@ class MCPTool:
         except Exception as exc:  # a dead server or a broken reply: the agent sees it, the episode goes on
             return f"[tool call error: {call.name!r} failed: {type(exc).__name__}: {exc}]", False
         text = "\n".join(getattr(block, "text", f"[{block.type} content]") for block in result.content)
+        size = len(text.encode())
+        if size > self.max_response_bytes:
+            TOOL_COUNTS["mcp_too_large"] += 1
+            return (f"[tool call error: {call.name!r} answered {size} bytes, over the tool's max_response_bytes "
+                    f"({self.max_response_bytes}); refused]"), False
         if result.is_error:
             return f"[tool {call.name!r} reported an error: {text}]", False
         return text, True

@@ -27,6 +27,13 @@ __all__ = ["Document", "Index", "SearchIndex", "RemoteSearchIndex", "SearchError
 
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
+MAX_REQUEST_BYTES = 64 << 10
+"""Largest query a RemoteSearchIndex sends (the msgpack body): a query is a line of text, so more is
+a runaway action, refused before it reaches the server."""
+MAX_RESPONSE_BYTES = 8 << 20
+"""Largest reply a RemoteSearchIndex reads: top-k passages are kilobytes; a server that sends more
+(broken, or hostile) is refused before its reply fills the engine's memory."""
+
 
 class Document(msgspec.Struct, frozen=True):
     """One searchable document: a stable id, a title and its text."""
@@ -106,24 +113,50 @@ class RemoteSearchIndex:
     """A retrieval server with GEM's protocol: POST msgpack `{"query", "topk", "return_scores"}`,
     answer msgpack `{"result": [{"document": {"contents": "Title\ntext"}, "score"}, ...]}`.
 
+    A request over `max_request_bytes` is not sent, and a reply over `max_response_bytes` is refused
+    (by its Content-Length before reading, else after reading one byte past the cap): a SearchError
+    naming the cap, counted in `TOOL_COUNTS["search_too_large"]` besides `search_errors`.
+
     A search waits on the network, so the tool that uses it is `blocking` and runs off the loop.
     """
 
     blocking = True
 
-    def __init__(self, url: str, timeout_s: float = 5.0):
+    def __init__(self, url: str, timeout_s: float = 5.0, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES):
+        if max_request_bytes < 1 or max_response_bytes < 1:
+            raise ValueError(f"RemoteSearchIndex caps must be >= 1 byte, got max_request_bytes = "
+                             f"{max_request_bytes}, max_response_bytes = {max_response_bytes}")
         self.url, self.timeout_s = url, timeout_s
+        self.max_request_bytes, self.max_response_bytes = max_request_bytes, max_response_bytes
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(_Reply).decode
 
+    def _too_large(self, what: str) -> SearchError:
+        TOOL_COUNTS["search_too_large"] += 1
+        return SearchError(f"retrieval server {self.url}: {what}")
+
     def search(self, query: str, topk: int = 3) -> list[tuple[Document, float]]:
         body = self._encode({"query": query, "topk": topk, "return_scores": True})
+        if len(body) > self.max_request_bytes:
+            raise self._too_large(f"a request of {len(body)} bytes is over max_request_bytes "
+                                  f"({self.max_request_bytes}): not sent")
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/msgpack"})
+        cap = self.max_response_bytes
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                raw = resp.read()
+                declared = resp.headers.get("Content-Length")
+                if declared is not None and declared.isdigit() and int(declared) > cap:
+                    raise self._too_large(f"a reply of {declared} bytes (Content-Length) is over "
+                                          f"max_response_bytes ({cap}): refused unread")
+                raw = resp.read(cap + 1)
+        except SearchError:
+            raise
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise SearchError(f"retrieval server {self.url}: {exc}") from exc
+        if len(raw) > cap:
+            raise self._too_large(f"a reply of more than max_response_bytes ({cap}) bytes: refused after "
+                                  f"{cap + 1} bytes")
         try:
             reply = self._decode(raw)
         except msgspec.DecodeError as exc:

@@ -74,3 +74,21 @@ def test_a_server_that_dies_mid_episode_is_an_observation_not_a_hang():
 def test_a_server_that_dies_at_start_is_a_clear_error():
     with pytest.raises(MCPStartError, match="failed to start"):
         MCPTool(sys.executable, ["-c", "raise SystemExit(1)"], start_timeout_s=20)
+
+
+def test_calls_and_replies_over_the_size_caps_are_refused_naming_the_cap(tool):
+    tool.max_request_bytes, tool.max_response_bytes = 64, 8
+    before = TOOL_COUNTS.copy()
+    try:
+        assert tool.run(ToolCall("shout", {"text": "x" * 100})) == (
+            "[tool call error: the arguments of 'shout' are 112 bytes, over the tool's max_request_bytes (64); "
+            "not sent]")
+        assert tool.run(ToolCall("shout", {"text": "nine char"})) == (
+            "[tool call error: 'shout' answered 9 bytes, over the tool's max_response_bytes (8); refused]")
+        assert tool.run(ToolCall("shout", {"text": "eight ch"})) == "EIGHT CH"  # at the cap: fine
+    finally:
+        tool.max_request_bytes, tool.max_response_bytes = 1 << 20, 1 << 20
+    assert TOOL_COUNTS["mcp_too_large"] - before["mcp_too_large"] == 2
+    assert TOOL_COUNTS["mcp_errors"] - before["mcp_errors"] == 2
+    with pytest.raises(ValueError, match="max_response_bytes = 0"):
+        MCPTool(sys.executable, [str(SERVER)], max_response_bytes=0)

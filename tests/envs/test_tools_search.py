@@ -107,3 +107,40 @@ async def test_remote_index_speaks_gems_retrieval_protocol(index):
         await server.close()
     down = SearchTool(RemoteSearchIndex(url, timeout_s=2))  # the server is closed now
     assert "[search failed: retrieval server" in await asyncio.to_thread(down.run, "anything")
+
+
+async def test_a_remote_query_or_reply_over_its_cap_is_refused_naming_the_cap(index):
+    fake = RetrievalServer(index)
+
+    async def flood(request):  # a reply with no Content-Length: the cap is found while reading
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(64):
+            await response.write(b"x" * 1024)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/retrieve", fake.retrieve)
+    app.router.add_post("/flood", flood)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        url = str(server.make_url("/retrieve"))
+        before = TOOL_COUNTS.copy()
+        small = SearchTool(RemoteSearchIndex(url, timeout_s=5, max_request_bytes=64, max_response_bytes=100))
+        refused = await asyncio.to_thread(small.run, "volcano " * 20)
+        assert "is over max_request_bytes (64): not sent" in refused and fake.requests == []
+        refused = await asyncio.to_thread(small.run, "highest volcano in Africa")
+        assert "bytes (Content-Length) is over max_response_bytes (100): refused unread" in refused
+        streamed = SearchTool(RemoteSearchIndex(str(server.make_url("/flood")), timeout_s=5, max_response_bytes=4096))
+        refused = await asyncio.to_thread(streamed.run, "anything")
+        assert "a reply of more than max_response_bytes (4096) bytes: refused after 4097 bytes" in refused
+        assert TOOL_COUNTS["search_too_large"] - before["search_too_large"] == 3
+        assert TOOL_COUNTS["search_errors"] - before["search_errors"] == 3
+        roomy = SearchTool(RemoteSearchIndex(url, timeout_s=5), topk=2)
+        assert "Kilimanjaro" in await asyncio.to_thread(roomy.run, "highest volcano in Africa")
+    finally:
+        await server.close()
+    with pytest.raises(ValueError, match="max_request_bytes = 0"):
+        RemoteSearchIndex("http://127.0.0.1:1", max_request_bytes=0)
