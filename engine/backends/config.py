@@ -47,6 +47,10 @@ class Routed(Strict):
     connect_timeout_s: Seconds = 5.0
     read_timeout_s: Seconds = 300.0
     """Longest silence allowed between two stream events (or before a non-stream body)."""
+    max_response_bytes: Annotated[int, Meta(ge=1024)] = 64 << 20
+    """Largest stream event or response body read; a bigger one is refused (a bad response, counted as
+    errors_too_large) before it is buffered whole. Cumulative streams of very long generations with
+    top logprobs may need more."""
     max_retries: Annotated[int, Meta(ge=0)] = 3
     """Times a failed request moves to another server, continuing from the tokens received."""
     eject_after: Annotated[int, Meta(ge=1)] = 3

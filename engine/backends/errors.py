@@ -15,6 +15,7 @@ __all__ = [
     "RETRYABLE_STATUSES",
     "ServerUnavailable",
     "RequestRejected",
+    "ResponseTooLarge",
     "Unsupported",
 ]
 
@@ -45,6 +46,13 @@ class BadResponse(BackendError, ValueError):
 
     retryable = True
     kind = "bad_response"
+
+
+class ResponseTooLarge(BadResponse):
+    """A stream event or response body beyond the backend's `max_response_bytes`: refused unread, so a
+    hostile or broken server cannot make the engine buffer without bound."""
+
+    kind = "too_large"
 
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})

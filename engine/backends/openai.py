@@ -148,7 +148,7 @@ class OpenAIBackend(Backend):
             ignore_eos=s.ignore_eos, stream=True, logprobs=0, return_token_ids=True, rid=wire_rid))
         final: Chunk | None = None
         events = http.sse_post(self._session, url, "/v1/completions", body, wire_rid, self.cfg.read_timeout_s,
-                               self._streams)
+                               self._streams, max_bytes=self.cfg.max_response_bytes)
         try:
             async with aclosing(events):
                 async for payload in events:
@@ -211,7 +211,8 @@ class OpenAIBackend(Backend):
     async def _probe(self, server: Server) -> tuple[str, bool]:
         """GET /health; eject on failure, re-admit on success."""
         try:
-            await http.call(self._session, "GET", server.url, "/health", None, self.cfg.health_timeout_s)
+            await http.call(self._session, "GET", server.url, "/health", None, self.cfg.health_timeout_s,
+                            max_bytes=self.cfg.max_response_bytes)
             ok = True
         except BackendError:
             ok = False

@@ -20,9 +20,11 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Annotated
 
 import aiohttp
 import msgspec
+from msgspec import UNSET, Meta, UnsetType
 from tidal.engine.backends import http
 from tidal.engine.backends.base import Backend, Chunk, Finish, Request, Sampling
 from tidal.engine.backends.config import SGLangConfig
@@ -48,7 +50,38 @@ _ROUTING_KEY = "X-SMG-Routing-Key"
 _MAX_IDLE_RESUBMITS = 100
 """Server-side aborts in a row that returned no token before a request is given up: a pause resubmit
 waits at the server, so only a server that aborts everything it receives gets here."""
-_chunk = msgspec.json.Decoder(wire.GenerateResponse)
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 32)]
+"""A token id the trajectory can hold (uint32); the decoder refuses any other."""
+LogProb = Annotated[float, Meta(le=0.0)]
+"""A log-probability; a positive one is a broken server, refused by the decoder."""
+
+
+class _Logprob(msgspec.Struct, array_like=True, gc=False):
+    """`[logprob, token_id, text]` of wire.TokenLogprob, text left unread (trailing items are skipped)."""
+
+    logprob: LogProb | None
+    token_id: TokenId
+
+
+class _Meta(msgspec.Struct, gc=False):
+    """The keys of wire.MetaInfo a stream event needs; msgspec skips the rest without building them."""
+
+    finish_reason: wire.FinishReason | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    weight_version: str = "default"
+    output_token_logprobs: list[_Logprob] | UnsetType = UNSET
+    output_token_logprobs_length: int | UnsetType = UNSET
+
+
+class _Event(msgspec.Struct, gc=False):
+    """wire.GenerateResponse as this client reads it: impossible ids and logprobs fail the decode, in C."""
+
+    meta_info: _Meta
+    output_ids: list[TokenId] | UnsetType = UNSET
+
+
+_chunk = msgspec.json.Decoder(_Event)
 
 
 class _Attempt:
@@ -70,7 +103,7 @@ def _sampling(s: Sampling, budget: int, stream_interval: int | None) -> wire.Sam
     )
 
 
-def _new_tokens(ev: wire.GenerateResponse, seen: int, url: str, rid: str) -> tuple[list[int], list[float]]:
+def _new_tokens(ev: _Event, seen: int, url: str, rid: str) -> tuple[list[int], list[float]]:
     """The tokens of this event not yet received, whichever streaming mode the server runs (§1.6).
 
     `completion_tokens` is cumulative in every mode: a list of that length is cumulative (slice off what
@@ -80,11 +113,11 @@ def _new_tokens(ev: wire.GenerateResponse, seen: int, url: str, rid: str) -> tup
     meta = ev.meta_info
     total = meta.completion_tokens
     lps = meta.output_token_logprobs
-    if lps is msgspec.UNSET:
+    if lps is UNSET:
         raise BadResponse("meta_info.output_token_logprobs missing (return_logprob was sent)", url=url,
                           request_id=rid)
     ids = ev.output_ids
-    if ids is msgspec.UNSET:
+    if ids is UNSET:
         ids = [e.token_id for e in lps]
     n = len(ids)
     if n == total:
@@ -93,7 +126,7 @@ def _new_tokens(ev: wire.GenerateResponse, seen: int, url: str, rid: str) -> tup
         raise BadResponse(f"output_ids has {n} ids, completion_tokens is {total} and {seen} were received: "
                           "neither cumulative nor a delta", url=url, request_id=rid)
     m = len(lps)
-    lp_total = total if meta.output_token_logprobs_length is msgspec.UNSET else meta.output_token_logprobs_length
+    lp_total = total if meta.output_token_logprobs_length is UNSET else meta.output_token_logprobs_length
     if m == lp_total:
         lps = lps[seen:]
     elif m != lp_total - seen:
@@ -291,12 +324,12 @@ class SGLangBackend(SGLangControl, Backend):
         headers = None if key is None else {_ROUTING_KEY: key}
         if self.cfg.stream:
             return http.sse_post(self._session, url, "/generate", body, rid, self.cfg.read_timeout_s,
-                                 headers=headers)
+                                 headers=headers, max_bytes=self.cfg.max_response_bytes)
         return self._whole(url, body, rid, headers)
 
     async def _whole(self, url: str, body: bytes, rid: str, headers: dict | None) -> AsyncIterator[bytes]:
         yield await http.call(self._session, "POST", url, "/generate", body, self.cfg.read_timeout_s, rid,
-                              headers)
+                              headers, max_bytes=self.cfg.max_response_bytes)
 
     def _finish(self, fr: wire.FinishReason, rid: str, wire_rid: str, url: str) -> Finish | None:
         """The caller's `Finish`, or None for an abort the caller did not ask for (resubmit it)."""

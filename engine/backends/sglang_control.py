@@ -53,7 +53,7 @@ class SGLangControl:
 
     async def _call(self, server: Server, method: str, path: str, msg: msgspec.Struct | None = None) -> bytes:
         return await http.call(self._session, method, server.url, path, None if msg is None else wire.encode(msg),
-                               self.cfg.control_timeout_s)
+                               self.cfg.control_timeout_s, max_bytes=self.cfg.max_response_bytes)
 
     async def _post(self, server: Server, path: str, msg: msgspec.Struct) -> bytes:
         return await self._call(server, "POST", path, msg)

@@ -19,13 +19,16 @@ from hypothesis import strategies as st
 from tidal.engine.backends import BackendError
 from tidal.engine.backends.base import Request, Sampling
 from tidal.engine.backends.config import SGLangConfig
+from tidal.engine.backends.errors import ResponseTooLarge
 from tidal.engine.backends.sglang import SGLangBackend
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-async def run(stream: bytes, pieces: list[int]) -> tuple[list, BaseException | None, int]:
-    """Generate once against a server that streams `stream` in `pieces`; (chunks, error, /generate calls)."""
+async def run(stream: bytes, pieces: list[int], stats: dict | None = None,
+              config: dict | None = None) -> tuple[list, BaseException | None, int]:
+    """Generate once against a server that streams `stream` in `pieces`; (chunks, error, /generate calls).
+    `config`: SGLangConfig fields over the harness's; `stats` gets the backend's counters."""
     calls = 0
 
     async def generate(request):
@@ -53,7 +56,7 @@ async def run(stream: bytes, pieces: list[int]) -> tuple[list, BaseException | N
     host, port = runner.addresses[0][:2]
     url = f"http://{host}:{port}"
     chunks, error = [], None
-    cfg = SGLangConfig(urls=[url], max_retries=0, read_timeout_s=5, health_interval_s=60)
+    cfg = SGLangConfig(**{"urls": [url], "max_retries": 0, "read_timeout_s": 5, "health_interval_s": 60, **(config or {})})
     try:
         async with SGLangBackend(cfg) as backend:
             req = Request(input_ids=[1, 2, 3], sampling=Sampling(max_new_tokens=64), request_id="fuzz-r1")
@@ -62,6 +65,8 @@ async def run(stream: bytes, pieces: list[int]) -> tuple[list, BaseException | N
                     chunks.append(chunk)
             except Exception as exc:  # judged by the caller: only BackendError is allowed
                 error = exc
+            if stats is not None:
+                stats.update(backend.stats())
     finally:
         await runner.cleanup()
     return chunks, error, calls
@@ -213,11 +218,23 @@ def _event(ids, lps, finish=None) -> bytes:
     return json.dumps({"output_ids": ids, "meta_info": meta}).encode()
 
 
-@pytest.mark.xfail(strict=True, reason="engine/backends/sglang.py _new_tokens passes token ids outside [0, 2**32) "
-                   "and logprobs > 0 on: the engine fails later building the Trajectory (uint32 tokens, "
-                   "behav_logp <= 0) instead of a BadResponse naming the server")
 @pytest.mark.parametrize("ids, lps", [([-5, 3], [-0.1, -0.2]), ([2 ** 40, 3], [-0.1, -0.2]), ([5, 3], [5.0, -0.2])],
                          ids=["negative-id", "id-beyond-uint32", "positive-logprob"])
 def test_impossible_tokens_are_a_bad_response(ids, lps):
     chunks, error, _ = asyncio.run(run(sse([_event(ids, lps, {"type": "length"})]), []))
     assert not chunks and isinstance(error, BackendError) and "fuzz-r1" in str(error)
+
+
+# --- read caps: what one event or body may make the engine buffer -----------------------------------
+
+@pytest.mark.parametrize("stream, pieces, streaming", [
+    (b"data: " + b"x" * 4096, [512], True),                                   # a line that never ends
+    (sse([_event([5], [-0.1]), b"[" + b"1," * 2000 + b"1]"]), [], True),     # a whole event, one write
+    (b"{" + b" " * 4096 + b"}", [700], False),                                 # a non-streamed body
+], ids=["unterminated-line", "whole-event", "body"])
+def test_a_response_over_the_read_cap_is_refused_and_counted(stream, pieces, streaming):
+    stats = {}
+    chunks, error, _ = asyncio.run(run(stream, pieces, stats, {"max_response_bytes": 1024, "stream": streaming}))
+    assert isinstance(error, ResponseTooLarge), error
+    assert "max_response_bytes = 1024" in str(error) and "server http://127.0.0.1:" in str(error)
+    assert stats["errors_too_large"] == 1
