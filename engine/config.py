@@ -198,6 +198,9 @@ class EngineMetricsConfig(Strict):
     """Port of the Prometheus endpoint on 127.0.0.1 (0 picks one, -1 disables)."""
     console: bool = True
     """Show a rich live status line on stderr."""
+    ledger: bool = False
+    """Also write a `spooled` record with the ids of each finished group once it is on disk: the
+    engine's half of the ledger `tidal bench soak` reads to find lost trajectories (a line per group)."""
 
 
 class EngineConfig(Strict):

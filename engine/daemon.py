@@ -147,7 +147,8 @@ class Engine:
                         RenderPool(cfg.model.path, cfg.model.render_workers))
             self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context,
                                  render_pool=self.render_pool)
-            self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, self.sink.put)
+            put = self._put_recorded if cfg.metrics.ledger else self.sink.put
+            self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, put)
             self.weights = WeightSync(self.backend, self._served)
             eval_sampling = msgspec.structs.replace(cfg.sampling, temperature=cfg.eval.temperature)
             self.evaluator = Evaluator(cfg, self.agent, Generator(
@@ -195,6 +196,12 @@ class Engine:
             if self.sink.stats()["committed"] == before:
                 return False
         return False
+
+    async def _put_recorded(self, group: list) -> None:
+        """The sink's `put`, then a `spooled` record naming the group's ids (metrics.ledger): written once
+        the group is durable, so every id on record is in the spool or already committed."""
+        await self.sink.put(group)
+        self.telemetry.log({"event": "spooled", "ids": ",".join(t.id for t in group)})
 
     def drain(self, deadline_s: float, exit: bool) -> None:
         """Stop admitting; cancel what is still running after `deadline_s`; with `exit`, end the daemon."""

@@ -20,8 +20,10 @@ rank 0 neither dead-letters nor acknowledges the batch: torchrun's agent stops t
 `--max-restarts`, restarts it from the last checkpoint, and the engines resend the batch.
 
 Each step writes one JSONL record (metrics, and the ids of the trajectories it used: the ledger
-tests check for loss and reuse); a resume writes `{"event": "resume", "step": v}`, after which
-records of steps >= v from before the restart are superseded.
+tests and `tidal bench soak` check for loss and reuse), and the trajectories dropped (stale, or
+rejected as untrainable) go to `dropped` records, one per version they were dropped at, written after
+each step and when a checkpoint's snapshot is taken; a resume writes `{"event": "resume", "step": v}`,
+after which records of steps >= v, and of drops at versions > v, from before the restart are superseded.
 
 Trajectories sampled with settings the learner cannot reproduce (top-p, top-k, a logit mask:
 trainer/sampling.py) are trained on but counted (`trainer/restricted_sampling`), warned about on
@@ -157,6 +159,14 @@ class Telemetry:
         if self._console is not None:
             self._console.log(f"[bold red]step v{version} failed[/bold red] ({len(ids)} trajectories to the "
                               f"dead letter): {error}")
+
+    def dropped(self, drops: list[tuple[str, str, int]]) -> None:
+        """One `dropped` record per version: the comma-separated ids dropped as `stale` and as `rejected`."""
+        by_version: dict[int, dict[str, list[str]]] = {}
+        for traj_id, why, version in drops:
+            by_version.setdefault(version, {"stale": [], "rejected": []})[why].append(traj_id)
+        for version, ids in by_version.items():
+            self.sink.log({"event": "dropped", **{k: ",".join(v) for k, v in ids.items()}}, step=version)
 
     def publish(self, version: int, metrics: dict[str, float]) -> None:
         self.sink.log({"event": "publish", **metrics}, step=version)
@@ -390,6 +400,7 @@ class Daemon:
             "trainer/restricted_sampling": self.counters["restricted_sampling"],
         }
         self.telemetry.step(version, record, ids=batch.ids)
+        self.telemetry.dropped(self.intake.take_drops())
         await self.status_pub.publish(self.status())
         return True
 
@@ -412,6 +423,7 @@ class Daemon:
             "trainer/step_errors_consecutive": self.failing,
             "trainer/dead_letter_trajectories": len(batch.trajectories),
         }, batch.ids, error[:2000], tb[-8000:])
+        self.telemetry.dropped(self.intake.take_drops())
         self.health = f"step failed: {error}"[:200]
         if self.failing >= self.cfg.failures.max_consecutive:
             self.failure = (f"{self.failing} training steps in a row failed (failures.max_consecutive); the "
@@ -521,6 +533,7 @@ class Daemon:
             dedup=msgspec.msgpack.encode(self.receiver.dedup_state(including=covered)),
             counters=dict(self.counters),
         )
+        self.telemetry.dropped(self.intake.take_drops())  # what the snapshot holds as dropped is on record
         state = await self._gathered(f"the state to checkpoint version {meta.version}", self._gather, GATHER_STATE)
         if self.cfg.checkpoint.overlap:
             if not self.world.sharded:  # FSDP's gathered state is a fresh CPU copy already

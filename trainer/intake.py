@@ -80,6 +80,8 @@ class Intake:
         self._ready: deque[str] = deque()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._size = 0
+        self._drops: list[tuple[str, str, int]] = []
+        """(trajectory id, "stale" or "rejected", version) of each drop since `take_drops`."""
         if state is not None:
             self._restore(state)
 
@@ -100,11 +102,13 @@ class Intake:
             self.last_rejection = f"group {traj.group_id}: {problem}"
             group.dropped += 1
             outcome = "rejected"
+            self._drops.append((traj.id, outcome, version))
         elif traj.staleness(version) > self.cfg.max_staleness:
             self.counters["received"] += 1
             self.counters["stale_dropped"] += 1
             group.dropped += 1
             outcome = "stale"
+            self._drops.append((traj.id, outcome, version))
         else:
             self.counters["received"] += 1
             group.members.append(traj)
@@ -178,6 +182,8 @@ class Intake:
             group = self._groups[gid]
             fresh = [t for t in group.members if t.staleness(version) <= self.cfg.max_staleness]
             if len(fresh) != len(group.members):
+                self._drops.extend((t.id, "stale", version) for t in group.members
+                                   if t.staleness(version) > self.cfg.max_staleness)
                 self.counters["stale_dropped"] += len(group.members) - len(fresh)
                 self._size -= len(group.members) - len(fresh)
                 group.members = fresh
@@ -186,6 +192,12 @@ class Intake:
                     del self._groups[gid]
             total += len(fresh)
         return total
+
+    def take_drops(self) -> list[tuple[str, str, int]]:
+        """The drops since the last call, oldest first: (trajectory id, "stale" or "rejected", the
+        version it was dropped at), for the daemon's `dropped` records (the ledger's other half)."""
+        drops, self._drops = self._drops, []
+        return drops
 
     def _remember(self, traj_id: str) -> None:
         self._seen[traj_id] = None

@@ -121,6 +121,10 @@ async def test_trains_drops_stale_publishes_and_stops_on_sigterm(tmp_path, tiny_
     assert not set(used) & {t.id for t in stale}
     assert steps[-1]["trainer/intake/stale_dropped"] == 2 and steps[-1]["trainer/intake/rejected"] == 3
     assert not any(i.startswith("bad") for i in used)
+    drops = [r for r in recs if r["event"] == "dropped"]  # the ledger names each dropped trajectory once
+    named = {reason: [i for r in drops for i in r[reason].split(",") if i] for reason in ("stale", "rejected")}
+    assert sorted(named["stale"]) == sorted(t.id for t in stale) and [r["step"] for r in drops if r["stale"]] == [2]
+    assert sorted(named["rejected"]) == ["bad-0", "bad-1", "bad-2"]
     assert [r["step"] for r in recs if r["event"] == "checkpoint"][0] == 0  # forced by intake pressure
     for r in steps:  # groups kept whole; every metric finite (telemetry writes null otherwise)
         assert set(Counter(i.rsplit("-", 1)[0] for i in r["ids"].split(",")).values()) == {2}

@@ -149,3 +149,14 @@ async def test_pump_acknowledges_used_ones_per_step_and_the_rest_at_checkpoint()
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def test_every_drop_is_named_once_with_its_reason_and_version():
+    """The ledger's other half: each trajectory dropped on arrival or while waiting, by id."""
+    intake = Intake(IntakeConfig(batch_size=2, max_staleness=0, group_size=1), check=short)
+    assert intake.offer(traj("old", "g1", 1), version=2) == "stale"
+    assert intake.offer(traj("tiny", "g2", 2, n_gen=0), version=2) == "rejected"
+    intake.offer(traj("aged", "g3", 2), version=2)
+    assert intake.take_batch(3) is None  # "aged" is now 1 step stale
+    assert intake.take_drops() == [("old", "stale", 2), ("tiny", "rejected", 2), ("aged", "stale", 3)]
+    assert intake.take_drops() == []
