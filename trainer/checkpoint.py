@@ -9,20 +9,34 @@ A checkpoint is a directory `step-XXXXXXXX/` (XXXXXXXX = the policy version it h
 It is written under a temporary name, every file fsynced, then renamed into place (atomic on POSIX),
 so a reader sees a whole checkpoint or none (docs/architecture.md invariant 4: resume loses and repeats nothing).
 The newest `keep_last` are kept.
+
+Fault injection: with TIDAL_FAULT_CHECKPOINT_PAUSE_S set, `save` sleeps that long between the fsynced
+temporary directory and its rename, so a test (tests/faults) can SIGKILL the trainer mid-write.
 """
 
+import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 import msgspec
+from tidal.protocol.errors import TidalError
 from tidal.trainer.config import CheckpointConfig
 from tidal.trainer.intake import IntakeState
 
-__all__ = ["CheckpointMeta", "Checkpointer", "Restored", "untie"]
+__all__ = ["CheckpointError", "CheckpointMeta", "Checkpointer", "Restored", "untie"]
 
 _PREFIX = "step-"
 _TMP = ".tmp-"
+PAUSE_ENV = "TIDAL_FAULT_CHECKPOINT_PAUSE_S"
+"""Seconds `save` sleeps before renaming a written checkpoint into place: a test's window to kill the
+trainer mid-write. Unset (no pause) outside tests."""
+
+
+class CheckpointError(TidalError, OSError):
+    """A checkpoint could not be written (`errno` ENOSPC: the disk is full); the message names the
+    directory. Nothing it would cover is acknowledged, and the checkpoints before it are intact."""
 
 
 class CheckpointMeta(msgspec.Struct, kw_only=True):
@@ -81,7 +95,14 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def discard_partial(self) -> None:
-        """Delete what a crash mid-write left (never a complete checkpoint). Only the writer calls it."""
+        """Delete what a crash mid-write left (never a complete checkpoint). Only the writer calls it.
+        A crash between the two renames of a replace (`save` of a version saved before) left the old
+        checkpoint under its temporary name and none under its own: it is put back, as the
+        acknowledgements it covered were sent."""
+        for old in self.dir.glob(f"{_TMP}old-{_PREFIX}*"):
+            final = self.dir / old.name.removeprefix(f"{_TMP}old-").rsplit("-", 1)[0]
+            if not final.exists():
+                old.rename(final)
         for stale in self.dir.glob(f"{_TMP}*"):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -94,23 +115,23 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, learner_state: dict, meta: CheckpointMeta) -> Path:
-        """Write one checkpoint atomically; return its final path. Blocking (run it off the event loop)."""
-        import torch
-        from safetensors.torch import save_file
-
+        """Write one checkpoint atomically; return its final path. Blocking (run it off the event loop).
+        A failed write (a full disk) raises `CheckpointError` and leaves the checkpoints before it as they were."""
         final = self.dir / f"{_PREFIX}{meta.version:08d}"
         tmp = self.dir / f"{_TMP}{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        state = dict(learner_state)
-        model = state.pop("model", None)
-        if model is not None:
-            save_file(untie(model), tmp / "model.safetensors")
-        torch.save(state, tmp / "trainer.pt")
-        (tmp / "intake.msgpack").write_bytes(msgspec.msgpack.encode(meta))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
+        try:
+            self._write(tmp, learner_state, meta)
+        except Exception as exc:  # OSError; torch and safetensors raise their own types for ENOSPC
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            raise CheckpointError(code, f"checkpoint.dir {self.dir}: writing {final.name} failed ({free}): "
+                                  f"{type(exc).__name__}: {exc}"[:1000]) from exc
+        if pause := os.environ.get(PAUSE_ENV):
+            time.sleep(float(pause))
         if final.exists():  # the same version saved again after a resume: replace it whole
             old = self.dir / f"{_TMP}old-{final.name}-{os.getpid()}"
             final.rename(old)
@@ -122,6 +143,24 @@ class Checkpointer:
         for path in self.checkpoints()[: -self.cfg.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
         return final
+
+    @staticmethod
+    def _write(tmp: Path, learner_state: dict, meta: CheckpointMeta) -> None:
+        """Every file of the checkpoint into `tmp`, fsynced."""
+        import torch
+        from safetensors.torch import save_file
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        state = dict(learner_state)
+        model = state.pop("model", None)
+        if model is not None:
+            save_file(untie(model), tmp / "model.safetensors")
+        torch.save(state, tmp / "trainer.pt")
+        (tmp / "intake.msgpack").write_bytes(msgspec.msgpack.encode(meta))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
 
     def load(self, path: Path | None = None) -> Restored | None:
         """Load `path` or the newest checkpoint; None when there is none."""

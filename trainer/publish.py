@@ -2,7 +2,7 @@
 
 Two ways, one interface (`await publisher.publish(version, tensors) -> WeightsPublished`):
   disk         safetensors + the base model's config and tokenizer under `dir/vXXXXXXXX/`, written under
-               a temporary name and renamed (a server never loads half a version), the newest
+               a temporary name, fsynced and renamed (a server never loads half a version), the newest
                `keep_last` kept; the engine then calls each server's /update_weights_from_disk.
   distributed  a torch.distributed group with the servers, laid out as SGLang's contract describes
                (docs/sglang.md §3): the trainer is rank 0 and hosts the rendezvous.
@@ -79,22 +79,34 @@ class DiskPublisher:
         directory renamed to `vXXXXXXXX`), drop versions beyond `keep_last`, and return the notice to
         send. For callers without an event loop; `publish` is the same in a thread."""
         from safetensors.torch import save_file
-        from tidal.trainer.checkpoint import untie
+        from tidal.trainer.checkpoint import _fsync_dir, _fsync_file, untie
 
         t0 = time.perf_counter()
         final = self.dir / f"v{version:08d}"
         tmp = self.dir / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if self.base_model.is_dir():  # config, generation config, tokenizer: everything but weights
-            weights = {p for pattern in _WEIGHT_FILES for p in self.base_model.glob(pattern)}
-            for f in self.base_model.iterdir():
-                if f.is_file() and f not in weights:
-                    shutil.copy2(f, tmp / f.name)
-        save_file(untie(dict(tensors)), tmp / "model.safetensors", metadata={"format": "pt"})
-        with open(tmp / "model.safetensors", "rb") as f:
-            checksum = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-        nbytes = (tmp / "model.safetensors").stat().st_size
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            if self.base_model.is_dir():  # config, generation config, tokenizer: everything but weights
+                weights = {p for pattern in _WEIGHT_FILES for p in self.base_model.glob(pattern)}
+                for f in self.base_model.iterdir():
+                    if f.is_file() and f not in weights:
+                        shutil.copy2(f, tmp / f.name)
+            save_file(untie(dict(tensors)), tmp / "model.safetensors", metadata={"format": "pt"})
+            with open(tmp / "model.safetensors", "rb") as f:
+                checksum = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            nbytes = (tmp / "model.safetensors").stat().st_size
+            for f in tmp.iterdir():  # durable before the name says the version is whole (a power loss)
+                _fsync_file(f)
+            _fsync_dir(tmp)
+        except Exception as exc:  # OSError, or safetensors' own error type for ENOSPC
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            raise PublishError(f"publish.dir {self.dir}: writing version {version} failed ({free}): "
+                               f"{type(exc).__name__}: {exc}"[:1000]) from exc
         if final.exists():  # republished after a resume: swap, so the name always holds a whole version
             old = self.dir / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -103,6 +115,7 @@ class DiskPublisher:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        _fsync_dir(self.dir)
         for newer in self.published(after=version):  # a lost future (published after the checkpoint resumed)
             shutil.rmtree(newer, ignore_errors=True)
         for old in sorted(self.dir.glob("v[0-9]*"))[: -self.cfg.keep_last]:

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 import torch
 from tidal.protocol.config import load_config
-from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
+from tidal.trainer.checkpoint import Checkpointer, CheckpointError, CheckpointMeta
 from tidal.trainer.config import CheckpointConfig, TrainerConfig
 from tidal.trainer.distributed import World
 from tidal.trainer.intake import Intake, IntakeState
@@ -72,6 +72,28 @@ def test_partial_writes_are_never_loaded_and_old_ones_are_pruned(tmp_path):
               CheckpointMeta(version=3, saved_at=1.0, intake=IntakeState(), counters={"steps": 3.0}))
     again = ckpt.load()
     assert torch.equal(again.learner_state["model"]["w"], torch.zeros(3)) and again.meta.counters == {"steps": 3.0}
+
+
+def test_a_crash_between_the_renames_of_a_replace_puts_the_old_checkpoint_back(tmp_path):
+    """Replacing version 3 renames it aside, then the new one in: a kill between the two must not make
+    the next start delete the only copy of a checkpoint whose acknowledgements were sent."""
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep_last=2))
+    for v in (2, 3):
+        ckpt.save({"model": {"w": torch.full((3,), float(v))}, "version": v},
+                  CheckpointMeta(version=v, saved_at=0.0, intake=IntakeState()))
+    (tmp_path / "step-00000003").rename(tmp_path / ".tmp-old-step-00000003-4242")  # what save() does first
+    (tmp_path / ".tmp-step-00000003-4242").mkdir()  # the new one, not renamed in yet
+    ckpt.discard_partial()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
+    assert torch.equal(ckpt.load().learner_state["model"]["w"], torch.full((3,), 3.0))
+
+
+def test_a_failed_write_raises_checkpoint_error_and_leaves_no_temporary(tmp_path):
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path)))
+    ckpt.save({"version": 1}, CheckpointMeta(version=1, saved_at=0.0, intake=IntakeState()))
+    with pytest.raises(CheckpointError, match="checkpoint.dir .*step-00000002 failed"):
+        ckpt.save({"version": 2, "bad": lambda: 0}, CheckpointMeta(version=2, saved_at=0.0, intake=IntakeState()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
 
 
 def test_meta_is_plain_msgpack(tmp_path):

@@ -1,0 +1,134 @@
+"""The assembled pipeline as real processes on loopback, for the fault-injection tests: reference
+servers (`tidal serve`), the trainer daemon, engine daemons, each started and stopped by one `Pipeline`
+so that a failing test leaves no process behind; and the ledger that says where each trajectory went."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+from tidal.engine.reference.launch import ReferenceServer
+
+from tests.engine.proc import EngineProcess, engine_toml
+from tests.trainer.proc import TrainerProcess, records, trainer_toml
+
+SERVER_ARGS = ["--set", "server.health_timeout_s=2"]
+
+
+class Pipeline:
+    """Factory of servers, trainer and engines under `tmp`; `close` kills whatever still runs."""
+
+    def __init__(self, tmp: Path, model_dir: Path):
+        self.tmp = tmp
+        self.model_dir = model_dir
+        self.servers: list[ReferenceServer] = []
+        self.trainers: list[TrainerProcess] = []
+        self.engines: list[EngineProcess] = []
+
+    def server(self, args=(), env=None) -> ReferenceServer:
+        """A started `tidal serve` of the tiny model (the real trainer trains on its tokens)."""
+        srv = ReferenceServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env)
+        self.servers.append(srv)
+        return srv.start()
+
+    def trainer(self, env=None, **sections) -> TrainerProcess:
+        """A trainer (not started) with small batches, a checkpoint every 2 steps, disk weights every step,
+        on ipc endpoints under `tmp` (a restart binds the same ones)."""
+        cfg = trainer_toml(self.tmp, self.model_dir, **{
+            "intake": {"batch_size": 4, "group_size": 2, "max_staleness": 1, "max_uncommitted": 64,
+                       # fixed endpoints: a restarted trainer is where the engines look for it
+                       "endpoint": f"ipc://{self.tmp}/traj", "status_endpoint": f"ipc://{self.tmp}/status"},
+            "checkpoint": {"dir": str(self.tmp / "ckpt"), "every_steps": 2},
+            **sections})
+        proc = TrainerProcess(self.tmp, cfg, env=env)
+        self.trainers.append(proc)
+        return proc
+
+    def engine(self, urls: list[str], ready: dict, name: str = "engine", env=None, **sections) -> EngineProcess:
+        """An engine (not started) on `urls`, fed to the trainer whose `ready` record is given."""
+        cfg = engine_toml(self.tmp, self.model_dir, urls[0], ready, **{
+            "backend": {"type": "sglang", "urls": urls, "health_interval_s": 0.3, "eject_after": 1},
+            "agent": {"type": "chat", "max_turns": 2, "max_new_tokens": 6},
+            "rollout": {"group_size": 2, "max_concurrent": 8},
+            "trainer": {"endpoint": ready["endpoint"], "status_endpoint": ready["status_endpoint"],
+                        "spool_dir": str(self.tmp / f"{name}-spool"), "window": 256, "status_timeout_s": 3.0},
+            "metrics": {"jsonl": str(self.tmp / f"{name}.jsonl"), "every_s": 0.3, "console": False},
+            **sections})
+        proc = EngineProcess(self.tmp, cfg, name, env=env)
+        self.engines.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in [*self.engines, *self.trainers]:
+            proc.stop()
+        for srv in self.servers:
+            srv.kill()
+
+
+def steps(trainer: TrainerProcess) -> list[dict]:
+    return [r for r in records(trainer.jsonl) if r.get("event") == "step"]
+
+
+def trained(trainer: TrainerProcess) -> list[str]:
+    """Ids of the trajectories the trainer's steps used, as its run finally stands: a resume at version v
+    supersedes the steps >= v recorded before it (they were lost with the process)."""
+    by_version: dict[int, list[str]] = {}
+    for r in records(trainer.jsonl):
+        if r.get("event") == "resume":
+            by_version = {v: ids for v, ids in by_version.items() if v < r["step"]}
+        elif r.get("event") == "step":
+            by_version[r["step"]] = r["ids"].split(",")
+    return [i for v in sorted(by_version) for i in by_version[v]]
+
+
+def last_checkpoint(ckpt_dir: Path):
+    """(version, CheckpointMeta) of the newest complete checkpoint, read without torch."""
+    from tidal.trainer.checkpoint import CheckpointMeta
+
+    path = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[-1]
+    return int(path.name[5:]), msgspec.msgpack.decode((path / "intake.msgpack").read_bytes(), type=CheckpointMeta)
+
+
+def spool_pending(spool_dir: Path) -> list[str]:
+    """Ids of the trajectories still in an engine's spool (that engine must have exited)."""
+    from tidal.engine.spool import Spool
+
+    with Spool(spool_dir, max_bytes=1 << 30) as spool:
+        return [traj.id for _, traj in spool.pending()]
+
+
+def ledger(trainer: TrainerProcess, ckpt_dir: Path, spools: list[Path]) -> dict:
+    """Where every trajectory went, once the trainer stopped with a checkpoint and the engines exited:
+    trained (ids, as the run stands), buffered in the trainer's last checkpoint (ids), dropped as stale or
+    rejected (counts, checkpointed with the intake), or still in a spool (ids)."""
+    from tidal.protocol.messages import decode_trajectory
+
+    _, meta = last_checkpoint(ckpt_dir)
+    used = trained(trainer)
+    return {
+        "trained": used,
+        "buffered": [decode_trajectory(b).id for b in meta.intake.buffered],
+        "stale_dropped": meta.intake.counters.get("stale_dropped", 0),
+        "rejected": meta.intake.counters.get("rejected", 0),
+        "pending": [i for d in spools for i in spool_pending(d)],
+    }
+
+
+def assert_nothing_lost(book: dict, produced: int) -> None:
+    """Every trajectory the engines produced (`produced`: their spooled counters) was trained on exactly
+    once, waits in the trainer's checkpoint or an engine's spool, or was dropped with a count."""
+    used = book["trained"]
+    assert len(used) == len(set(used)), f"trained twice: {sorted(i for i in set(used) if used.count(i) > 1)}"
+    waiting = (set(book["buffered"]) | set(book["pending"])) - set(used)
+    accounted = len(used) + len(waiting) + book["stale_dropped"] + book["rejected"]
+    assert accounted == produced, f"{produced} produced, {accounted} accounted for: {book}"
+
+
+async def until(cond, timeout: float, what: str, every: float = 0.1):
+    """Wait for `cond()` (a hang guard, not a timing assertion): its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(every)
+    return value
