@@ -41,15 +41,19 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """Write a random-init Llama (`layers` x `hidden`) and its tokenizer to `path`; return the path."""
+def build_tiny_model(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0,
+                     vocab_size: int = 0) -> Path:
+    """Write a random-init Llama (`layers` x `hidden`) and its tokenizer to `path`; return the path.
+
+    `vocab_size` above the tokenizer's pads the embeddings, as large checkpoints do: `tidal serve
+    --simulate` draws ids from at least 512, and the model must be able to train on them."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+        vocab_size=max(len(tokenizer), vocab_size), hidden_size=hidden, intermediate_size=hidden * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
