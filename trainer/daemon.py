@@ -398,6 +398,7 @@ class Daemon:
             "trainer/publish/failures": self.counters.get("publish_failures", 0),
             "trainer/step_errors": self.counters["step_errors"],
             "trainer/restricted_sampling": self.counters["restricted_sampling"],
+            "trainer/engines/lost_episodes": self.grants.lost,  # in flight in engines gone (since this start)
         }
         self.telemetry.step(version, record, ids=batch.ids)
         self.telemetry.dropped(self.intake.take_drops())

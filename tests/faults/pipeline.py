@@ -65,6 +65,15 @@ class Pipeline:
             srv.kill()
 
 
+def metrics(engine: EngineProcess) -> dict:
+    """The engine's latest metrics row of its current run (after its latest `ready`); {} before any."""
+    rows = records(engine.jsonl)
+    starts = [i for i, r in enumerate(rows) if r.get("event") == "ready"]
+    current = rows[starts[-1]:] if starts else rows
+    found = [r for r in current if "engine/episodes_started" in r]
+    return found[-1] if found else {}
+
+
 def steps(trainer: TrainerProcess) -> list[dict]:
     return [r for r in records(trainer.jsonl) if r.get("event") == "step"]
 

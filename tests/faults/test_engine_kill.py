@@ -1,0 +1,75 @@
+"""The engine SIGKILLed under the real trainer, a torn record left at its spool's tail, then restarted.
+
+(tests/engine/test_engine_faults.py checks the spool's resend against a stand-in trainer; here the
+real trainer deduplicates, trains and commits.) After the restart the spool left by the killed run is
+delivered and trained on once; the record torn mid-write fails its checksum and is skipped with a
+count, never sent; and the episodes the killed run had in flight are counted by the trainer as lost
+work, never trained on as data.
+"""
+
+import asyncio
+import signal
+import struct
+import zlib
+
+import msgspec
+import pytest
+from tidal.engine.spool import Spool
+from tidal.protocol.messages import encode
+
+from tests.engine.test_engine_faults import PLUGIN_ENV
+from tests.faults.pipeline import ledger, metrics, spool_pending, steps, trained, until
+
+pytestmark = pytest.mark.slow
+
+
+def tear_a_record_onto(spool_dir, traj_id: str) -> None:
+    """Append to the newest segment what a kill mid-append leaves: a whole header, half its payload."""
+    with Spool(spool_dir, max_bytes=1 << 30) as spool:
+        _, like = next(iter(spool.pending()))
+    payload = encode(msgspec.structs.replace(like, id=traj_id))
+    head = struct.pack("<II", len(payload), zlib.crc32(payload))
+    newest = sorted(spool_dir.glob("*.seg"))[-1]
+    with open(newest, "ab") as f:
+        f.write(head + struct.pack("<I", zlib.crc32(head)) + payload[: len(payload) // 2])
+
+
+async def test_engine_killed_then_restarted_delivers_its_spool_skips_a_torn_record_and_loses_in_flight_work(
+        tmp_path, pipeline):
+    spool_dir = tmp_path / "engine-spool"
+    server = await asyncio.to_thread(pipeline.server)
+    trainer = pipeline.trainer(intake={"max_staleness": 8},  # nothing dropped as stale: every id accounted for
+                               checkpoint={"dir": str(tmp_path / "ckpt"), "every_steps": 4})
+    ready = await asyncio.to_thread(trainer.start)
+    engine = pipeline.engine([server.url], ready, env=PLUGIN_ENV, tasks=[{"env": "faulty:Slow-v0"}])  # 1 s a step
+    await asyncio.to_thread(engine.start)
+    busy = lambda m: m.get("engine/episodes_in_flight", 0) > 0 and m.get("engine/sink/pending", 0) >= 4  # noqa: E731
+    await until(lambda: len(steps(trainer)) >= 2 and busy(engine.last_metrics()), 180,
+                "2 steps, with episodes in flight and trajectories not committed")
+    engine.signal(signal.SIGKILL)
+    await asyncio.to_thread(engine.wait)
+    first_epoch = engine.events("ready")[-1]["epoch"]
+    left = spool_pending(spool_dir)  # produced, not yet committed by a checkpoint
+    assert left
+    tear_a_record_onto(spool_dir, "torn-0")
+
+    await asyncio.to_thread(engine.start)
+    m = await until(lambda: metrics(engine), 60, "the restarted engine's metrics")
+    assert m["engine/sink/recovered"] == len(left) and m["engine/sink/corrupt_records"] == 1, m
+    await until(lambda: set(left) <= set(trained(trainer)), 180, "the killed run's spool to be trained on")
+    lost = await until(lambda: steps(trainer)[-1].get("trainer/engines/lost_episodes", 0), 60,
+                       "the trainer to count the killed run's in-flight episodes as lost")
+
+    trainer.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
+    engine.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(engine.wait) == 0, engine.log()
+    book = ledger(trainer, tmp_path / "ckpt", [spool_dir])
+    used = book["trained"]
+    assert len(used) == len(set(used)), "a trajectory was trained on twice"
+    seen = set(used) | set(book["buffered"]) | set(book["pending"])
+    assert "torn-0" not in seen and book["rejected"] == 0  # never sent half, never sent at all
+    assert book["stale_dropped"] == 0
+    assert 1 <= lost <= 8  # at most max_concurrent were in flight at the kill
+    first_run = {i for i in seen if i.startswith(f"engine-0-{first_epoch}-")}
+    assert set(left) <= first_run
