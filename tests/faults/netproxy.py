@@ -2,8 +2,8 @@
 
 It runs its own asyncio loop in a thread, so a test drives it from anywhere. Faults, switched at will:
   delay_s          each chunk waits this long before it is forwarded (both directions)
-  truncate_every   every Nth connection is cut after `truncate_bytes` bytes from upstream: the client
-                   sees a response or frame end midway
+  truncate_every   every Nth connection is cut after `truncate_bytes` bytes in either direction: a
+                   request, response or frame ends midway
   drop_every       every Nth connection is closed as soon as it is accepted
   drop_all()       close every open connection now (a flapping link, a NAT timeout)
 `counts` says how many connections each fault hit, so a test can check that faults did happen.
@@ -88,7 +88,7 @@ class Proxy:
         limit = self.truncate_bytes if self.truncate_every and n % self.truncate_every == 0 else None
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._pipe(reader, up_writer, None), self._pipe(up_reader, writer, limit))
+            await asyncio.gather(self._pipe(reader, up_writer, limit), self._pipe(up_reader, writer, limit))
         finally:
             for w in (writer, up_writer):
                 self._writers.discard(w)
