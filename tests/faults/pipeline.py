@@ -15,6 +15,35 @@ from tests.trainer.proc import TrainerProcess, records, trainer_toml
 SERVER_ARGS = ["--set", "server.health_timeout_s=2"]
 
 
+class HidingServer(ReferenceServer):
+    """A `tidal serve` in a mount namespace of its own (`unshare -rm`, no root needed) where `hidden` is an
+    empty tmpfs: the server of a host that cannot see the shared weights directory. Files the test puts
+    under `view(hidden)` appear to it there."""
+
+    def __init__(self, *args, hidden: Path, **kw):
+        super().__init__(*args, **kw)
+        self.hidden = hidden
+
+    def _command(self, port: int) -> list[str]:
+        mount = 'mount -t tmpfs none "$0" && exec "$@"'
+        return ["unshare", "-rm", "sh", "-c", mount, str(self.hidden), *super()._command(port)]
+
+    def view(self, path: Path) -> Path:
+        """`path` as the server sees it (its mount namespace, through /proc)."""
+        return Path(f"/proc/{self.pid}/root") / path.relative_to("/")
+
+
+def can_unshare() -> bool:
+    """Whether this machine lets an unprivileged user make a user + mount namespace and mount a tmpfs."""
+    import subprocess
+
+    probe = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"]
+    try:
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 class Pipeline:
     """Factory of servers, trainer and engines under `tmp`; `close` kills whatever still runs."""
 
@@ -25,9 +54,13 @@ class Pipeline:
         self.trainers: list[TrainerProcess] = []
         self.engines: list[EngineProcess] = []
 
-    def server(self, args=(), env=None) -> ReferenceServer:
-        """A started `tidal serve` of the tiny model (the real trainer trains on its tokens)."""
-        srv = ReferenceServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env)
+    def server(self, args=(), env=None, hidden: Path | None = None) -> ReferenceServer:
+        """A started `tidal serve` of the tiny model (the real trainer trains on its tokens); with
+        `hidden`, one that sees an empty directory there (`HidingServer`)."""
+        if hidden is None:
+            srv = ReferenceServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env)
+        else:
+            srv = HidingServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env, hidden=hidden)
         self.servers.append(srv)
         return srv.start()
 
