@@ -175,6 +175,10 @@ class DistributedConfig(Strict):
     """Collective backend between trainer ranks (nccl between GPUs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: "auto" (each rank's GPU when there is one, else the CPU), "cpu" or "cuda"."""
+    threads: NonNegInt = 0
+    """torch intra-op CPU threads of each rank (0 = torch's default, one per core). On a machine whose
+    cores the trainer shares with a CPU inference server and the engine, 1 keeps it from spinning
+    threads that wait for cores others hold (`tidal bench learning` pins it so)."""
     timeout_s: Annotated[float, Meta(gt=0)] = 1800.0
     """Longest a rank waits in one collective before it fails (torch.distributed's timeout; gloo's
     default, NCCL's is 600). Ranks > 0 wait for rank 0's next command in a broadcast; while rank 0

@@ -87,12 +87,15 @@ resend to the next trainer, which drops it as committed, yet a clean stop should
 
 
 
-def _seed(seed: int) -> None:
+def _torch_setup(seed: int, threads: int) -> None:
+    """Seeds, and the intra-op threads (`distributed.threads`), before torch builds anything."""
     import random
 
     import numpy as np
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -668,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world.init(cfg.distributed.backend, cfg.distributed.device, cfg.distributed.timeout_s)
         cfg = cfg.resolved(world.device)
-        _seed(cfg.seed)
+        _torch_setup(cfg.seed, cfg.distributed.threads)
         if world.rank:
             return _follow(cfg, world)
         daemon = Daemon(cfg, world)

@@ -15,7 +15,8 @@ batch and leaves version k + 1. Within a step:
 With one update per step (the default) pi_prox is exactly pi_theta at the forward pass, so it is
 taken from that forward, detached, instead of a second identical pass. The ratio pi_theta/pi_prox is
 then 1 and the PPO clip only acts with `minibatches > 1`; the behaviour weight min(pi_prox/mu, C)
-always acts.
+always acts. With `loss.proximal = "behaviour"` (plain PPO, the baseline decoupled PPO is measured
+against) pi_prox is mu itself: no pass records it, the ratio is pi_theta/mu and the weight is 1.
 
 Data parallel: wrap `learner.model` (DDP or FSDP2 fully_shard) and pass `rank`, `world_size` and an
 `all_reduce` that sums a numpy array across ranks (used only to whiten GAE/REINFORCE++ advantages).
@@ -38,7 +39,13 @@ from tidal.trainer.advantages import (
     ReinforcePPConfig,
     compute_advantages,
 )
-from tidal.trainer.learner_config import LearnerConfig, ModelConfig, OptimConfig, resolve_dtype
+from tidal.trainer.learner_config import (
+    DecoupledPPOConfig,
+    LearnerConfig,
+    ModelConfig,
+    OptimConfig,
+    resolve_dtype,
+)
 from tidal.trainer.losses import LossInputs, policy_loss, value_loss
 from tidal.trainer.packing import MicroBatch, build, padding_fraction, plan
 from tidal.trainer.sampling import temperature
@@ -170,6 +177,8 @@ class Learner:
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.keeps_boolean_logits = _takes_boolean_logits_to_keep(model)
+        self._prox_is_behaviour = isinstance(cfg.loss, DecoupledPPOConfig) and cfg.loss.proximal == "behaviour"
+        """Plain PPO against mu: pi_prox is the behaviour policy, so no pass records it."""
 
     def reject_reason(self, traj: Trajectory) -> str | None:
         """Why this model cannot train on `traj` (intake rejects and counts it), or None."""
@@ -221,7 +230,8 @@ class Learner:
     def _record(self, mbs: list[MicroBatch]) -> None:
         """The no-grad pass: pi_prox, reference log-probs and old values, into each micro-batch."""
         gae = isinstance(self.cfg.advantage, GAEConfig)
-        need_prox = self.cfg.optim.minibatches > 1 or isinstance(self.cfg.advantage, ReinforcePPConfig)
+        need_prox = ((self.cfg.optim.minibatches > 1 and not self._prox_is_behaviour)
+                     or isinstance(self.cfg.advantage, ReinforcePPConfig))
         for mb in mbs:
             if need_prox or gae:
                 res = self._forward(self.model, mb, values=gae)
@@ -439,7 +449,10 @@ class Learner:
         gae = isinstance(self.cfg.advantage, GAEConfig)
         res = self._forward(self.model, mb, values=gae, entropy=True)
         f = {name: t.to(dev) for name, t in mb.fields.items()}
-        prox = f["prox_logp"] if "prox_logp" in f else res["logp"].detach()
+        if self._prox_is_behaviour:
+            prox = f["behav_logp"]
+        else:
+            prox = f["prox_logp"] if "prox_logp" in f else res["logp"].detach()
         inp = LossInputs(logp=res["logp"], prox_logp=prox, behav_logp=f["behav_logp"], adv=f["adv"],
                          mask=(f["weight"] > 0).float(), weight=f["weight"])
         loss, metrics = policy_loss(self.cfg.loss, inp, entropy=res["entropy"], ref_logp=f.get("ref_logp"))

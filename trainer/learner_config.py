@@ -57,6 +57,11 @@ class DecoupledPPOConfig(_Common, tag="ppo", tag_field="type"):
     """epsilon below: the ratio pi_theta / pi_prox is clipped at 1 - clip_low."""
     clip_high: Annotated[float, Meta(ge=0)] = 0.2
     """epsilon above: clipped at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    proximal: Literal["recompute", "behaviour"] = "recompute"
+    """pi_prox: `recompute` scores the batch with the trainer's policy before the step (decoupled PPO);
+    `behaviour` takes mu itself (pi_prox = mu, no extra forward pass), which is plain PPO against the
+    behaviour policy: ratio pi_theta / mu clipped, weight 1. The naive baseline that AReaL's
+    decoupled objective is compared with (`tidal bench staleness`); it degrades as data grows stale."""
 
 
 class TISConfig(_Common, tag="tis", tag_field="type"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tidal.protocol.config import load_config
 from tidal.protocol.messages import Trajectory, Turn
-from tidal.trainer.learner import Learner, LearnerConfig, resolve_dtype
+from tidal.trainer.advantages import compute_advantages
+from tidal.trainer.learner import Learner, LearnerConfig, _trained_mask, resolve_dtype
 
 
 def config(model_dir, *overrides) -> LearnerConfig:
@@ -154,6 +155,53 @@ def test_minibatches_kl_reference_and_staleness(tiny_model_dir):
     assert metrics["trainer/staleness/2"] + metrics["trainer/staleness/1"] == pytest.approx(1.0)
     assert metrics["trainer/staleness_max"] == 2.0
     assert metrics["trainer/micro_batches"] >= 2
+
+
+def test_proximal_behaviour_is_plain_ppo_against_mu(tiny_model_dir):
+    # proximal = behaviour: pi_prox is mu, so already the first update's ratio is pi_theta / mu (clipped
+    # where it leaves [0.8, 1.2]) and the weight is 1; recompute: the first ratio is 1, the weight pi_prox / mu
+    batch = batch_of(8, seed=3)
+    common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=1")
+    behaviour = Learner(config(tiny_model_dir, *common, "loss.proximal=behaviour"))
+    recompute = Learner(config(tiny_model_dir, *common))
+    adv, _, _ = compute_advantages(behaviour.cfg.advantage, batch)
+    ratio, signs = [], []
+    for traj, lp, a in zip(batch, behaviour.logprobs(batch), adv, strict=True):
+        trained = _trained_mask(traj).astype(bool)
+        ratio.append(np.exp(lp[trained] - traj.behav_logps()[trained]))
+        signs.append(a[trained])
+    r, a = np.concatenate(ratio), np.concatenate(signs)
+    clipped = np.clip(r, 0.8, 1.2) * a < r * a
+    assert 0 < clipped.mean() < 1                       # the random mu is far from pi_theta: some clip
+    m_b, m_r = behaviour.train_step(batch), recompute.train_step(batch)
+    assert m_b["trainer/clip_frac"] == pytest.approx(clipped.mean())
+    assert m_b["trainer/is_weight_mean"] == 1.0 and m_b["trainer/kl_behav"] == 0.0
+    assert m_r["trainer/clip_frac"] == 0.0 and m_r["trainer/is_weight_mean"] != pytest.approx(1.0)
+
+
+def test_proximal_behaviour_skips_the_prox_pass_and_equals_recompute_on_policy(tiny_model_dir):
+    # with mu = the learner's own pi (fresh data), both objectives give the same step; behaviour runs
+    # one forward per micro-batch fewer (no pi_prox pass with several updates)
+    common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=2")
+    learners = {p: Learner(config(tiny_model_dir, *common, f"loss.proximal={p}")) for p in ("behaviour", "recompute")}
+    fresh = [episode(i, np.random.default_rng(i), group=f"g{i // 4}", reward=float(i % 3 == 0), length=24)
+             for i in range(8)]
+    own = learners["recompute"].logprobs(fresh)
+    fresh = [Trajectory.build(id=t.id, group_id=t.group_id, env_id=t.env_id, task_seed=t.task_seed,
+                              tokens=t.token_ids(), loss_mask=t.mask(), behav_logp=np.where(t.mask() == 1, lp, 0.0),
+                              versions=t.token_versions(), turns=t.turns, reward=t.reward, terminated=True)
+             for t, lp in zip(fresh, own, strict=True)]
+    forwards = {}
+    for name, learner in learners.items():
+        calls = []
+        real = learner._forward
+        learner._forward = lambda *a, real=real, calls=calls, **k: calls.append(1) or real(*a, **k)
+        learner.train_step(fresh)
+        forwards[name] = len(calls)
+    assert forwards["recompute"] == 2 * forwards["behaviour"]
+    for (n, p), q in zip(learners["behaviour"].base_model.named_parameters(),
+                         learners["recompute"].base_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)
 
 
 def test_state_dict_resumes_exactly(tiny_model_dir):
