@@ -17,7 +17,8 @@ step, checkpoint, acknowledge), then the servers; each must exit within DRAIN_TI
 
 The ledger is computed from the processes' own records, id by id, never from this process's guesses:
 - produced: trajectories an engine finished, i.e. wrote durably to its spool; the engine's `spooled`
-  records name them (metrics.ledger);
+  records name them (metrics.ledger), and its `recovered` records name what a restarted engine found
+  in its spool (a group spooled just before a SIGKILL may have missed its `spooled` record);
 - trained: ids in the trainer's `step` records as its run finally stands (a `resume` at version v
   supersedes the steps >= v recorded before it: they were undone with the process);
 - dropped_stale / rejected: ids in the trainer's `dropped` records (those at versions > v before a
@@ -33,7 +34,9 @@ produced): `lost_work_episodes` estimates them from the killed engine's last met
 
 RSS of each process (psutil if installed, else VmRSS of /proc/PID/status) is sampled every RSS_EVERY_S
 while it is ready; a role's growth is the mean of its last window over the mean of its first, the
-window a minute (a fifth of the run when that is shorter); `rss_growth_ratio` is the largest.
+window a minute (a fifth of the run when that is shorter); `rss_growth_ratio` is the largest. A
+restart resets a process's memory and could hide a leak, so `rss_growth_in_life` is the same ratio
+over the longest-lived start of each role (window a minute, or a fifth of that life), the largest.
 """
 
 from __future__ import annotations
@@ -139,7 +142,7 @@ def _ids(field: str | None) -> list[str]:
 def ledger(engine_records: list[dict], trainer_records: list[dict], buffered: set[str], spooled: set[str]) -> dict:
     """Where every produced trajectory went (definitions in the module docstring); `buffered` are the ids
     in the trainer's final checkpoint, `spooled` those still pending in the engine's spool."""
-    produced = {i for r in engine_records if r.get("event") == "spooled" for i in _ids(r.get("ids"))}
+    produced = {i for r in engine_records if r.get("event") in ("spooled", "recovered") for i in _ids(r.get("ids"))}
     steps: dict[int, list[str]] = {}
     drops: list[tuple[int, str, list[str]]] = []
     errors: list[str] = []
@@ -222,6 +225,8 @@ class Role:
         self.name, self.child, self.soak = name, child, soak
         self.ready = False
         self.rss: list[tuple[float, float]] = []
+        self.lives: list[int] = []
+        """Which start each RSS sample belongs to (a restart begins a new life)."""
 
     def start(self) -> None:
         self.ready = False
@@ -248,6 +253,12 @@ class Role:
             mib = rss_mib(self.child.pid)
             if mib is not None:
                 self.rss.append((now, mib))
+                self.lives.append(self.child.starts)
+
+    def longest_life(self) -> list[tuple[float, float]]:
+        """The RSS samples of the start that ran longest: growth within one life, which restarts cannot hide."""
+        best = Counter(self.lives).most_common(1)
+        return [s for s, life in zip(self.rss, self.lives, strict=True) if best and life == best[0][0]]
 
 
 class Server(Role):
@@ -486,12 +497,18 @@ def _summary(soak: Soak, book: dict, exits: dict) -> tuple[list[dict], dict]:
     rows = []
     for role in soak.roles:
         ratio = growth(role.rss, window)
+        life = role.longest_life()
+        life_s = life[-1][0] - life[0][0] if life else 0.0
+        within = growth(life, min(RSS_WINDOW_S, life_s / 5))
         rows.append({"process": role.name, "starts": role.child.starts, "rss_samples": len(role.rss),
                      "rss_first_mib": round(role.rss[0][1], 1) if role.rss else None,
                      "rss_last_mib": round(role.rss[-1][1], 1) if role.rss else None,
                      "rss_peak_mib": round(max(m for _, m in role.rss), 1) if role.rss else None,
-                     "rss_growth": None if ratio is None else round(ratio, 3), "exit": exits.get(role.name, "")})
+                     "rss_growth": None if ratio is None else round(ratio, 3),
+                     "longest_life_s": round(life_s), "rss_growth_in_life": None if within is None else round(within, 3),
+                     "exit": exits.get(role.name, "")})
     ratios = [r["rss_growth"] for r in rows if r["rss_growth"] is not None]
+    in_life = [r["rss_growth_in_life"] for r in rows if r["rss_growth_in_life"] is not None]
     summary = {
         "minutes": round(soak.soak_s / 60, 2),
         "produced": book["produced"], "delivered": book["delivered"], "trained": book["trained"],
@@ -500,6 +517,7 @@ def _summary(soak: Soak, book: dict, exits: dict) -> tuple[list[dict], dict]:
         "balanced": book["balanced"], "trained_twice": book["trained_twice"], "unrecorded": book["unrecorded"],
         "lost_work_episodes": soak.lost_work,
         "rss_growth_ratio": max(ratios) if ratios else None,
+        "rss_growth_in_life": max(in_life) if in_life else None,
         "rss_window_s": round(window, 1),
         "faults_injected": len(soak.faults),
         "faults_by_kind": dict(Counter(f["kind"] for f in soak.faults)),

@@ -199,8 +199,9 @@ class EngineMetricsConfig(Strict):
     console: bool = True
     """Show a rich live status line on stderr."""
     ledger: bool = False
-    """Also write a `spooled` record with the ids of each finished group once it is on disk: the
-    engine's half of the ledger `tidal bench soak` reads to find lost trajectories (a line per group)."""
+    """Also write a `spooled` record with the ids of each finished group once it is on disk, and a
+    `recovered` record with those an earlier run left in the spool: the engine's half of the ledger
+    `tidal bench soak` reads to find lost trajectories (a line per group)."""
 
 
 class EngineConfig(Strict):

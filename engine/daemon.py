@@ -34,6 +34,7 @@ from tidal.engine.generation import Generator
 from tidal.engine.render_pool import RenderPool
 from tidal.engine.rollout import Rollout
 from tidal.engine.sink import TrajectorySink
+from tidal.engine.spool import Spool
 from tidal.engine.tasks import TaskSource
 from tidal.engine.weights import WeightSync
 from tidal.protocol.channels import StatusSubscriber
@@ -135,6 +136,8 @@ class Engine:
             await stack.enter_async_context(self.backend)
             with starting(f"cannot open the spool (trainer.spool_dir {link.spool_dir!r}) or reach "
                           f"trainer.endpoint {link.endpoint!r}"):
+                if cfg.metrics.ledger:
+                    await asyncio.to_thread(self._record_recovered, link.spool_dir)
                 self.sink = await stack.enter_async_context(TrajectorySink(
                     link.endpoint, cfg.name, link.spool_dir, window=link.window,
                     max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts,
@@ -202,6 +205,16 @@ class Engine:
         the group is durable, so every id on record is in the spool or already committed."""
         await self.sink.put(group)
         self.telemetry.log({"event": "spooled", "ids": ",".join(t.id for t in group)})
+
+    def _record_recovered(self, spool_dir: str) -> None:
+        """metrics.ledger: a `recovered` record naming what an earlier run left in the spool (sent first).
+        A group spooled just before a SIGKILL may have missed its `spooled` record; this names it."""
+        if not os.path.isdir(spool_dir):
+            return
+        with Spool(spool_dir, max_bytes=1 << 40) as spool:
+            ids = [traj.id for _, traj in spool.pending()]
+        if ids:
+            self.telemetry.log({"event": "recovered", "ids": ",".join(ids)})
 
     def drain(self, deadline_s: float, exit: bool) -> None:
         """Stop admitting; cancel what is still running after `deadline_s`; with `exit`, end the daemon."""
