@@ -127,7 +127,8 @@ class Checkpointer:
                 free = f"{shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free there"
             except OSError:
                 free = "free space unknown"
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else (
+                errno.ENOSPC if "No space left" in str(exc) else errno.EIO)
             raise CheckpointError(code, f"checkpoint.dir {self.dir}: writing {final.name} failed ({free}): "
                                   f"{type(exc).__name__}: {exc}"[:1000]) from exc
         if pause := os.environ.get(PAUSE_ENV):

@@ -52,7 +52,7 @@ from tidal.protocol.model_source import resolve_model
 from tidal.protocol.startup import StartupError, add_debug_arg, fail, reason
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
-from tidal.trainer.config import DistributedPublish, MetricsConfig, TrainerConfig
+from tidal.trainer.config import MetricsConfig, TrainerConfig
 from tidal.trainer.dead_letter import DeadLetter
 from tidal.trainer.distributed import (
     GATHER_STATE,
@@ -76,10 +76,11 @@ log = logging.getLogger(__name__)
 GRANT_EVERY_S = 0.2
 """How often the engines' heartbeats are turned into grants (a new engine waits about this long)."""
 REBROADCAST_AFTER_S = 2.0
-"""Wait before a failed distributed publish is tried again (each try takes at most publish.timeout_s).
-A broadcast that failed midway leaves servers holding part of it; the engine keeps them out of
-rotation until a version reaches them, so waiting for the next step's version could wait forever
-(no generation, no batch, no step)."""
+"""Wait before a failed publish is tried again (each broadcast try takes at most publish.timeout_s).
+A broadcast that failed midway leaves servers holding part of it, and the engine keeps them out of
+rotation until a version reaches them; a disk write that failed (a full disk) leaves the servers
+behind, and the engine stops admitting once they are further behind than max_staleness. Either way,
+waiting for the next step's version could wait forever (no generation, no batch, no step)."""
 ACK_GRACE_S = 0.2
 """After the final checkpoint's commit, time for the receiver's ack task to send before the socket closes.
 The receiver also flushes acks as it closes, but over ipc:// those can be lost; a lost ack costs only a
@@ -323,8 +324,12 @@ class Daemon:
                     await asyncio.sleep(ACK_GRACE_S)
                     pumping.cancel()
                     granting.cancel()
+            except ExceptionGroup as group:  # a TidalError alone (a checkpoint on a full disk): main's one line
+                if len(group.exceptions) == 1 and isinstance(group.exceptions[0], TidalError):
+                    raise group.exceptions[0] from None
+                raise
             finally:
-                self._stop.set()  # training is over: a failed broadcast is not tried again
+                self._stop.set()  # training is over: a failed publish is not tried again
                 await self._checkpointed_all()
                 await self._published()
                 if self.world.distributed:
@@ -496,9 +501,9 @@ class Daemon:
         await self.status_pub.publish(notice)
 
     async def _publish(self, version: int, tensors: dict) -> None:
-        """Publish `version`. A failure is counted and reported, and training goes on; a failed
-        broadcast is tried again (a new group) every REBROADCAST_AFTER_S while `version` is still the
-        newest and the daemon runs, a failed disk write only with the next version."""
+        """Publish `version`. A failure is counted and reported, and training goes on; it is tried
+        again (a broadcast: with a new group) every REBROADCAST_AFTER_S while `version` is still the
+        newest and the daemon runs."""
         while True:
             try:
                 notice = await self.publisher.publish(version, tensors)
@@ -508,8 +513,6 @@ class Daemon:
                 self.health = f"publish failed: {exc}"[:200]
                 self.telemetry.event("publish_failed", version, error=str(exc)[:500])
                 await self.status_pub.publish(self.status())
-            if not isinstance(self.cfg.publish, DistributedPublish):
-                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), REBROADCAST_AFTER_S)
             if self._stop.is_set() or self.version != version:

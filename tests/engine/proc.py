@@ -32,9 +32,11 @@ def engine_toml(tmp: Path, model_dir, server_url: str, trainer_ready: dict, **se
 class EngineProcess:
     """One `python -m tidal engine` child; `start` waits for its `ready` event."""
 
-    def __init__(self, tmp: Path, cfg: dict, name: str = "engine", env: dict | None = None):
+    def __init__(self, tmp: Path, cfg: dict, name: str = "engine", env: dict | None = None, wrap=()):
+        """`wrap`: a command line the child runs under (e.g. nsenter into a namespace)."""
         self.tmp = tmp
         self.env = env or {}
+        self.wrap = list(wrap)
         self.name = name
         self.config = tmp / f"{name}.toml"
         self.config.write_text(tomli_w.dumps(cfg))
@@ -46,7 +48,7 @@ class EngineProcess:
         seen = len(self.events("ready"))
         self.starts += 1
         log = open(self.tmp / f"{self.name}-{self.starts}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tidal", "engine", str(self.config)],
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "tidal", "engine", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + timeout

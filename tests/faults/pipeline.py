@@ -15,22 +15,79 @@ from tests.trainer.proc import TrainerProcess, records, trainer_toml
 SERVER_ARGS = ["--set", "server.health_timeout_s=2"]
 
 
-class HidingServer(ReferenceServer):
-    """A `tidal serve` in a mount namespace of its own (`unshare -rm`, no root needed) where `hidden` is an
-    empty tmpfs: the server of a host that cannot see the shared weights directory. Files the test puts
-    under `view(hidden)` appear to it there."""
+class WrappedServer(ReferenceServer):
+    """A `tidal serve` run under `wrap`, a command line such as nsenter into a namespace."""
 
-    def __init__(self, *args, hidden: Path, **kw):
+    def __init__(self, *args, wrap: list[str], **kw):
         super().__init__(*args, **kw)
-        self.hidden = hidden
+        self.wrap = wrap
 
     def _command(self, port: int) -> list[str]:
-        mount = 'mount -t tmpfs none "$0" && exec "$@"'
-        return ["unshare", "-rm", "sh", "-c", mount, str(self.hidden), *super()._command(port)]
+        return [*self.wrap, *super()._command(port)]
 
     def view(self, path: Path) -> Path:
         """`path` as the server sees it (its mount namespace, through /proc)."""
         return Path(f"/proc/{self.pid}/root") / path.relative_to("/")
+
+
+def hiding(path: Path) -> list[str]:
+    """A wrap for `WrappedServer`: a mount namespace of its own (`unshare -rm`, no root needed) where
+    `path` is an empty tmpfs, as on a host that cannot see the shared weights directory. Files the
+    test puts under the server's `view(path)` appear to it there."""
+    return ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(path)]
+
+
+class SmallDisks:
+    """Small filesystems without root: a holder process in a user + mount namespace of its own, with a
+    tmpfs of `size` mounted on each of `dirs` (created first). Children started under `wrap` (nsenter
+    into that namespace) write to the tmpfs, and get ENOSPC when it is full; the test sees the same files
+    under `view(path)` and can fill the disk (`fill`) and free it (`free`) while they run. The tmpfs
+    outlive the children (a restarted daemon finds what its predecessor left), not the holder."""
+
+    def __init__(self, dirs: list[Path], size: str = "4m"):
+        self.dirs = dirs
+        self.size = size
+        self.proc = None
+
+    def __enter__(self) -> "SmallDisks":
+        import subprocess
+
+        for d in self.dirs:
+            d.mkdir(parents=True, exist_ok=True)
+        mounts = " && ".join(f"mount -t tmpfs -o size={self.size} none '{d}'" for d in self.dirs)
+        self.proc = subprocess.Popen(["unshare", "-rm", "sh", "-c", f"{mounts} && echo up && exec sleep 3600"],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "up", "could not mount the small filesystems"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def wrap(self) -> list[str]:
+        return ["nsenter", "-t", str(self.proc.pid), "-U", "-m", "--preserve-credentials", "--"]
+
+    def view(self, path: Path) -> Path:
+        return Path(f"/proc/{self.proc.pid}/root") / path.relative_to("/")
+
+    def fill(self, d: Path) -> None:
+        """Fill the filesystem at `d` to the last byte."""
+        import os
+
+        fd = os.open(self.view(d) / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for size in (1 << 16, 1):
+                try:
+                    while os.write(fd, b"\0" * size):
+                        pass
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+    def free(self, d: Path) -> None:
+        (self.view(d) / "filler").unlink()
 
 
 def can_unshare() -> bool:
@@ -54,17 +111,17 @@ class Pipeline:
         self.trainers: list[TrainerProcess] = []
         self.engines: list[EngineProcess] = []
 
-    def server(self, args=(), env=None, hidden: Path | None = None) -> ReferenceServer:
-        """A started `tidal serve` of the tiny model (the real trainer trains on its tokens); with
-        `hidden`, one that sees an empty directory there (`HidingServer`)."""
-        if hidden is None:
-            srv = ReferenceServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env)
+    def server(self, args=(), env=None, wrap=()) -> ReferenceServer:
+        """A started `tidal serve` of the tiny model (the real trainer trains on its tokens), run under
+        `wrap` if given (`WrappedServer`)."""
+        if wrap:
+            srv = WrappedServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env, wrap=list(wrap))
         else:
-            srv = HidingServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env, hidden=hidden)
+            srv = ReferenceServer(self.model_dir, args=[*SERVER_ARGS, *args], env=env)
         self.servers.append(srv)
         return srv.start()
 
-    def trainer(self, env=None, **sections) -> TrainerProcess:
+    def trainer(self, env=None, wrap=(), **sections) -> TrainerProcess:
         """A trainer (not started) with small batches, a checkpoint every 2 steps, disk weights every step,
         on ipc endpoints under `tmp` (a restart binds the same ones)."""
         cfg = trainer_toml(self.tmp, self.model_dir, **{
@@ -73,11 +130,12 @@ class Pipeline:
                        "endpoint": f"ipc://{self.tmp}/traj", "status_endpoint": f"ipc://{self.tmp}/status"},
             "checkpoint": {"dir": str(self.tmp / "ckpt"), "every_steps": 2},
             **sections})
-        proc = TrainerProcess(self.tmp, cfg, env=env)
+        proc = TrainerProcess(self.tmp, cfg, env=env, wrap=wrap)
         self.trainers.append(proc)
         return proc
 
-    def engine(self, urls: list[str], ready: dict, name: str = "engine", env=None, **sections) -> EngineProcess:
+    def engine(self, urls: list[str], ready: dict, name: str = "engine", env=None, wrap=(),
+               **sections) -> EngineProcess:
         """An engine (not started) on `urls`, fed to the trainer whose `ready` record is given."""
         cfg = engine_toml(self.tmp, self.model_dir, urls[0], ready, **{
             "backend": {"type": "sglang", "urls": urls, "health_interval_s": 0.3, "eject_after": 1},
@@ -87,7 +145,7 @@ class Pipeline:
                         "spool_dir": str(self.tmp / f"{name}-spool"), "window": 256, "status_timeout_s": 3.0},
             "metrics": {"jsonl": str(self.tmp / f"{name}.jsonl"), "every_s": 0.3, "console": False},
             **sections})
-        proc = EngineProcess(self.tmp, cfg, name, env=env)
+        proc = EngineProcess(self.tmp, cfg, name, env=env, wrap=wrap)
         self.engines.append(proc)
         return proc
 

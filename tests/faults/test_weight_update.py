@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.faults.pipeline import can_unshare, metrics, steps, until
+from tests.faults.pipeline import can_unshare, hiding, metrics, steps, until
 from tests.trainer.proc import records
 
 pytestmark = [pytest.mark.slow,
@@ -36,7 +36,7 @@ async def test_a_server_that_fails_an_update_is_ejected_until_it_serves_the_curr
     weights = tmp_path / "weights"
     weights.mkdir()
     good, blind = await asyncio.gather(asyncio.to_thread(pipeline.server),
-                                       asyncio.to_thread(pipeline.server, hidden=weights))
+                                       asyncio.to_thread(pipeline.server, wrap=hiding(weights)))
     trainer = pipeline.trainer()
     ready = await asyncio.to_thread(trainer.start)
     engine = pipeline.engine([good.url, blind.url], ready)

@@ -48,8 +48,10 @@ def records(path: Path) -> list[dict]:
 class TrainerProcess:
     """One `python -m tidal.trainer` child; `start` waits for its `ready` record."""
 
-    def __init__(self, tmp: Path, cfg: dict, *, argv=("-m", "tidal.trainer"), env=None):
+    def __init__(self, tmp: Path, cfg: dict, *, argv=("-m", "tidal.trainer"), env=None, wrap=()):
+        """`wrap`: a command line the child runs under (e.g. nsenter into a namespace)."""
         self.tmp = tmp
+        self.wrap = list(wrap)
         self.config = tmp / "trainer.toml"
         self.config.write_text(tomli_w.dumps(cfg))
         self.jsonl = Path(cfg["metrics"]["jsonl"])
@@ -68,7 +70,7 @@ class TrainerProcess:
         self.starts += 1
         log = open(self.tmp / f"trainer-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *self.argv, str(self.config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [*self.wrap, sys.executable, *self.argv, str(self.config)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **(self.env or {})},
         )
         log.close()
