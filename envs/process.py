@@ -15,6 +15,11 @@ Wire: length-prefixed msgpack frames on the worker's stdin/stdout (no pickle): r
 `[op, arg]` with op in make/reset/step/close; replies `["ok", value]` or `["error", type, message,
 traceback]`. The worker moves its own stdout to stderr first, so a print in env code cannot corrupt
 a frame. The API is async only: the worker is tied to the event loop that started it.
+
+Memory: `worker_memory_mb` caps the worker's address space (RLIMIT_AS, the interpreter included: about
+170 MB with a games env). An env that leaks past it gets MemoryError in the call that allocates, which
+reaches the caller as a `RemoteEnvError`; the worker is then killed, and the next reset starts a fresh
+one, so a leak costs the episodes it breaks, never the engine's memory.
 """
 
 import asyncio
@@ -44,10 +49,15 @@ class ProcessEnv(Env):
 
     blocking = True
 
-    def __init__(self, env_id: str | None = None, *, entry_point: str | None = None, **kwargs: Any):
+    def __init__(self, env_id: str | None = None, *, entry_point: str | None = None, worker_memory_mb: int = 0,
+                 **kwargs: Any):
+        """`worker_memory_mb`: the worker's address-space cap (0: none); every other kwarg is the env's."""
         if (env_id is None) == (entry_point is None):
             raise ValueError("ProcessEnv: give exactly one of env_id or entry_point")
+        if worker_memory_mb < 0:
+            raise ValueError(f"ProcessEnv: worker_memory_mb must be >= 0, got {worker_memory_mb}")
         self.target = {"id": env_id, "entry_point": entry_point, "kwargs": kwargs}
+        self.worker_memory_mb = worker_memory_mb
         self.proc: asyncio.subprocess.Process | None = None
         self.remote_instructions = ""
         self.in_episode = False
@@ -63,7 +73,7 @@ class ProcessEnv(Env):
 
     async def _start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tidal.envs.process",
+            sys.executable, "-m", "tidal.envs.process", str(self.worker_memory_mb),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         self.remote_instructions = await self._call("make", self.target)
@@ -87,6 +97,8 @@ class ProcessEnv(Env):
             raise
         if reply[0] == "error":
             _, kind, message, tb = reply
+            if kind == "MemoryError":  # past worker_memory_mb: what it leaked goes with it
+                self.abandon(f"{op} ran out of memory")
             raise RemoteEnvError(f"{kind}: {message}\n--- in the env worker ---\n{tb}")
         return reply[1]
 
@@ -148,10 +160,14 @@ class ProcessEnv(Env):
             self.proc.kill()
 
 
-def _serve() -> None:
+def _serve(memory_mb: int = 0) -> None:
     """The worker: build the env, then answer requests until close or end of input."""
     import importlib
+    import resource
     import traceback
+
+    if memory_mb:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
 
     from tidal import envs
     reader = os.fdopen(0, "rb", buffering=0)
@@ -203,4 +219,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
