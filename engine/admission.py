@@ -10,6 +10,13 @@ engine itself discarded before sending (zero-variance groups, episodes that fail
 engine's own discards in it, every discard would shrink the budget for good and enough of them would
 stall the run; with them, a discarded episode hands its admission back at once.
 
+The budget counts from the trainer's version k, but an episode's tokens come from the version the
+servers serve, which lags k while a weight update is on its way: an episode started then, under
+version k - d, may be trained at k + s and arrive staler than s, to be dropped (wasted generation).
+So while the servers are d versions behind, d batches of the allowance wait for them: started at
+most (k - d + 1 + s) * B, the bound counted from the served version (one engine's share of it is
+stricter than it need be, never looser).
+
 The bound is global, and several engine processes share it through grants (tidal.protocol.grants): the
 trainer gives each engine incarnation a cumulative number of episodes it may start
 (`TrainerStatus.grants`, keyed by `grant_key(engine_id, epoch)`), and the grants together never exceed
@@ -75,9 +82,11 @@ class Admission:
         if self.started + self.group_size > self.allowance():
             return "staleness"
         if self.served_version is not None:
-            behind = self.status.version - self.served_version
+            behind = max(0, self.status.version - self.served_version)
             if behind > (0 if self.sync else self.status.max_staleness):
                 return "weights"  # tokens made now would be too stale to train on: wait for the update
+            if self.started + self.group_size > self.allowance() - behind * self.status.batch_size:
+                return "weights"  # the budget counted from the version served, not the trainer's (see above)
         return None
 
     def start_group(self) -> None:

@@ -151,7 +151,7 @@ class Engine:
             self.gen = Generator(self.backend, self.tokenizer, cfg.sampling, max_context=cfg.model.max_context,
                                  render_pool=self.render_pool)
             put = self._put_recorded if cfg.metrics.ledger else self.sink.put
-            self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, put)
+            self.rollout = Rollout(cfg, self.agent, self.gen, self.admission, self.tasks, put, self.sink.report_now)
             self.weights = WeightSync(self.backend, self._served)
             eval_sampling = msgspec.structs.replace(cfg.sampling, temperature=cfg.eval.temperature)
             self.evaluator = Evaluator(cfg, self.agent, Generator(

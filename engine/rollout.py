@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 
 from tidal.engine.admission import Admission
 from tidal.engine.agent import Agent, EpisodeFailed
@@ -44,9 +45,12 @@ class Rollout:
     """Episodes in, groups out. `changed()` must be called whenever an admission input changes."""
 
     def __init__(self, cfg: EngineConfig, agent: Agent, gen: Generator, admission: Admission,
-                 tasks: TaskSource, deliver):
+                 tasks: TaskSource, deliver, out_of_grant: Callable[[], None] | None = None):
         """`deliver(group)` is awaited with each finished group of trajectories (the sink's `put`); it may
-        wait (back-pressure), which holds the group's episodes' concurrency slots meanwhile."""
+        wait (back-pressure), which holds the group's episodes' concurrency slots meanwhile.
+        `out_of_grant()` is called whenever admission finds the trainer's grant used up (the sink's
+        `report_now`): the grant follows the counts the trainer last heard, so while the engine waits
+        for more, each episode that ends is reported at once, not at the next periodic heartbeat."""
         self.cfg = cfg
         self.agent = agent
         self.gen = gen
@@ -63,6 +67,7 @@ class Rollout:
         taken then, not against a later version, so a window of old trajectories does not read stale."""
         self.blocked_by: Counter[str] = Counter()
         """Admission checks that found the next group blocked, by reason."""
+        self.out_of_grant = out_of_grant
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
@@ -86,6 +91,8 @@ class Rollout:
                         break
                     if reason is not None:
                         self.blocked_by[reason] += 1
+                        if reason == "staleness" and self.out_of_grant is not None:
+                            self.out_of_grant()
                         self._changed.clear()
                         await self._changed.wait()
                         continue

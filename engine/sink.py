@@ -165,6 +165,10 @@ class TrajectorySink:
         """Spool bytes left before put() waits (0 while full)."""
         return 0 if self.full else self._max_spool_bytes - self._spool.bytes
 
+    def report_now(self) -> None:
+        """Heartbeat the trainer with `report()` now (TrajectorySender.report_now)."""
+        self._tx.report_now()
+
     async def put(self, trajs: list[Trajectory]) -> None:
         """Spool one finished group durably and queue it for sending; waits while the spool is full.
 

@@ -74,7 +74,9 @@ __all__ = ["main", "Daemon"]
 log = logging.getLogger(__name__)
 
 GRANT_EVERY_S = 0.2
-"""How often the engines' heartbeats are turned into grants (a new engine waits about this long)."""
+"""Longest wait between two turns of the engines' heartbeats into grants; a heartbeat that reports
+episodes (`TrajectoryReceiver.reported`) starts a turn at once, so an engine that reports freed slots
+is granted them within a round trip."""
 REBROADCAST_AFTER_S = 2.0
 """Wait before a failed publish is tried again (each broadcast try takes at most publish.timeout_s).
 A broadcast that failed midway leaves servers holding part of it, and the engine keeps them out of
@@ -256,6 +258,7 @@ class Daemon:
         """Share the budget among the engines the trajectory channel hears from (their heartbeats say
         what they started and run), and publish the status whenever a grant changes."""
         while True:
+            rx.reported.clear()
             now = time.monotonic()
             for (engine_id, epoch), (hello, heard) in list(rx.engines.items()):
                 self.grants.heard(engine_id, epoch, started=hello.started, in_flight=hello.in_flight,
@@ -269,7 +272,9 @@ class Daemon:
             status = self.status()
             if status.grants != before:
                 await self.status_pub.publish(status)
-            await asyncio.sleep(GRANT_EVERY_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GRANT_EVERY_S):
+                    await rx.reported.wait()
 
     @property
     def dropped(self) -> int:

@@ -142,7 +142,7 @@ class TrajectorySender:
         self._room = asyncio.Event()  # cleared by send() at a full window, set again at _reopen_at
         self._reopen_at = window - max(1, window // REOPEN_FRACTION)
         self._empty = asyncio.Event()  # set while nothing is unacknowledged; flush() waits on it
-        self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation)
+        self._kick = asyncio.Event()  # wakes the ticker early (new trainer incarnation, report_now)
         self._trainer: int | None = None
         self._trainer_changed_at = 0.0
         self._seen = SeqSet()
@@ -262,6 +262,12 @@ class TrajectorySender:
 
     # --- heartbeat and resends
 
+    def report_now(self) -> None:
+        """Send the next heartbeat (with `report()`) at once rather than within heartbeat_s. An engine
+        out of grant calls it as its episodes end, so the trainer hears of the freed slots and grants
+        them without waiting for the periodic heartbeat (several calls before it goes make one)."""
+        self._kick.set()
+
     async def _tick(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -331,6 +337,8 @@ class TrajectoryReceiver:
         self.engines: dict[tuple[str, int], tuple[Hello, float]] = {}
         """(engine_id, epoch) -> the latest heartbeat of each engine that reports its episodes, and
         time.monotonic() when it came: what the trainer shares its staleness budget by."""
+        self.reported = asyncio.Event()
+        """Set when such a heartbeat arrives (the consumer clears it): the grants may change."""
         self._ack_due: dict[tuple[str, int], None] = {}  # streams whose Ack is to be sent (ordered set)
         self._ack_wake = asyncio.Event()
         self._reading = False  # the reader is between taking a batch and flushing the acks it led to
@@ -459,6 +467,7 @@ class TrajectoryReceiver:
                 self._peer(engine_id, epoch, frames[0])
                 if env.capacity or env.started:  # an engine that reports its episodes
                     self.engines[(engine_id, epoch)] = (env, time.monotonic())
+                    self.reported.set()
                     if len(self.engines) > MAX_STREAMS:
                         del self.engines[next(iter(self.engines))]
                 self._below(engine_id, epoch, floor)

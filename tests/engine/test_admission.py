@@ -65,6 +65,23 @@ def test_servers_behind_the_trainer_by_more_than_the_staleness_bound_block(sync,
     assert a.blocked() == blocked
 
 
+def test_the_budget_counts_from_the_served_version_while_the_servers_catch_up():
+    # trainer at 5, s = 1, B = 8: the trainer's budget is (5 + 1 + 1) * 8 = 56. With 48 started and the
+    # servers still at 4, a group started now would be sampled by version 4 and may be trained at 6:
+    # staleness 2, dropped. It waits until the servers serve 5.
+    a = _admission()
+    a.status = _status(version=5, grant=56)
+    for _ in range(12):
+        a.start_group()
+    a.served_version = 4
+    assert a.blocked() == "weights"
+    a.served_version = 5
+    assert a.blocked() is None
+    a.started = 40  # far from the budget's edge, a lagging server does not stop admission
+    a.served_version = 4
+    assert a.blocked() is None
+
+
 def test_max_episodes_ends_admission():
     a = _admission()
     a.status = _status(grant=100)

@@ -143,6 +143,26 @@ async def test_checkpointed_consumer_restart_loses_and_repeats_nothing(endpoint)
         assert (tx.stats.acked, tx.stats.resent, rx2.stats.duplicates) == (10, 2, 0)
 
 
+async def test_report_now_reaches_the_trainer_long_before_the_next_heartbeat():
+    # an engine out of grant reports its ended episodes at once (the trainer grants on that report), not
+    # heartbeat_s later; the receiver says a report came by setting `reported`
+    counts = [256, 256, 256]  # started, in flight, capacity
+    async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
+        async with TrajectorySender(rx.endpoint, "e0", heartbeat_s=600, report=lambda: tuple(counts)) as tx:
+            await tx.send(make_trajectory("t0"))  # connected: a heartbeat is never queued for a trainer not there
+            await _drain(rx, 1)
+            assert await tx.flush(5)
+            for in_flight in (256, 40):
+                counts[1] = in_flight
+                tx.report_now()
+                async with asyncio.timeout(10):
+                    while not rx.engines or next(iter(rx.engines.values()))[0].in_flight != in_flight:
+                        rx.reported.clear()
+                        await rx.reported.wait()
+                [(hello, _)] = rx.engines.values()
+                assert (hello.started, hello.in_flight, hello.capacity) == (256, in_flight, 256)
+
+
 async def test_restarted_engine_is_a_new_stream():
     async with TrajectoryReceiver("tcp://127.0.0.1:0", auto_commit=True) as rx:
         consumer = asyncio.create_task(_drain(rx, 2))
