@@ -24,10 +24,10 @@ over max(t_gen, t_train): what a pipeline that keeps the server full would reach
 Server utilisation is busy slots over capacity in the measured window, from the server's decode-step
 batch-size histogram (/server_info): sum over steps of B x step(B), over max_running x wall seconds.
 `throughput_fraction` is generated tokens per second over max_running / step(max_running);
-`prefill_share` the simulated GPU's prefill time over wall time. A weight update with the engine's
-default pause_mode (retract) flushes the server's prefix cache, as SGLang does, so every episode in
-flight prefills its whole context again: with one update per batch that is most of `prefill_share`
-in async mode (`--pause-mode in_place` keeps the cache, and the old weights' KV with it).
+`prefill_share` the simulated GPU's prefill time over wall time. The engine's default pause_mode,
+in_place, keeps the server's KV and prefix cache across a weight update; `--pause-mode retract`
+drops and flushes them, as SGLang does, so every episode in flight prefills its whole context again:
+with one update per batch that is most of `prefill_share` in async mode.
 The sync window starts at the first admitted episode; the async one after `warmup` batches.
 """
 
@@ -84,9 +84,10 @@ class Workload:
     prefill_per_token_s: float = _SIM.prefill_per_token_s
     max_running: int = _SIM.max_running
     prefix_cache_tokens: int = _SIM.prefix_cache_tokens
-    pause_mode: str = "retract"
-    """The backend's pause_mode around weight updates (the engine's default, retract, flushes the
-    server's prefix cache at every update, so everything in flight prefills again; in_place keeps it)."""
+    pause_mode: str = "in_place"
+    """The backend's pause_mode around weight updates (the engine's default, in_place, keeps the
+    server's KV and prefix cache; retract flushes them at every update, so everything in flight
+    prefills again)."""
 
     @property
     def batch(self) -> int:
@@ -231,8 +232,8 @@ def _parser():
                    help=f"trainer time per batch over generation time at full occupancy (default {d.train_fraction:g})")
     p.add_argument("--concurrency", type=int, help=f"rollout.max_concurrent in batches (default {d.concurrency})")
     p.add_argument("--pause-mode", choices=("retract", "in_place"),
-                   help="the backend's pause_mode around weight updates (default retract, the engine's: it "
-                        "flushes the prefix cache, so what is in flight prefills again; in_place keeps it)")
+                   help="the backend's pause_mode around weight updates (default in_place, the engine's: it "
+                        "keeps the KV and prefix cache; retract flushes them, so what is in flight prefills again)")
     p.add_argument("--max-running", type=int, help=f"server batch slots (default {d.max_running})")
     p.add_argument("--sync-batches", type=int, help=f"sync batches measured (default {d.sync_batches})")
     p.add_argument("--async-batches", type=int, help=f"async batches measured after warm-up (default {d.async_batches})")

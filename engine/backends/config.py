@@ -85,9 +85,15 @@ class SGLangConfig(Routed, tag="sglang", tag_field="type"):
     Larger values cut the client's per-event cost at thousands of concurrent streams."""
     control_timeout_s: Seconds = 600.0
     """Budget of one control call (pause, weight update, group init) per server."""
-    pause_mode: Literal["abort", "retract", "in_place"] = "retract"
+    pause_mode: Literal["abort", "retract", "in_place"] = "in_place"
     """`/pause_generation` mode. abort: in-flight requests end and are resubmitted after resume with
-    the tokens received; retract/in_place: they stay open and continue under the new weights."""
+    the tokens received; retract/in_place: they stay open and continue under the new weights.
+    in_place keeps their KV cache and the server's prefix cache (the update sends flush_cache false):
+    later tokens attend to context the old weights encoded, and each logprob is still the one the
+    token was sampled with. retract drops that KV and flushes the cache, so everything in flight
+    prefills again under the new weights: exact, at the cost of one re-prefill of every running
+    context per update (about a fifth of the GPU's time with an update per batch in `tidal bench
+    async-vs-sync`)."""
     weight_update: Literal["pause", "abort", "wait"] = "pause"
     """pause: pause -> update -> continue; abort: update with `abort_all_requests` (aborted requests are
     resubmitted); wait: the server waits for in-flight requests before loading."""

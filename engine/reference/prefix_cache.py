@@ -17,20 +17,32 @@ __all__ = ["PrefixCache"]
 
 
 class PrefixCache:
-    """Longest-cached-prefix lookup; each entry may carry a payload (the KV tensors) or None."""
+    """Longest-cached-prefix lookup; each entry may carry a payload (the KV tensors) or None.
+
+    A block shared by several entries (a group's common prompt, an episode's earlier turns) is held
+    once, as in SGLang's radix tree: `tokens` counts distinct blocks, and a block lives while any
+    entry holding it does. Evicting the least recently used entry frees only the blocks no other
+    entry holds, and never hides a live entry's prefix.
+    """
 
     def __init__(self, capacity_tokens: int, block: int = 16):
         if block < 1:
             raise ValueError(f"block must be at least 1, got {block}")
         self.capacity_tokens = capacity_tokens
         self.block = block
-        self._entries: OrderedDict[int, tuple[int, Any, list[int]]] = OrderedDict()
-        self._by_hash: dict[int, int] = {}
+        self._entries: OrderedDict[int, tuple[Any, list[int]]] = OrderedDict()
+        """entry id -> (payload, its block keys), least recently used first."""
+        self._holders: dict[int, dict[int, None]] = {}
+        """block key -> the entries holding it, oldest first (an insertion-ordered set)."""
         self._next_id = 0
         self._lock = threading.Lock()
-        self.tokens = 0
         self.lookups = 0
         self.hit_tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held: distinct cached blocks times the block size."""
+        return len(self._holders) * self.block
 
     def _keys(self, tokens: list[int]) -> list[int]:
         keys, key, b = [], 0, self.block
@@ -44,18 +56,19 @@ class PrefixCache:
         keys = self._keys(tokens)
         with self._lock:
             self.lookups += 1
-            found = None
+            holders = None
             n = 0
             for i, key in enumerate(keys):
-                entry = self._by_hash.get(key)
-                if entry is None or entry not in self._entries:
+                found = self._holders.get(key)
+                if not found:
                     break
-                found, n = entry, (i + 1) * self.block
-            if found is None:
+                holders, n = found, (i + 1) * self.block
+            if holders is None:
                 return 0, None
-            self._entries.move_to_end(found)
+            entry = next(reversed(holders))  # any holder of the last block holds the whole prefix
+            self._entries.move_to_end(entry)
             self.hit_tokens += n
-            return n, self._entries[found][1]
+            return n, self._entries[entry][0]
 
     def insert(self, tokens: list[int], payload: Any = None) -> None:
         """Remember that the KV of `tokens` is held (payload covers at least their whole blocks)."""
@@ -65,23 +78,21 @@ class PrefixCache:
         with self._lock:
             entry = self._next_id
             self._next_id += 1
-            n = len(keys) * self.block
-            self._entries[entry] = (n, payload, keys)
-            self.tokens += n
+            self._entries[entry] = (payload, keys)
             for key in keys:
-                self._by_hash[key] = entry
+                self._holders.setdefault(key, {})[entry] = None
             while self.tokens > self.capacity_tokens and self._entries:
-                old, (size, _, old_keys) = self._entries.popitem(last=False)
-                self.tokens -= size
+                old, (_, old_keys) = self._entries.popitem(last=False)
                 for key in old_keys:
-                    if self._by_hash.get(key) == old:
-                        del self._by_hash[key]
+                    holders = self._holders[key]
+                    holders.pop(old, None)
+                    if not holders:
+                        del self._holders[key]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._by_hash.clear()
-            self.tokens = 0
+            self._holders.clear()
 
     def stats(self) -> dict:
         return {"prefix_cache_tokens": self.tokens, "prefix_cache_entries": len(self._entries),

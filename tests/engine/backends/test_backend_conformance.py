@@ -141,7 +141,8 @@ async def test_update_weights_from_distributed_body(sessions):
     assert versions == {s.url: 19}
     assert s.requests("/update_weights_from_distributed") == [{
         "names": ["model.embed_tokens.weight", "lm_head.weight"], "dtypes": ["bfloat16", "bfloat16"],
-        "shapes": [[8, 4], [8, 4]], "group_name": "weight_update_group", "weight_version": "19"}]
+        "shapes": [[8, 4], [8, 4]], "group_name": "weight_update_group", "weight_version": "19",
+        "flush_cache": False}]  # the default pause (in_place) holds KV: a flush would fail (§3.1)
     paths = [p for p, _ in s.bodies]
     inner = ["/begin_weight_update", "/update_weights_from_distributed", "/end_weight_update"] if sessions \
         else ["/update_weights_from_distributed"]
@@ -154,7 +155,7 @@ async def test_update_weights_from_distributed_body(sessions):
 @pytest.mark.parametrize("discipline", ["pause", "abort", "wait"])
 async def test_distributed_update_of_several_buckets_bodies(discipline):
     # One update, two buckets: the discipline holds around both, the session spans both, and only the
-    # last bucket sets the version and flushes the cache (§3.3, §3.5).
+    # last bucket sets the version and flushes the cache, unless requests are held in place (§3.3, §3.5).
     names, dtypes, shapes = [["a", "b"], ["c"]], [["bfloat16"] * 2, ["float32"]], [[[2, 2], [4]], [[3]]]
     async with FakeSGLang(weight_sessions=True) as s, client(s, weight_update=discipline) as b:
         async with b.distributed_update(21, 2):
@@ -166,10 +167,11 @@ async def test_distributed_update_of_several_buckets_bodies(discipline):
         {"names": ["a", "b"], "dtypes": ["bfloat16", "bfloat16"], "shapes": [[2, 2], [4]], "group_name": "g",
          "flush_cache": False},
         {"names": ["c"], "dtypes": ["float32"], "shapes": [[3]], "group_name": "g", "weight_version": "21",
-         "load_format": "flattened_bucket"}]  # abort_all_requests never: with several buckets abort is a pause
+         "load_format": "flattened_bucket", **({"flush_cache": False} if discipline == "pause" else {})}]
+    # abort_all_requests never: with several buckets abort is a pause; an in_place pause never flushes
     inner = ["/begin_weight_update", "/update_weights_from_distributed", "/update_weights_from_distributed",
              "/end_weight_update"]
-    paused = {"pause": ["retract"], "abort": ["abort"], "wait": []}[discipline]
+    paused = {"pause": ["in_place"], "abort": ["abort"], "wait": []}[discipline]
     assert [p for p, _ in s.bodies] == ["/pause_generation"] * len(paused) + inner + [
         "/continue_generation"] * len(paused)
     assert [r["mode"] for r in s.requests("/pause_generation")] == paused

@@ -166,7 +166,7 @@ async def test_weight_update_fans_out_and_reports_each_version():
             assert [p for p, _ in s.bodies] == ["/pause_generation", "/update_weights_from_disk",
                                                 "/continue_generation"]
             assert s.requests("/update_weights_from_disk") == [{"model_path": "/ckpt/step-5",
-                                                                "weight_version": "5"}]
+                                                                "weight_version": "5", "flush_cache": False}]
         ids, _, chunks = await run(b, "after")
         assert chunks[0].weight_version == 5
 
