@@ -118,6 +118,9 @@ class SGLangControl:
         disk = self._latest_disk
         if disk is not None and latest is not None and int(disk.weight_version) == latest:
             await self._post(server, "/update_weights_from_disk", disk)
+            if self._latest_version != latest:  # an update finished meanwhile, without this server
+                raise BackendError(f"it took version {latest}, but {self._latest_version} arrived meanwhile: the "
+                                   "next probe brings it", url=server.url)
             self._stale.discard(server)
             return
         held = "weights of no version (part of a distributed update)" if stale else f"version {served}"
@@ -192,6 +195,9 @@ class SGLangControl:
             self._latest_disk, self._latest_version = msg, version
             self._stale.difference_update(servers)  # a whole checkpoint replaces whatever they held
             self._eject(failed, f"failed the update to version {version}")
+            # re-admitted by a probe while this update ran (caught up to the version before): out again
+            # until the next probe replays this one, or it would serve an old version beside the new
+            self._eject([s for s in self._targets() if s not in servers], f"missed the update to version {version}")
         if failed:
             raise self._failure(failed, len(servers), "update_weights_from_disk")
         self.counters["weight_updates"] += 1

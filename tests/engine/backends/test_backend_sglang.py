@@ -221,6 +221,32 @@ async def test_ejected_server_is_readmitted_with_the_latest_weights():
         assert s2.version == "1" and b.stats()["readmissions"] == 1
 
 
+async def test_a_server_caught_up_to_a_version_superseded_meanwhile_is_not_readmitted_until_current():
+    """Its catch-up (a replay of version 1) is still loading when version 2 reaches the others: admitting
+    it then would serve version 1 beside 2 (tests/faults found this)."""
+    async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2, health_interval_s=0.05) as b:
+        s2.healthy = False
+        while len(b.router.healthy) != 1:
+            await asyncio.sleep(0.02)
+        await b.update_weights_from_disk("/ckpt/step-1", 1)
+        entered, gate, post = asyncio.Event(), asyncio.Event(), b._post
+
+        async def slow_catch_up(server, path, msg):
+            if server.url == s2.url and path == "/update_weights_from_disk" and msg.weight_version == "1":
+                entered.set()
+                await gate.wait()
+            return await post(server, path, msg)
+
+        b._post = slow_catch_up
+        s2.healthy = True
+        await asyncio.wait_for(entered.wait(), 30)
+        await b.update_weights_from_disk("/ckpt/step-2", 2)  # s2 is not in rotation: s1 alone takes it
+        gate.set()
+        while len(b.router.healthy) != 2:
+            await asyncio.sleep(0.02)
+        assert s2.version == "2" and b.stats()["readmissions_refused"] >= 1
+
+
 async def test_failed_update_names_the_server_and_leaves_no_server_paused():
     async with FakeSGLang() as s1, FakeSGLang() as s2, backend(s1, s2) as b:
         s2.failing.add("/pause_generation")
