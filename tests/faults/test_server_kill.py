@@ -53,9 +53,10 @@ async def test_a_server_killed_mid_stream_loses_no_episode_and_is_readmitted_wit
         trainer.signal(signal.SIGTERM)
         assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
         latest = max(r["step"] for r in records(trainer.jsonl) if r.get("event") == "publish")
-        await until(lambda: metrics(engine).get("engine/served_version") == latest, 60, "the last version served")
+        settled = lambda m: m.get("engine/served_version") == latest and m.get("engine/backend/servers_healthy") == 2  # noqa: E731
+        await until(lambda: settled(metrics(engine)), 60, "the last version served by both servers")
         versions = {get(s.url, "/model_info")["weight_version"] for s in (a, b)}
-        assert versions == {str(latest)}, versions
+        assert versions == {str(latest)}, versions  # both in rotation: both at the current version
         engine.signal(signal.SIGTERM)
         assert await asyncio.to_thread(engine.wait) == 0, engine.log()
     m = metrics(engine)
