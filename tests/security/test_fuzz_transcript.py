@@ -66,9 +66,9 @@ def check_aligned(t: Transcript, expected_turns: list[list[int]]) -> None:
     assert all(type(i) is int and 0 <= i < t.tok.vocab_size for i in t.tokens)
     masked = [0] * n
     for (start, end), ids in zip(t.turns, expected_turns, strict=True):
-        assert t.tokens[start:end] == ids, "the model's ids were not kept exactly"
+        assert list(t.tokens[start:end]) == ids, "the model's ids were not kept exactly"
         masked[start:end] = [1] * (end - start)
-    assert t.loss_mask == masked
+    assert list(t.loss_mask) == masked
     assert all((v == -1) == (m == 0) for v, m in zip(t.versions, t.loss_mask, strict=True))
 
 
@@ -93,7 +93,7 @@ def run_episode(tok: ChatTokenizer, drawn) -> None:
         except ChatTemplateError as exc:
             assert tok.name in str(exc), str(exc)
             return
-        assert t.tokens[:len(before)] == before, "a token already in the sequence changed"
+        assert list(t.tokens[:len(before)]) == before, "a token already in the sequence changed"
         assert added == len(t.tokens) - len(before) - len(gen)
         check_aligned(t, done)
 
