@@ -189,14 +189,16 @@ class Engine:
 
     async def _flush(self) -> bool:
         """Wait for the trainer to commit what was sent while it keeps committing (FLUSH_S without an
-        acknowledgement ends the wait: a trainer that commits only at its checkpoints, or is gone);
-        what stays uncommitted is in the spool, resent by the next start."""
+        acknowledgement ends the wait: a trainer that commits only at its checkpoints, or is gone; one
+        that said it stopped is not waited for at all); what stays uncommitted is in the spool, resent
+        by the next start."""
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline:
             before = self.sink.stats()["committed"]
-            if await self.sink.flush(timeout=FLUSH_S):
+            stopped = self.admission.status is not None and self.admission.status.health == "stopped"
+            if await self.sink.flush(timeout=0 if stopped else FLUSH_S):
                 return True
-            if self.sink.stats()["committed"] == before:
+            if stopped or self.sink.stats()["committed"] == before:
                 return False
         return False
 
