@@ -106,7 +106,8 @@ def emit(name: str, config: dict, results: list[dict], summary: dict, json_out: 
     console = Console() if sys.stdout.isatty() else Console(width=240)
     if results:
         table = Table(title=f"tidal bench {name}")
-        columns = list(dict.fromkeys(k for row in results for k in row))
+        columns = list(dict.fromkeys(k for row in results for k, v in row.items()
+                                     if not isinstance(v, list | dict)))  # series stay in the JSON
         for col in columns:
             table.add_column(col, justify="right")
         for row in results:

@@ -1,0 +1,45 @@
+"""`tidal bench learning --quick` through the real CLI: the report's schema, and figures that agree with
+each other (no wall-clock limits: the machine is shared)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SUMMARY = {"speedup", "final_success_async", "final_success_sync", "wall_s_async", "wall_s_sync", "target_met"}
+
+
+@pytest.mark.slow
+def test_bench_learning_quick(tmp_path):
+    out = tmp_path / "learning.json"
+    proc = subprocess.run([sys.executable, "-m", "tidal", "bench", "learning", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"bench", "machine", "config", "results", "summary"} and report["bench"] == "learning"
+    assert "inference.model.threads=1" in report["config"]["pinned"]
+    assert "trainer.distributed.threads=1" in report["config"]["pinned"]
+    rows = {r["mode"]: r for r in report["results"]}
+    assert set(rows) == {"async", "sync"}
+    for r in rows.values():
+        # --quick: 10 steps of 64 trajectories in both modes (async may drop a stale group member or two)
+        assert r["steps"] == 10 and 0.9 * 640 <= r["trajectories"] <= 640
+        assert r["wall_s"] > 0 and r["startup_s"] > 0 and 0 < r["train_s"] < r["wall_s"]
+        assert 0 <= r["final_success"] <= 1 and r["final_version"] % 5 == 0 and r["final_version"] <= 10
+        versions = [v for v, _, _ in r["curve"]]
+        assert versions == sorted(versions) and versions[0] == 0  # the first evaluation is of version 0
+        assert r["curve"][-1][0] == r["final_version"] and r["curve"][-1][2] == r["final_success"]
+        assert r["curve"][0][2] == r["first_success"]
+        for child in ("server", "engine", "trainer"):
+            assert r[f"{child}_cpu_share"] >= 0
+    assert rows["sync"]["staleness_mean"] == 0  # sync: every token trained at the version that sampled it
+    s = report["summary"]
+    assert set(s) == SUMMARY
+    assert s["speedup"] == pytest.approx(rows["sync"]["wall_s"] / rows["async"]["wall_s"])
+    assert (s["wall_s_async"], s["wall_s_sync"]) == (rows["async"]["wall_s"], rows["sync"]["wall_s"])
+    assert (s["final_success_async"], s["final_success_sync"]) == (rows["async"]["final_success"],
+                                                                   rows["sync"]["final_success"])
+    assert s["target_met"] == (s["final_success_async"] >= 0.95 * s["final_success_sync"]
+                               and s["wall_s_async"] <= 2 / 3 * s["wall_s_sync"])
+    assert "speedup" in proc.stdout
