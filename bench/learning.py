@@ -10,7 +10,8 @@ Both run max_steps steps of intake.batch_size trajectories (an async batch may h
 member that went stale while its group waited is dropped; `trajectories` counts what was trained).
 Per mode: the wall-clock of the training (engine ready to the trainer's last step; start-up apart),
 the final eval success (greedy, 64 held-out seeds, at the last evaluated version), and the CPU
-seconds of each child over that wall-clock (`*_cpu_share`: where the time went). The target (issue 12):
+seconds of each child over that wall-clock (`*_cpu_share`: where the time went); `seconds_to_0.9`
+is when an evaluation first reached 0.9 (None: never). The target:
 async reaches at least `SUCCESS_SHARE` of sync's final success in at most `WALL_SHARE` of its wall-clock.
 `--quick`: 10 steps of 64 episodes per mode (the figures say only that it runs).
 """
@@ -38,6 +39,7 @@ def _row(mode: str, figures: dict) -> dict:
             "startup_s": figures["startup_s"], "final_success": figures["final_success"],
             "final_version": figures["final_version"], "first_success": figures["first_success"],
             "train_s": figures["train_s"], "staleness_mean": figures["staleness_mean"],
+            "seconds_to_0.9": next((t for _, t, success in figures["curve"] if success >= 0.9), None),
             **{f"{name}_cpu_share": cpu.get(name, 0.0) / wall for name in ("server", "engine", "trainer")},
             "curve": figures["curve"]}
 

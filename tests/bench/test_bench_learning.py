@@ -31,6 +31,7 @@ def test_bench_learning_quick(tmp_path):
         assert versions == sorted(versions) and versions[0] == 0  # the first evaluation is of version 0
         assert r["curve"][-1][0] == r["final_version"] and r["curve"][-1][2] == r["final_success"]
         assert r["curve"][0][2] == r["first_success"]
+        assert r["seconds_to_0.9"] == next((t for _, t, success in r["curve"] if success >= 0.9), None)
         for child in ("server", "engine", "trainer"):
             assert r[f"{child}_cpu_share"] >= 0
     assert rows["sync"]["staleness_mean"] == 0  # sync: every token trained at the version that sampled it
