@@ -64,5 +64,4 @@ async def test_delayed_cut_and_dropped_connections_lose_and_duplicate_nothing(tm
     m = metrics(engine)
     errors = {k: v for k, v in m.items() if k.startswith("engine/backend/errors_")}
     assert sum(errors.values()) >= 1 and m["engine/backend/retries"] >= 1, m  # counted and retried
-    assert m["engine/sink/wire_resent"] >= 1, m  # the channel resent what a dropped link may have lost
     assert_nothing_lost(ledger(trainer, tmp_path / "ckpt", [tmp_path / "engine-spool"]), m["engine/sink/spooled"])
