@@ -98,7 +98,9 @@ class ProcessEnv(Env):
         if reply[0] == "error":
             _, kind, message, tb = reply
             if kind == "MemoryError":  # past worker_memory_mb: what it leaked goes with it
-                self.abandon(f"{op} ran out of memory")
+                await self._reap()
+                self.in_episode = False
+                self.restarts += 1  # the next reset starts a fresh worker
             raise RemoteEnvError(f"{kind}: {message}\n--- in the env worker ---\n{tb}")
         return reply[1]
 

@@ -7,7 +7,8 @@ from tidal.envs.core import Env
 
 
 class Misbehaving(Env):
-    """'hang' sleeps far past any timeout, 'crash' kills the process, 'raise' raises, 'print' prints."""
+    """'hang' sleeps far past any timeout, 'crash' kills the process, 'raise' raises, 'print' prints,
+    'leak' keeps 256 MiB of address space (never touched) for good."""
 
     instructions = "Misbehave on request."
 
@@ -22,6 +23,8 @@ class Misbehaving(Env):
             os._exit(3)
         elif action == "raise":
             raise RuntimeError("deliberate failure in step")
+        elif action == "leak":
+            self.leaked = [*getattr(self, "leaked", []), bytes(256 << 20)]
         elif action == "print":
             print("noise on stdout that must not corrupt a frame", flush=True)
         return f"did {action}", 1.0, action == "stop", False, {"pid": os.getpid()}

@@ -72,3 +72,18 @@ async def test_process_env_passes_check_env():
     env = envs.make("games:Mastermind-v0", offload="process")
     assert await envs.acheck_env(env) == []
     assert env.proc is None  # aclose reaped the worker
+
+
+async def test_a_worker_past_its_memory_cap_fails_the_call_and_is_replaced(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    env = ProcessEnv(entry_point="hanging_env:Misbehaving", worker_memory_mb=600)
+    try:
+        _, info = await env.areset(0)
+        await env.astep("leak")  # about 170 MB + 256 MB: under the cap
+        with pytest.raises(RemoteEnvError, match="MemoryError"):
+            await env.astep("leak")
+        _, again = await env.areset(0)  # a fresh worker, without the leak
+        assert again["pid"] != info["pid"] and env.restarts == 1
+        assert (await env.astep("leak"))[0] == "did leak"
+    finally:
+        await env.aclose()
