@@ -538,6 +538,8 @@ def main(argv: list[str]) -> int:
     minutes = args.minutes if args.minutes is not None else (QUICK_MINUTES if args.quick else 10.0)
     short = args.quick or minutes < 2
     every = args.fault_every if args.fault_every is not None else (QUICK_FAULT_EVERY_S if short else FAULT_EVERY_S)
+    # SIGTERM (a test's timeout, a `kill`) unwinds like Ctrl-C: every child is stopped, the temporary dir removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="tidal-soak-") as tmp:
         workdir = Path(args.dir) if args.dir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
