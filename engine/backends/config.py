@@ -92,7 +92,7 @@ class SGLangConfig(Routed, tag="sglang", tag_field="type"):
     later tokens attend to context the old weights encoded, and each logprob is still the one the
     token was sampled with. retract drops that KV and flushes the cache, so everything in flight
     prefills again under the new weights: exact, at the cost of one re-prefill of every running
-    context per update (about a fifth of the GPU's time with an update per batch in `tidal bench
+    context per update (23% of the simulated GPU's time with an update per batch in `tidal bench
     async-vs-sync`)."""
     weight_update: Literal["pause", "abort", "wait"] = "pause"
     """pause: pause -> update -> continue; abort: update with `abort_all_requests` (aborted requests are
