@@ -79,11 +79,13 @@ async def test_full_weights_checkpoint_and_spool_disks_corrupt_nothing_and_lose_
         assert events(trainer, "resume")[-1]["step"] == newest
 
         # 3. spool disk full: appends fail and are retried, counted, admission stops; nothing is lost
-        disks.fill(spool)
-        m = await until(lambda: (m := metrics(engine)).get("engine/sink/spool_errors", 0) and m, 120,
-                        "a failed spool write")
+        def full_spool(key: str) -> float:  # filled again and again: committed segments free space as they go
+            disks.fill(spool)
+            return metrics(engine).get(key, 0)
+
+        await until(lambda: full_spool("engine/sink/spool_errors"), 120, "a failed spool write")
         assert "No space left" in engine.log() and str(spool) in engine.log()
-        await until(lambda: metrics(engine).get("engine/admission_blocked/spool_full", 0), 60, "back-pressure")
+        await until(lambda: full_spool("engine/admission_blocked/spool_full"), 60, "back-pressure")
         disks.free(spool)
         at = len(steps(trainer))
         await until(lambda: len(steps(trainer)) >= at + 2, 180, "2 more steps")
