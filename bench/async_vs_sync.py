@@ -24,7 +24,9 @@ over max(t_gen, t_train): what a pipeline that keeps the server full would reach
 Server utilisation is busy slots over capacity in the measured window, from the server's decode-step
 batch-size histogram (/server_info): sum over steps of B x step(B), over max_running x wall seconds.
 `throughput_fraction` is generated tokens per second over max_running / step(max_running);
-`prefill_share` the simulated GPU's prefill time over wall time. The engine's default pause_mode,
+`prefill_share` the simulated GPU's prefill time over wall time; `server_runqueue_wait_share` the
+share of the window the server's event-loop thread waited for a CPU (on a shared machine the simulated
+GPU idles while its scheduler cannot run: time neither mode's engine can win back). The engine's default pause_mode,
 in_place, keeps the server's KV and prefix cache across a weight update; `--pause-mode retract`
 drops and flushes them, as SGLang does, so every episode in flight prefills its whole context again:
 with one update per batch that is most of `prefill_share` in async mode.
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import aiohttp
 import uvloop
-from tidal.bench.engine_child import EngineChild, engine_config, tokenizer_dir
+from tidal.bench.engine_child import EngineChild, engine_config, proc_runqueue_wait_s, tokenizer_dir
 from tidal.bench.report import bench_parser, case, emit
 from tidal.bench.standin import Standin
 from tidal.engine.chat import ChatTokenizer
@@ -195,13 +197,14 @@ async def _mode(mode: str, model: Path, work: Path, w: Workload, train_s_per_tok
                 if not engine.alive():
                     raise RuntimeError(f"tidal engine exited with {engine.proc.returncode}:\n{engine.log()}")
                 if start is None and (trainer.started() > 0 if warmup == 0 else len(trainer.batch_times) >= warmup):
-                    start = await _server_state(server.url), engine.cpu_s()
+                    start = await _server_state(server.url), engine.cpu_s(), proc_runqueue_wait_s(server.pid)
                 await asyncio.sleep(0.05)
-            end = await _server_state(server.url), engine.cpu_s()
+            end = await _server_state(server.url), engine.cpu_s(), proc_runqueue_wait_s(server.pid)
     t0 = start[0][0] if warmup == 0 else trainer.batch_times[warmup - 1]
     seconds = (trainer.batch_times[warmup + batches - 1] - t0) / batches
     return {"mode": mode, "max_staleness": staleness, "batches": batches, "seconds_per_batch": seconds,
             **_utilization(w, start[0], end[0]), "engine_cpu_share": (end[1] - start[1]) / (end[0][0] - start[0][0]),
+            "server_runqueue_wait_share": (end[2] - start[2]) / (end[0][0] - start[0][0]),
             "train_s_per_batch": sum(trainer.train_seconds[warmup:warmup + batches]) / batches,
             "stale": trainer.stale, "violations": len(trainer.violations)}
 
