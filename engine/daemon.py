@@ -347,6 +347,7 @@ class Engine:
             "engine/trainer_version": -1 if a.status is None else a.status.version,
             "engine/served_version": -1 if a.served_version is None else a.served_version,
             "engine/weight_updates": self.weights.updates, "engine/weight_update_failures": self.weights.failures,
+            "engine/weight_update_retries": self.weights.retries,
             "engine/weight_update_seconds": self.weights.last_seconds,
         }
         out.update({f"engine/{k}": v for k, v in r.counters.items()})

@@ -12,7 +12,10 @@ and distributed updates alike:
                order, one `update_weights_from_distributed` each. Only the last bucket sets the version.
 One update at a time, newest first: a notice that arrives while an update runs replaces any older one
 still pending (a server never needs the version between two it loads; a broadcast the trainer has
-given up on is gone). After every update the engine knows the oldest version its servers serve, which
+given up on is gone). A failed disk update is tried again (after 1 s, doubling to 30 s) until it
+succeeds or a newer notice replaces it: the trainer publishes its next version only after new data,
+and an engine whose servers stay too far behind admits none, so without the retry one lost call (a
+reset connection during the pause) stalls the run for good. After every update the engine knows the oldest version its servers serve, which
 admission uses to keep new tokens within the staleness bound. A failed update is counted and reported;
 a failed distributed one also leaves the group, so the next notice forms it again. The backend keeps a
 server that failed out of rotation until it serves the latest version.
@@ -31,6 +34,9 @@ from tidal.protocol.messages import DiskWeights, DistributedWeights, WeightsPubl
 __all__ = ["WeightSync", "buckets_of"]
 
 log = logging.getLogger(__name__)
+
+RETRY_S = (1.0, 30.0)
+"""First and longest wait before a failed disk update is tried again (doubling in between)."""
 
 
 def buckets_of(src: DistributedWeights) -> list[tuple[list[str], list[str], list[list[int]]]]:
@@ -61,6 +67,7 @@ class WeightSync:
         self.served: int | None = None
         self.updates = 0
         self.failures = 0
+        self.retries = 0
         self.skipped = 0
         self.last_seconds = 0.0
         self.last_error = ""
@@ -104,14 +111,26 @@ class WeightSync:
         self._wake.set()
 
     async def run(self) -> None:
+        wait = RETRY_S[0]
         while True:
             await self._wake.wait()
             self._wake.clear()
             notice, self._pending = self._pending, None
-            if notice is not None:
-                await self._apply(notice)
+            if notice is None or await self._apply(notice) or not isinstance(notice.source, DiskWeights):
+                wait = RETRY_S[0]
+                continue
+            try:  # a newer notice, arriving meanwhile, is taken instead
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
+                if self._pending is None:
+                    self._pending = notice
+                    self.retries += 1
+                    self._wake.set()
+            wait = min(2 * wait, RETRY_S[1])
 
-    async def _apply(self, notice: WeightsPublished) -> None:
+    async def _apply(self, notice: WeightsPublished) -> bool:
+        """Apply one notice; False if it failed (counted, logged, the servers probed)."""
         t0 = time.monotonic()
         try:
             match notice.source:
@@ -124,11 +143,12 @@ class WeightSync:
             self.last_error = f"version {notice.version}: {exc}"[:500]
             log.warning("weight update to version %d failed: %s", notice.version, exc)
             await self.probe()
-            return
+            return False
         self.updates += 1
         self.last_seconds = time.monotonic() - t0
         self.served = min(served.values()) if served else notice.version
         self.on_served(self.served)
+        return True
 
     async def _receive(self, version: int, src: DistributedWeights) -> dict[str, int]:
         """Join the notice's group if the servers are not in it, then take every bucket under the

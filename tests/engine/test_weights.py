@@ -3,10 +3,11 @@ once): when the servers join, which notices are acted on, and what a failure lea
 with the trainer's publisher and `tidal serve`, is in tests/trainer/test_publish.py."""
 
 import asyncio
+import json
 
 from tidal.engine.backends import SGLangBackend, SGLangConfig
 from tidal.engine.weights import WeightSync
-from tidal.protocol.messages import DistributedWeights, WeightsPublished
+from tidal.protocol.messages import DiskWeights, DistributedWeights, WeightsPublished
 
 from tests.engine.backends.fake_sglang import FakeSGLang
 
@@ -100,3 +101,31 @@ async def test_a_failed_bucket_leaves_the_group_and_the_next_notice_joins_again(
         await applied(e.sync, 3)
     assert e.served[-1] == 3 and e.sync.updates == 2
     assert len(s.requests("/init_weights_update_group")) == 2
+
+
+async def test_a_failed_disk_update_is_tried_again_until_it_lands_and_a_newer_notice_replaces_it():
+    """One lost call (a pause refused, a connection reset) must not leave the servers behind for good:
+    the trainer publishes again only after new data, which admission withholds from servers too far behind."""
+    async with FakeSGLang() as s, Engine(s) as e:
+        s.failing = {"/pause_generation"}
+        e.sync.offer(WeightsPublished(version=1, source=DiskWeights(path="/w/1")))
+        await applied(e.sync, 2)  # the failure and its first retry
+        assert e.sync.updates == 0 and e.sync.retries >= 1 and "version 1" in e.sync.last_error
+        s.failing = set()
+        async with asyncio.timeout(30):
+            while e.sync.updates < 1:
+                await asyncio.sleep(0.01)
+        assert e.served[-1] == 1 and s.version == "1"
+        s.failing = {"/update_weights_from_disk"}
+        e.sync.offer(WeightsPublished(version=2, source=DiskWeights(path="/w/2")))
+        async with asyncio.timeout(30):
+            while e.sync.failures < 3:
+                await asyncio.sleep(0.01)
+        s.failing = set()
+        e.sync.offer(WeightsPublished(version=3, source=DiskWeights(path="/w/3")))  # supersedes 2's retries
+        async with asyncio.timeout(30):
+            while e.sync.updates < 2:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(1.5)  # past 2's next retry time: it must not come back
+    loads = [json.loads(body)["model_path"] for path, body in s.bodies if path == "/update_weights_from_disk"]
+    assert loads[-1] == "/w/3" and e.served[-1] == 3 and e.sync.updates == 2
