@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import tomli_w
+from tidal.bench.engine_child import merge_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_SGLANG = Path(__file__).resolve().parent / "fake_sglang"
@@ -29,12 +30,7 @@ def run_toml(model_dir, **sections) -> dict:
         "plots": {"enabled": False},
         "restart": {"stop_timeout_s": 60.0, "ready_timeout_s": 180.0, "backoff_s": 0.2},
     }
-    for name, values in sections.items():
-        if isinstance(values, dict) and isinstance(cfg.get(name), dict) and "type" not in values:
-            cfg[name] = {**cfg[name], **values}
-        else:
-            cfg[name] = values
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 def read_jsonl(path: Path) -> list[dict]:
