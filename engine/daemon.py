@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -42,7 +41,7 @@ from tidal.protocol.channels.curve import client_keys
 from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError, TidalError
 from tidal.protocol.messages import Drain, Pause, Resume, Shutdown, TrainerStatus, WeightsPublished
-from tidal.protocol.startup import run_main, starting
+from tidal.protocol.startup import freeze_startup_heap, quiet_gc, run_main, starting
 from tidal.protocol.telemetry import Telemetry
 
 from tidal import envs
@@ -53,11 +52,6 @@ log = logging.getLogger("tidal.engine")
 
 DRAIN_S = 30.0
 """Deadline of a SIGTERM drain: in-flight episodes get this long to finish."""
-GC_THRESHOLDS = (100_000, 50, 1000)
-"""Cyclic garbage collection far less often than Python's default (700, 10, 10): every full collection
-walks each episode's per-token lists, and at thousands of episodes those walks stalled the event loop
-for seconds (tidal bench engine: 2,000 episodes held with the defaults, 5,000 with these). The engine
-makes few reference cycles, so the memory this defers is small."""
 LAG_PROBE_S = 0.05
 """Period of the event-loop lag probe (`engine/loop_lag_ms`)."""
 FLUSH_S = 5.0
@@ -159,7 +153,7 @@ class Engine:
                 render_pool=self.render_pool),
                 self.rollout.step_timeout_s)
             await self.weights.probe()
-            gc.freeze()  # what start-up built lives for the whole run: the collector need not walk it again
+            freeze_startup_heap()
             self._event("ready", served_version=self.admission.served_version, epoch=f"{self.epoch:x}")
             helpers = [asyncio.create_task(c) for c in (
                 self._follow(status), self.weights.run(), self._watch(status), self._report(), self._lag())]
@@ -425,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = asyncio.run
         return runner(Engine(cfg, tokenizer).run())
 
-    gc.set_threshold(*GC_THRESHOLDS)
+    quiet_gc()
     code = run_main("tidal engine", body, debug=args.debug)
     if threading.active_count() > 1:
         # A thread of an env whose step hung (abandoned by the step timeout) cannot be joined, and

@@ -171,7 +171,10 @@ class Emitter:
         return out
 
 
-async def _stream_one(resp: web.StreamResponse, em: Emitter, interval: int) -> None:
+async def _stream_one(resp: web.StreamResponse, em: Emitter, interval: int, *, last: bool = False) -> None:
+    """Write `em`'s events as its sequence grows. With `last` (the response's only sequence) the final
+    event, `[DONE]` and the end of the body go out in one write: a one-token answer costs the server one
+    send, headers included, not four."""
     seq = em.seq
     while True:
         await seq.changed.wait()
@@ -179,7 +182,11 @@ async def _stream_one(resp: web.StreamResponse, em: Emitter, interval: int) -> N
         n = len(seq.output_ids)
         if not seq.finished and (n == em.sent_tokens or (em.chunks > 0 and n - em.sent_tokens < interval)):
             continue
-        await resp.write(SSE_PREFIX + json_encode(em.body(stream=True)) + b"\n\n")
+        event = SSE_PREFIX + json_encode(em.body(stream=True)) + b"\n\n"
+        if seq.finished and last:
+            await resp.write_eof(event + _DONE)
+            return
+        await resp.write(event)
         if seq.finished:
             return
 
@@ -231,11 +238,11 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers=sse_headers)
         await resp.prepare(request)
         if len(emitters) == 1:
-            await _stream_one(resp, emitters[0], emitters[0].seq.sampling.stream_interval)
-        else:  # a batch: interleaved events; one failed write cancels its siblings
-            async with asyncio.TaskGroup() as tg:
-                for em in emitters:
-                    tg.create_task(_stream_one(resp, em, em.seq.sampling.stream_interval))
+            await _stream_one(resp, emitters[0], emitters[0].seq.sampling.stream_interval, last=True)
+            return resp
+        async with asyncio.TaskGroup() as tg:  # a batch: interleaved events; one failed write cancels its siblings
+            for em in emitters:
+                tg.create_task(_stream_one(resp, em, em.seq.sampling.stream_interval))
         await resp.write(_DONE)
         return resp
     except (ConnectionResetError, asyncio.CancelledError):

@@ -35,7 +35,7 @@ from tidal.protocol.config import add_config_args, config_from_args
 from tidal.protocol.errors import ConfigError
 from tidal.protocol.model_source import ModelSource, resolve_model
 from tidal.protocol.sglang import Abort, ErrorResponse, ModelCard, ModelInfo, ModelList
-from tidal.protocol.startup import add_debug_arg, run_main, starting
+from tidal.protocol.startup import add_debug_arg, freeze_startup_heap, quiet_gc, run_main, starting
 
 __all__ = ["main", "build_app", "build_state", "READY_PREFIX"]
 
@@ -315,6 +315,7 @@ async def serve(cfg: ServeConfig, source: ModelSource | None = None) -> None:
         await site.start()
     host, port = sock.getsockname()[:2]
     state.bound_port = port
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.overrides = list(args.overrides) + _flag_overrides(args)
     _quiet_libraries(args.debug)
+    quiet_gc()
     return run_main("tidal serve", lambda: _start(args), debug=args.debug)
 
 

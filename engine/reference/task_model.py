@@ -12,6 +12,12 @@ The chat template is `<|role|> content<|end|>` per message and `<|assistant|>` a
 `<|end|>` is also the eos. Decoding joins words with spaces, so the assistant's token decodes to its
 word alone and the template extends its previous render exactly (no transcript divergences).
 
+The width, 256, is chosen for the time it costs, not for capacity (64 learns the task as well): at
+64 a forward or backward pass costs less than the HTTP, chat-template and scheduling work around it,
+so the run measured Python plumbing and the engine used as much CPU as the model server. At 256 the
+model's own compute is most of what the server and the trainer do, as it is with a real model on a
+GPU, which is the regime asynchronous RL is for (docs/performance.md, learning).
+
 The weights are random: RL learns the format too (a malformed move costs -0.1 and a turn), within the
 first few steps. A supervised warm start that made the assistant's token uniform over the moves
 first was measured and left out: on GuessTheNumber 1-8 it made learning slower and less reliable
@@ -76,7 +82,7 @@ def build_task_tokenizer(words: list[str] | tuple[str, ...]):
 
 
 def build_task_model(path: str | Path, *, words: list[str] | tuple[str, ...] = GUESS_WORDS,
-                     layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+                     layers: int = 2, hidden: int = 256, seed: int = 0) -> Path:
     """Write a random-init Llama (`layers` x `hidden`, seed `seed`) over `words` to `path`; return the path.
 
     Args:
