@@ -198,9 +198,27 @@ def test_proximal_behaviour_skips_the_prox_pass_and_equals_recompute_on_policy(t
         learner._forward = lambda *a, real=real, calls=calls, **k: calls.append(1) or real(*a, **k)
         learner.train_step(fresh)
         forwards[name] = len(calls)
-    assert forwards["recompute"] == 2 * forwards["behaviour"]
+    # recompute: a pi_prox pass for the second update's micro-batches only (the first update's own
+    # forward is pi_prox, the parameters not having moved yet)
+    assert forwards["behaviour"] < forwards["recompute"] < 2 * forwards["behaviour"]
     for (n, p), q in zip(learners["behaviour"].base_model.named_parameters(),
                          learners["recompute"].base_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_the_first_update_reuses_its_own_forward_as_pi_prox_and_steps_as_a_full_prox_pass(tiny_model_dir):
+    # stale data, four updates: the step that skips the first update's pi_prox pass moves the weights
+    # exactly as one that recomputes pi_prox for every micro-batch
+    common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=4", "optim.lr=1e-2")
+    skip, full = Learner(config(tiny_model_dir, *common)), Learner(config(tiny_model_dir, *common))
+    full_record = full._record
+    full._record = lambda mbs, first=0: full_record(mbs, first=0)
+    batch = batch_of(16, seed=7, version=0)
+    for _ in range(2):
+        m_skip, m_full = skip.train_step(batch), full.train_step(batch)
+    assert m_skip["trainer/clip_frac"] == pytest.approx(m_full["trainer/clip_frac"], abs=1e-6)
+    assert m_skip["trainer/is_weight_mean"] == pytest.approx(m_full["trainer/is_weight_mean"], rel=1e-5)
+    for (n, p), q in zip(skip.base_model.named_parameters(), full.base_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)
 
 
