@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgspec
+from aiohttp import web
 from msgspec import Meta
 from tidal.engine.reference.scheduler import Scheduler
 from tidal.engine.reference.simulate import SimulateConfig
 from tidal.protocol.config import Strict
 from tidal.protocol.errors import ConfigError
 
-__all__ = ["ServeConfig", "ServerSection", "ModelSection", "ServerState"]
+__all__ = ["ServeConfig", "ServerSection", "ModelSection", "ServerState", "STATE"]
 
 
 class ServerSection(Strict):
@@ -107,3 +108,7 @@ class ServerState:
     @property
     def simulated(self) -> bool:
         return self.cfg.mode == "simulate"
+
+
+STATE = web.AppKey("state", ServerState)
+"""Where the app keeps its `ServerState` (a typed aiohttp key)."""

@@ -13,7 +13,7 @@ import os
 import msgspec
 from aiohttp import web
 from tidal.engine.reference.api import control_error, framework_error, json_encode, read_json
-from tidal.engine.reference.config import ServerState
+from tidal.engine.reference.config import STATE, ServerState
 from tidal.protocol.sglang import (
     WEIGHT_UPDATE_GROUP,
     AbortRequest,
@@ -70,21 +70,21 @@ def _flush(state: ServerState) -> None:
 @routes.post("/pause_generation")
 async def pause_generation(request: web.Request) -> web.Response:
     req = await _body(request, PauseRequest)
-    await request.app["state"].scheduler.pause(req.mode)
+    await request.app[STATE].scheduler.pause(req.mode)
     return _ok(StatusResponse("Generation paused successfully."))
 
 
 @routes.post("/continue_generation")
 async def continue_generation(request: web.Request) -> web.Response:
     await _body(request, ContinueRequest)
-    request.app["state"].scheduler.resume()
+    request.app[STATE].scheduler.resume()
     return _ok(StatusResponse("Generation continued successfully."))
 
 
 @routes.post("/abort_request")
 async def abort_request(request: web.Request) -> web.Response:
     req = await _body(request, AbortRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if req.abort_all:
         state.scheduler.abort(abort_all=True)
     elif req.rid:
@@ -94,7 +94,7 @@ async def abort_request(request: web.Request) -> web.Response:
 
 @routes.route("*", "/flush_cache")
 async def flush_cache(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     timeout = request.query.get("timeout")
     if timeout is not None and not _flushable(state):
         try:
@@ -152,7 +152,7 @@ def _finish_update(state: ServerState, version: str | None, flush: bool, message
 @routes.post("/update_weights_from_disk")
 async def update_weights_from_disk(request: web.Request) -> web.Response:
     req = await _body(request, UpdateWeightsFromDiskRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
 
     async def load():
         if state.simulated:
@@ -174,7 +174,7 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
 @routes.post("/update_weight_version")
 async def update_weight_version(request: web.Request) -> web.Response:
     req = await _body(request, UpdateWeightVersionRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if req.abort_all_requests:
         state.scheduler.abort(abort_all=True)
     async with state.scheduler.model_lock:
@@ -186,7 +186,7 @@ async def update_weight_version(request: web.Request) -> web.Response:
 @routes.post("/init_weights_update_group")
 async def init_weights_update_group(request: web.Request) -> web.Response:
     req = await _body(request, InitWeightsUpdateGroupRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if state.simulated:
         raise control_error("Failed to initialize custom process group: not available with --simulate.")
     if req.group_name in state.groups:
@@ -208,7 +208,7 @@ async def init_weights_update_group(request: web.Request) -> web.Response:
 @routes.post("/destroy_weights_update_group")
 async def destroy_weights_update_group(request: web.Request) -> web.Response:
     req = await _body(request, DestroyWeightsUpdateGroupRequest)
-    group = request.app["state"].groups.pop(req.group_name, None)
+    group = request.app[STATE].groups.pop(req.group_name, None)
     if group is None:
         raise control_error("The group to be destroyed does not exist.")
     group.close()
@@ -223,7 +223,7 @@ def _check_session(state: ServerState, what: str) -> None:
 @routes.post("/update_weights_from_distributed")
 async def update_weights_from_distributed(request: web.Request) -> web.Response:
     req = await _body(request, UpdateWeightsFromDistributedRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     _check_session(state, "update_weights_from_distributed")
     group_name = req.group_name or WEIGHT_UPDATE_GROUP
     group = state.groups.get(group_name)
@@ -252,7 +252,7 @@ async def update_weights_from_distributed(request: web.Request) -> web.Response:
 async def update_weights_from_tensor(request: web.Request) -> web.Response:
     """Colocated CUDA-IPC updates cannot reach a CPU server: accepted, payload ignored (§3.4)."""
     req = await _body(request, UpdateWeightsFromTensorRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     _check_session(state, "update_weights_from_tensor")
 
     async def load():
@@ -266,7 +266,7 @@ async def update_weights_from_tensor(request: web.Request) -> web.Response:
 @routes.post("/begin_weight_update")
 async def begin_weight_update(request: web.Request) -> web.Response:
     await _body(request, BeginWeightUpdateRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if state.update_session_open:
         raise control_error("a weight-update session is already open")
     state.update_session_open = True
@@ -276,7 +276,7 @@ async def begin_weight_update(request: web.Request) -> web.Response:
 @routes.post("/end_weight_update")
 async def end_weight_update(request: web.Request) -> web.Response:
     await _body(request, EndWeightUpdateRequest)
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if not state.update_session_open:
         raise control_error("no weight-update session is open; call begin_weight_update() first")
     state.update_session_open = False

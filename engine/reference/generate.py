@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 from tidal.engine.reference.api import ApiError, Item, json_encode, parse_generate, read_json, request_error
-from tidal.engine.reference.config import ServerState
+from tidal.engine.reference.config import STATE, ServerState
 from tidal.engine.reference.scheduler import ABORTED_WAITING, Seq
 from tidal.protocol.sglang import (
     SSE_DONE,
@@ -201,7 +201,7 @@ async def _write_error_event(request: web.Request, err: ApiError) -> web.StreamR
 
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     state.count("generate_requests")
     stream, body = False, b""
     try:

@@ -21,7 +21,7 @@ from tidal.engine.reference.api import (
     read_json,
     resolve_sampling,
 )
-from tidal.engine.reference.config import ServerState
+from tidal.engine.reference.config import STATE, ServerState
 from tidal.engine.reference.generate import OutputText, admit, sse_headers
 from tidal.engine.reference.scheduler import Seq
 from tidal.protocol.sglang import (
@@ -164,7 +164,7 @@ def _usage(seqs: list[Seq], n: int) -> Usage:
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     try:
         req = msgspec.json.decode(await read_json(request), type=CompletionRequest)
     except msgspec.DecodeError as exc:

@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 from tidal.engine.reference import control, openai
 from tidal.engine.reference.api import ApiError, Sampling, json_encode
-from tidal.engine.reference.config import ServeConfig, ServerState
+from tidal.engine.reference.config import STATE, ServeConfig, ServerState
 from tidal.engine.reference.generate import handle_generate
 from tidal.engine.reference.scheduler import Scheduler, Seq
 from tidal.protocol.config import add_config_args, config_from_args
@@ -76,7 +76,7 @@ def _rejected(request: web.Request, status: int, body, why: str) -> web.Response
 
 
 async def _answer(request: web.Request, handler) -> web.StreamResponse:
-    cfg = request.app["state"].cfg.server
+    cfg = request.app[STATE].cfg.server
     if (cfg.api_key or cfg.admin_api_key) and not request.path.startswith(_OPEN_PATHS):
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         admin = request.path in _ADMIN_PATHS and cfg.admin_api_key
@@ -89,7 +89,7 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as err:
-        request.app["state"].count("rejected_requests")
+        request.app[STATE].count("rejected_requests")
         return _rejected(request, err.status, err.body, err.message)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:  # JSON, as SGLang's FastAPI answers them
         return _rejected(request, exc.status, {"detail": exc.reason}, exc.reason)
@@ -97,7 +97,7 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
         raise
     except Exception as exc:  # a bug answers a counted 500 envelope; the server keeps serving
         log.exception("%s %s failed", request.method, request.path)
-        request.app["state"].count("internal_errors")
+        request.app[STATE].count("internal_errors")
         body = ErrorResponse(message=f"internal error: {exc!r}", type="InternalServerError", code=500)
         return web.Response(status=500, body=json_encode(body), content_type="application/json")
 
@@ -126,18 +126,18 @@ async def _probe(state: ServerState) -> bool:
 
 
 async def health(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if request.path == "/health" and state.scheduler.running and not state.scheduler.paused:
         return web.Response(status=200)
     return web.Response(status=200 if await _probe(state) else 503)
 
 
 async def ready(request: web.Request) -> web.Response:
-    return web.Response(status=503 if request.app["state"].scheduler.paused else 200)
+    return web.Response(status=503 if request.app[STATE].scheduler.paused else 200)
 
 
 async def model_info(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     if request.path == "/get_model_info":
         log.warning("/get_model_info is deprecated; use /model_info")
     return _json(ModelInfo(
@@ -148,7 +148,7 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     cfg = state.cfg
     info = {f"sim_{k}": v for k, v in msgspec.to_builtins(cfg.simulate).items()} if state.simulated else {}
     info.update(msgspec.to_builtins(cfg.server))
@@ -175,11 +175,11 @@ def _model_card(state: ServerState) -> ModelCard:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return _json(ModelList([_model_card(request.app["state"])]))
+    return _json(ModelList([_model_card(request.app[STATE])]))
 
 
 async def get_model(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
     name = request.match_info["model"]
     if name != state.served_model_name:
         return web.Response(status=404, content_type="application/json", body=json_encode({"error": {
@@ -193,7 +193,7 @@ async def metrics(request: web.Request) -> web.Response:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
 
-    state: ServerState = request.app["state"]
+    state: ServerState = request.app[STATE]
 
     class _Collector:
         def collect(self):
@@ -249,7 +249,7 @@ def _redacted(argv: list[str]) -> str:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application; the scheduler task lives (and is cancelled and awaited) with it."""
     app = web.Application(middlewares=[_auth_and_errors], client_max_size=64 * 1024 * 1024)
-    app["state"] = state
+    app[STATE] = state
 
     async def scheduler_task(app: web.Application):
         task = asyncio.create_task(state.scheduler.run(), name="scheduler")
