@@ -109,7 +109,6 @@ def quiet_gc() -> None:
 def freeze_startup_heap() -> None:
     """Move what start-up built (modules, the model, its tokenizer) out of the collector's sight: it
     lives for the whole run, so no collection need walk it again. Call it once start-up is done."""
-    gc.collect()
     gc.freeze()
 
 

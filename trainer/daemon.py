@@ -49,7 +49,7 @@ from tidal.protocol.errors import TidalError
 from tidal.protocol.grants import GrantTable
 from tidal.protocol.messages import TrainerStatus, WeightsPublished
 from tidal.protocol.model_source import resolve_model
-from tidal.protocol.startup import StartupError, add_debug_arg, fail, freeze_startup_heap, quiet_gc, reason
+from tidal.protocol.startup import StartupError, add_debug_arg, fail, reason
 from tidal.protocol.telemetry import Telemetry as SinkTelemetry
 from tidal.trainer.checkpoint import Checkpointer, CheckpointMeta
 from tidal.trainer.config import MetricsConfig, TrainerConfig
@@ -308,7 +308,6 @@ class Daemon:
             if self.publisher is not None:
                 await self.publisher.start()
             await status.publish(self.status())
-            freeze_startup_heap()
             urls = {"prometheus_url": self.telemetry.sink.prometheus_url} if self.telemetry.sink.prometheus_port else {}
             self.telemetry.event("ready", self.version, endpoint=rx.endpoint, status_endpoint=status.endpoint,
                                  device=self.world.device, dtype=self.learner.dtype, **urls)
@@ -667,7 +666,6 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, TrainerConfig)
     add_debug_arg(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    quiet_gc()
     world = World.from_env()
     try:
         if args.print_config:  # resolved: what "auto" chooses here (device, dtype); keys not given marked
