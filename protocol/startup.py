@@ -38,7 +38,7 @@ GC_THRESHOLDS = (100_000, 50, 1000)
 allocates many short-lived objects and makes few reference cycles, and every full collection walks
 everything alive: in the engine, each episode's per-token lists (at 2,000 episodes the walks stalled
 its event loop for seconds; tidal bench engine held 5,000 with these), in the reference server the
-model's tensors and modules (a fifth of its busy time went to the collector on the CPU default)."""
+model's tensors and modules (12% of its busy time went to the collector on the CPU default)."""
 
 _LONGEST = 400
 """A reason longer than this is cut: one line must stay one readable line."""
