@@ -14,7 +14,8 @@ The invariants:
   `tidal run` takes them down through PR_SET_PDEATHSIG, and its guard (engine/guard.py) kills their
   own subprocesses.
 - It never hangs: every wait has a deadline (`restart.ready_timeout_s`, `restart.stop_timeout_s`)
-  and looks at the children and at signals while it waits.
+  and looks at the children and at signals while it waits; a run whose trainer takes no step for
+  `restart.stall_timeout_s` fails, saying what the engine last reported.
 - A child that dies is reported with the tail of its log, then restarted (the engine resumes from
   its spool, the trainer from its checkpoint, a server from the newest published weights at their
   version) up to `restart.max_restarts` times, after which the run stops cleanly with exit code 1.
@@ -77,6 +78,9 @@ TAIL_LINES = 25
 """Lines of a dead child's log quoted in its report."""
 PLOT_DEADLINE_S = 120.0
 """The final plot gets this long before it is given up."""
+STALL_FIGURES = ("engine/episodes_", "engine/admission_blocked/", "engine/served_version", "engine/trainer_version",
+                 "engine/sink/unacked", "engine/backend/servers_healthy", "engine/errors/")
+"""The engine's figures a stalled run quotes: what admits work, what serves it, what became of it."""
 
 
 class Stopped(Exception):
@@ -120,6 +124,8 @@ class Run:
         self._plots_ok = cfg.plots.enabled
         self._plotted = 0.0
         self._started = time.monotonic()
+        self._progress = (0, self._started)
+        """(trainer steps, when that count was first seen): what the stall check measures from."""
 
     # --- lifecycle
 
@@ -317,10 +323,12 @@ class Run:
 
     def _supervise(self) -> None:
         """Watch the children until the run is over (raises Finished) or a signal comes (Stopped)."""
+        self._progressed()
         while True:
             self._check_signals()
             self._check_time()
             self._tick()
+            self._check_stall()
             for name, child in list(self.children.items()):
                 code = child.poll()
                 if code is None:
@@ -339,6 +347,22 @@ class Run:
         limit = self.cfg.max_minutes * 60
         if limit and time.monotonic() - self._started >= limit:
             raise Finished(f"max_minutes ({self.cfg.max_minutes:g}) reached")
+
+    def _progressed(self) -> None:
+        self._progress = (self.metrics.steps, time.monotonic())
+
+    def _check_stall(self) -> None:
+        """RunFailed when the trainer's step count has not moved for restart.stall_timeout_s."""
+        limit = self.cfg.restart.stall_timeout_s
+        steps, since = self._progress
+        if self.metrics.steps != steps:
+            self._progressed()
+        elif limit and time.monotonic() - since >= limit:
+            figures = ", ".join(f"{k.removeprefix('engine/')} {v:g}" for k, v in sorted(self.metrics.latest.items())
+                                if k.startswith(STALL_FIGURES))
+            tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.tail(TAIL_LINES)}" for c in self.children.values())
+            raise RunFailed(f"no trainer step for {limit:g} s (restart.stall_timeout_s) at step {steps}, every "
+                            f"child running; the engine's latest figures: {figures or 'none'}\n{tails}")
 
     def _recover(self, name: str, code: int) -> None:
         """A child died: report it, restart it within the limit (and whatever dies meanwhile), or fail."""
@@ -363,6 +387,7 @@ class Run:
                  "trainer": lambda: self._start_trainer(restart=True),
                  "engine": self._start_engine}[name]()
                 self._event("restarted", child=name, restarts=self.restarts[name])
+                self._progressed()
             except ChildDied as died:
                 pending.append((died.child.name, died.code))
 

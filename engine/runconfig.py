@@ -149,6 +149,11 @@ class RestartConfig(Strict):
     checkpoint) before SIGKILL."""
     backoff_s: Annotated[float, Meta(ge=0)] = 1.0
     """Pause before a restart."""
+    stall_timeout_s: Annotated[float, Meta(ge=0)] = 1800.0
+    """The run fails (exit code 1, quoting the engine's latest figures and each child's last log
+    lines) when the trainer takes no step for this long while its children run: a run that cannot
+    learn (all its data dropped as stale, say) ends instead of hanging. Counted from the trainer's
+    latest step, the end of start-up or the latest restart; 0: never."""
 
 
 class ConsoleConfig(Strict):

@@ -139,6 +139,7 @@ class Child:
             return None
         if self.proc.poll() is None:
             self.signal_group(signal.SIGTERM)
+            self.signal_group(signal.SIGCONT)  # a stopped child (SIGSTOP, a debugger) acts on it too
             deadline = time.monotonic() + deadline_s
             while self.proc.poll() is None and time.monotonic() < deadline and not abandon():
                 time.sleep(POLL_S)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import msgspec
 from tidal.engine.backends import http
-from tidal.engine.backends.errors import BackendError, BadResponse, HTTPStatusError
+from tidal.engine.backends.errors import BackendError, BadResponse, HTTPStatusError, ServerUnavailable
 from tidal.engine.backends.routing import Server
 from tidal.protocol import sglang as wire
 
@@ -176,32 +176,47 @@ class SGLangControl:
     async def update_weights_from_disk(self, path: str, version: int) -> dict[str, int]:
         """pause -> load -> continue, or load with `abort_all_requests`, or let each server wait for
         its in-flight requests (`weight_update`). A server that failed keeps its old weights (§3.1);
-        when others took the new ones it leaves rotation until the update is replayed on it."""
+        when others took the new ones it leaves rotation until the update is replayed on it. With no
+        server in rotation the update fails (`ServerUnavailable`), and the first server to return
+        is given it before it re-enters rotation."""
         await self.start()
         msg = wire.UpdateWeightsFromDiskRequest(
             model_path=str(path), weight_version=_wire_version(version), flush_cache=self._flush_cache,
             abort_all_requests=self.cfg.weight_update == "abort")
         servers = self._targets()
+        if not servers:
+            self._latest_disk, self._latest_version = msg, version
+            raise ServerUnavailable(f"no server in rotation to take version {version} (of "
+                                    f"{len(self.router.servers)}): the first back is given it before it serves")
         paused = self.cfg.weight_update == "pause"
+        failed = dict.fromkeys(servers)  # until the load says otherwise: a failed pause loads nothing
         try:
             if paused:
                 await self._pause(servers, self.cfg.pause_mode)
             failed = await self._each(servers, lambda s: self._post(s, "/update_weights_from_disk", msg),
                                       "update_weights_from_disk")
         finally:
-            if paused:  # also after a failed pause: the servers that did pause must not stay paused
-                await self._resume(servers)
-        if len(failed) < len(servers):  # someone serves `version`: the latest, replayed on re-admission
-            self._latest_disk, self._latest_version = msg, version
-            self._stale.difference_update(servers)  # a whole checkpoint replaces whatever they held
-            self._eject(failed, f"failed the update to version {version}")
-            # re-admitted by a probe while this update ran (caught up to the version before): out again
-            # until the next probe replays this one, or it would serve an old version beside the new
-            self._eject([s for s in self._targets() if s not in servers], f"missed the update to version {version}")
+            try:
+                if paused:  # also after a failed pause: the servers that did pause must not stay paused
+                    await self._resume(servers)
+            finally:  # a failed continue does not undo the load: what a server serves is what it loaded
+                self._loaded(msg, version, servers, failed)
         if failed:
             raise self._failure(failed, len(servers), "update_weights_from_disk")
         self.counters["weight_updates"] += 1
         return await self.weight_version()
+
+    def _loaded(self, msg: wire.UpdateWeightsFromDiskRequest, version: int, servers: list[Server],
+                failed: dict) -> None:
+        """Bookkeeping after a disk update reached `servers` and failed on `failed`."""
+        if len(failed) == len(servers):
+            return  # nobody serves `version`: all keep what they had, and all stay in rotation
+        self._latest_disk, self._latest_version = msg, version  # the latest, replayed on re-admission
+        self._stale.difference_update(servers)  # a whole checkpoint replaces whatever they held
+        self._eject(failed, f"failed the update to version {version}")
+        # re-admitted by a probe while this update ran (caught up to the version before): out again
+        # until the next probe replays this one, or it would serve an old version beside the new
+        self._eject([s for s in self._targets() if s not in servers], f"missed the update to version {version}")
 
     # --- distributed updates: a group, then one call per bucket on every server -------------------
 

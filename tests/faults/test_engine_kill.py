@@ -38,7 +38,9 @@ async def test_engine_killed_then_restarted_delivers_its_spool_skips_a_torn_reco
         tmp_path, pipeline):
     spool_dir = tmp_path / "engine-spool"
     server = await asyncio.to_thread(pipeline.server)
-    trainer = pipeline.trainer(intake={"max_staleness": 8},  # nothing dropped as stale: every id accounted for
+    # A staleness budget that never binds: nothing is dropped as stale (every id is accounted for), and
+    # the engine never waits for grants, so its last heartbeat before the kill has episodes in flight.
+    trainer = pipeline.trainer(intake={"max_staleness": 1000},
                                checkpoint={"dir": str(tmp_path / "ckpt"), "every_steps": 4})
     ready = await asyncio.to_thread(trainer.start)
     engine = pipeline.engine([server.url], ready, env=PLUGIN_ENV, tasks=[{"env": "faulty:Slow-v0"}])  # 1 s a step

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU validation run (for the `run` tool's device machine, from the repository root):
-#   bash tests/gpu/run_on_device.sh            with .whl/ carried (msgspec, pyzmq, tomli-w, pytest-asyncio, ...)
-# Installs the carried wheels where the packages are missing, prints what the machine has, then runs
+#   bash tests/gpu/run_on_device.sh            with .whl/ carried: msgspec, pyzmq, tomli-w, pytest-asyncio
+#   (the image lacks them; pip download --python-version 3.12 ...) and tidal's own wheel
+#   (pip wheel --no-deps --no-build-isolation -w .whl .)
+# Installs the carried wheels where tidal or a package is missing, prints what the machine has, then runs
 # the GPU tests and the trainer and reference-server suites (which pick the GPU by themselves: device
 # "auto"), logging to $OUT/log.
 # No -x: one device run should report every failure. Verbose, so a log cut short still names each
@@ -15,13 +17,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN} TOKENIZERS_PARALLELISM=false
 # The image's own pytest plugins may not fit the carried pytest: load only the ones the suite uses.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-if ! "$PYTHON" -c "import msgspec, zmq, tomli_w, pytest_asyncio" 2>/dev/null; then
+# tidal itself travels as a wheel too (its folders install under the one name tidal.*): the carried
+# packages go first on the path, the repository after them for `tests.*`.
+if ! "$PYTHON" -c "import tidal.engine, msgspec, zmq, tomli_w, pytest_asyncio" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-    export PATH=/tmp/site/bin:$PATH
-else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 fi
 [ $# -eq 0 ] && set -- tests/gpu tests/engine/reference tests/trainer     # else: paths and options to run
 {

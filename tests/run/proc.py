@@ -141,7 +141,11 @@ class RunProcess:
             raise
 
     def wait(self, timeout: float = 180.0) -> int:
-        return self.proc.wait(timeout)
+        """The exit code; a run still going after `timeout` fails the test with its logs."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"tidal run still running after {timeout:g} s:\n{self.logs()}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -66,6 +66,7 @@ def test_sync_runs_the_same_experiment_with_synchronous_rollouts(runs, tiny_mode
     assert len(steps) == 3 and all(r["trainer/trajectory_staleness_max"] == 0 for r in steps)
 
 
+@pytest.mark.timeout(900)  # its own waits fail first, with the run's logs
 def test_every_child_killed_with_sigkill_is_restarted_and_the_run_finishes(runs, tiny_model_dir):
     cfg = run_toml(tiny_model_dir, max_steps=12, trainer={"intake": {"batch_size": 8, "group_size": 4},
                                                           "checkpoint": {"every_steps": 2}})
@@ -122,6 +123,21 @@ def test_past_the_restart_limit_the_run_stops_cleanly(runs, tiny_model_dir):
     assert failed and "engine" in failed[0]["error"] and "killed by SIGKILL" in failed[0]["error"]
     assert "restart.max_restarts = 0" in run.output()
     assert [e["child"] for e in run.events("stopped")] == ["engine", "trainer", "server"]
+
+
+def test_a_run_whose_trainer_takes_no_step_fails_saying_what_the_engine_last_reported(runs, tiny_model_dir):
+    """The engine stopped (SIGSTOP) sends nothing, so the trainer steps no more: after
+    restart.stall_timeout_s the run fails instead of hanging, and stops every child, the stopped one too."""
+    run = runs(run_toml(tiny_model_dir, max_steps=0, restart={"stall_timeout_s": 4.0, "stop_timeout_s": 60.0}))
+    run.wait_for(lambda: run.steps(), 240, "a trainer step")
+    procs = run.tree()
+    os.kill(run.child_pid("engine"), signal.SIGSTOP)
+    assert run.wait(180) == 1, run.logs()
+    wait_until(lambda: not survivors(procs), 30, "no survivor")
+    error = run.events("failed")[0]["error"]
+    assert "no trainer step for 4 s (restart.stall_timeout_s)" in error and "episodes_started" in error, error
+    assert [e["child"] for e in run.events("stopped")] == ["engine", "trainer", "server"]
+    assert run.events("stopped", child="engine")[0]["code"] == 0  # SIGCONT with its SIGTERM: it drained
 
 
 def test_a_bad_env_id_fails_before_anything_starts(runs, tiny_model_dir):

@@ -221,6 +221,43 @@ async def test_ejected_server_is_readmitted_with_the_latest_weights():
         assert s2.version == "1" and b.stats()["readmissions"] == 1
 
 
+async def test_an_update_while_every_server_is_out_fails_and_the_first_back_is_given_it():
+    """No server in rotation: the update is not done (nobody serves it), yet it is what a returning
+    server must load. (`tidal run` found this: the engine took an update to no server for success, and
+    its restarted server was re-admitted with the version before, all of whose tokens were stale.)"""
+    async with FakeSGLang() as s1, backend(s1, health_interval_s=0.05) as b:
+        await b.update_weights_from_disk("/ckpt/step-4", 4)
+        s1.healthy = False
+        while b.router.healthy:
+            await asyncio.sleep(0.02)
+        with pytest.raises(ServerUnavailable, match="no server in rotation to take version 5"):
+            await b.update_weights_from_disk("/ckpt/step-5", 5)
+        assert b.stats()["weight_updates"] == 1
+        s1.healthy = True
+        while not b.router.healthy:
+            await asyncio.sleep(0.02)
+        assert s1.version == "5" and s1.requests("/update_weights_from_disk")[-1]["model_path"] == "/ckpt/step-5"
+
+
+async def test_a_load_whose_continue_failed_still_counts_as_the_servers_latest_version():
+    """The server loaded version 3 and then failed its continue (it died): the version a returning
+    server must serve is 3, and one back serving 3 (restarted from that checkpoint) is not set back to 2."""
+    async with FakeSGLang() as s1, backend(s1, health_interval_s=0.05) as b:
+        await b.update_weights_from_disk("/ckpt/step-2", 2)
+        s1.failing = {"/continue_generation"}
+        with pytest.raises(BackendError, match="continue failed on 1 of 1 servers"):
+            await b.update_weights_from_disk("/ckpt/step-3", 3)
+        assert s1.version == "3"
+        s1.failing, s1.healthy, s1.paused = set(), False, False  # it died; it comes back serving 3
+        while b.router.healthy:
+            await asyncio.sleep(0.02)
+        loads = len(s1.requests("/update_weights_from_disk"))
+        s1.healthy = True
+        while not b.router.healthy:
+            await asyncio.sleep(0.02)
+        assert s1.version == "3" and len(s1.requests("/update_weights_from_disk")) == loads
+
+
 async def test_a_server_caught_up_to_a_version_superseded_meanwhile_is_not_readmitted_until_current():
     """Its catch-up (a replay of version 1) is still loading when version 2 reaches the others: admitting
     it then would serve version 1 beside 2 (tests/faults found this)."""
