@@ -179,6 +179,8 @@ class Learner:
         self.keeps_boolean_logits = _takes_boolean_logits_to_keep(model)
         self._prox_is_behaviour = isinstance(cfg.loss, DecoupledPPOConfig) and cfg.loss.proximal == "behaviour"
         """Plain PPO against mu: pi_prox is the behaviour policy, so no pass records it."""
+        self._prox_loglinear = isinstance(cfg.loss, DecoupledPPOConfig) and cfg.loss.proximal == "loglinear"
+        """pi_prox estimated from mu and pi_theta by version: no pass records it either."""
 
     def reject_reason(self, traj: Trajectory) -> str | None:
         """Why this model cannot train on `traj` (intake rejects and counts it), or None."""
@@ -235,7 +237,8 @@ class Learner:
         pi_prox (`_loss` takes its log-probs, detached). That spares 1/minibatches of this pass."""
         gae = isinstance(self.cfg.advantage, GAEConfig)
         kl_needs_prox = isinstance(self.cfg.advantage, ReinforcePPConfig)
-        need_prox = (self.cfg.optim.minibatches > 1 and not self._prox_is_behaviour) or kl_needs_prox
+        estimated = self._prox_is_behaviour or self._prox_loglinear
+        need_prox = (self.cfg.optim.minibatches > 1 and not estimated) or kl_needs_prox
         for i, mb in enumerate(mbs):
             prox = need_prox and (kl_needs_prox or i >= first)
             if prox or gae:
@@ -306,12 +309,12 @@ class Learner:
         totals: dict[str, float] = {"loss": 0.0}
         grad_norms = []
         try:
-            for update in updates:
+            for u, update in enumerate(updates):
                 self.optimizer.zero_grad(set_to_none=True)
                 update_loss = 0.0
                 for k, mb in enumerate(update):
                     with self._sync(last=k == len(update) - 1):
-                        loss, mb_metrics = self._loss(mb)
+                        loss, mb_metrics = self._loss(mb, u / len(updates))
                         (loss * self.world_size).backward()
                     mb_metrics["loss"] = loss.detach()
                     update_loss += float(mb_metrics["loss"])
@@ -388,6 +391,8 @@ class Learner:
             "pos": [np.arange(len(batch[j])) for j in mine],
             "temperature": [np.full(len(batch[j]), temperature(batch[j].sampling, default_t)) for j in mine],
         }
+        if self._prox_loglinear:  # each token's staleness s at this step, for the pi_prox estimate
+            fields["staleness"] = [np.maximum(self.version - batch[j].token_versions(), 0) for j in mine]
         mbs = []
         for rows in plan([len(batch[j]) for j in mine], self.cfg.packing):
             mb = build(rows, [batch[j].token_ids() for j in mine], [masks[j] for j in mine], fields,
@@ -448,14 +453,19 @@ class Learner:
                 mb.fields["returns"] = self._gather(ret_by_seq, mb)
         return metrics
 
-    def _loss(self, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This micro-batch's share of the update's loss (policy + KL + entropy + value)."""
+    def _loss(self, mb: MicroBatch, update: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of the update's loss (policy + KL + entropy + value); `update` is
+        how far into the step its update comes (j/M for update j of M)."""
         dev = self.device
         gae = isinstance(self.cfg.advantage, GAEConfig)
         res = self._forward(self.model, mb, values=gae, entropy=True)
         f = {name: t.to(dev) for name, t in mb.fields.items()}
         if self._prox_is_behaviour:
             prox = f["behav_logp"]
+        elif self._prox_loglinear and update > 0:
+            s = f["staleness"].float()
+            alpha = s / (s + update)
+            prox = f["behav_logp"] + alpha * (res["logp"].detach() - f["behav_logp"])
         else:
             prox = f["prox_logp"] if "prox_logp" in f else res["logp"].detach()
         inp = LossInputs(logp=res["logp"], prox_logp=prox, behav_logp=f["behav_logp"], adv=f["adv"],

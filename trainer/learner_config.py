@@ -57,8 +57,12 @@ class DecoupledPPOConfig(_Common, tag="ppo", tag_field="type"):
     """epsilon below: the ratio pi_theta / pi_prox is clipped at 1 - clip_low."""
     clip_high: Annotated[float, Meta(ge=0)] = 0.2
     """epsilon above: clipped at 1 + clip_high (DAPO's clip-higher uses 0.28)."""
-    proximal: Literal["recompute", "behaviour"] = "recompute"
+    proximal: Literal["recompute", "loglinear", "behaviour"] = "recompute"
     """pi_prox: `recompute` scores the batch with the trainer's policy before the step (decoupled PPO);
+    `loglinear` skips that forward pass and interpolates in log space between mu and pi_theta by
+    version (AReaL's `prox_logp_method = loglinear`): for a token s versions stale, in update j of M,
+    log pi_prox = log mu + s / (s + j/M) * (log pi_theta - log mu), pi_theta detached. Exact for the
+    first update (pi_prox = pi_theta) and for fresh tokens (pi_prox = mu); in between, an estimate.
     `behaviour` takes mu itself (pi_prox = mu, no extra forward pass), which is plain PPO against the
     behaviour policy: ratio pi_theta / mu clipped, weight 1. The naive baseline that AReaL's
     decoupled objective is compared with (`tidal bench staleness`); it degrades as data grows stale."""

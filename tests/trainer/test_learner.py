@@ -8,6 +8,7 @@ import pytest
 import torch
 from tidal.protocol.config import load_config
 from tidal.protocol.messages import Trajectory, Turn
+from tidal.trainer import learner as learner_module
 from tidal.trainer.advantages import compute_advantages
 from tidal.trainer.learner import Learner, LearnerConfig, _trained_mask, resolve_dtype
 
@@ -220,6 +221,57 @@ def test_the_first_update_reuses_its_own_forward_as_pi_prox_and_steps_as_a_full_
     assert m_skip["trainer/is_weight_mean"] == pytest.approx(m_full["trainer/is_weight_mean"], rel=1e-5)
     for (n, p), q in zip(skip.base_model.named_parameters(), full.base_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_loglinear_prox_skips_the_prox_pass_and_is_exact_where_the_estimate_is_exact(tiny_model_dir):
+    # fresh tokens (s = 0) whose mu is the learner's own pi: there pi_prox = mu exactly, so the estimate
+    # (mu for updates after the first, pi_theta for the first) steps as the recomputed pi_prox does,
+    # with one forward per micro-batch (the loss's own) and no pi_prox pass
+    common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=4", "optim.lr=1e-2")
+    learners = {p: Learner(config(tiny_model_dir, *common, f"loss.proximal={p}")) for p in ("loglinear", "recompute")}
+    fresh = [episode(i, np.random.default_rng(i), group=f"g{i // 4}", reward=float(i % 3 == 0), length=24)
+             for i in range(16)]
+    own = learners["recompute"].logprobs(fresh)
+    fresh = [Trajectory.build(id=t.id, group_id=t.group_id, env_id=t.env_id, task_seed=t.task_seed,
+                              tokens=t.token_ids(), loss_mask=t.mask(), behav_logp=np.where(t.mask() == 1, lp, 0.0),
+                              versions=np.where(t.mask() == 1, 0, -1), turns=t.turns, reward=t.reward,
+                              terminated=True) for t, lp in zip(fresh, own, strict=True)]
+    forwards, metrics = {}, {}
+    for name, learner in learners.items():
+        calls = []
+        real = learner._forward
+        learner._forward = lambda *a, real=real, calls=calls, **k: calls.append(1) or real(*a, **k)
+        metrics[name] = learner.train_step(fresh)
+        forwards[name] = len(calls)
+    assert forwards["loglinear"] < forwards["recompute"]
+    assert metrics["loglinear"]["trainer/clip_frac"] == pytest.approx(metrics["recompute"]["trainer/clip_frac"],
+                                                                      abs=1e-6)
+    for (n, p), q in zip(learners["loglinear"].base_model.named_parameters(),
+                         learners["recompute"].base_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_loglinear_prox_interpolates_between_mu_and_pi_theta_by_staleness(tiny_model_dir, monkeypatch):
+    # stale tokens: in update j of M the estimate sits s / (s + j/M) of the way from log mu to log
+    # pi_theta, so the importance weight pi_prox / mu moves with the staleness, not with mu alone
+    learner = Learner(config(tiny_model_dir, "advantage.type=grpo", "loss.type=ppo", "optim.minibatches=2",
+                             "loss.proximal=loglinear"))
+    learner.version = 3
+    batch = batch_of(8, seed=5, version=1)                       # s = 2 for every generated token
+    every = list(range(len(batch)))
+    mb = learner._micro_batches(batch, [_trained_mask(t) for t in batch], every, every)[0]
+    learner._advantages(batch, [_trained_mask(t) for t in batch], [mb])
+    seen, real = {}, learner_module.policy_loss
+
+    def spy(cfg, inp, **kw):
+        seen.update(prox=inp.prox_logp, logp=inp.logp.detach(), behav=inp.behav_logp)
+        return real(cfg, inp, **kw)
+
+    monkeypatch.setattr(learner_module, "policy_loss", spy)
+    learner._loss(mb, 0.5)
+    alpha = 2 / (2 + 0.5)
+    torch.testing.assert_close(seen["prox"], seen["behav"] + alpha * (seen["logp"] - seen["behav"]))
+    assert not torch.allclose(seen["prox"], seen["behav"]) and not torch.allclose(seen["prox"], seen["logp"])
 
 
 def test_state_dict_resumes_exactly(tiny_model_dir):
