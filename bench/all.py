@@ -7,6 +7,7 @@ A name whose module is not in the tree yet is skipped and listed as such. Writte
 (bench/results by default):
 - latest.json: {"bench": "all", "machine", "config", "results": one row per bench (its summary, its
   seconds, or why it has none), "summary"}; also to `--json OUT` when given;
+- NAME.png: the figure a bench drew (staleness: its curves), the summary's `png` pointing to it;
 - latest.md: the machine and date, then one line per bench with the first `HEADLINE` figures of its
   summary. `--readme README.md` puts that table between the README's `README_BEGIN` and `README_END`
   lines (tests/bench/test_bench_all.py checks that the README shows bench/results/latest.md).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from tidal.bench.report import bench_parser, case, emit, machine
 
-__all__ = ["main", "markdown", "README_BEGIN", "README_END", "HEADLINE"]
+__all__ = ["main", "markdown", "keep_figure", "README_BEGIN", "README_END", "HEADLINE"]
 
 HEADLINE = 4
 """Summary figures of each bench shown in the table (a summary lists its main figures first)."""
@@ -48,7 +49,19 @@ def _names(only: str | None) -> list[str]:
     return names
 
 
-def _run_one(name: str, quick: bool, tmp: Path) -> dict:
+def keep_figure(name: str, tmp: Path, out_dir: Path, summary: dict) -> dict:
+    """A bench's PNG, drawn beside its JSON in `tmp`, moved to `out_dir` as NAME.png, and the summary's
+    `png` pointed there (else it would name a file deleted with `tmp`)."""
+    drawn = tmp / f"{name}.png"
+    if drawn.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = out_dir / drawn.name
+        drawn.replace(kept)
+        summary = {**summary, "png": str(kept)}
+    return summary
+
+
+def _run_one(name: str, quick: bool, tmp: Path, out_dir: Path) -> dict:
     from tidal.bench.cli import BENCHES
 
     if importlib.util.find_spec(BENCHES[name]) is None:
@@ -64,7 +77,8 @@ def _run_one(name: str, quick: bool, tmp: Path) -> dict:
         tail = (proc.stdout + proc.stderr)[-TAIL_CHARS:]
         print(f"tidal bench all: {name} failed (exit code {proc.returncode}):\n{tail}", file=sys.stderr)
         return {"bench": name, "status": "failed", "seconds": seconds, "exit_code": proc.returncode, "tail": tail}
-    return {"bench": name, "status": "ok", "seconds": seconds, "summary": json.loads(out.read_text())["summary"]}
+    summary = keep_figure(name, tmp, out_dir, json.loads(out.read_text())["summary"])
+    return {"bench": name, "status": "ok", "seconds": seconds, "summary": summary}
 
 
 def _figure(value) -> str:
@@ -109,7 +123,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     names = _names(args.only)
     with tempfile.TemporaryDirectory(prefix="tidal-bench-all-") as tmp:
-        rows = [_run_one(name, args.quick, Path(tmp)) for name in names]
+        rows = [_run_one(name, args.quick, Path(tmp), Path(args.out_dir)) for name in names]
     info = machine()
     if info["torch"] is None:  # the benches ran in children: name the torch they imported
         try:

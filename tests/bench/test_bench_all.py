@@ -43,6 +43,16 @@ def test_a_bench_not_built_yet_is_skipped_and_said(tmp_path, monkeypatch, capsys
     assert "| `nosuch` | skipped: not built yet | - |" in (tmp_path / "latest.md").read_text()
 
 
+def test_a_figure_drawn_beside_a_benchs_json_is_kept_in_the_out_dir(tmp_path):
+    tmp, out = tmp_path / "tmp", tmp_path / "results"
+    tmp.mkdir()
+    (tmp / "staleness.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    summary = bench_all.keep_figure("staleness", tmp, out, {"final": 1.0, "png": str(tmp / "staleness.png")})
+    assert summary == {"final": 1.0, "png": str(out / "staleness.png")}
+    assert (out / "staleness.png").read_bytes().startswith(b"\x89PNG") and not (tmp / "staleness.png").exists()
+    assert bench_all.keep_figure("transport", tmp, out, {"x": 1}) == {"x": 1}  # drew none: as it was
+
+
 def test_readme_shows_the_latest_table():
     readme = (ROOT / "README.md").read_text()
     section = readme.split(bench_all.README_BEGIN, 1)[1].split(bench_all.README_END, 1)[0]
