@@ -180,18 +180,23 @@ def test_proximal_behaviour_is_plain_ppo_against_mu(tiny_model_dir):
     assert m_r["trainer/clip_frac"] == 0.0 and m_r["trainer/is_weight_mean"] != pytest.approx(1.0)
 
 
+def on_policy(learner, n, versions):
+    """n fresh episodes whose mu is `learner`'s own pi (versions(t): each token's version)."""
+    fresh = [episode(i, np.random.default_rng(i), group=f"g{i // 4}", reward=float(i % 3 == 0), length=24)
+             for i in range(n)]
+    own = learner.logprobs(fresh)
+    return [Trajectory.build(id=t.id, group_id=t.group_id, env_id=t.env_id, task_seed=t.task_seed,
+                             tokens=t.token_ids(), loss_mask=t.mask(), behav_logp=np.where(t.mask() == 1, lp, 0.0),
+                             versions=versions(t), turns=t.turns, reward=t.reward, terminated=True)
+            for t, lp in zip(fresh, own, strict=True)]
+
+
 def test_proximal_behaviour_skips_the_prox_pass_and_equals_recompute_on_policy(tiny_model_dir):
     # with mu = the learner's own pi (fresh data), both objectives give the same step; behaviour runs
     # one forward per micro-batch fewer (no pi_prox pass with several updates)
     common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=2")
     learners = {p: Learner(config(tiny_model_dir, *common, f"loss.proximal={p}")) for p in ("behaviour", "recompute")}
-    fresh = [episode(i, np.random.default_rng(i), group=f"g{i // 4}", reward=float(i % 3 == 0), length=24)
-             for i in range(8)]
-    own = learners["recompute"].logprobs(fresh)
-    fresh = [Trajectory.build(id=t.id, group_id=t.group_id, env_id=t.env_id, task_seed=t.task_seed,
-                              tokens=t.token_ids(), loss_mask=t.mask(), behav_logp=np.where(t.mask() == 1, lp, 0.0),
-                              versions=t.token_versions(), turns=t.turns, reward=t.reward, terminated=True)
-             for t, lp in zip(fresh, own, strict=True)]
+    fresh = on_policy(learners["recompute"], 8, lambda t: t.token_versions())
     forwards = {}
     for name, learner in learners.items():
         calls = []
@@ -229,13 +234,7 @@ def test_loglinear_prox_skips_the_prox_pass_and_is_exact_where_the_estimate_is_e
     # with one forward per micro-batch (the loss's own) and no pi_prox pass
     common = ("advantage.type=grpo", "loss.type=ppo", "optim.minibatches=4", "optim.lr=1e-2")
     learners = {p: Learner(config(tiny_model_dir, *common, f"loss.proximal={p}")) for p in ("loglinear", "recompute")}
-    fresh = [episode(i, np.random.default_rng(i), group=f"g{i // 4}", reward=float(i % 3 == 0), length=24)
-             for i in range(16)]
-    own = learners["recompute"].logprobs(fresh)
-    fresh = [Trajectory.build(id=t.id, group_id=t.group_id, env_id=t.env_id, task_seed=t.task_seed,
-                              tokens=t.token_ids(), loss_mask=t.mask(), behav_logp=np.where(t.mask() == 1, lp, 0.0),
-                              versions=np.where(t.mask() == 1, 0, -1), turns=t.turns, reward=t.reward,
-                              terminated=True) for t, lp in zip(fresh, own, strict=True)]
+    fresh = on_policy(learners["recompute"], 16, lambda t: np.where(t.mask() == 1, 0, -1))
     forwards, metrics = {}, {}
     for name, learner in learners.items():
         calls = []
