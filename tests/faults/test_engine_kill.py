@@ -19,8 +19,12 @@ from tidal.protocol.messages import encode
 
 from tests.engine.test_engine_faults import PLUGIN_ENV
 from tests.faults.pipeline import ledger, metrics, spool_pending, steps, trained, until
+from tests.trainer.proc import records
 
 pytestmark = pytest.mark.slow
+
+HEARD_S = 1.2
+"""More than two heartbeat intervals: a heartbeat sent in it has surely reached the trainer."""
 
 
 def tear_a_record_onto(spool_dir, traj_id: str) -> None:
@@ -34,20 +38,34 @@ def tear_a_record_onto(spool_dir, traj_id: str) -> None:
         f.write(head + struct.pack("<I", zlib.crc32(head)) + payload[: len(payload) // 2])
 
 
+def heard_in_flight(engine, for_s: float = HEARD_S) -> bool:
+    """Whether the engine's current episodes have been in flight for `for_s` with no episode started
+    since, and it holds trajectories not yet committed. The trainer counts as lost what the engine's
+    last heartbeat (every 0.5 s) reported in flight, so the kill must not follow a start too closely:
+    episodes end together here, and a kill just after the next ones start would find the trainer last
+    told of none."""
+    rows = [r for r in records(engine.jsonl) if "engine/episodes_started" in r or r.get("event") == "ready"]
+    run = rows[max((i for i, r in enumerate(rows) if r.get("event") == "ready"), default=-1) + 1:]
+    if not run or run[-1]["engine/episodes_in_flight"] == 0 or run[-1].get("engine/sink/pending", 0) < 4:
+        return False
+    last = run[-1]
+    return any(last["time"] - r["time"] >= for_s for r in run
+               if r["engine/episodes_started"] == last["engine/episodes_started"])
+
+
 async def test_engine_killed_then_restarted_delivers_its_spool_skips_a_torn_record_and_loses_in_flight_work(
         tmp_path, pipeline):
     spool_dir = tmp_path / "engine-spool"
     server = await asyncio.to_thread(pipeline.server)
-    # A staleness budget that never binds: nothing is dropped as stale (every id is accounted for), and
-    # the engine never waits for grants, so its last heartbeat before the kill has episodes in flight.
+    # A staleness budget that never binds: nothing is dropped as stale, so every id is accounted for.
     trainer = pipeline.trainer(intake={"max_staleness": 1000},
                                checkpoint={"dir": str(tmp_path / "ckpt"), "every_steps": 4})
     ready = await asyncio.to_thread(trainer.start)
-    engine = pipeline.engine([server.url], ready, env=PLUGIN_ENV, tasks=[{"env": "faulty:Slow-v0"}])  # 1 s a step
+    engine = pipeline.engine([server.url], ready, env=PLUGIN_ENV, tasks=[{"env": "faulty:Slow-v0"}],  # 1 s a step
+                             agent={"type": "chat", "max_turns": 3, "max_new_tokens": 6})
     await asyncio.to_thread(engine.start)
-    busy = lambda m: m.get("engine/episodes_in_flight", 0) > 0 and m.get("engine/sink/pending", 0) >= 4  # noqa: E731
-    await until(lambda: len(steps(trainer)) >= 2 and busy(engine.last_metrics()), 180,
-                "2 steps, with episodes in flight and trajectories not committed")
+    await until(lambda: len(steps(trainer)) >= 2 and heard_in_flight(engine), 180,
+                "2 steps, with episodes in flight that a heartbeat reported, and trajectories not committed")
     engine.signal(signal.SIGKILL)
     await asyncio.to_thread(engine.wait)
     first_epoch = engine.events("ready")[-1]["epoch"]
