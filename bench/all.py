@@ -9,8 +9,12 @@ A name whose module is not in the tree yet is skipped and listed as such. Writte
   seconds, or why it has none), "summary"}; also to `--json OUT` when given;
 - NAME.png: the figure a bench drew (staleness: its curves), the summary's `png` pointing to it;
 - latest.md: the machine and date, then one line per bench with the first `HEADLINE` figures of its
-  summary. `--readme README.md` puts that table between the README's `README_BEGIN` and `README_END`
-  lines (tests/bench/test_bench_all.py checks that the README shows bench/results/latest.md).
+  summary and when it was measured. `--readme README.md` puts that table between the README's
+  `README_BEGIN` and `README_END` lines (tests/bench/test_bench_all.py checks that the README shows
+  bench/results/latest.md).
+`--only NAMES` re-runs some benches and keeps the other rows of the latest.json it finds in the out dir
+(same machine, same size), each with the date it was measured: one figure re-measured after a change
+does not cost the whole hour, nor wipe the rest of the table.
 """
 
 from __future__ import annotations
@@ -81,6 +85,27 @@ def _run_one(name: str, quick: bool, tmp: Path, out_dir: Path) -> dict:
     return {"bench": name, "status": "ok", "seconds": seconds, "summary": summary}
 
 
+def _kept_rows(path: Path, machine_info: dict, quick: bool) -> list[dict]:
+    """The rows of an earlier report worth keeping beside re-run ones: none unless it exists and was
+    measured on this machine at this size; each row dated (rows of older reports take the report's date)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("machine") != machine_info or old.get("config", {}).get("quick") != quick:
+        return []
+    return [{**row, "date": row.get("date", old["config"].get("date", "-"))} for row in old.get("results", [])]
+
+
+def _merged(kept: list[dict], fresh: list[dict]) -> list[dict]:
+    """`fresh` rows in place of the kept rows of the same benches, in `tidal bench`'s order of benches."""
+    from tidal.bench.cli import BENCHES
+
+    by_name = {row["bench"]: row for row in kept} | {row["bench"]: row for row in fresh}
+    order = {name: i for i, name in enumerate(BENCHES)}
+    return sorted(by_name.values(), key=lambda row: order.get(row["bench"], len(order)))
+
+
 def _figure(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -94,7 +119,7 @@ def markdown(report: dict) -> str:
     m, cfg = report["machine"], report["config"]
     lines = [f"`tidal bench all{' --quick' if cfg['quick'] else ''}` on {cfg['date']}: {m['cpu']}, {m['cores']} cores, "
              f"Python {m['python']}, torch {m['torch']}.", "",
-             "| bench | figures | seconds |", "| --- | --- | --- |"]
+             "| bench | figures | seconds | measured |", "| --- | --- | --- | --- |"]
     for row in report["results"]:
         if row["status"] == "ok":
             shown = list(row["summary"].items())[:HEADLINE]
@@ -102,7 +127,7 @@ def markdown(report: dict) -> str:
         else:
             figures = row["status"] + (f" (exit code {row['exit_code']})" if "exit_code" in row else f": {row['reason']}")
         seconds = f"{row['seconds']:.0f}" if "seconds" in row else "-"
-        lines.append(f"| `{row['bench']}` | {figures} | {seconds} |")
+        lines.append(f"| `{row['bench']}` | {figures} | {seconds} | {row.get('date', cfg['date'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,18 +147,22 @@ def main(argv: list[str]) -> int:
     p.add_argument("--readme", metavar="README", help="also put the table into this README's generated section")
     args = p.parse_args(argv)
     names = _names(args.only)
+    out_dir = Path(args.out_dir)
     with tempfile.TemporaryDirectory(prefix="tidal-bench-all-") as tmp:
-        rows = [_run_one(name, args.quick, Path(tmp), Path(args.out_dir)) for name in names]
+        rows = [_run_one(name, args.quick, Path(tmp), out_dir) for name in names]
     info = machine()
     if info["torch"] is None:  # the benches ran in children: name the torch they imported
         try:
             info["torch"] = importlib.metadata.version("torch")
         except importlib.metadata.PackageNotFoundError:
             pass
-    config = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "benches": names}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = [{**row, "date": date} for row in rows]
+    if args.only:
+        rows = _merged(_kept_rows(out_dir / "latest.json", info, args.quick), rows)
+    config = {"quick": args.quick, "date": date, "benches": names}
     summary = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "skipped")}
     report = {"bench": "all", "machine": info, "config": config, "results": rows, "summary": summary}
-    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in (out_dir / "latest.json", *([Path(args.json_out)] if args.json_out else [])):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,33 @@ def test_a_bench_not_built_yet_is_skipped_and_said(tmp_path, monkeypatch, capsys
     monkeypatch.setitem(cli.BENCHES, "nosuch", "tidal.bench.nosuch")
     assert bench_all.main(["--only", "nosuch", "--out-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "latest.json").read_text())
-    assert report["results"] == [{"bench": "nosuch", "status": "skipped", "reason": "not built yet"}]
+    assert report["results"] == [{"bench": "nosuch", "status": "skipped", "reason": "not built yet",
+                                  "date": report["config"]["date"]}]
     assert report["summary"] == {"ok": 0, "failed": 0, "skipped": 1}
     assert "nosuch skipped" in capsys.readouterr().err
     assert "| `nosuch` | skipped: not built yet | - |" in (tmp_path / "latest.md").read_text()
+
+
+def test_only_re_runs_some_rows_and_keeps_the_others_measured_on_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.BENCHES, "nosuch", "tidal.bench.nosuch")
+    latest = tmp_path / "latest.json"
+    assert bench_all.main(["--only", "nosuch", "--out-dir", str(tmp_path)]) == 0
+    earlier = json.loads(latest.read_text())
+    kept = {"bench": "transport", "status": "ok", "seconds": 20.0, "summary": {"vs_raw_zmq_32k": 0.7},
+            "date": "2026-01-02 03:04 UTC"}
+    latest.write_text(json.dumps({**earlier, "results": [kept, *earlier["results"]]}))
+
+    assert bench_all.main(["--only", "nosuch", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads(latest.read_text())
+    assert [r["bench"] for r in report["results"]] == ["transport", "nosuch"]  # tidal bench's order
+    assert report["results"][0] == kept and report["results"][1]["date"] == report["config"]["date"]
+    assert report["summary"] == {"ok": 1, "failed": 0, "skipped": 1}
+    table = (tmp_path / "latest.md").read_text()
+    assert "| `transport` | vs_raw_zmq_32k 0.7 | 20 | 2026-01-02 03:04 UTC |" in table
+
+    latest.write_text(json.dumps({**report, "machine": {**report["machine"], "cpu": "another CPU"}}))
+    assert bench_all.main(["--only", "nosuch", "--out-dir", str(tmp_path)]) == 0
+    assert [r["bench"] for r in json.loads(latest.read_text())["results"]] == ["nosuch"]  # not this machine's
 
 
 def test_a_figure_drawn_beside_a_benchs_json_is_kept_in_the_out_dir(tmp_path):
