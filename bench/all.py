@@ -117,8 +117,8 @@ def _figure(value) -> str:
 def markdown(report: dict) -> str:
     """The table of latest.md: the machine, then one line per bench."""
     m, cfg = report["machine"], report["config"]
-    lines = [f"`tidal bench all{' --quick' if cfg['quick'] else ''}` on {cfg['date']}: {m['cpu']}, {m['cores']} cores, "
-             f"Python {m['python']}, torch {m['torch']}.", "",
+    lines = [f"`tidal bench all{' --quick' if cfg['quick'] else ''}` on {m['cpu']}, {m['cores']} cores, "
+             f"Python {m['python']}, torch {m['torch']}; last run {cfg['date']}.", "",
              "| bench | figures | seconds | measured |", "| --- | --- | --- | --- |"]
     for row in report["results"]:
         if row["status"] == "ok":
