@@ -38,8 +38,8 @@ def tear_a_record_onto(spool_dir, traj_id: str) -> None:
         f.write(head + struct.pack("<I", zlib.crc32(head)) + payload[: len(payload) // 2])
 
 
-def heard_in_flight(engine, for_s: float = HEARD_S) -> bool:
-    """Whether the engine's current episodes have been in flight for `for_s` with no episode started
+def heard_in_flight(engine) -> bool:
+    """Whether the engine's current episodes have been in flight for `HEARD_S` with no episode started
     since, and it holds trajectories not yet committed. The trainer counts as lost what the engine's
     last heartbeat (every 0.5 s) reported in flight, so the kill must not follow a start too closely:
     episodes end together here, and a kill just after the next ones start would find the trainer last
@@ -49,7 +49,7 @@ def heard_in_flight(engine, for_s: float = HEARD_S) -> bool:
     if not run or run[-1]["engine/episodes_in_flight"] == 0 or run[-1].get("engine/sink/pending", 0) < 4:
         return False
     last = run[-1]
-    return any(last["time"] - r["time"] >= for_s for r in run
+    return any(last["time"] - r["time"] >= HEARD_S for r in run
                if r["engine/episodes_started"] == last["engine/episodes_started"])
 
 
