@@ -5,8 +5,10 @@ The server is slow on purpose (every running sequence gets one token per `step_s
 cost, no queue: max_running = N), so episodes stay in flight as agentic ones do: `turns` turns with
 lognormal responses (median `length_median`, capped at `max_new_tokens`), streamed 16 tokens per event,
 and an env whose every reset and step awaits a lognormal latency around `env_latency_s` with
-observations of `obs_chars` characters. Once the engine reports N episodes in flight (its metrics
-JSONL), this waits `SETTLE_S` and then watches it for `window_s`: its event-loop lag, its resident
+observations of `obs_chars` characters. Once the engine reports N episodes in flight and as many
+generation requests sent (its metrics JSONL: every episode has reset and reached the server, so the
+admission burst of N resets, first renders and new connections is over; at 10,000 it lasts several
+seconds), this waits `SETTLE_S` and then watches it for `window_s`: its event-loop lag, its resident
 memory (VmRSS of /proc/PID/status, the peak of samples every half second), its CPU share, and the
 share of the window its loop thread spent runnable but waiting for a CPU (other processes: the
 server shares the machine, and on a busy one that wait shows up as lag too).
@@ -41,7 +43,7 @@ __all__ = ["HoldSizes", "hold_levels", "LAG_LIMIT_MS"]
 LAG_LIMIT_MS = 50.0
 """Loop lag (90th percentile of per-period worst wake-up delays) beyond which a level does not hold."""
 SETTLE_S = 2.0
-"""Wait after in-flight episodes reach N before the window opens (the admission burst has passed)."""
+"""Wait after the N episodes' first requests are out before the window opens."""
 RESERVED_FDS = 512
 """File descriptors kept free of connections in each process (spool, sockets, libraries)."""
 EVERY_S = 0.25
@@ -97,12 +99,13 @@ async def _level(model: Path, work: Path, sizes: HoldSizes, n: int) -> dict:
         with EngineChild(work, cfg) as engine:
             await asyncio.to_thread(engine.start)
             idle_rss = engine.rss_mib()
-            start, in_flight = time.monotonic(), 0
-            while time.monotonic() - start < sizes.ramp_s and in_flight < n:
+            start, in_flight, requests = time.monotonic(), 0, 0
+            while time.monotonic() - start < sizes.ramp_s and (in_flight < n or requests < n):
                 if not engine.alive():
                     raise RuntimeError(f"tidal engine exited with {engine.proc.returncode}:\n{engine.log()}")
                 rows = engine.metrics()
-                in_flight = int(rows[-1]["engine/episodes_in_flight"]) if rows else 0
+                if rows:
+                    in_flight, requests = int(rows[-1]["engine/episodes_in_flight"]), int(rows[-1]["engine/requests"])
                 await asyncio.sleep(0.2)
             ramp = time.monotonic() - start
             await asyncio.sleep(SETTLE_S)

@@ -67,7 +67,7 @@ class Generator:
         """
         s = self.sampling
         request = Request(
-            input_ids=transcript.tokens.tolist(), request_id=request_id, session_key=session_key,
+            input_ids=transcript.tokens[:], request_id=request_id, session_key=session_key,
             sampling=Sampling(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, stop_token_ids=self._stop_ids, seed=self._seed(seed_key or request_id)),
         )

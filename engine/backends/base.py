@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
 import msgspec
@@ -60,10 +61,19 @@ class Request(msgspec.Struct, kw_only=True):
     (SGLang aborts by rid prefix); `session_key` (e.g. the trajectory id) keeps later turns on the server
     that holds the prefix in its cache."""
 
-    input_ids: list[int]
+    input_ids: Sequence[int]
+    """The prompt: a list, or (from the engine) an `array('I')`, a snapshot of the transcript that the
+    cyclic GC never walks, as a list of thousands of ints held by each of thousands of requests would be."""
     sampling: Sampling = Sampling()
     request_id: str
     session_key: str | None = None
+
+    def prompt_with(self, received: Sequence[int]) -> list[int]:
+        """`input_ids` then the tokens `received` so far, as a fresh list for one request body (a retry
+        resubmits the prompt with what the failed attempt generated)."""
+        ids = self.input_ids.tolist() if isinstance(self.input_ids, array) else list(self.input_ids)
+        ids += received
+        return ids
 
 
 class Finish(msgspec.Struct, kw_only=True):

@@ -33,11 +33,12 @@ _NO_CAP = 1 << 62
 def client_session(cfg, headers: dict[str, str]) -> aiohttp.ClientSession:
     """The one pool a routing backend keeps (`cfg` is its `Routed` config): `max_connections` in all,
     no cap per host, connect and read timeouts, and no total limit, since a stream lasts as long as
-    its generation."""
+    its generation. No cookie jar: these APIs set none, and a jar is consulted on every request."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0),
         timeout=aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s),
         headers=headers,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from array import array
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -90,7 +91,7 @@ class OpenAIBackend(Backend):
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         await self.start()
         rid, prompt = request.request_id, request.input_ids
-        received: list[int] = []
+        received = array("I")  # not a list: the GC never walks it (Request.input_ids)
         failed: set[Server] = set()
         error: BackendError | None = None
         retries = 0
@@ -136,13 +137,13 @@ class OpenAIBackend(Backend):
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def _attempt(self, server: Server, wire_rid: str, request: Request, received: list[int],
+    async def _attempt(self, server: Server, wire_rid: str, request: Request, received: array,
                        budget: int) -> AsyncIterator[Chunk]:
         """One /v1/completions on one server for the rest of `request`: yield its new tokens (extending
         `received`), the last chunk with its `Finish`."""
         s, url, counters = request.sampling, server.url, self.counters
         body = wire.encode(wire.CompletionRequest(
-            model=self.cfg.model, prompt=request.input_ids + received if received else request.input_ids,
+            model=self.cfg.model, prompt=request.prompt_with(received),
             max_tokens=budget, temperature=s.temperature, top_p=s.top_p, top_k=None if s.top_k == -1 else s.top_k,
             stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None, seed=s.seed,
             ignore_eos=s.ignore_eos, stream=True, logprobs=0, return_token_ids=True, rid=wire_rid))
@@ -172,7 +173,7 @@ class OpenAIBackend(Backend):
                     if len(logprobs) != len(ids) or None in logprobs:
                         raise BadResponse(f"{len(ids)} token_ids but logprobs {logprobs!r}", url=url,
                                           request_id=wire_rid)
-                    received += ids
+                    received.extend(ids)
                     counters["tokens"] += len(ids)
                     if choice.finish_reason is None:
                         if ids:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from array import array
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -211,7 +212,7 @@ class SGLangBackend(SGLangControl, Backend):
     async def generate(self, request: Request) -> AsyncIterator[Chunk]:
         await self.start()
         rid, sampling, prompt = request.request_id, request.sampling, request.input_ids
-        received: list[int] = []
+        received = array("I")  # not a list: the GC never walks it (Request.input_ids)
         failed: set[Server] = set()
         error: BackendError | None = None
         attempt = retries = cached = idle = version = 0
@@ -234,7 +235,7 @@ class SGLangBackend(SGLangControl, Backend):
                         f"no healthy server among {len(self.router.servers)}", request_id=rid)
                 wire_rid = rid if attempt == 0 else f"{rid}@{attempt}"
                 body = wire.encode(wire.GenerateRequest(
-                    input_ids=prompt + received if received else prompt,
+                    input_ids=request.prompt_with(received),
                     sampling_params=_sampling(sampling, budget, self.cfg.stream_interval), rid=wire_rid,
                     stream=self.cfg.stream, return_logprob=True))
                 cost = len(prompt) + sampling.max_new_tokens
@@ -277,7 +278,7 @@ class SGLangBackend(SGLangControl, Backend):
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def _attempt(self, server: Server, wire_rid: str, body: bytes, request: Request, received: list[int],
+    async def _attempt(self, server: Server, wire_rid: str, body: bytes, request: Request, received: array,
                        state: _Attempt) -> AsyncIterator[Chunk]:
         """One /generate on one server: yield its new tokens, extend `received` with them, and leave the
         last chunk in `state.final` (its `finish` None when the server aborted the request on its own)."""
@@ -299,7 +300,7 @@ class SGLangBackend(SGLangControl, Backend):
                         version_text = meta.weight_version
                     ids, logprobs = _new_tokens(ev, seen, url, wire_rid)
                     seen += len(ids)
-                    received += ids
+                    received.extend(ids)
                     counters["tokens"] += len(ids)
                     fr = meta.finish_reason
                     if fr is None:
