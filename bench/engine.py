@@ -18,6 +18,8 @@ CPU cases (`--fast` server, each response exactly `tokens` long, `concurrency` e
   logprobs: the parse floor any client pays;
 - `turns`: the engine again with `turn_tokens`-token turns, so its CPU is the per-turn cost (request,
   template delta, env step, and a share of the per-episode trajectory, spool and send).
+At 16 tokens per event the engine and floor cases run `repeats` times, alternating; the summary's figures
+are the medians (each run is a row with its `run` number).
 
 Concurrency (bench/engine_hold.py): engines with rollout.max_concurrent raised level by level against a
 slow simulated server, until the engine's event-loop lag passes `LAG_LIMIT_MS`; each level's resident
@@ -35,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import uvloop
 from tidal.bench.engine_child import EngineChild, engine_config, proc_cpu_s, tokenizer_dir
 from tidal.bench.engine_hold import LAG_LIMIT_MS, HoldSizes, hold_levels
@@ -60,10 +63,13 @@ class CpuSizes:
     """Tokens per response in the `engine` and `floor` cases."""
     turn_tokens: int
     """Tokens per response in the `turns` case."""
+    repeats: int = 1
+    """Runs of the `engine` and `floor` cases at 16 tokens per event, alternating; the summary takes the
+    median of each (one run's figure moves by 20-30% with how the two cores happen to be shared)."""
     group_size: int = 8
 
 
-FULL = (CpuSizes(episodes=1024, concurrency=256, turns=3, tokens=256, turn_tokens=4),
+FULL = (CpuSizes(episodes=1024, concurrency=256, turns=3, tokens=256, turn_tokens=4, repeats=3),
         HoldSizes(levels=(1000, 2000, 5000, 10000, 20000), window_s=20.0, ramp_s=240.0))
 QUICK = (CpuSizes(episodes=128, concurrency=64, turns=3, tokens=64, turn_tokens=4),
          HoldSizes(levels=(256, 1024), window_s=3.0, ramp_s=60.0))
@@ -133,15 +139,17 @@ async def _cpu_cases(model: Path, work: Path, sizes: CpuSizes) -> list[dict]:
     rows = []
     async with ReferenceServer(simulate=True, args=args) as server:
         for interval in INTERVALS:
-            with case("engine", f"engine, {interval} token(s) per event"):
-                e = await _engine(model, server.url, work / f"cpu-{interval}", sizes, sizes.tokens, interval)
-            with case("engine", f"parse floor, {interval} token(s) per event"):
-                floor_cpu, floor_tokens = await asyncio.to_thread(_floor, server.url, sizes, sizes.tokens, interval)
-            rows.append(_row("engine", interval, sizes.tokens, e))
-            rows.append({"case": "floor", "tokens_per_event": interval, "tokens_per_turn": sizes.tokens,
-                         "tokens": floor_tokens, "turns": sizes.episodes * sizes.turns,
-                         "cpu_us_per_token": 1e6 * floor_cpu / floor_tokens,
-                         "cpu_us_per_turn": 1e6 * floor_cpu / (sizes.episodes * sizes.turns)})
+            for run in range(sizes.repeats if interval == INTERVALS[-1] else 1):
+                name = f"{interval} token(s) per event" + (f", run {run + 1}" if run else "")
+                with case("engine", f"engine, {name}"):
+                    e = await _engine(model, server.url, work / f"cpu-{interval}-{run}", sizes, sizes.tokens, interval)
+                with case("engine", f"parse floor, {name}"):
+                    floor_cpu, floor_tokens = await asyncio.to_thread(_floor, server.url, sizes, sizes.tokens, interval)
+                rows.append({**_row("engine", interval, sizes.tokens, e), "run": run})
+                rows.append({"case": "floor", "tokens_per_event": interval, "tokens_per_turn": sizes.tokens,
+                             "tokens": floor_tokens, "turns": sizes.episodes * sizes.turns,
+                             "cpu_us_per_token": 1e6 * floor_cpu / floor_tokens,
+                             "cpu_us_per_turn": 1e6 * floor_cpu / (sizes.episodes * sizes.turns), "run": run})
         with case("engine", f"engine, {sizes.turn_tokens}-token turns"):
             e = await _engine(model, server.url, work / "cpu-turns", sizes, sizes.turn_tokens, INTERVALS[-1])
         rows.append(_row("turns", INTERVALS[-1], sizes.turn_tokens, e))
@@ -159,7 +167,12 @@ def _row(name: str, interval: int, tokens: int, e: dict) -> dict:
 
 
 def _summary(cpu: list[dict], hold: list[dict]) -> dict:
-    at = {(r["case"], r["tokens_per_event"]): r for r in cpu}
+    """Per (case, tokens per event): the median over its runs (one run unless `repeats`)."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for r in cpu:
+        runs.setdefault((r["case"], r["tokens_per_event"]), []).append(r)
+    at = {key: {"cpu_us_per_token": float(np.median([r["cpu_us_per_token"] for r in rs])),
+                "cpu_us_per_turn": float(np.median([r["cpu_us_per_turn"] for r in rs]))} for key, rs in runs.items()}
     top = INTERVALS[-1]
     held = [r for r in hold if r["held"]]
     best = held[-1] if held else None
