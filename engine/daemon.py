@@ -152,6 +152,7 @@ class Engine:
                 self.backend, self.tokenizer, eval_sampling, max_context=cfg.model.max_context,
                 render_pool=self.render_pool),
                 self.rollout.step_timeout_s)
+            await self.weights.release()
             await self.weights.probe()
             freeze_startup_heap()
             self._event("ready", served_version=self.admission.served_version, epoch=f"{self.epoch:x}")

@@ -76,6 +76,18 @@ class WeightSync:
         self._group: tuple[str, int, str, str] | None = None
         """The group the servers are in: (address, port, name, formation id) of its rendezvous."""
 
+    async def release(self) -> None:
+        """At start: resume every server. An engine killed between the pause and the continue of an
+        update leaves its servers paused, holding every request (and failing /health) until someone
+        continues them, and no one else will. Resuming a server that is not paused does nothing; if
+        another engine is mid-update on a shared server, its update only waits for running requests."""
+        try:
+            await self.backend.resume()
+        except Unsupported:
+            pass
+        except BackendError as exc:
+            log.warning("cannot resume the servers at start: %s", exc)
+
     async def probe(self) -> int | None:
         """Ask the servers what they serve (at start, and after a failed update); None if unknown."""
         try:

@@ -75,7 +75,11 @@ class EngineProcess:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 60.0) -> int:
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"engine still running after {timeout}s; last metrics {self.last_metrics()}\n"
+                                 f"{self.log()}") from None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -181,6 +181,22 @@ async def test_sigkill_then_restart_delivers_the_spool_and_loses_only_episodes_i
     assert trainer.duplicates >= 12  # received before the kill, never acknowledged: resent from the spool
 
 
+async def test_a_server_left_paused_by_a_killed_engine_is_resumed_at_start(tmp_path, tiny_model_dir, engines):
+    """An engine SIGKILLed between the pause and the continue of a weight update leaves its server
+    paused: every request waits and /health fails. The next engine resumes it at start."""
+    import urllib.request
+
+    async with ReferenceServer(tiny_model_dir) as server, \
+            Standin(batch_size=4, group_size=2, max_staleness=2, weights_path=str(tiny_model_dir)) as trainer:
+        pause = urllib.request.Request(server.url + "/pause_generation", data=b'{"mode": "in_place"}',
+                                       headers={"Content-Type": "application/json"})
+        assert urllib.request.urlopen(pause, timeout=10).status == 200
+        engine = engines({**engine_toml(tmp_path, tiny_model_dir, server.url, trainer.endpoints), "max_episodes": 2})
+        await asyncio.to_thread(engine.start)
+        assert await asyncio.to_thread(engine.wait, 60) == 0, engine.log()
+    assert len(trainer.received) == 2
+
+
 async def test_with_every_server_down_admission_waits_instead_of_failing_episodes(tmp_path, tiny_model_dir,
                                                                                  engines):
     async with ReferenceServer(tiny_model_dir) as server, \
