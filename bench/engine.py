@@ -19,7 +19,7 @@ CPU cases (`--fast` server, each response exactly `tokens` long, `concurrency` e
 - `turns`: the engine again with `turn_tokens`-token turns, so its CPU is the per-turn cost (request,
   template delta, env step, and a share of the per-episode trajectory, spool and send).
 At 16 tokens per event the engine and floor cases run `repeats` times, alternating; the summary's figures
-are the medians (each run is a row with its `run` number).
+are the medians (each run is a row with its `run` number). Every case has a fresh server.
 
 Concurrency (bench/engine_hold.py): engines with rollout.max_concurrent raised level by level against a
 slow simulated server, until the engine's event-loop lag passes `LAG_LIMIT_MS`; each level's resident
@@ -134,25 +134,33 @@ async def _engine(model: Path, url: str, work: Path, sizes: CpuSizes, tokens: in
 
 
 async def _cpu_cases(model: Path, work: Path, sizes: CpuSizes) -> list[dict]:
+    """Each measured case gets a fresh simulated server: one server's CPU per token rose by a third
+    over five cases in a row, and the engine's with it (a slower server puts fewer events in a read)."""
     args = ["--fast", "--incremental-streaming-output", "--set", "simulate.lengths=max_new_tokens",
             "--set", f"simulate.max_running={sizes.concurrency}", "--set", "simulate.vocab_size=512"]
+
+    def server():
+        return ReferenceServer(simulate=True, args=args)
+
     rows = []
-    async with ReferenceServer(simulate=True, args=args) as server:
-        for interval in INTERVALS:
-            for run in range(sizes.repeats if interval == INTERVALS[-1] else 1):
-                name = f"{interval} token(s) per event" + (f", run {run + 1}" if run else "")
-                with case("engine", f"engine, {name}"):
-                    e = await _engine(model, server.url, work / f"cpu-{interval}-{run}", sizes, sizes.tokens, interval)
-                with case("engine", f"parse floor, {name}"):
-                    floor_cpu, floor_tokens = await asyncio.to_thread(_floor, server.url, sizes, sizes.tokens, interval)
-                rows.append({**_row("engine", interval, sizes.tokens, e), "run": run})
-                rows.append({"case": "floor", "tokens_per_event": interval, "tokens_per_turn": sizes.tokens,
-                             "tokens": floor_tokens, "turns": sizes.episodes * sizes.turns,
-                             "cpu_us_per_token": 1e6 * floor_cpu / floor_tokens,
-                             "cpu_us_per_turn": 1e6 * floor_cpu / (sizes.episodes * sizes.turns), "run": run})
-        with case("engine", f"engine, {sizes.turn_tokens}-token turns"):
-            e = await _engine(model, server.url, work / "cpu-turns", sizes, sizes.turn_tokens, INTERVALS[-1])
-        rows.append(_row("turns", INTERVALS[-1], sizes.turn_tokens, e))
+    for interval in INTERVALS:
+        for run in range(sizes.repeats if interval == INTERVALS[-1] else 1):
+            name = f"{interval} token(s) per event" + (f", run {run + 1}" if run else "")
+            with case("engine", f"engine, {name}"):
+                async with server() as srv:
+                    e = await _engine(model, srv.url, work / f"cpu-{interval}-{run}", sizes, sizes.tokens, interval)
+            with case("engine", f"parse floor, {name}"):
+                async with server() as srv:
+                    floor_cpu, floor_tokens = await asyncio.to_thread(_floor, srv.url, sizes, sizes.tokens, interval)
+            rows.append({**_row("engine", interval, sizes.tokens, e), "run": run})
+            rows.append({"case": "floor", "tokens_per_event": interval, "tokens_per_turn": sizes.tokens,
+                         "tokens": floor_tokens, "turns": sizes.episodes * sizes.turns,
+                         "cpu_us_per_token": 1e6 * floor_cpu / floor_tokens,
+                         "cpu_us_per_turn": 1e6 * floor_cpu / (sizes.episodes * sizes.turns), "run": run})
+    with case("engine", f"engine, {sizes.turn_tokens}-token turns"):
+        async with server() as srv:
+            e = await _engine(model, srv.url, work / "cpu-turns", sizes, sizes.turn_tokens, INTERVALS[-1])
+    rows.append(_row("turns", INTERVALS[-1], sizes.turn_tokens, e))
     return rows
 
 
