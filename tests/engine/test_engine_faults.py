@@ -5,6 +5,7 @@ real `tidal engine` child against a real server and a stand-in trainer over the 
 import asyncio
 import os
 import signal
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -184,8 +185,6 @@ async def test_sigkill_then_restart_delivers_the_spool_and_loses_only_episodes_i
 async def test_a_server_left_paused_by_a_killed_engine_is_resumed_at_start(tmp_path, tiny_model_dir, engines):
     """An engine SIGKILLed between the pause and the continue of a weight update leaves its server
     paused: every request waits and /health fails. The next engine resumes it at start."""
-    import urllib.request
-
     async with ReferenceServer(tiny_model_dir) as server, \
             Standin(batch_size=4, group_size=2, max_staleness=2, weights_path=str(tiny_model_dir)) as trainer:
         pause = urllib.request.Request(server.url + "/pause_generation", data=b'{"mode": "in_place"}',
