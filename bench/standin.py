@@ -106,12 +106,12 @@ class Standin:
 
     async def _grant(self) -> None:
         while True:
+            before = self.grants.grants()  # a grant raised by a heartbeat is news too
             for (engine_id, epoch), (hello, heard) in list(self.rx.engines.items()):
                 self.grants.heard(engine_id, epoch, started=hello.started, in_flight=hello.in_flight,
                                   capacity=hello.capacity, now=heard)
             started = self.started()
             self.max_started = max(self.max_started, started)
-            before = self.grants.grants()
             status = self.status()
             if started > status.budget:
                 self.violations.append(f"engines started {started} > budget {status.budget} at version {self.version}")

@@ -13,9 +13,11 @@ stall the run; with them, a discarded episode hands its admission back at once.
 The budget counts from the trainer's version k, but an episode's tokens come from the version the
 servers serve, which lags k while a weight update is on its way: an episode started then, under
 version k - d, may be trained at k + s and arrive staler than s, to be dropped (wasted generation).
-So while the servers are d versions behind, d batches of the allowance wait for them: started at
-most (k - d + 1 + s) * B, the bound counted from the served version (one engine's share of it is
-stricter than it need be, never looser).
+So while the servers are d versions behind, d batches of the budget wait for them: started at most
+(k - d + 1 + s) * B, the bound counted from the served version. This engine holds those d batches
+back from the budget the trainer has granted nobody yet (the status lists every grant) and only the
+rest from its own grant: the trainer grants an engine about what it can run at once, so taking the
+whole reserve from the grant would stop an engine far from the bound until the servers caught up.
 
 The bound is global, and several engine processes share it through grants (tidal.protocol.grants): the
 trainer gives each engine incarnation a cumulative number of episodes it may start
@@ -85,9 +87,19 @@ class Admission:
             behind = max(0, self.status.version - self.served_version)
             if behind > (0 if self.sync else self.status.max_staleness):
                 return "weights"  # tokens made now would be too stale to train on: wait for the update
-            if self.started + self.group_size > self.allowance() - behind * self.status.batch_size:
+            ungranted = max(0, self.status.budget - sum(self.status.grants.values()))
+            reserve = max(0, behind * self.status.batch_size - ungranted)
+            if self.started + self.group_size > self.allowance() - reserve:
                 return "weights"  # the budget counted from the version served, not the trainer's (see above)
         return None
+
+    def report(self) -> tuple[int, int, int]:
+        """(started, in_flight, capacity) for the heartbeat the trainer's grants are made from. `started`
+        leaves out the discarded episodes: the allowance already hands them back, and the trainer
+        raises a grant to at least what it hears started, so counting them there too would give them
+        back twice (the engines past the budget) or, with a status not yet re-published, never (the
+        trainer's books full of episodes that will never arrive, and admission stalled for good)."""
+        return self.started - self.discarded, self.in_flight, 0 if self.draining else self.max_concurrent
 
     def start_group(self) -> None:
         self.started += self.group_size

@@ -134,7 +134,7 @@ class Engine:
                     await asyncio.to_thread(self._record_recovered, link.spool_dir)
                 self.sink = await stack.enter_async_context(TrajectorySink(
                     link.endpoint, cfg.name, link.spool_dir, window=link.window,
-                    max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self._report_counts,
+                    max_spool_bytes=int(link.max_spool_mb * 2**20), epoch=self.epoch, report=self.admission.report,
                     curve=curve))
             with starting(f"cannot subscribe to trainer.status_endpoint {link.status_endpoint!r}"):
                 status = await stack.enter_async_context(StatusSubscriber(link.status_endpoint, curve=curve))
@@ -238,11 +238,6 @@ class Engine:
         log.error("engine task %s failed", task.get_coro().__qualname__, exc_info=exc)
         self.failure = f"{task.get_coro().__qualname__} failed: {type(exc).__name__}: {exc}"
         self.drain(0.0, True)
-
-    def _report_counts(self) -> tuple[int, int, int]:
-        """(started, in_flight, capacity) for the trainer's grants."""
-        a = self.admission
-        return a.started, a.in_flight, 0 if a.draining else a.max_concurrent
 
     def _served(self, version: int | None) -> None:
         self.admission.served_version = version

@@ -3,8 +3,9 @@
 The bound is global: with B trajectories per step, trainer version k and max staleness s, all engines
 together start at most (k + 1 + s) * B + dropped episodes. The trainer, which alone knows k and
 `dropped`, splits that budget into grants: each engine incarnation (engine id + epoch) may start at
-most `grants[key]` episodes, counted from its own start. Engines report `started`, `in_flight` and
-their concurrency `capacity` in the heartbeats of the trajectory channel (`Hello`); the trainer sends
+most `grants[key]` episodes, counted from its own start. Engines report `started` (less the episodes
+they discarded, whose admission they hand back themselves), `in_flight` and their concurrency
+`capacity` in the heartbeats of the trajectory channel (`Hello`); the trainer sends
 the grants in every `TrainerStatus`. An engine without a grant starts nothing.
 
 A pure state machine (no IO; time is passed in):

@@ -260,6 +260,7 @@ class Daemon:
         while True:
             rx.reported.clear()
             now = time.monotonic()
+            before = self.grants.grants()  # a grant raised by a heartbeat is news too
             for (engine_id, epoch), (hello, heard) in list(rx.engines.items()):
                 self.grants.heard(engine_id, epoch, started=hello.started, in_flight=hello.in_flight,
                                   capacity=hello.capacity, now=heard)
@@ -268,7 +269,6 @@ class Daemon:
                 rx.engines.pop((engine_id, int(epoch)), None)
                 log.warning("engine %s went silent: its unfinished episodes count as lost (%d so far)",
                             key, self.grants.lost)
-            before = self.grants.grants()
             status = self.status()
             if status.grants != before:
                 await self.status_pub.publish(status)

@@ -78,7 +78,8 @@ class Hello(msgspec.Struct, tag="hello", array_like=True, frozen=True):
     floor: int
     version: int = ENVELOPE_VERSION
     started: int = 0
-    """Episodes this engine incarnation has started (the trainer's grants count them: protocol/grants.py)."""
+    """Episodes this engine incarnation has started and not discarded (the trainer's grants count them:
+    protocol/grants.py; the engine hands its discards back itself)."""
     in_flight: int = 0
     """Of those, episodes still running."""
     capacity: int = 0

@@ -82,6 +82,24 @@ def test_the_budget_counts_from_the_served_version_while_the_servers_catch_up():
     assert a.blocked() is None
 
 
+def test_a_lagging_server_holds_back_the_ungranted_budget_before_the_engine_grant():
+    # trainer at 4, s = 8, B = 8: budget (4 + 1 + 8) * 8 = 104; the servers serve 0, so 4 batches (32)
+    # wait for them. The trainer granted this engine 40 (about what it can run): the 64 granted to nobody
+    # hold the reserve, and the engine, far from the served bound (1 + 8) * 8 = 72, goes on.
+    a = _admission()
+    a.status = TrainerStatus(version=4, consumed=32, batch_size=8, max_staleness=8, grants={a.key: 40})
+    a.served_version = 0
+    for _ in range(10):
+        assert a.blocked() is None
+        a.start_group()
+    assert a.blocked() == "staleness"  # 40 started: the grant, not the servers, stops it
+    a.status = TrainerStatus(version=4, consumed=32, batch_size=8, max_staleness=8, grants={a.key: 80, "f/1": 20})
+    for _ in range(3):  # 4 ungranted: 28 of the reserve come out of the grant, so 52 may start
+        assert a.blocked() is None
+        a.start_group()
+    assert a.started == 52 and a.blocked() == "weights"
+
+
 def test_max_episodes_ends_admission():
     a = _admission()
     a.status = _status(grant=100)
@@ -119,3 +137,33 @@ def test_no_server_in_rotation_blocks_admission():
     assert a.blocked() == "no_server"
     a.serving = True
     assert a.blocked() is None
+
+
+def test_a_run_that_discards_half_its_groups_keeps_training_within_the_budget():
+    """The engine's admission and the trainer's grant table together (tidal.protocol.grants), with every
+    other group discarded by the engine (zero variance, failed episodes): the discards hand their
+    admission back once, not twice and not never, so training goes on and the engine's counted episodes
+    stay within the staleness budget."""
+    from tidal.protocol.grants import GrantTable
+
+    batch, group, staleness = 8, 4, 1
+    table = GrantTable(group_size=group)
+    a = Admission("e", 7, group_size=group, max_concurrent=64)
+    a.status_fresh = True
+    version, buffered, discard = 0, 0, False
+    for now in range(200):
+        table.heard("e", 7, **dict(zip(("started", "in_flight", "capacity"), a.report(), strict=True)), now=now)
+        status = TrainerStatus(version=version, consumed=version * batch, batch_size=batch, max_staleness=staleness)
+        a.status = TrainerStatus(version=version, consumed=version * batch, batch_size=batch,
+                                 max_staleness=staleness, grants=table.allocate(status.budget))
+        while a.blocked() is None:
+            a.start_group()
+        assert a.started - a.discarded <= status.budget  # invariant 3: discards are not counted
+        for _ in range(a.in_flight // group):  # every group ends; every other one is discarded
+            a.finish(group, discarded=group if discard else 0)
+            buffered += 0 if discard else group
+            discard = not discard
+        while buffered >= batch:  # the trainer steps on what arrived
+            buffered -= batch
+            version += 1
+    assert version >= 50, f"training stalled at version {version}: {a.blocked()}, {a.report()}, {table.grants()}"

@@ -165,6 +165,25 @@ def metrics(engine: EngineProcess) -> dict:
     return found[-1] if found else {}
 
 
+def latest_status(endpoint: str, wait_s: float = 2.0) -> str:
+    """What the trainer publishes on its status channel now (the latest of each kind), for a hang's
+    explanation: its version, budget terms and grants say why engines wait."""
+    import zmq
+    from tidal.protocol.messages import decode_status
+
+    latest = {}
+    with zmq.Context() as ctx, ctx.socket(zmq.SUB) as sock:
+        sock.linger = 0
+        sock.subscribe(b"")
+        sock.connect(endpoint)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                msg = decode_status(sock.recv())
+                latest[type(msg).__name__] = msg
+    return "\n".join(map(repr, latest.values()))
+
+
 def steps(trainer: TrainerProcess) -> list[dict]:
     return [r for r in records(trainer.jsonl) if r.get("event") == "step"]
 
@@ -224,11 +243,12 @@ def assert_nothing_lost(book: dict, produced: int) -> None:
     assert accounted == produced, f"{produced} produced, {accounted} accounted for: {book}"
 
 
-async def until(cond, timeout: float, what: str, every: float = 0.1):
-    """Wait for `cond()` (a hang guard, not a timing assertion): its last value."""
+async def until(cond, timeout: float, what: str, every: float = 0.1, explain=None):
+    """Wait for `cond()` (a hang guard, not a timing assertion): its last value. On a timeout the
+    message carries `explain()` (the processes' last metrics and logs), so a hang says where it stuck."""
     deadline = time.monotonic() + timeout
     while not (value := cond()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{explain()}" if explain else ""))
         await asyncio.sleep(every)
     return value

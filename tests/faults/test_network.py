@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from tests.faults.netproxy import Proxy
-from tests.faults.pipeline import assert_nothing_lost, ledger, metrics, steps, until
+from tests.faults.pipeline import assert_nothing_lost, latest_status, ledger, metrics, steps, until
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,12 @@ async def test_delayed_cut_and_dropped_connections_lose_and_duplicate_nothing(tm
         for proxy in (http, traj, status):  # the network heals: training goes on, the last commits get through
             proxy.truncate_every = proxy.drop_every = 0
         healed = len(steps(trainer))
-        await until(lambda: len(steps(trainer)) >= healed + 2, 120, "2 steps once the network healed")
+
+        def explain() -> str:
+            return (f"proxies {http.counts} {traj.counts} {status.counts}\nengine {metrics(engine)}\n{engine.log()}\n"
+                    f"trainer {steps(trainer)[-1:]}\n{trainer.log()}\n{latest_status(ready['status_endpoint'])}")
+
+        await until(lambda: len(steps(trainer)) >= healed + 2, 120, "2 steps once the network healed", explain=explain)
         trainer.signal(signal.SIGTERM)
         assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
         engine.signal(signal.SIGTERM)
