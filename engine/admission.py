@@ -18,6 +18,9 @@ So while the servers are d versions behind, d batches of the budget wait for the
 back from the budget the trainer has granted nobody yet (the status lists every grant) and only the
 rest from its own grant: the trainer grants an engine about what it can run at once, so taking the
 whole reserve from the grant would stop an engine far from the bound until the servers caught up.
+(Episodes of engine incarnations the trainer has written off are in no grant, so after an engine
+restart the reserve can be short by what they finished: this bound only saves wasted generation;
+the grants alone keep invariant 3.)
 
 The bound is global, and several engine processes share it through grants (tidal.protocol.grants): the
 trainer gives each engine incarnation a cumulative number of episodes it may start
