@@ -75,14 +75,32 @@ def _run_one(name: str, quick: bool, tmp: Path, out_dir: Path) -> dict:
     argv = [sys.executable, "-m", "tidal", "bench", name, *(["--quick"] if quick else []), "--json", str(out)]
     started = time.perf_counter()
     with case("all", name):
-        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        returncode, output = _child(argv)
     seconds = time.perf_counter() - started
-    if proc.returncode != 0 or not out.is_file():
-        tail = (proc.stdout + proc.stderr)[-TAIL_CHARS:]
-        print(f"tidal bench all: {name} failed (exit code {proc.returncode}):\n{tail}", file=sys.stderr)
-        return {"bench": name, "status": "failed", "seconds": seconds, "exit_code": proc.returncode, "tail": tail}
+    if returncode != 0 or not out.is_file():
+        tail = output[-TAIL_CHARS:]
+        print(f"tidal bench all: {name} failed (exit code {returncode}):\n{tail}", file=sys.stderr)
+        return {"bench": name, "status": "failed", "seconds": seconds, "exit_code": returncode, "tail": tail}
     summary = keep_figure(name, tmp, out_dir, json.loads(out.read_text())["summary"])
     return {"bench": name, "status": "ok", "seconds": seconds, "summary": summary}
+
+
+def _child(argv: list[str]) -> tuple[int, str]:
+    """Run one bench to its end: (exit code, its stdout and stderr). Stopped early (SIGTERM, Ctrl-C),
+    the child gets SIGTERM, so that it stops what it started in turn (a SIGKILL would orphan that)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    return proc.returncode, output
 
 
 def _kept_rows(path: Path, machine_info: dict, quick: bool) -> list[dict]:

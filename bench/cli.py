@@ -6,6 +6,7 @@ it ends (report.running), since a bench runs for tens of seconds.
 
 import argparse
 import importlib
+import signal
 import sys
 
 from tidal.bench.report import running
@@ -28,7 +29,14 @@ BENCHES = {
 }
 
 
+def _stop(signum: int, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: every bench stops the servers, engines and runs it started on the
+    way out (their `finally` and `async with` blocks), where the default action would orphan them."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(prog="tidal bench")
     parser.add_argument("name", choices=sorted(BENCHES))
     args, rest = parser.parse_known_args(argv[:1])

@@ -44,3 +44,46 @@ def test_bench_learning_quick(tmp_path):
     assert s["target_met"] == (s["final_success_async"] >= 0.95 * s["final_success_sync"]
                                and s["wall_s_async"] <= 2 / 3 * s["wall_s_sync"])
     assert "speedup" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_bench_all_mid_run_leaves_no_process(tmp_path):
+    """SIGTERM (what `timeout` and CI send) unwinds a bench like Ctrl-C: `tidal bench all` passes it to
+    the bench, which stops its `tidal run`, which stops the server, engine and trainer. Before, the
+    default action ended each parent at once and left the run training on its own."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    from tests.run.proc import descendants, survivors
+
+    proc = subprocess.Popen([sys.executable, "-m", "tidal", "bench", "all", "--only", "learning", "--quick",
+                             "--out-dir", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
+    below: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while not any("-m tidal engine" in _cmdline(pid) for pid in descendants(proc.pid)):  # the run trains
+            assert proc.poll() is None and time.monotonic() < deadline, "the run's engine never started"
+            time.sleep(0.2)
+        below = descendants(proc.pid)
+        assert len(below) >= 5  # the bench, tidal run, server, trainer, engine (and the run's guard)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(200) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while survivors(below) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not survivors(below), [_cmdline(pid) for pid in survivors(below)]
+    finally:
+        for pid in [proc.pid, *survivors(below)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
