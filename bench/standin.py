@@ -101,7 +101,8 @@ class Standin:
         return msgspec.structs.replace(s, grants=self.grants.allocate(s.budget))
 
     def started(self) -> int:
-        """Episodes the engines say they started (their latest heartbeats, summed)."""
+        """Episodes the engines say they started and did not discard (their latest heartbeats, summed):
+        what invariant 3 bounds."""
         return sum(h.started for h, _ in self.rx.engines.values())
 
     async def _grant(self) -> None:
