@@ -149,11 +149,35 @@ class Pipeline:
         self.engines.append(proc)
         return proc
 
+    def explain(self) -> str:
+        """Each engine's and trainer's latest metrics and log tail: why a wait timed out."""
+        return "\n".join([*(_safely(_engine_state, e) for e in self.engines),
+                           *(_safely(_trainer_state, t) for t in self.trainers)])
+
+    async def until(self, cond, timeout: float, what: str, every: float = 0.1):
+        """`until` whose timeout message carries `explain()`."""
+        return await until(cond, timeout, what, every, explain=self.explain)
+
     def close(self) -> None:
         for proc in [*self.engines, *self.trainers]:
             proc.stop()
         for srv in self.servers:
             srv.kill()
+
+
+def _safely(describe, proc) -> str:
+    try:
+        return describe(proc)
+    except Exception as exc:  # an explanation must not hide the timeout it explains
+        return f"({type(exc).__name__}: {exc})"
+
+
+def _engine_state(engine: EngineProcess) -> str:
+    return f"engine {engine.name} (start {engine.starts}): {metrics(engine)}\n{engine.log()[-1500:]}"
+
+
+def _trainer_state(trainer: TrainerProcess) -> str:
+    return f"trainer: last step {steps(trainer)[-1:]}\n{trainer.log()[-1500:]}"
 
 
 def metrics(engine: EngineProcess) -> dict:

@@ -21,7 +21,6 @@ from tests.faults.pipeline import (
     ledger,
     metrics,
     steps,
-    until,
 )
 from tests.trainer.proc import records
 
@@ -58,32 +57,32 @@ async def test_full_weights_checkpoint_and_spool_disks_corrupt_nothing_and_lose_
         ready = await asyncio.to_thread(trainer.start)
         engine = pipeline.engine([server.url], ready, wrap=disks.wrap)
         await asyncio.to_thread(engine.start)
-        await until(lambda: events(trainer, "checkpoint") and len(events(trainer, "publish")) >= 2, 180,
+        await pipeline.until(lambda: events(trainer, "checkpoint") and len(events(trainer, "publish")) >= 2, 180,
                     "a checkpoint and 2 publishes")
 
         # 1. weights disk full: publishing fails with a clear error, training goes on, the engine waits
         # for weights (its tokens would be too stale) rather than running ahead, published ones stay whole.
         # Filled again while waiting: a write that got in first frees an old version as it prunes.
         published = digests(disks.view(weights))
-        failed = await until(lambda: (disks.fill(weights), events(trainer, "publish_failed"))[1], 120,
+        failed = await pipeline.until(lambda: (disks.fill(weights), events(trainer, "publish_failed"))[1], 120,
                              "a failed publish")
         assert "publish.dir" in failed[0]["error"] and "No space left" in failed[0]["error"], failed[0]
-        await until(lambda: metrics(engine).get("engine/admission_blocked/weights", 0), 60, "back-pressure")
+        await pipeline.until(lambda: metrics(engine).get("engine/admission_blocked/weights", 0), 60, "back-pressure")
         assert_whole(published, digests(disks.view(weights)))
         disks.free(weights)
         done = len(events(trainer, "publish"))
-        await until(lambda: len(events(trainer, "publish")) > done, 120, "publishing again")
+        await pipeline.until(lambda: len(events(trainer, "publish")) > done, 120, "publishing again")
 
         # 2. checkpoint disk full: the trainer stops with one clear line; the checkpoints before stay whole
         # and the restarted trainer resumes from the newest; the engine spools meanwhile
         saved = digests(disks.view(ckpt))
-        await until(lambda: (disks.fill(ckpt), trainer.proc.poll() is not None)[1], 180, "the trainer to stop")
+        await pipeline.until(lambda: (disks.fill(ckpt), trainer.proc.poll() is not None)[1], 180, "the trainer to stop")
         assert trainer.proc.returncode != 0
         last = trainer.log().strip().splitlines()[-1]
         assert "checkpoint.dir" in last and "No space left" in last, trainer.log()
         assert not [p for p in disks.view(ckpt).iterdir() if p.name.startswith(".tmp-")]
         assert_whole(saved, digests(disks.view(ckpt)))
-        await until(lambda: metrics(engine).get("engine/admission_blocked/no_trainer", 0), 60, "back-pressure")
+        await pipeline.until(lambda: metrics(engine).get("engine/admission_blocked/no_trainer", 0), 60, "back-pressure")
         disks.free(ckpt)
         newest = max(int(p.name[5:]) for p in disks.view(ckpt).glob("step-*"))
         await asyncio.to_thread(trainer.start)
@@ -94,12 +93,12 @@ async def test_full_weights_checkpoint_and_spool_disks_corrupt_nothing_and_lose_
             disks.fill(spool)
             return metrics(engine).get(key, 0)
 
-        await until(lambda: full_spool("engine/sink/spool_errors"), 120, "a failed spool write")
+        await pipeline.until(lambda: full_spool("engine/sink/spool_errors"), 120, "a failed spool write")
         assert "No space left" in engine.log() and str(spool) in engine.log()
-        await until(lambda: full_spool("engine/admission_blocked/spool_full"), 60, "back-pressure")
+        await pipeline.until(lambda: full_spool("engine/admission_blocked/spool_full"), 60, "back-pressure")
         disks.free(spool)
         at = len(steps(trainer))
-        await until(lambda: len(steps(trainer)) >= at + 2, 180, "2 more steps")
+        await pipeline.until(lambda: len(steps(trainer)) >= at + 2, 180, "2 more steps")
 
         trainer.signal(signal.SIGTERM)
         assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()

@@ -18,7 +18,7 @@ from tidal.engine.spool import Spool
 from tidal.protocol.messages import encode
 
 from tests.engine.test_engine_faults import PLUGIN_ENV
-from tests.faults.pipeline import ledger, metrics, spool_pending, steps, trained, until
+from tests.faults.pipeline import ledger, metrics, spool_pending, steps, trained
 from tests.trainer.proc import records
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ async def test_engine_killed_then_restarted_delivers_its_spool_skips_a_torn_reco
     engine = pipeline.engine([server.url], ready, env=PLUGIN_ENV, tasks=[{"env": "faulty:Slow-v0"}],  # 1 s a step
                              agent={"type": "chat", "max_turns": 3, "max_new_tokens": 6})
     await asyncio.to_thread(engine.start)
-    await until(lambda: len(steps(trainer)) >= 2 and heard_in_flight(engine), 180,
+    await pipeline.until(lambda: len(steps(trainer)) >= 2 and heard_in_flight(engine), 180,
                 "2 steps, with episodes in flight that a heartbeat reported, and trajectories not committed")
     engine.signal(signal.SIGKILL)
     await asyncio.to_thread(engine.wait)
@@ -74,10 +74,10 @@ async def test_engine_killed_then_restarted_delivers_its_spool_skips_a_torn_reco
     tear_a_record_onto(spool_dir, "torn-0")
 
     await asyncio.to_thread(engine.start)
-    m = await until(lambda: metrics(engine), 60, "the restarted engine's metrics")
+    m = await pipeline.until(lambda: metrics(engine), 60, "the restarted engine's metrics")
     assert m["engine/sink/recovered"] == len(left) and m["engine/sink/corrupt_records"] == 1, m
-    await until(lambda: set(left) <= set(trained(trainer)), 180, "the killed run's spool to be trained on")
-    lost = await until(lambda: steps(trainer)[-1].get("trainer/engines/lost_episodes", 0), 60,
+    await pipeline.until(lambda: set(left) <= set(trained(trainer)), 180, "the killed run's spool to be trained on")
+    lost = await pipeline.until(lambda: steps(trainer)[-1].get("trainer/engines/lost_episodes", 0), 60,
                        "the trainer to count the killed run's in-flight episodes as lost")
 
     trainer.signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ from tidal.bench.standin import Standin
 from tidal.engine.reference.launch import ReferenceServer
 
 from tests.engine.test_engine_faults import PLUGIN_ENV
-from tests.faults.pipeline import metrics, until
+from tests.faults.pipeline import metrics
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ async def test_leaking_and_noisy_envs_are_bounded_by_their_worker_process_counte
                 noisy = [t for t in trainer.received if t.env_id == "faulty:Noisy-v0"]
                 return len(noisy) >= 4 and metrics(engine).get("engine/errors/env_error", 0) >= 4
 
-            await until(progress, 180, "4 trajectories of the noisy env and 4 errors of the leaking one")
+            await pipeline.until(progress, 180, "4 trajectories of the noisy env and 4 errors of the leaking one")
             engine.signal(signal.SIGTERM)
             assert await asyncio.to_thread(engine.wait) == 0, engine.log()
     m = metrics(engine)

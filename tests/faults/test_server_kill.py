@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from tests.faults.netproxy import Proxy
-from tests.faults.pipeline import assert_nothing_lost, ledger, metrics, steps, until
+from tests.faults.pipeline import assert_nothing_lost, ledger, metrics, steps
 from tests.trainer.proc import records
 
 pytestmark = pytest.mark.slow
@@ -39,22 +39,22 @@ async def test_a_server_killed_mid_stream_loses_no_episode_and_is_readmitted_wit
         engine = pipeline.engine([slow_a.url, b.url], ready, agent={"type": "chat", "max_turns": 2,
                                                                     "max_new_tokens": 96})
         await asyncio.to_thread(engine.start)
-        await until(lambda: len(steps(trainer)) >= 2, 180, "2 steps")
-        await until(lambda: running(a.url) > 0, 60, "requests running on the first server", every=0.01)
+        await pipeline.until(lambda: len(steps(trainer)) >= 2, 180, "2 steps")
+        await pipeline.until(lambda: running(a.url) > 0, 60, "requests running on the first server", every=0.01)
         await asyncio.to_thread(a.kill)
-        m = await until(lambda: (m := metrics(engine)).get("engine/backend/retries", 0) and m, 60,
+        m = await pipeline.until(lambda: (m := metrics(engine)).get("engine/backend/retries", 0) and m, 60,
                         "a request to move to the other server")
         assert m["engine/backend/ejections"] >= 1
         trained_before = len(steps(trainer))
-        await until(lambda: len(steps(trainer)) >= trained_before + 2, 180, "2 more steps on one server")
+        await pipeline.until(lambda: len(steps(trainer)) >= trained_before + 2, 180, "2 more steps on one server")
 
         await asyncio.to_thread(a.restart)  # same port, base weights: behind the trainer
-        await until(lambda: metrics(engine).get("engine/backend/readmissions", 0), 60, "the server re-admitted")
+        await pipeline.until(lambda: metrics(engine).get("engine/backend/readmissions", 0), 60, "the server re-admitted")
         trainer.signal(signal.SIGTERM)
         assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
         latest = max(r["step"] for r in records(trainer.jsonl) if r.get("event") == "publish")
         settled = lambda m: m.get("engine/served_version") == latest and m.get("engine/backend/servers_healthy") == 2  # noqa: E731
-        await until(lambda: settled(metrics(engine)), 60, "the last version served by both servers")
+        await pipeline.until(lambda: settled(metrics(engine)), 60, "the last version served by both servers")
         versions = {get(s.url, "/model_info")["weight_version"] for s in (a, b)}
         assert versions == {str(latest)}, versions  # both in rotation: both at the current version
         engine.signal(signal.SIGTERM)

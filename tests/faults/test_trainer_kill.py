@@ -12,7 +12,7 @@ import signal
 import pytest
 from tidal.trainer.checkpoint import PAUSE_ENV
 
-from tests.faults.pipeline import assert_nothing_lost, ledger, steps, until
+from tests.faults.pipeline import assert_nothing_lost, ledger, steps
 from tests.trainer.proc import records
 
 pytestmark = pytest.mark.slow
@@ -35,11 +35,11 @@ async def test_trainer_killed_mid_step_and_mid_checkpoint_resumes_and_loses_noth
     await asyncio.to_thread(engine.start)
 
     # 1. SIGKILL while training: right after a step's record, with the next batch arriving
-    await until(lambda: len(steps(trainer)) >= 3 and complete_checkpoints(ckpt), 180, "3 steps and a checkpoint")
+    await pipeline.until(lambda: len(steps(trainer)) >= 3 and complete_checkpoints(ckpt), 180, "3 steps and a checkpoint")
     trainer.signal(signal.SIGKILL)
     await asyncio.to_thread(trainer.wait)
     before = complete_checkpoints(ckpt)[-1]
-    await until(lambda: engine.last_metrics().get("engine/admission_blocked/no_trainer", 0) > 0, 60,
+    await pipeline.until(lambda: engine.last_metrics().get("engine/admission_blocked/no_trainer", 0) > 0, 60,
                 "the engine to stop admitting without a trainer")
     m = engine.last_metrics()
     assert m["engine/sink/pending"] > 0 and m["engine/sink/unacked"] > 0, m  # spooled, awaiting a commit
@@ -48,7 +48,7 @@ async def test_trainer_killed_mid_step_and_mid_checkpoint_resumes_and_loses_noth
     trainer.env = {PAUSE_ENV: "120"}
     await asyncio.to_thread(trainer.start)
     assert resumes(trainer) == [before]
-    torn = await until(lambda: [p for p in ckpt.glob(".tmp-step-*")], 180, "a checkpoint being written")
+    torn = await pipeline.until(lambda: [p for p in ckpt.glob(".tmp-step-*")], 180, "a checkpoint being written")
     trainer.signal(signal.SIGKILL)
     await asyncio.to_thread(trainer.wait)
     assert complete_checkpoints(ckpt)[-1] < int(torn[0].name.split("-")[2])  # the torn one is not in place
@@ -59,7 +59,7 @@ async def test_trainer_killed_mid_step_and_mid_checkpoint_resumes_and_loses_noth
     await asyncio.to_thread(trainer.start)
     assert resumes(trainer) == [before, latest]
     assert not list(ckpt.glob(".tmp-*"))
-    await until(lambda: steps(trainer)[-1]["step"] >= latest + 3, 180, "3 steps after the last resume")
+    await pipeline.until(lambda: steps(trainer)[-1]["step"] >= latest + 3, 180, "3 steps after the last resume")
 
     trainer.signal(signal.SIGTERM)  # a final checkpoint, whose commit reaches the engine
     assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.faults.pipeline import can_unshare, hiding, metrics, steps, until
+from tests.faults.pipeline import can_unshare, hiding, metrics, steps
 from tests.trainer.proc import records
 
 pytestmark = [pytest.mark.slow,
@@ -42,25 +42,25 @@ async def test_a_server_that_fails_an_update_is_ejected_until_it_serves_the_curr
     engine = pipeline.engine([good.url, blind.url], ready)
     await asyncio.to_thread(engine.start)
 
-    m = await until(lambda: (m := metrics(engine)).get("engine/weight_update_failures", 0) and m, 120,
+    m = await pipeline.until(lambda: (m := metrics(engine)).get("engine/weight_update_failures", 0) and m, 120,
                     "a failed weight update")
     assert m["engine/backend/ejections"] >= 1, m
-    await until(lambda: len(steps(trainer)) >= 4, 180, "4 steps")
+    await pipeline.until(lambda: len(steps(trainer)) >= 4, 180, "4 steps")
     info = get(blind.url, "/server_info")
     assert info["counters"]["weight_update_failures"] >= 1 and "weight_updates" not in info["counters"], info
     assert get(blind.url, "/model_info")["weight_version"] == "default"  # it never loaded one
     before = generate_requests(blind.url)
-    await until(lambda: len(steps(trainer)) >= 6, 180, "2 more steps")
+    await pipeline.until(lambda: len(steps(trainer)) >= 6, 180, "2 more steps")
     assert 0 < before == generate_requests(blind.url)  # served before the failure, out of rotation since
-    await until(lambda: metrics(engine).get("engine/backend/readmissions_refused", 0), 60,
+    await pipeline.until(lambda: metrics(engine).get("engine/backend/readmissions_refused", 0), 60,
                 "a probe finding it healthy but behind")
 
     trainer.signal(signal.SIGTERM)
     assert await asyncio.to_thread(trainer.wait) == 0, trainer.log()
     latest = max(r["step"] for r in records(trainer.jsonl) if r.get("event") == "publish")
-    await until(lambda: metrics(engine).get("engine/served_version") == latest, 60, "the last version served")
+    await pipeline.until(lambda: metrics(engine).get("engine/served_version") == latest, 60, "the last version served")
     name = f"v{latest:08d}"
     shutil.copytree(weights / name, blind.view(weights) / name)  # the shared directory reaches that host
-    await until(lambda: metrics(engine).get("engine/backend/readmissions", 0), 60, "the server re-admitted")
+    await pipeline.until(lambda: metrics(engine).get("engine/backend/readmissions", 0), 60, "the server re-admitted")
     assert {get(s.url, "/model_info")["weight_version"] for s in (good, blind)} == {str(latest)}
     assert metrics(engine)["engine/backend/servers_healthy"] == 2
