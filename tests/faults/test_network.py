@@ -29,7 +29,7 @@ async def test_delayed_cut_and_dropped_connections_lose_and_duplicate_nothing(tm
         for proxy in (http, traj, status):
             proxy.delay_s = 0.002
         http.truncate_every, http.truncate_bytes, http.drop_every = 3, 3000, 5
-        traj.truncate_every, traj.truncate_bytes = 2, 20000  # every other connection cut within a few frames
+        traj.truncate_every, traj.truncate_bytes = 2, 3000  # every other connection cut within a few frames
         engine = pipeline.engine(
             [http.url], {"endpoint": traj.endpoint, "status_endpoint": status.endpoint},
             backend={"type": "sglang", "urls": [http.url], "health_interval_s": 0.3, "eject_after": 3,
@@ -43,9 +43,13 @@ async def test_delayed_cut_and_dropped_connections_lose_and_duplicate_nothing(tm
                     await asyncio.to_thread(proxy.drop_all)
 
         flapping = asyncio.create_task(flap())
-        try:  # faults for 6 steps, or 45 s on a slow machine (so much of the traffic is cut, that may be all)
+        def faulted() -> bool:  # 6 steps, and every kind of fault has hit at least once
+            return (len(steps(trainer)) >= 6 and http.counts["truncated"] and http.counts["dropped"]
+                    and traj.counts["truncated"] and traj.counts["dropped_all"] and status.counts["dropped_all"])
+
+        try:  # faults until then, or 45 s on a slow machine (so much of the traffic is cut, that may be all)
             with contextlib.suppress(AssertionError):
-                await until(lambda: len(steps(trainer)) >= 6, 45, "6 steps through a faulty network")
+                await until(faulted, 45, "6 steps through a faulty network")
         finally:
             flapping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
