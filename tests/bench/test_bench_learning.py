@@ -1,11 +1,17 @@
 """`tidal bench learning --quick` through the real CLI: the report's schema, and figures that agree with
 each other (no wall-clock limits: the machine is shared)."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+
+from tests.run.proc import descendants, survivors
 
 SUMMARY = {"speedup", "final_success_async", "final_success_sync", "wall_s_async", "wall_s_sync", "target_met"}
 
@@ -51,13 +57,6 @@ def test_sigterm_to_bench_all_mid_run_leaves_no_process(tmp_path):
     """SIGTERM (what `timeout` and CI send) unwinds a bench like Ctrl-C: `tidal bench all` passes it to
     the bench, which stops its `tidal run`, which stops the server, engine and trainer. Before, the
     default action ended each parent at once and left the run training on its own."""
-    import contextlib
-    import os
-    import signal
-    import time
-
-    from tests.run.proc import descendants, survivors
-
     proc = subprocess.Popen([sys.executable, "-m", "tidal", "bench", "all", "--only", "learning", "--quick",
                              "--out-dir", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=tmp_path)
