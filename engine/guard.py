@@ -5,9 +5,11 @@ but not their own subprocesses: a server's workers, torchrun's ranks (in session
 Those would be orphans. The guard is a small process that `tidal run` starts first, with a pipe on
 its stdin, on which `tidal run` writes the pid of each child it starts, one per line (each child
 leads a process group of its own). The guard ignores the signals a terminal sends (Ctrl-C, hang-up:
-`tidal run` handles those and stops its children in order), and every `SCAN_S` seconds, or when a
-line comes, it records each child and every process below it, with their start times, and which of
-the children's process groups still have members.
+`tidal run` handles those and stops its children in order), says `ready` on stdout (`tidal run`
+starts no child before that, so no child runs unwatched while the guard's Python starts), and every
+`SCAN_S` seconds, or when a line comes, it records each child and every process below it, with
+their start times, and which of the children's process groups still have members. A child that
+died before its line was read still names its group: its subprocesses keep that group id.
 
 When the pipe closes, at `tidal run`'s clean end or at its death (the kernel closes the pipe then),
 it SIGKILLs every recorded process that is still the same process (same pid, same start time: a
@@ -90,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     roots: dict[int, int] = {}
     """The children `tidal run` named, while they run: pid -> start time."""
-    leaders: set[int] = set()
-    """Every child ever named: the ids of their process groups."""
+    groups: set[int] = set()
+    """The children's process groups (a child's pid is its group's id) that had a member at the latest
+    scan. An emptied group is dropped at once: its id may be reused only once no process has it."""
     known: dict[int, int] = {}
     """The children and everything below them seen so far, while they live: pid -> start time."""
-    groups: set[int] = set()
-    """The children's process groups that had a member at the latest scan."""
     partial = b""
+    os.write(1, b"ready\n")
     while True:
         readable, _, _ = select.select([0], [], [], SCAN_S)
         data = os.read(0, 4096) if readable else b""
@@ -107,14 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         *lines, partial = (partial + data).split(b"\n")
         for line in lines:
-            if line.strip().isdigit() and int(line) in procs:
-                roots[int(line)] = procs[int(line)].start
-                leaders.add(int(line))
+            if line.strip().isdigit():
+                groups.add(int(line))
+                if int(line) in procs:
+                    roots[int(line)] = procs[int(line)].start
         roots = {pid: start for pid, start in roots.items() if pid in procs and procs[pid].start == start}
         known = {pid: start for pid, start in known.items() if pid in procs and procs[pid].start == start}
         known.update(roots)
         known.update(below(procs, roots))
-        groups = {procs[pid].pgid for pid in known if procs[pid].pgid in leaders}
+        groups &= {p.pgid for p in procs.values()}
 
 
 if __name__ == "__main__":

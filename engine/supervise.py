@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -182,11 +183,21 @@ class Guard:
     It runs in a session of its own (a terminal's signals and a kill of this process group miss it)
     and without the death signal: it must outlive this process to clean up after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready_timeout_s: float = 60.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tidal.engine.guard"], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         )
+        # No child may start before the guard listens: one killed with the parent in the meantime
+        # would leave its subprocesses to a guard that never saw them.
+        ready, _, _ = select.select([self.proc.stdout], [], [], ready_timeout_s)
+        said = self.proc.stdout.readline() if ready else b""
+        self.proc.stdout.close()
+        if said != b"ready\n":
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the guard (python -m tidal.engine.guard) did not start within {ready_timeout_s:g} s "
+                               f"(it said {said!r}, {describe_exit(self.proc.returncode)})")
 
     def watch(self, child: Child) -> None:
         """Guard `child` (just started) and what it starts."""

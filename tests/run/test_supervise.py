@@ -2,6 +2,7 @@
 signal), its own subprocesses die too (the guard), and a stop escalates from SIGTERM to SIGKILL of
 the whole process group."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 
 import pytest
 from tidal.engine.guard import SCAN_S
-from tidal.engine.supervise import Child, describe_exit, pdeathsig_supported
+from tidal.engine.supervise import Child, Guard, describe_exit, pdeathsig_supported
 
 from tests.run.proc import ROOT, descendants, survivors, wait_until
 
@@ -91,3 +92,34 @@ def test_a_sigkilled_parent_takes_its_children_and_their_subprocesses_down(tmp_p
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_guard_listens_before_the_first_child_starts():
+    guard = Guard()
+    try:
+        # Guard() returned, so the guard already ignores a terminal's signals: nothing of its start-up is left
+        os.kill(guard.proc.pid, signal.SIGINT)
+        time.sleep(2 * SCAN_S)
+        assert guard.proc.poll() is None
+    finally:
+        guard.close()
+    assert guard.proc.returncode == 0
+
+
+def test_a_child_dead_before_the_guard_read_its_pid_still_has_its_group_killed(tmp_path):
+    guard = Guard()
+    child = Child("short-lived", [sys.executable, "-c", WITH_WORKER], tmp_path / "short.log")
+    child.start()
+    try:
+        wait_until(lambda: "worker" in child.output(), 30, "the worker")
+        workers = descendants(child.pid)
+        assert len(workers) == 1
+        os.kill(child.pid, signal.SIGKILL)  # the child alone: its worker stays, in the child's group
+        child.proc.wait(30)
+        assert child.poll() == -signal.SIGKILL and survivors(workers)
+        guard.watch(child)
+        guard.close()
+        wait_until(lambda: not survivors(workers), 10, "the worker to die with its group")
+    finally:
+        child.kill()
+        guard.close()
