@@ -224,6 +224,7 @@ def _default_engine() -> EngineConfig:
         tasks=[TaskConfig(env="games:GuessTheNumber-v0", kwargs=dict(GUESS_TASK))],
         agent=ChatAgentConfig(max_turns=4, max_new_tokens=1),
         sampling=SamplingConfig(seed=0),
+        backend=SGLangConfig(coalesce=64),
         rollout=RolloutConfig(group_size=4, max_concurrent=256),
         eval=EvalConfig(every_versions=5, episodes=64),
         metrics=EngineMetricsConfig(every_s=2.0, console=False),

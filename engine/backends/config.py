@@ -99,10 +99,24 @@ class SGLangConfig(Routed, tag="sglang", tag_field="type"):
     resubmitted); wait: the server waits for in-flight requests before loading."""
     tp_size: Annotated[int, Meta(ge=1)] = 1
     """GPUs per server: ranks each server takes in a distributed weight-update group."""
+    coalesce: Annotated[int, Meta(ge=1)] = 1
+    """Most requests sent as one batched /generate (docs/sglang.md §1.5; engine/backends/coalesce.py).
+    The requests for one server made in the same event-loop iteration go out together, each with its
+    own rid (an abort still reaches it alone) and its own stream. 1: one HTTP request each. Where turns
+    are a few tokens, the HTTP work of a request costs client and server as much CPU as the model's
+    work on it, and a batch pays it once. The cost: a fault of the exchange (connection lost, timeout)
+    reaches every request of the batch, each then retrying as it would alone; a batch refused as a
+    whole (4xx) is sent again one request at a time. Needs `stream`; not behind a router
+    (`control_urls`), whose affinity key is per request."""
 
     def __post_init__(self):
         self._check_urls(self.urls)
         self._check_urls(self.control_urls, "control_urls")
+        if self.coalesce > 1 and not self.stream:
+            raise ValueError(f"coalesce = {self.coalesce} needs stream = true (a batch's items stream apart)")
+        if self.coalesce > 1 and self.control_urls:
+            raise ValueError(f"coalesce = {self.coalesce} behind a router (control_urls set): the router's "
+                             "affinity key is per request; keep coalesce = 1")
 
 
 class OpenAIConfig(Routed, tag="openai", tag_field="type"):

@@ -28,6 +28,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 from tidal.engine.backends import http
 from tidal.engine.backends.base import Backend, Chunk, Finish, Request, Sampling
+from tidal.engine.backends.coalesce import Coalescer, Unbatch
 from tidal.engine.backends.config import SGLangConfig
 from tidal.engine.backends.errors import (
     BackendError,
@@ -80,6 +81,8 @@ class _Event(msgspec.Struct, gc=False):
 
     meta_info: _Meta
     output_ids: list[TokenId] | UnsetType = UNSET
+    index: int | UnsetType = UNSET
+    """The item's position in a batched request (`coalesce`)."""
 
 
 _chunk = msgspec.json.Decoder(_Event)
@@ -176,6 +179,8 @@ class SGLangBackend(SGLangControl, Backend):
         """The newest version a weight update brought to some server: what re-admission requires."""
         self._stale: set[Server] = set()
         """Servers that took part of a distributed update and not the rest: weights of no version."""
+        self._coalescer = None if cfg.coalesce == 1 else Coalescer(
+            cfg.coalesce, self._batch_payloads, self._decode, self._abort_rid, self.counters)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -186,6 +191,8 @@ class SGLangBackend(SGLangControl, Backend):
         self._health_task = asyncio.create_task(self._health_loop(), name="sglang-health")
 
     async def close(self) -> None:
+        if self._coalescer is not None:
+            await self._coalescer.close()
         await http.stop_task(self._health_task)
         self._health_task = None
         if self._session is not None:
@@ -200,6 +207,8 @@ class SGLangBackend(SGLangControl, Backend):
 
         requests, chunks (stream events read), tokens (yielded); retries (moved to another server after
         a failure), resubmits (after an abort the caller did not ask for), aborts (asked for);
+        with `coalesce`: batches (batched /generate sent), batched (requests in them), batches_refused
+        (refused as a whole, their requests sent again alone);
         ejections, readmissions, readmissions_refused (a healthy ejected server not yet serving the
         latest version); errors_<kind> per `BackendError.kind` (timeout, bad_response,
         http_status, connection, rejected) and errors_<endpoint> per failed control fan-out;
@@ -216,6 +225,7 @@ class SGLangBackend(SGLangControl, Backend):
         failed: set[Server] = set()
         error: BackendError | None = None
         attempt = retries = cached = idle = version = 0
+        alone = False
         counters = self.counters
         counters["requests"] += 1
         try:
@@ -234,16 +244,19 @@ class SGLangBackend(SGLangControl, Backend):
                     raise error or ServerUnavailable(
                         f"no healthy server among {len(self.router.servers)}", request_id=rid)
                 wire_rid = rid if attempt == 0 else f"{rid}@{attempt}"
-                body = wire.encode(wire.GenerateRequest(
-                    input_ids=request.prompt_with(received),
-                    sampling_params=_sampling(sampling, budget, self.cfg.stream_interval), rid=wire_rid,
-                    stream=self.cfg.stream, return_logprob=True))
+                params = _sampling(sampling, budget, self.cfg.stream_interval)
+                if self._coalescer is not None and not alone:
+                    events = self._coalescer.submit(server, wire_rid, request.prompt_with(received), params)
+                else:
+                    events = self._payloads(server.url, wire.encode(wire.GenerateRequest(
+                        input_ids=request.prompt_with(received), sampling_params=params, rid=wire_rid,
+                        stream=self.cfg.stream, return_logprob=True)), wire_rid, request.session_key)
                 cost = len(prompt) + sampling.max_new_tokens
                 self.router.acquire(server, cost)
                 self._inflight[rid] = (server, wire_rid)
                 state = _Attempt()
                 try:
-                    async with aclosing(self._attempt(server, wire_rid, body, request, received, state)) as chunks:
+                    async with aclosing(self._attempt(server, wire_rid, events, request, received, state)) as chunks:
                         async for chunk in chunks:
                             yield chunk
                     final, cached, version = state.final, cached + state.cached, state.final.weight_version
@@ -264,6 +277,8 @@ class SGLangBackend(SGLangControl, Backend):
                     if idle > _MAX_IDLE_RESUBMITS:
                         raise BackendError(f"aborted by the server {idle} times in a row without a token",
                                            url=server.url, request_id=rid)
+                except Unbatch:
+                    alone = True  # the batch it was in was refused as a whole: its own verdict next
                 except BackendError as exc:
                     count_failed_attempt(self.router, server, exc, counters, retries=retries,
                                          max_retries=self.cfg.max_retries, rid=rid, received=len(received))
@@ -278,21 +293,19 @@ class SGLangBackend(SGLangControl, Backend):
             self._inflight.pop(rid, None)
             self._aborted.discard(rid)
 
-    async def _attempt(self, server: Server, wire_rid: str, body: bytes, request: Request, received: array,
-                       state: _Attempt) -> AsyncIterator[Chunk]:
+    async def _attempt(self, server: Server, wire_rid: str, events: AsyncIterator[bytes | _Event],
+                       request: Request, received: array, state: _Attempt) -> AsyncIterator[Chunk]:
         """One /generate on one server: yield its new tokens, extend `received` with them, and leave the
-        last chunk in `state.final` (its `finish` None when the server aborted the request on its own)."""
+        last chunk in `state.final` (its `finish` None when the server aborted the request on its own).
+        `events` are the raw payloads of its own request, or its decoded events out of a batch."""
         url, rid, counters, seen = server.url, request.request_id, self.counters, 0
         version_text, version = None, 0
         try:
-            async with aclosing(self._payloads(url, body, wire_rid, request.session_key)) as events:
+            async with aclosing(events):
                 async for payload in events:
                     if state.final is not None:
                         continue  # only [DONE] is due; reading it lets the connection be reused
-                    try:
-                        ev = _chunk.decode(payload)
-                    except msgspec.DecodeError as exc:
-                        raise self._bad_event(payload, exc, url, wire_rid) from None
+                    ev = payload if type(payload) is _Event else self._decode(payload, url, wire_rid)
                     counters["chunks"] += 1
                     meta = ev.meta_info
                     if meta.weight_version != version_text:  # read before any token counts as received
@@ -319,6 +332,19 @@ class SGLangBackend(SGLangControl, Backend):
             log.warning("ignored a fault after the last chunk of %s from %s", wire_rid, url)
         if state.final is None:
             raise BadResponse("stream ended with [DONE] but no finish_reason", url=url, request_id=wire_rid)
+
+    def _decode(self, payload: bytes, url: str, rid: str) -> _Event:
+        try:
+            return _chunk.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise self._bad_event(payload, exc, url, rid) from None
+
+    def _batch_payloads(self, server: Server, body: bytes, label: str) -> AsyncIterator[bytes]:
+        return http.sse_post(self._session, server.url, "/generate", body, label, self.cfg.read_timeout_s,
+                             max_bytes=self.cfg.max_response_bytes)
+
+    async def _abort_rid(self, server: Server, wire_rid: str) -> None:
+        await self._post(server, "/abort_request", wire.AbortRequest(rid=wire_rid))
 
     def _payloads(self, url: str, body: bytes, rid: str, key: str | None) -> AsyncIterator[bytes]:
         """The JSON payloads of one /generate: each SSE event, or the one body when not streaming."""

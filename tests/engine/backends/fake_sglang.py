@@ -108,15 +108,19 @@ class FakeSGLang:
                 return web.json_response({"success": True, "message": "Succeeded to update model weights."})
         return web.json_response({"success": True, "message": "ok"})
 
-    def _event(self, rid: str, ids: list[int], seen: int, n: int, finish: dict | None) -> bytes:
-        """One chunk: `ids[:n]` generated so far, `seen` of them already sent."""
+    def _event(self, rid: str, ids: list[int], seen: int, n: int, finish: dict | None,
+               index: int | None = None) -> bytes:
+        """One chunk: `ids[:n]` generated so far, `seen` of them already sent; `index`: a batch item's."""
         out = ids[seen:n] if self.incremental else ids[:n]
         first = seen if self.incremental else 0
         meta = {"id": rid, "finish_reason": finish, "prompt_tokens": 3, "completion_tokens": n,
                 "cached_tokens": 0, "weight_version": self.version,
                 "output_token_logprobs": [[-(first + i + 1) / 100, t, None] for i, t in enumerate(out)],
                 "output_token_logprobs_length": n}
-        return b"data: " + json.dumps({"text": "", "output_ids": out, "meta_info": meta}).encode() + b"\n\n"
+        event = {"text": "", "output_ids": out, "meta_info": meta}
+        if index is not None:
+            event["index"] = index
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
 
     def fault_for(self, rid: str) -> str | None:
         if rid in self.faults:
@@ -129,6 +133,8 @@ class FakeSGLang:
         self.routing_keys.append(request.headers.get("X-SMG-Routing-Key"))
         req = json.loads(body)
         rid, prompt, params = req["rid"], req["input_ids"], req.get("sampling_params", {})
+        if isinstance(rid, list):
+            return await self._batch(request, req)
         fault = self.fault_for(rid)
         if fault == "http_500":
             return web.json_response({"object": "error", "message": "boom", "type": "500", "param": None,
@@ -140,6 +146,28 @@ class FakeSGLang:
             return await self._whole(rid, prompt, params)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if await self._stream(resp, rid, prompt, params, fault):
+            return resp
+        if fault == "drop_after_finish":
+            resp._req.transport.close()
+            return resp
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _batch(self, request: web.Request, req: dict) -> web.StreamResponse:
+        """A streaming batch (§1.5): one rid, prompt and sampling object per item, events tagged with
+        `index`, interleaved. Faults are played by requests alone."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await self._resumed.wait()
+        await asyncio.gather(*(self._stream(resp, rid, prompt, params, None, index=i) for i, (rid, prompt, params)
+                               in enumerate(zip(req["rid"], req["input_ids"], req["sampling_params"], strict=True))))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _stream(self, resp: web.StreamResponse, rid: str, prompt: list[int], params: dict,
+                      fault: str | None, index: int | None = None) -> bool:
+        """Generate and send one request's events; True when a fault ended the response."""
         budget, stops = params.get("max_new_tokens", 128), set(params.get("stop_token_ids") or ())
         ids: list[int] = []
         sent, finish = 0, None
@@ -158,17 +186,13 @@ class FakeSGLang:
                         finish = {"type": "stop", "matched": ids[-1]}
                 if len(ids) == 2 and fault is not None:
                     if await self._misbehave(fault, resp, rid, ids, sent):
-                        return resp
-                await resp.write(self._event(rid, ids, sent, len(ids), finish))
+                        return True
+                await resp.write(self._event(rid, ids, sent, len(ids), finish, index))
                 sent = len(ids)
-            if fault == "drop_after_finish":
-                resp._req.transport.close()
-                return resp
-            await resp.write(b"data: [DONE]\n\n")
         finally:
             self._inflight.discard(rid)
             self._aborted.discard(rid)
-        return resp
+        return False
 
     async def _whole(self, rid: str, prompt: list[int], params: dict) -> web.Response:
         """A non-streaming response (§1.3): the whole generation at once."""

@@ -67,6 +67,24 @@ async def test_generate_body(stream):
                                         "stop_token_ids": [2, 3], "stop": ["\n\n"], "sampling_seed": 11}}
 
 
+@pytest.mark.parametrize("incremental", [False, True])
+async def test_a_coalesced_body_is_a_batch_of_the_same_fields_and_each_gets_its_own_tokens(incremental):
+    sampling = Sampling(max_new_tokens=3, temperature=0.6, seed=11)
+    async with FakeSGLang(incremental=incremental) as s, client(s, coalesce=4) as b:
+        results = await asyncio.gather(*(drain(b, Request(input_ids=[1, 2, i], request_id=f"t{i}", sampling=sampling))
+                                         for i in range(3)))
+    (body,) = s.requests("/generate")
+    # a batch (§1.5): a list of prompts, one sampling object and one rid per item, streamed
+    assert body == {"input_ids": [[1, 2, 0], [1, 2, 1], [1, 2, 2]], "rid": ["t0", "t1", "t2"], "stream": True,
+                    "return_logprob": True,
+                    "sampling_params": [{"max_new_tokens": 3, "temperature": 0.6, "top_p": 1.0, "top_k": -1,
+                                         "sampling_seed": 11}] * 3}
+    for i, chunks in enumerate(results):
+        assert [t for c in chunks for t in c.token_ids] == [token_at([1, 2, i], k) for k in range(3)]
+        assert [lp for c in chunks for lp in c.logprobs] == [-0.01, -0.02, -0.03]
+        assert chunks[-1].finish.reason == "length"
+
+
 async def test_generate_body_always_states_the_sampling_policy():
     async with FakeSGLang() as s, client(s) as b:
         await drain(b, Request(input_ids=[4], request_id="r"))
