@@ -29,7 +29,7 @@ $(BIN)/python:
 # torch==2.13.0 first: the CPU wheel on this disk; then the project, whose torch>=2.6 is then satisfied.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,envs,gem,dev]'
+	$(BIN)/pip install -q -e '.[train,envs,gem,dev,wandb,tensorboard]'
 	touch $(STAMP)
 
 run: $(STAMP)
