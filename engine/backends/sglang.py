@@ -180,7 +180,8 @@ class SGLangBackend(SGLangControl, Backend):
         self._stale: set[Server] = set()
         """Servers that took part of a distributed update and not the rest: weights of no version."""
         self._coalescer = None if cfg.coalesce == 1 else Coalescer(
-            cfg.coalesce, self._batch_payloads, self._decode, self._abort_rid, self.counters)
+            cfg.coalesce, lambda server, body, label: self._payloads(server.url, body, label, None),
+            self._decode, self._abort_rid, self.counters)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -339,10 +340,6 @@ class SGLangBackend(SGLangControl, Backend):
         except msgspec.DecodeError as exc:
             raise self._bad_event(payload, exc, url, rid) from None
 
-    def _batch_payloads(self, server: Server, body: bytes, label: str) -> AsyncIterator[bytes]:
-        return http.sse_post(self._session, server.url, "/generate", body, label, self.cfg.read_timeout_s,
-                             max_bytes=self.cfg.max_response_bytes)
-
     async def _abort_rid(self, server: Server, wire_rid: str) -> None:
         await self._post(server, "/abort_request", wire.AbortRequest(rid=wire_rid))
 
@@ -397,6 +394,6 @@ class SGLangBackend(SGLangControl, Backend):
         server, wire_rid = entry
         msg = wire.AbortRequest(rid=wire_rid)
         if not self._workers:
-            await self._post(server, "/abort_request", msg)
+            await self._abort_rid(server, wire_rid)
         else:  # which worker the router chose is unknown; an unknown rid is a no-op (§4)
             await self._fan_out([self._post(w, "/abort_request", msg) for w in self._workers], "abort")
