@@ -86,6 +86,24 @@ def untie(tensors: dict) -> dict:
     return out
 
 
+class _OSErrorKeeper:
+    """A file for `torch.save` that keeps the OSError of a failed write (ENOSPC), which torch's C++
+    writer would otherwise replace with a message about stream positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class Checkpointer:
     """Writes, lists, prunes and loads checkpoints under `cfg.dir`."""
 
@@ -157,7 +175,14 @@ class Checkpointer:
         model = state.pop("model", None)
         if model is not None:
             save_file(untie(model), tmp / "model.safetensors")
-        torch.save(state, tmp / "trainer.pt")
+        with open(tmp / "trainer.pt", "wb") as f:
+            sink = _OSErrorKeeper(f)
+            try:
+                torch.save(state, sink)
+            except RuntimeError as exc:  # torch's writer turns a full disk into "unexpected pos 64 vs 0"
+                if sink.error is None:
+                    raise
+                raise sink.error from exc
         (tmp / "intake.msgpack").write_bytes(msgspec.msgpack.encode(meta))
         for f in tmp.iterdir():
             _fsync_file(f)

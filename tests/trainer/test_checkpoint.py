@@ -1,5 +1,6 @@
 """Checkpoints: a resumed learner takes exactly the step the original would; writes are atomic; keep-last."""
 
+import errno
 import time
 
 import msgspec
@@ -12,6 +13,7 @@ from tidal.trainer.distributed import World
 from tidal.trainer.intake import Intake, IntakeState
 from tidal.trainer.learner import Learner
 
+from tests.faults.pipeline import can_unshare
 from tests.trainer.producer import Producer
 
 
@@ -101,3 +103,47 @@ def test_meta_is_plain_msgpack(tmp_path):
     path = ckpt.save({"version": 0}, CheckpointMeta(version=0, saved_at=0.0, intake=IntakeState(seen_ids=["a"])))
     raw = msgspec.msgpack.decode((path / "intake.msgpack").read_bytes())
     assert raw["version"] == 0 and raw["intake"]["seen_ids"] == ["a"]
+
+
+_FULL_DISK_PROBE = r"""
+import json, os, sys
+import torch
+from tidal.trainer.checkpoint import Checkpointer, CheckpointError, CheckpointMeta
+from tidal.trainer.config import CheckpointConfig
+from tidal.trainer.intake import IntakeState
+
+disk, results = sys.argv[1], []
+state = {"model": {"w": torch.ones(20_000)}, "optimizer": {"m": torch.ones(30_000)}, "version": 1}
+for filler in range(0, 400_000, 9_000):  # the disk runs out in the safetensors file, in trainer.pt, after
+    with open(os.path.join(disk, "filler"), "wb") as f:
+        f.write(bytes(os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - filler))
+    try:
+        Checkpointer(CheckpointConfig(dir=os.path.join(disk, "ckpt"))).save(
+            state, CheckpointMeta(version=1, saved_at=0.0, intake=IntakeState()))
+        results.append(None)
+    except CheckpointError as exc:
+        results.append([exc.errno, str(exc)])
+    os.remove(os.path.join(disk, "filler"))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs unprivileged user + mount namespaces")
+def test_a_full_disk_is_named_as_such_wherever_the_write_runs_out(tmp_path):
+    """On a real full tmpfs, at whatever byte of whichever file the space ends, the error is ENOSPC and
+    says so: torch's own file writer, given a path, reported only "unexpected pos 64 vs 0"."""
+    import json
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = 'mount -t tmpfs -o size=1m none "$0" && exec "$@"'
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(disk), sys.executable, "-c", _FULL_DISK_PROBE,
+                          str(disk)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    failed = [r for r in results if r is not None]
+    assert len(failed) >= 10 and results[-1] is None, results  # it failed at many points, then fit
+    for code, message in failed:
+        assert code == errno.ENOSPC and "No space left" in message and "checkpoint.dir" in message, message
