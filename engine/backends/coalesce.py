@@ -10,7 +10,9 @@ ends at its own finish, not at the batch's `[DONE]`. A fault of the whole exchan
 timeout, 5xx, a broken event) reaches every item not yet finished, and each retries as it would alone.
 A batch of two or more refused as a whole (a 4xx, an in-stream rejection) is sent again one request at
 a time (`Unbatch`), so one bad prompt fails only its own request. An item whose consumer leaves before
-its finish is aborted on the server, as hanging up a request of its own would.
+its finish is aborted on the server, as hanging up a request of its own would: at once if the batch's
+stream has begun (the server holds its rid), else when it begins or fails (an abort sent sooner could
+reach the server before the rid does, and be lost).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Unbatch(Exception):
 
 
 class _Item:
-    __slots__ = ("rid", "input_ids", "sampling", "queue", "done", "left")
+    __slots__ = ("rid", "input_ids", "sampling", "queue", "done", "left", "started")
 
     def __init__(self, rid: str, input_ids: list[int], sampling: wire.SamplingParams):
         self.rid = rid
@@ -52,6 +54,8 @@ class _Item:
         """Its finish was read, or its stream was ended by the batch."""
         self.left = False
         """Its consumer stopped reading."""
+        self.started = False
+        """Its batch's stream has begun: the server holds its rid."""
 
 
 class Coalescer:
@@ -117,6 +121,8 @@ class Coalescer:
         try:
             async with aclosing(self._post(server, body, label)) as payloads:
                 async for payload in payloads:
+                    if not items[0].started:
+                        self._started(server, items)
                     ev = self._decode(payload, server.url, label)
                     i = ev.index
                     if i is UNSET or not 0 <= i < len(items):
@@ -133,6 +139,8 @@ class Coalescer:
                         if item.done:
                             item.queue.put_nowait(_END)
         except BackendError as exc:
+            if not items[0].started:  # refused, cut or timed out before its first event: the server
+                self._started(server, items)  # may hold the rids all the same
             open_items = [it for it in items if not it.done]
             if len(items) > 1 and not exc.retryable:
                 self.counters["batches_refused"] += 1
@@ -146,7 +154,16 @@ class Coalescer:
                       ServerUnavailable("the batch's stream was cancelled", url=server.url, request_id=label))
             raise
         else:  # [DONE] with an item unfinished: its consumer reports the missing finish
+            if not items[0].started:
+                self._started(server, items)
             self._end([it for it in items if not it.done], _END)
+
+    def _started(self, server: Server, items: list[_Item]) -> None:
+        """The server holds the batch's rids: abort the items left while it was on its way."""
+        for it in items:
+            it.started = True
+            if it.left and not it.done:
+                self._spawn(self._abort_quietly(server, it.rid))
 
     @staticmethod
     def _end(items: list[_Item], what: object) -> None:
@@ -165,7 +182,7 @@ class Coalescer:
                 yield x
         finally:
             item.left = True
-            if not item.done:  # left before its finish: the server would generate it to the end
+            if item.started and not item.done:  # the server would generate it to the end
                 self._spawn(self._abort_quietly(server, item.rid))
 
     async def _abort_quietly(self, server: Server, rid: str) -> None:

@@ -41,6 +41,8 @@ class FakeSGLang:
         """The `X-SMG-Routing-Key` header of every /generate (sglang-router's affinity key)."""
         self.failing: set[str] = set()
         """Control paths that answer 400 {"success": false} (a failed pause, a bad checkpoint...)."""
+        self.finishes: dict[str, str] = {}
+        """rid -> how its stream ended (abort, length, stop)."""
         self.healthy = True
         self.paused = False
         self._resumed = asyncio.Event()
@@ -189,6 +191,7 @@ class FakeSGLang:
                         return True
                 await resp.write(self._event(rid, ids, sent, len(ids), finish, index))
                 sent = len(ids)
+            self.finishes[rid] = finish["type"]
         finally:
             self._inflight.discard(rid)
             self._aborted.discard(rid)

@@ -11,6 +11,8 @@ from tidal.engine.backends import Request, Sampling, SGLangBackend, SGLangConfig
 from tidal.engine.backends.errors import RequestRejected
 from tidal.engine.reference.launch import ReferenceServer
 
+from tests.engine.backends.fake_sglang import FakeSGLang
+
 pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
@@ -122,3 +124,35 @@ async def test_a_batch_sent_to_a_dead_server_is_retried_on_a_live_one(server):
 def test_coalesce_refuses_what_it_cannot_do(extra, words):
     with pytest.raises(ValueError, match=words):
         SGLangConfig(coalesce=4, **extra)
+
+
+
+
+async def test_requests_left_while_their_batch_is_on_its_way_are_aborted_once_it_begins():
+    """Cancelled after their batch went out and before the server took it up: an abort sent at once
+    would reach the server before the rids do, and be ignored (as SGLang ignores an unknown rid), and
+    the batch would then be generated to its budget. The abort goes when the batch's stream begins."""
+    async with FakeSGLang() as fake:
+        async with aiohttp.ClientSession() as s:  # paused: a batch is accepted and waits, its rids unknown
+            await (await s.post(fake.url + "/pause_generation", json={"mode": "in_place"})).read()
+        async with client([fake.url], coalesce=8) as b:
+            async def drain(req):
+                return [c async for c in b.generate(req)]
+
+            left = [asyncio.create_task(drain(request(i, max_new_tokens=5000))) for i in range(3)]
+            await asyncio.sleep(0)  # they run to their queues and schedule the flush after this coroutine
+            for t in left:  # their cancellations reach them after the flush has sent their batch
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+            for _ in range(200):  # the batch reaches the server, which holds it
+                if fake.requests("/generate"):
+                    break
+                await asyncio.sleep(0.01)
+            assert b.stats()["batches"] == 1 and len(fake.requests("/generate")[0]["rid"]) == 3
+            async with aiohttp.ClientSession() as s:
+                await (await s.post(fake.url + "/continue_generation", json={})).read()
+            for _ in range(500):
+                if len(fake.finishes) == 3:
+                    break
+                await asyncio.sleep(0.01)
+    assert sorted(fake.finishes.values()) == ["abort"] * 3, fake.finishes
