@@ -237,7 +237,7 @@ def _default_trainer() -> TrainerConfig:
             model=LearnerModelConfig(path="", dtype="float32"),
             optim=OptimConfig(lr=5e-4, minibatches=8, schedule="cosine", total_steps=1200, min_lr_ratio=0.1),
             advantage=ReBNConfig(gamma=0.8),
-            loss=DecoupledPPOConfig(entropy_coef=0.01),
+            loss=DecoupledPPOConfig(entropy_coef=0.02),
         ),
         intake=IntakeConfig(batch_size=256, group_size=4, max_staleness=1, capacity=1024, max_uncommitted=768),
         checkpoint=CheckpointConfig(every_steps=10),
