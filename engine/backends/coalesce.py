@@ -121,7 +121,7 @@ class Coalescer:
         try:
             async with aclosing(self._post(server, body, label)) as payloads:
                 async for payload in payloads:
-                    if not items[0].started:
+                    if not items[0].started:  # the first event (the check spares a call per event)
                         self._started(server, items)
                     ev = self._decode(payload, server.url, label)
                     i = ev.index
@@ -139,8 +139,8 @@ class Coalescer:
                         if item.done:
                             item.queue.put_nowait(_END)
         except BackendError as exc:
-            if not items[0].started:  # refused, cut or timed out before its first event: the server
-                self._started(server, items)  # may hold the rids all the same
+            self._started(server, items)  # refused, cut or timed out before its first event: the
+            # server may hold the rids all the same
             open_items = [it for it in items if not it.done]
             if len(items) > 1 and not exc.retryable:
                 self.counters["batches_refused"] += 1
@@ -154,12 +154,13 @@ class Coalescer:
                       ServerUnavailable("the batch's stream was cancelled", url=server.url, request_id=label))
             raise
         else:  # [DONE] with an item unfinished: its consumer reports the missing finish
-            if not items[0].started:
-                self._started(server, items)
+            self._started(server, items)
             self._end([it for it in items if not it.done], _END)
 
     def _started(self, server: Server, items: list[_Item]) -> None:
-        """The server holds the batch's rids: abort the items left while it was on its way."""
+        """The server holds the batch's rids: abort the items left while it was on its way (once)."""
+        if items[0].started:
+            return
         for it in items:
             it.started = True
             if it.left and not it.done:

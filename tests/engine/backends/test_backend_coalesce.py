@@ -126,8 +126,6 @@ def test_coalesce_refuses_what_it_cannot_do(extra, words):
         SGLangConfig(coalesce=4, **extra)
 
 
-
-
 async def test_requests_left_while_their_batch_is_on_its_way_are_aborted_once_it_begins():
     """Cancelled after their batch went out and before the server took it up: an abort sent at once
     would reach the server before the rids do, and be ignored (as SGLang ignores an unknown rid), and
