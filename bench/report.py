@@ -96,6 +96,8 @@ def machine() -> dict:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, list):
+        return ", ".join(map(_fmt, value))
     return str(value)
 
 

@@ -10,10 +10,30 @@ import sys
 import time
 
 import pytest
+from tidal.bench.learning import round_order, summarise
 
 from tests.run.proc import descendants, survivors
 
-SUMMARY = {"speedup", "final_success_async", "final_success_sync", "wall_s_async", "wall_s_sync", "target_met"}
+SUMMARY = {"speedup", "final_success_async", "final_success_sync", "wall_s_async", "wall_s_sync", "target_met",
+           "speedup_rounds"}
+
+
+def test_abba_rounds_cancel_a_linear_drift_of_the_machine():
+    """Sync takes 1.5x async's time on a machine that slows by 10% with each run. Over two rounds in ABBA
+    order the summary's speed-up is the true 1.5; in the same order both rounds it would be 1.64."""
+    def rows(order):
+        return [{"round": r, "mode": mode, "wall_s": (150.0 if mode == "sync" else 100.0) * (1 + 0.1 * slot),
+                 "final_success": 1.0 if mode == "sync" else 0.9375} for slot, (r, mode) in enumerate(order)]
+
+    abba = [(r, mode) for r in range(2) for mode in round_order(r)]
+    assert abba == [(0, "async"), (0, "sync"), (1, "sync"), (1, "async")]
+    s = summarise(rows(abba))
+    assert s["speedup"] == pytest.approx(1.5)
+    assert s["speedup_rounds"] == pytest.approx([165 / 100, 180 / 130])
+    assert s["wall_s_async"] == pytest.approx(115.0) and s["wall_s_sync"] == pytest.approx(172.5)
+    assert s["final_success_async"] == 0.9375 and s["target_met"] is False  # 0.9375 < 0.95 x 1.0
+    assert summarise(rows([(0, "async"), (0, "sync"), (1, "async"), (1, "sync")]))["speedup"] == pytest.approx(
+        360 / 220)
 
 
 @pytest.mark.slow
@@ -26,8 +46,10 @@ def test_bench_learning_quick(tmp_path):
     assert set(report) == {"bench", "machine", "config", "results", "summary"} and report["bench"] == "learning"
     assert "inference.model.threads=1" in report["config"]["pinned"]
     assert "trainer.distributed.threads=1" in report["config"]["pinned"]
+    assert report["config"]["rounds"] == 1  # --quick: one round
     rows = {r["mode"]: r for r in report["results"]}
-    assert set(rows) == {"async", "sync"}
+    assert set(rows) == {"async", "sync"} and len(report["results"]) == 2
+    assert {r["round"] for r in rows.values()} == {0}
     for r in rows.values():
         # --quick: 10 steps of 64 trajectories in both modes (async may drop a stale group member or two)
         assert r["steps"] == 10 and 0.9 * 640 <= r["trajectories"] <= 640
@@ -44,6 +66,7 @@ def test_bench_learning_quick(tmp_path):
     s = report["summary"]
     assert set(s) == SUMMARY
     assert s["speedup"] == pytest.approx(rows["sync"]["wall_s"] / rows["async"]["wall_s"])
+    assert s["speedup_rounds"] == [pytest.approx(s["speedup"])]
     assert (s["wall_s_async"], s["wall_s_sync"]) == (rows["async"]["wall_s"], rows["sync"]["wall_s"])
     assert (s["final_success_async"], s["final_success_sync"]) == (rows["async"]["final_success"],
                                                                    rows["sync"]["final_success"])
