@@ -3,7 +3,7 @@ number of trained trajectories.
 
 Each mode is one `tidal run` of the default experiment (bench/experiment.py: the real CLI, the reference
 server and the trainer at one torch thread each):
-- async: `tidal run` as it is (rollout.mode = "async", max_staleness 1);
+- async: `tidal run` as it is (rollout.mode = "async", max_staleness 2);
 - sync: `tidal run --sync` (rollout.mode = "sync", max_staleness 0): generate a batch under one version,
   train, publish, and start the next once the server serves the new version.
 Both run max_steps steps of intake.batch_size trajectories (an async batch may hold a few fewer: a group

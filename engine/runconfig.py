@@ -207,11 +207,14 @@ class TensorBoardConfig(Strict):
 #   at 2e-3, which suited a 64-wide one, it did not learn (0.11 at step 60); at 1e-3 it learned slower.
 #   With the 64-wide model a constant 2e-3, or 3e-3, made some runs collapse to a deterministic,
 #   wrong policy (a gradient spike, then entropy near 0 and nothing left to learn from).
-# - An entropy bonus of 0.01. Without it about a third of the runs (4 of 12, sync and async alike)
+# - An entropy bonus of 0.02. Without one about a third of the runs (4 of 12, sync and async alike)
 #   ended at 0.84: the policy turned deterministic (p 0.99) on a search tree that misses one number
 #   (3, 7, 4, 6 never finds 5), the branch whose other choice solves it was no longer sampled, and
-#   the decaying lr froze it there. With it, 6 runs of 6 ended at 1.0; one sat at 0.84 for 30
-#   versions and left it.
+#   the decaying lr froze it there. At 0.01, 2 async runs of 19 still settled at 0.875-0.89; at
+#   0.02 none has.
+# - Max staleness 2, two batches in flight: with 1, generation and training took turns at each
+#   version's boundary and async used about 90% of what two cores allow; with 2 the engine runs a
+#   batch ahead and the decoupled objective corrects the older tokens (docs/performance.md).
 
 
 GUESS_TASK = {"low": 1, "high": 8, "max_turns": 4, "moves": "bare", "terse": True}
@@ -225,7 +228,7 @@ def _default_engine() -> EngineConfig:
         agent=ChatAgentConfig(max_turns=4, max_new_tokens=1),
         sampling=SamplingConfig(seed=0),
         backend=SGLangConfig(coalesce=64),
-        rollout=RolloutConfig(group_size=4, max_concurrent=256),
+        rollout=RolloutConfig(group_size=4, max_concurrent=512),
         eval=EvalConfig(every_versions=5, episodes=64),
         metrics=EngineMetricsConfig(every_s=2.0, console=False),
     )
@@ -239,7 +242,7 @@ def _default_trainer() -> TrainerConfig:
             advantage=ReBNConfig(gamma=0.8),
             loss=DecoupledPPOConfig(entropy_coef=0.02),
         ),
-        intake=IntakeConfig(batch_size=256, group_size=4, max_staleness=1, capacity=1024, max_uncommitted=768),
+        intake=IntakeConfig(batch_size=256, group_size=4, max_staleness=2, capacity=1024, max_uncommitted=768),
         checkpoint=CheckpointConfig(every_steps=10),
         metrics=MetricsConfig(console=False),
     )
