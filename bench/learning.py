@@ -15,9 +15,9 @@ is when an evaluation first reached 0.9 (None: never).
 
 The two modes cannot run at once, and a shared machine's speed drifts between runs minutes apart, so
 `--rounds N` runs N rounds in ABBA order (async then sync, then sync then async, ...): over an even
-number of rounds a machine whose speed drifts linearly in time slows both modes alike. The summary's `speedup` is sync's
-total wall-clock over async's, its successes and walls the means over rounds; `speedup_rounds` has each
-round's own. The target: async reaches at least `SUCCESS_SHARE` of sync's final success in at most
+number of rounds a machine whose speed drifts linearly in time slows both modes alike. The summary's
+`speedup` is sync's total wall-clock over async's, its successes and walls the means over rounds;
+`speedup_rounds` has each round's own. The target: async reaches at least `SUCCESS_SHARE` of sync's final success in at most
 `WALL_SHARE` of its wall-clock.
 `--quick`: one round of 10 steps of 64 episodes per mode (the figures say only that it runs).
 """
@@ -31,7 +31,7 @@ from statistics import fmean
 from tidal.bench.experiment import PINNED, build_model, keep_or_temporary, quick_overrides, run_experiment
 from tidal.bench.report import bench_parser, case, emit
 
-__all__ = ["main", "round_order", "SUCCESS_SHARE", "WALL_SHARE"]
+__all__ = ["main", "round_order", "summarise", "SUCCESS_SHARE", "WALL_SHARE"]
 
 SUCCESS_SHARE = 0.95
 """Async's final success must reach this share of sync's ..."""
